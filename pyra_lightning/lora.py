@@ -1,0 +1,106 @@
+"""LoRA on the attention's fused qkv projection (Hu et al. 2021; PYRA paper eq. 1).
+
+``LoRAQKV`` subclasses ``nn.Linear`` so that the frozen weight and bias keep timm's checkpoint
+keys (``blocks.N.attn.qkv.weight``); the low-rank factors sit beside them as
+``blocks.N.attn.qkv.lora_a`` / ``lora_b``.
+
+Worked shapes for ViT-B/16 at rank 8: ``weight`` (2304, 768), ``lora_a`` (8, 768),
+``lora_b`` (2304, 8): 24,576 trainable numbers per block, 294,912 (0.29M) in 12 blocks (Table 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LoRAQKV(nn.Linear):
+    """``y = x W0ᵀ + b + scaling · dropout(x) Aᵀ Bᵀ`` with ``scaling = lora_alpha / lora_rank``.
+
+    ``B`` starts at zero so the adapted layer starts as the pretrained one. ``A`` uses
+    nn.Linear's kaiming-uniform init, as the reference's ``LoRA_a`` does. With
+    ``lora_alpha=None`` the scaling is 1, which is what the reference implementation trains with.
+
+    Args:
+        in_features: Input width D.
+        out_features: Output width (3 x attention width for a fused qkv).
+        bias: Whether the frozen projection has a bias.
+        lora_rank: Rank of the update.
+        lora_alpha: Scale numerator; ``None`` means scaling = 1.
+        lora_dropout: Dropout on the LoRA branch's input only.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        lora_rank: int = 8,
+        lora_alpha: float | None = None,
+        lora_dropout: float = 0.0,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if lora_rank <= 0:
+            raise ValueError(f"lora_rank must be a positive integer, got {lora_rank}")
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha
+        self.scaling = 1.0 if lora_alpha is None else lora_alpha / lora_rank
+        self.lora_a = nn.Parameter(torch.empty(lora_rank, in_features, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, lora_rank, device=device, dtype=dtype))
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, lora_rank: int, lora_alpha: float | None = None, lora_dropout: float = 0.0
+    ) -> LoRAQKV:
+        """Wrap an existing projection, sharing (not copying) its weight and bias tensors."""
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        return layer
+
+    def delta_weight(self) -> torch.Tensor:
+        """The folded update ``scaling · B A``, (out_features, in_features)."""
+        return (self.lora_b @ self.lora_a) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)  # (B, N, 3C)
+        update = (self.lora_dropout(x) @ self.lora_a.transpose(0, 1)) @ self.lora_b.transpose(0, 1)
+        return out + update * self.scaling
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` whose weight is ``W0 + scaling · B A`` (exact up to rounding)."""
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        with torch.no_grad():
+            delta = self.delta_weight().to(torch.float32)
+            linear.weight.copy_((self.weight.to(torch.float32) + delta).to(self.weight.dtype))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        linear.weight.requires_grad_(self.weight.requires_grad)
+        if linear.bias is not None:
+            linear.bias.requires_grad_(self.bias.requires_grad)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, lora_rank={self.lora_rank}, scaling={self.scaling:g}"

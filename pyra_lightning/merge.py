@@ -1,0 +1,185 @@
+"""Bipartite soft matching and size-weighted token merging (ToMe; PYRA paper §3.1, eqs. 2-3).
+
+Everything here is a pure function of its tensors. Matching runs under ``no_grad`` once per
+layer and returns ``merge``/``unmerge`` closures that reuse the same gather indices for every
+tensor that must follow the merge (features, token sizes, sources).
+
+Token order after a merge follows the reference implementation exactly, because the next
+layer's alternating split (eq. 2) depends on it: prefix tokens first in their original order,
+then the unmerged tokens of the first set (sorted by index when prefix tokens exist), then the
+tokens of the second set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+# A PYRA modulation (eqs. 4-7): maps (sources, their destinations), both (B, merge_r, C) and
+# size-weighted, to modulated sources of the same shape.
+Modulate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class MergeFn(Protocol):
+    def __call__(
+        self, x: torch.Tensor, mode: str = "mean", modulate: Modulate | None = None
+    ) -> torch.Tensor: ...
+
+
+class UnmergeFn(Protocol):
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def _identity(x: torch.Tensor, mode: str = "mean", modulate: Modulate | None = None) -> torch.Tensor:
+    return x
+
+
+def _identity_unmerge(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def max_merge_r(num_tokens: int, num_prefix_tokens: int) -> int:
+    """Most tokens one layer may merge: half of the mergeable (non-prefix) tokens."""
+    return (num_tokens - num_prefix_tokens) // 2
+
+
+def bipartite_soft_matching(
+    metric: torch.Tensor, merge_r: int, num_prefix_tokens: int = 1
+) -> tuple[MergeFn, UnmergeFn]:
+    """Match ``merge_r`` token pairs by cosine similarity of ``metric`` (eqs. 2-3).
+
+    Tokens are split alternately into sets A (even positions) and B (odd positions). Each A token
+    proposes its most similar B token; the ``merge_r`` best proposals are merged. Prefix tokens
+    (class, distillation, registers) sit at positions ``< num_prefix_tokens``: the even ones can
+    never be a source and the odd ones never a destination, so they pass through untouched.
+
+    Args:
+        metric: Similarity features, (B, N, C'); PYRA/ToMe use the keys averaged over heads.
+        merge_r: Number of tokens to remove. Must not exceed ``max_merge_r``.
+        num_prefix_tokens: Leading tokens that are never merged.
+
+    Returns:
+        ``merge(x, mode, modulate)`` mapping (B, N, C) to (B, N - merge_r, C), and ``unmerge``
+        mapping merged tokens back to (B, N, C) by copying each merged token to its members.
+    """
+    num_tokens = metric.shape[1]
+    if merge_r < 0 or merge_r > max_merge_r(num_tokens, num_prefix_tokens):
+        raise ValueError(
+            f"merge_r={merge_r} is out of range for {num_tokens} tokens with {num_prefix_tokens} "
+            f"prefix tokens: expected 0 <= merge_r <= {max_merge_r(num_tokens, num_prefix_tokens)}"
+        )
+    if merge_r == 0:
+        return _identity, _identity_unmerge
+
+    prefix_a = (num_prefix_tokens + 1) // 2  # prefix tokens in set A (positions 0, 2, ...)
+    prefix_b = num_prefix_tokens // 2  # prefix tokens in set B (positions 1, 3, ...)
+
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        a, b = metric[..., ::2, :], metric[..., 1::2, :]
+        scores = a @ b.transpose(-1, -2)  # (B, Na, Nb)
+        if prefix_a:
+            scores[..., :prefix_a, :] = -torch.inf
+        if prefix_b:
+            scores[..., :, :prefix_b] = -torch.inf
+
+        node_max, node_idx = scores.max(dim=-1)  # best B partner of every A token
+        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]  # (B, Na, 1)
+        unm_idx = edge_idx[..., merge_r:, :]  # A tokens that stay
+        src_idx = edge_idx[..., :merge_r, :]  # A tokens merged away
+        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)  # their B partners
+        if num_prefix_tokens:
+            unm_idx = unm_idx.sort(dim=-2)[0]  # keeps A's prefix tokens in front
+
+    def merge(x: torch.Tensor, mode: str = "mean", modulate: Modulate | None = None) -> torch.Tensor:
+        src, dst = x[..., ::2, :], x[..., 1::2, :]
+        n, t1, c = src.shape
+        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - merge_r, c))
+        src = src.gather(dim=-2, index=src_idx.expand(n, merge_r, c))  # (B, merge_r, C)
+        if modulate is not None:
+            src = modulate(src, dst.gather(dim=-2, index=dst_idx.expand(n, merge_r, c)))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(n, merge_r, c), src, reduce=mode)
+        if num_prefix_tokens <= 1:
+            return torch.cat([unm, dst], dim=1)
+        # Interleave A's and B's prefix tokens back into their original order.
+        prefix = [
+            unm[:, i // 2, None] if i % 2 == 0 else dst[:, i // 2, None] for i in range(num_prefix_tokens)
+        ]
+        return torch.cat([*prefix, unm[:, prefix_a:], dst[:, prefix_b:]], dim=1)
+
+    def unmerge(x: torch.Tensor) -> torch.Tensor:
+        unm_len = unm_idx.shape[1]
+        n, _, c = x.shape
+        if num_prefix_tokens <= 1:
+            unm, dst = x[:, :unm_len], x[:, unm_len:]
+        else:
+            head = x[:, :num_prefix_tokens]
+            rest = x[:, num_prefix_tokens:]
+            unm = torch.cat([head[:, 0::2], rest[:, : unm_len - prefix_a]], dim=1)
+            dst = torch.cat([head[:, 1::2], rest[:, unm_len - prefix_a :]], dim=1)
+        src = dst.gather(dim=-2, index=dst_idx.expand(n, merge_r, c))
+        out = x.new_zeros(n, num_tokens, c)
+        out[:, 1::2] = dst
+        out.scatter_(dim=-2, index=(2 * unm_idx).expand(n, unm_len, c), src=unm)
+        out.scatter_(dim=-2, index=(2 * src_idx).expand(n, merge_r, c), src=src)
+        return out
+
+    return merge, unmerge
+
+
+def merge_wavg(
+    merge: MergeFn,
+    x: torch.Tensor,
+    size: torch.Tensor | None = None,
+    modulate: Modulate | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge by a size-weighted average and return the new token sizes.
+
+    As in the reference implementation, tokens are multiplied by their size before the merge, so
+    a PYRA ``modulate`` sees (and modulates) the size-weighted tokens ``x * size`` that the
+    weighted average sums; the sum is then divided by the merged size.
+
+    Args:
+        merge: From ``bipartite_soft_matching``.
+        x: Tokens, (B, N, C).
+        size: How many patches each token stands for, (B, N, 1); ``None`` means all ones.
+        modulate: Optional PYRA modulation applied to the sources before they are summed.
+
+    Returns:
+        Merged tokens (B, N - merge_r, C) and their sizes (B, N - merge_r, 1).
+    """
+    if size is None:
+        size = torch.ones_like(x[..., 0, None])
+    x = merge(x * size, mode="sum", modulate=modulate)
+    size = merge(size, mode="sum")
+    return x / size, size
+
+
+def merge_source(merge: MergeFn, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+    """Track which input patches each merged token contains, for visualisation.
+
+    Args:
+        merge: From ``bipartite_soft_matching``.
+        x: Tokens, (B, N, C); only their count is used when ``source`` is None.
+        source: (B, N, N0) 0/1 membership of the N current tokens over the N0 input tokens.
+
+    Returns:
+        Membership after the merge, (B, N - merge_r, N0).
+    """
+    if source is None:
+        n, t, _ = x.shape
+        source = torch.eye(t, device=x.device, dtype=x.dtype)[None].expand(n, t, t)
+    return merge(source, mode="amax")
+
+
+def weighted_mean(x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
+    """Average tokens weighted by how many patches each stands for: (B, N, C) -> (B, C).
+
+    Plain averaging after merging would over-weight merged regions' neighbours; weighting by size
+    makes the pooled feature equal to the unmerged model's mean when merging is exact.
+    """
+    if size is None:
+        return x.mean(dim=1)
+    return (x * size).sum(dim=1) / size.sum(dim=1)

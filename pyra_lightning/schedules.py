@@ -1,0 +1,192 @@
+"""Per-layer merge schedules: how many tokens (``merge_r``) each block merges.
+
+``resolve_schedule`` accepts every form ``apply_merging`` takes:
+
+- ``int``: the same ``merge_r`` in every layer;
+- ``(r, inflection)``: ToMe's linear schedule; inflection -1 decreases, 0 is constant, +1 increases;
+- ``list[int]``: one value per layer;
+- ``"low"`` / ``"high"``: the paper's schedules for ViT-B/16, DeiT-B (distilled) and ViT-L/16 at
+  224 px (Tables 2-5), the ones the reference implementation ships;
+- ``float`` in (0, 1): a target fraction of the uncompressed model's FLOPs, solved for (below).
+
+The FLOPs solver. The paper's schedules merge many tokens early and few late. We parametrise
+that shape with one number ``rho`` in [0, 1]: layer l merges ``floor(rho * max_l)`` tokens, where
+``max_l`` is half the mergeable tokens entering it. ``rho = 1`` halves the tokens in every layer;
+smaller ``rho`` decays the token count geometrically. The FLOPs of a schedule follow from the
+token count of every block (``block_flops``, the matmul FLOPs that ``torch.utils.flop_counter``
+counts), and the fraction is monotone in ``rho``, so bisection finds the gentlest schedule whose
+FLOPs are at most the target. This is how sizes the paper does not cover (ViT-S, ViT-H, DINO,
+384 px) get schedules.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pyra_lightning.merge import max_merge_r
+
+MergeSpec = int | float | str | tuple[int, float] | list[int]
+
+
+@dataclass(frozen=True)
+class ViTShape:
+    """What a schedule depends on: depth, width, MLP width and token counts at the input."""
+
+    depth: int
+    embed_dim: int
+    mlp_hidden: int
+    num_patches: int
+    num_prefix_tokens: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + self.num_prefix_tokens
+
+
+# (depth, embed_dim, num_prefix_tokens, num_patches) -> schedules; from the paper / reference.
+_VIT_B = (12, 768, 1, 196)
+_DEIT_B_DISTILLED = (12, 768, 2, 196)
+_VIT_L = (24, 1024, 1, 196)
+_HIGH_B = [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3]
+PAPER_SCHEDULES: dict[tuple[int, int, int, int], tuple[str, dict[str, list[int]]]] = {
+    _VIT_B: ("ViT-B/16 @224", {"low": [16] * 11 + [10], "high": _HIGH_B}),
+    _DEIT_B_DISTILLED: ("DeiT-B distilled @224", {"low": [16] * 6 + [10] * 6, "high": _HIGH_B}),
+    _VIT_L: (
+        "ViT-L/16 @224",
+        {
+            "low": [8] * 23 + [6],
+            "high": [20, 19, 18, 17, 15, 13, 13, 12, 10, 9, 8, 6, 6, 4, 4, 4, 3, 3, 2, 2, 1, 1, 1, 1],
+        },
+    ),
+}
+
+
+def tome_schedule(merge_r: int, inflection: float, depth: int) -> list[int]:
+    """ToMe's ``(r, inflection)`` schedule: linear from ``r(1 - inflection)`` to ``r(1 + inflection)``."""
+    if not -1.0 <= inflection <= 1.0:
+        raise ValueError(f"ToMe inflection must lie in [-1, 1], got {inflection}")
+    low = int(merge_r * (1.0 - inflection))
+    high = 2 * merge_r - low
+    step = (high - low) / max(depth - 1, 1)
+    return [int(low + step * i) for i in range(depth)]
+
+
+def token_counts(schedule: list[int], shape: ViTShape) -> list[int]:
+    """Tokens entering each block's attention, then the count after the last merge."""
+    counts = [shape.num_tokens]
+    for merge_r in schedule:
+        counts.append(counts[-1] - merge_r)
+    return counts
+
+
+def validate_schedule(schedule: list[int], shape: ViTShape, where: str = "merge_r") -> None:
+    """Raise ``ValueError`` naming the layer if a schedule is negative or merges too much."""
+    if len(schedule) != shape.depth:
+        raise ValueError(
+            f"{where}: schedule has {len(schedule)} entries but the model has {shape.depth} blocks"
+        )
+    tokens = shape.num_tokens
+    for layer, merge_r in enumerate(schedule):
+        if not isinstance(merge_r, int) or isinstance(merge_r, bool):
+            raise ValueError(f"{where}[{layer}] = {merge_r!r}: expected an integer")
+        limit = max_merge_r(tokens, shape.num_prefix_tokens)
+        if merge_r < 0 or merge_r > limit:
+            raise ValueError(
+                f"{where}[{layer}] = {merge_r} is out of range: block {layer} receives {tokens} tokens "
+                f"({shape.num_prefix_tokens} prefix), so it can merge 0..{limit}"
+            )
+        tokens -= merge_r
+
+
+def block_flops(attn_tokens: int, mlp_tokens: int, shape: ViTShape) -> int:
+    """Matmul FLOPs of one block (2 per multiply-add, as ``torch.utils.flop_counter`` counts)."""
+    d = shape.embed_dim
+    n = attn_tokens
+    qkv_proj = 2 * n * d * 4 * d  # qkv (3 d x d) + output projection (d x d)
+    attention = 2 * 2 * n * n * d  # q kᵀ and attn v, summed over heads
+    mlp = 2 * 2 * mlp_tokens * d * shape.mlp_hidden
+    return qkv_proj + attention + mlp
+
+
+def schedule_flops(schedule: list[int], shape: ViTShape) -> int:
+    """Matmul FLOPs of all blocks; merging sits between each block's attention and its MLP."""
+    counts = token_counts(schedule, shape)
+    return sum(block_flops(counts[i], counts[i + 1], shape) for i in range(shape.depth))
+
+
+def flops_fraction(schedule: list[int], shape: ViTShape) -> float:
+    """Block FLOPs of ``schedule`` relative to the same model without merging."""
+    return schedule_flops(schedule, shape) / schedule_flops([0] * shape.depth, shape)
+
+
+def _proportional(rho: float, shape: ViTShape) -> list[int]:
+    schedule, tokens = [], shape.num_tokens
+    for _ in range(shape.depth):
+        merge_r = math.floor(rho * max_merge_r(tokens, shape.num_prefix_tokens) + 1e-9)
+        schedule.append(merge_r)
+        tokens -= merge_r
+    return schedule
+
+
+def solve_flops_schedule(target: float, shape: ViTShape) -> list[int]:
+    """The gentlest proportional schedule whose block FLOPs are at most ``target`` of the original."""
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"a FLOPs target must lie strictly between 0 and 1, got {target}")
+    floor = flops_fraction(_proportional(1.0, shape), shape)
+    if target < floor:
+        raise ValueError(
+            f"FLOPs target {target:.3f} is unreachable: halving the tokens in every block "
+            f"already leaves {floor:.3f} of the FLOPs"
+        )
+    low, high = 0.0, 1.0  # fraction(low) > target >= fraction(high)
+    for _ in range(50):
+        mid = (low + high) / 2
+        if flops_fraction(_proportional(mid, shape), shape) <= target:
+            high = mid
+        else:
+            low = mid
+    return _proportional(high, shape)
+
+
+def paper_schedule(name: str, shape: ViTShape) -> list[int]:
+    """The paper's ``low``/``high`` schedule for this architecture, or a ``ValueError`` that says why not."""
+    key = (shape.depth, shape.embed_dim, shape.num_prefix_tokens, shape.num_patches)
+    if key not in PAPER_SCHEDULES:
+        known = "; ".join(label for label, _ in PAPER_SCHEDULES.values())
+        raise ValueError(
+            f"no paper schedule {name!r} for this architecture (depth={shape.depth}, "
+            f"embed_dim={shape.embed_dim}, prefix tokens={shape.num_prefix_tokens}, "
+            f"patches={shape.num_patches}); the paper defines them for: {known}. "
+            "Give a FLOPs target such as merge_r=0.5 instead."
+        )
+    label, schedules = PAPER_SCHEDULES[key]
+    if name not in schedules:
+        raise ValueError(f"unknown schedule name {name!r} for {label}; expected one of {sorted(schedules)}")
+    return list(schedules[name])
+
+
+def resolve_schedule(merge_r: MergeSpec, shape: ViTShape) -> list[int]:
+    """Turn any accepted ``merge_r`` form into a validated per-layer list."""
+    if isinstance(merge_r, bool):
+        raise ValueError(
+            f"merge_r={merge_r!r}: expected an int, (r, inflection), a list, 'low'/'high' or a float"
+        )
+    if isinstance(merge_r, int):
+        schedule = [merge_r] * shape.depth
+    elif isinstance(merge_r, float):
+        schedule = solve_flops_schedule(merge_r, shape)
+    elif isinstance(merge_r, str):
+        schedule = paper_schedule(merge_r, shape)
+    elif isinstance(merge_r, tuple):
+        if len(merge_r) != 2:
+            raise ValueError(f"merge_r={merge_r!r}: a tuple must be (r, inflection)")
+        schedule = tome_schedule(int(merge_r[0]), float(merge_r[1]), shape.depth)
+    elif isinstance(merge_r, list):
+        schedule = list(merge_r)
+    else:
+        raise ValueError(
+            f"merge_r={merge_r!r}: expected an int, (r, inflection), a list, 'low'/'high' or a float"
+        )
+    validate_schedule(schedule, shape)
+    return schedule

@@ -1,0 +1,94 @@
+"""Paper schedules, the FLOPs-target solver, and parameter/FLOPs accounting (Table 1)."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from conftest import tiny_vit
+
+from pyra_lightning import apply_lora, apply_merging, count_flops, count_parameters, mark_trainable
+from pyra_lightning.patch import merge_schedule, vit_shape
+from pyra_lightning.schedules import flops_fraction, resolve_schedule, token_counts
+
+
+def meta_model(name: str, **kwargs) -> torch.nn.Module:
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("name", "low", "high"),
+    [
+        ("vit_base_patch16_224", [16] * 11 + [10], [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3]),
+        ("deit_base_distilled_patch16_224", [16] * 6 + [10] * 6, [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3]),
+        (
+            "vit_large_patch16_224",
+            [8] * 23 + [6],
+            [20, 19, 18, 17, 15, 13, 13, 12, 10, 9, 8, 6, 6, 4, 4, 4, 3, 3, 2, 2, 1, 1, 1, 1],
+        ),
+    ],
+)
+def test_paper_schedules(name: str, low: list[int], high: list[int]) -> None:
+    shape = vit_shape(meta_model(name))
+    assert resolve_schedule("low", shape) == low
+    assert resolve_schedule("high", shape) == high
+    # The paper's high schedule ends with few tokens but never merges more than allowed.
+    assert token_counts(high, shape)[-1] > shape.num_prefix_tokens
+
+
+def test_unknown_schedule_name_lists_the_choices() -> None:
+    shape = vit_shape(meta_model("vit_base_patch16_224"))
+    with pytest.raises(
+        ValueError, match=r"unknown schedule name 'medium' for ViT-B/16 @224; expected one of"
+    ):
+        resolve_schedule("medium", shape)
+    with pytest.raises(ValueError, match="no paper schedule 'high' for this architecture"):
+        resolve_schedule("high", vit_shape(meta_model("vit_small_patch16_224")))
+
+
+@pytest.mark.parametrize("target", [0.35, 0.5, 0.75, 0.9])
+def test_flops_solver_hits_target_as_measured_by_flop_counter(target: float) -> None:
+    model = apply_merging(tiny_vit(), target, pyra=False)
+    shape = vit_shape(model)
+    schedule = merge_schedule(model)
+    assert flops_fraction(schedule, shape) <= target
+    # The gentlest such schedule: merging one token less somewhere overshoots the target.
+    first = next(i for i, r in enumerate(schedule) if r > 0)
+    gentler = list(schedule)
+    gentler[first] -= 1
+    assert flops_fraction(gentler, shape) > target - 0.02
+    # The analytic block FLOPs agree with torch.utils.flop_counter on the real model.
+    # (The patch embedding and head are outside the blocks, so allow a small difference.)
+    full, merged = count_flops(tiny_vit()), count_flops(model)
+    assert merged / full == pytest.approx(flops_fraction(schedule, shape), abs=0.03)
+
+
+def test_paper_high_schedule_on_vit_b_is_about_a_third_of_the_flops() -> None:
+    shape = vit_shape(meta_model("vit_base_patch16_224"))
+    # PYRA's high rate targets ~3.2x throughput; its FLOPs fraction must be well under 0.4.
+    assert 0.2 < flops_fraction(resolve_schedule("high", shape), shape) < 0.4
+    assert 0.45 < flops_fraction(resolve_schedule("low", shape), shape) < 0.55  # "50% sparsity"
+    solved = resolve_schedule(flops_fraction(resolve_schedule("high", shape), shape), shape)
+    assert flops_fraction(solved, shape) <= flops_fraction(resolve_schedule("high", shape), shape)
+
+
+@pytest.mark.parametrize(
+    ("name", "lora_rank", "expected_lora", "pct"),
+    [("vit_base_patch16_224", 8, 294_912, 0.34), ("vit_large_patch16_224", 12, 1_179_648, 0.39)],
+)
+def test_table1_lora_parameter_counts(name: str, lora_rank: int, expected_lora: int, pct: float) -> None:
+    model = apply_lora(meta_model(name, num_classes=0), lora_rank)
+    counts = count_parameters(model)
+    assert counts.lora == expected_lora == counts.trainable
+    assert counts.trainable_pct == pytest.approx(pct, abs=0.005)
+
+
+def test_pyra_parameter_count_is_d_plus_r_per_layer_plus_norm() -> None:
+    model = apply_merging(apply_lora(meta_model("vit_base_patch16_224", num_classes=100), 8), "high")
+    mark_trainable(model)
+    counts = count_parameters(model)
+    # Eq. 5 adds D + merge_r per layer (§3.3), the LayerNorm of eq. 4 another 2D.
+    assert counts.pyra == sum(768 + r + 2 * 768 for r in merge_schedule(model))
+    assert counts.head == 768 * 100 + 100
+    assert counts.trainable == counts.lora + counts.pyra + counts.head
