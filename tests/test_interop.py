@@ -59,7 +59,10 @@ def test_import_matches_the_original_before_and_after_folding(tmp_path, name, py
 
 def test_reference_names_map_to_timm_architectures(tmp_path) -> None:
     path, _ = reference_checkpoint(tmp_path, "vit_tiny_patch16_224")
-    with pytest.raises(ValueError, match=r"does not fit vit_small_patch16_224_in21k \(timm vit_small_patch16_224\).*misshaped"):
+    with pytest.raises(
+        ValueError,
+        match=r"does not fit vit_small_patch16_224_in21k \(timm vit_small_patch16_224\).*misshaped",
+    ):
         import_reference(path, "vit_small_patch16_224_in21k", 2, pyra=False)
 
 
@@ -97,3 +100,33 @@ def test_missing_file_and_non_checkpoints_are_clear_errors(tmp_path) -> None:
         import_reference(
             {"model": {"blocks.0.attn.LoRA_a.weight": torch.zeros(4, 48)}}, "vit_tiny_patch16_224", 2
         )
+
+
+GOLDEN = Path(__file__).parent / "data" / "reference"
+REFERENCE_TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3}
+
+
+@pytest.mark.parametrize(
+    ("name", "model_name", "schedule", "pyra"),
+    [
+        ("vit", "vit_tiny_patch16_224", [3, 2, 2, 1], True),
+        ("deit", "deit_tiny_distilled_patch16_224", [3, 2, 2, 1], True),
+        ("deit_nopyra", "deit_tiny_distilled_patch16_224", [3, 2, 2, 1], False),
+        ("vit_onelayer", "vit_tiny_patch16_224", [0, 4, 0, 0], True),
+    ],
+)
+def test_matches_outputs_of_the_reference_code(
+    name: str, model_name: str, schedule: list[int], pyra: bool
+) -> None:
+    golden = torch.load(GOLDEN / f"ref_tiny_{name}_io.pt", weights_only=False)
+    model = import_reference(
+        GOLDEN / f"ref_tiny_{name}.pth", model_name, schedule, pyra=pyra, model_kwargs=REFERENCE_TINY
+    )
+    apply_merging(model, schedule, pyra=pyra, trace_source=True)  # keeps the loaded PYRA layers
+    with torch.no_grad():
+        assert (model(golden["x"]) - golden["logits"]).abs().max() <= 1e-4
+        _, state = model.forward_tokens(golden["x"])
+        assert torch.equal(state.size, golden["final_size"].to(state.size.dtype))
+        assert torch.equal(state.source, golden["source"].to(state.source.dtype))
+        fold_lora(model)
+        assert (model(golden["x"]) - golden["logits"]).abs().max() <= 1e-4

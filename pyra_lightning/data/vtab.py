@@ -1,0 +1,557 @@
+"""VTAB-1k as a LightningDataModule, plus the registry of its 19 tasks.
+
+VTAB-1k (Zhai et al., 2019, "A Large-scale Study of Representation Learning with the Visual Task
+Adaptation Benchmark") gives every task 1000 training images: ``train800`` + ``val200`` to choose
+hyperparameters, then all 1000 (``train800val200``) to train the model whose top-1 accuracy on the full
+``test`` split is reported. PYRA (Xiong et al., 2024) follows the NOAH/VPT release of the data: one folder
+per task, images resized straight to 224x224 with bicubic interpolation (no centre crop), no augmentation.
+
+Loaders yield ``uint8`` images; the DataModule normalizes them on the accelerator in
+``on_after_batch_transfer``, which moves 4x fewer bytes per batch and keeps the optional image cache
+small (``N * 3 * img_size**2`` bytes per split).
+"""
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
+from timm.data import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    IMAGENET_INCEPTION_MEAN,
+    IMAGENET_INCEPTION_STD,
+)
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from pyra_lightning.data.demo import DEMO_CLASSES, DEMO_TASK_NAME, generate_demo
+
+VTABProtocol = Literal["tune", "final"]
+Normalization = Literal["imagenet", "inception"]
+Role = Literal["train", "val", "test"]
+
+GROUPS: tuple[str, ...] = ("natural", "specialized", "structured")
+SPLIT_FILES: tuple[str, ...] = ("train800.txt", "val200.txt", "train800val200.txt", "test.txt")
+NORMALIZATION_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    "inception": (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD),
+}
+# Which split file each loader reads. In "tune" there is no test split to touch, so test = val200.
+_PROTOCOL_SPLITS: dict[str, dict[Role, str]] = {
+    "tune": {"train": "train800.txt", "val": "val200.txt", "test": "val200.txt"},
+    "final": {"train": "train800val200.txt", "val": "val200.txt", "test": "test.txt"},
+}
+
+
+@dataclass(frozen=True)
+class VTABTask:
+    """One VTAB-1k task.
+
+    Attributes:
+        name: canonical folder name, as in the NOAH/VPT release that PYRA uses.
+        num_classes: number of classes; labels run from 0 to ``num_classes - 1``.
+        group: ``"natural"``, ``"specialized"`` or ``"structured"`` (``"demo"`` for the generated task),
+            the grouping over which the paper averages accuracies.
+        aliases: other folder names in use for the same task, accepted wherever a task name is.
+    """
+
+    name: str
+    num_classes: int
+    group: str
+    aliases: tuple[str, ...] = ()
+
+
+# The paper's Table 2 order.
+VTAB_TASKS: tuple[VTABTask, ...] = (
+    VTABTask("cifar", 100, "natural", ("cifar100", "cifar_100")),
+    VTABTask("caltech101", 102, "natural", ("caltech", "caltech_101")),
+    VTABTask("dtd", 47, "natural", ("textures", "describable_textures")),
+    VTABTask("oxford_flowers102", 102, "natural", ("flowers102", "flowers", "oxford_flowers", "flowers_102")),
+    VTABTask(
+        "oxford_iiit_pet", 37, "natural", ("oxford_pet", "oxford_pets", "pets", "pet", "oxford_iiit_pets")
+    ),
+    VTABTask("svhn", 10, "natural", ("svhn_cropped",)),
+    VTABTask("sun397", 397, "natural", ("sun", "sun_397")),
+    VTABTask("patch_camelyon", 2, "specialized", ("camelyon", "pcam", "patchcamelyon")),
+    VTABTask("eurosat", 10, "specialized", ("euro_sat",)),
+    VTABTask("resisc45", 45, "specialized", ("resisc", "resisc_45")),
+    VTABTask("diabetic_retinopathy", 5, "specialized", ("retinopathy", "diabetic_retinopathy_detection")),
+    VTABTask("clevr_count", 8, "structured", ("clevr_counting", "clevr_count_all")),
+    VTABTask("clevr_dist", 6, "structured", ("clevr_distance", "clevr_closest_object_distance")),
+    VTABTask("dmlab", 6, "structured", ("dm_lab",)),
+    VTABTask("kitti", 4, "structured", ("kitti_dist", "kitti_distance", "kitti_closest_vehicle_distance")),
+    VTABTask("dsprites_loc", 16, "structured", ("dsprites_location", "dsprites_position", "dsprites_xpos")),
+    VTABTask("dsprites_ori", 16, "structured", ("dsprites_orientation",)),
+    VTABTask("smallnorb_azi", 18, "structured", ("smallnorb_azimuth",)),
+    VTABTask("smallnorb_ele", 9, "structured", ("smallnorb_elevation",)),
+)
+DEMO_TASK = VTABTask(DEMO_TASK_NAME, len(DEMO_CLASSES), "demo")
+
+
+def _normalize_name(name: str) -> str:
+    """Fold case and ``-``/``_`` so that ``CIFAR-100``, ``cifar_100`` and ``cifar100`` compare sanely."""
+    return name.strip().lower().replace("-", "_")
+
+
+def _build_lookup(tasks: Sequence[VTABTask]) -> dict[str, VTABTask]:
+    lookup: dict[str, VTABTask] = {}
+    for task in tasks:
+        for name in (task.name, *task.aliases):
+            key = _normalize_name(name)
+            if key in lookup and lookup[key] is not task:  # guards future edits of the table above
+                raise RuntimeError(
+                    f"VTAB task name {name!r} is used by both {lookup[key].name} and {task.name}"
+                )
+            lookup[key] = task
+    return lookup
+
+
+_LOOKUP = _build_lookup((*VTAB_TASKS, DEMO_TASK))
+
+
+def _known_names() -> str:
+    return ", ".join(task.name for task in (*VTAB_TASKS, DEMO_TASK))
+
+
+def resolve_task(name: str) -> VTABTask:
+    """Look up a task by its canonical name or any alias (case and ``-``/``_`` insensitive).
+
+    Raises:
+        ValueError: for a name that is neither a VTAB-1k task nor ``demo``; the message lists them.
+    """
+    try:
+        return _LOOKUP[_normalize_name(name)]
+    except KeyError:
+        raise ValueError(
+            f"unknown VTAB-1k task {name!r}; known tasks: {_known_names()} (aliases such as 'cifar100' work too)"
+        ) from None
+
+
+def normalize_uint8(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Turn ``uint8`` images (..., 3, H, W) into float32 ``(x / 255 - mean) / std``, on ``x``'s device."""
+    if x.dtype != torch.uint8:
+        raise TypeError(f"normalize_uint8 expects a uint8 tensor, got {x.dtype}")
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)  # (3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    return x.to(torch.float32).div_(255).sub_(mean_t).div_(std_t)
+
+
+class SplitRecord(NamedTuple):
+    """One line of a split file."""
+
+    path: str  # relative to the task folder
+    label: int
+    line: int  # 1-based line number in the split file, for error messages
+
+
+def read_split_file(path: Path, num_classes: int | None = None) -> list[SplitRecord]:
+    """Parse a ``<image path> <label>`` split file, checking every line.
+
+    Args:
+        path: the split file, e.g. ``<root>/cifar/train800.txt``.
+        num_classes: when given, labels must lie in ``[0, num_classes)``; otherwise only ``>= 0``.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: a line is malformed, a label is out of range, or the file lists no images.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"split file {path.name} is missing: expected {path}; a VTAB-1k task folder holds "
+            f"{', '.join(SPLIT_FILES)} with lines '<image path> <label>'"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"split file {path} is not UTF-8 text ({exc})") from None
+    records = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        parts = line.split()
+        try:
+            label = int(parts[1]) if len(parts) == 2 else None
+        except ValueError:
+            label = None
+        if label is None:
+            raise ValueError(f"{path}, line {number}: expected '<image path> <integer label>', got {raw!r}")
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            limit = (
+                "labels >= 0"
+                if num_classes is None
+                else f"the task's {num_classes} classes (0..{num_classes - 1})"
+            )
+            raise ValueError(f"{path}, line {number}: label {label} is outside {limit}")
+        records.append(SplitRecord(parts[0], label, number))
+    if not records:
+        raise ValueError(f"split file {path} lists no images")
+    return records
+
+
+def load_image(path: Path, img_size: int) -> Tensor:
+    """Decode an image as RGB and resize it straight to ``img_size`` x ``img_size``.
+
+    PIL's bicubic resize filters over the whole source footprint (antialiased), exactly like the
+    ``transforms.Resize((224, 224), interpolation=3)`` of the reference implementation.
+
+    Returns:
+        ``uint8`` tensor (3, img_size, img_size), e.g. (3, 224, 224).
+    """
+    with Image.open(path) as image:
+        resized = image.convert("RGB").resize((img_size, img_size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+class VTABSplit(Dataset[tuple[Tensor, int]]):
+    """The images of one split file, decoded on access or served from an in-memory ``uint8`` cache.
+
+    Args:
+        task_dir: the task folder that image paths are relative to.
+        split_file: the split file the records came from (named in error messages).
+        records: parsed lines of ``split_file``.
+        img_size: side of the square output images.
+        transform: optional augmentation applied to each ``uint8`` (3, H, W) image after resizing.
+        images: a ready cache (N, 3, img_size, img_size), e.g. shared with another split's dataset.
+    """
+
+    def __init__(
+        self,
+        task_dir: Path,
+        split_file: Path,
+        records: Sequence[SplitRecord],
+        img_size: int,
+        transform: v2.Transform | None = None,
+        images: Tensor | None = None,
+    ) -> None:
+        self.task_dir = task_dir
+        self.split_file = split_file
+        self.records = list(records)
+        self.img_size = img_size
+        self.transform = transform
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def labels(self) -> list[int]:
+        return [record.label for record in self.records]
+
+    def decode(self, index: int) -> Tensor:
+        """Load image ``index`` from disk, naming its split file line if it cannot be read."""
+        record = self.records[index]
+        path = self.task_dir / record.path
+        where = f"{self.split_file}, line {record.line}"
+        try:
+            return load_image(path, self.img_size)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{where}: image {path} does not exist") from None
+        except Exception as exc:  # PIL raises several unrelated types for broken files
+            raise ValueError(f"{where}: cannot decode image {path} ({type(exc).__name__}: {exc})") from exc
+
+    def build_cache(self, num_threads: int = 4) -> Tensor:
+        """Decode every image once into ``self.images`` (N, 3, H, W); PIL releases the GIL while decoding."""
+        if self.images is None:
+            images = torch.empty((len(self), 3, self.img_size, self.img_size), dtype=torch.uint8)
+
+            def fill(index: int) -> None:
+                images[index] = self.decode(index)
+
+            with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+                for _ in pool.map(fill, range(len(self))):  # re-raises the first failure, in order
+                    pass
+            self.images = images
+        return self.images
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = self.images[index] if self.images is not None else self.decode(index)  # (3, H, W) uint8
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.records[index].label
+
+
+class VTABDataModule(pl.LightningDataModule):
+    """One VTAB-1k task (or the generated ``demo``, or any folder in the same layout).
+
+    ``<root>/<task>/`` holds the images and ``train800.txt``, ``val200.txt``, ``train800val200.txt`` and
+    ``test.txt``, whose lines read ``<image path relative to the task folder> <integer label>``.
+
+    Protocols (which split file each loader reads):
+
+    * ``"tune"`` (hyperparameter search): train on ``train800``, validate on ``val200``; the test and
+      predict loaders also read ``val200`` so that the test split stays unseen while tuning.
+    * ``"final"`` (reported numbers): train on ``train800val200``, validate on ``val200`` (only for
+      monitoring, since it is part of the training data) and test/predict on ``test.txt``.
+
+    With ``track_test=True``, ``val_dataloader()`` returns ``[val_loader, test_loader]``: the paper
+    reports the best test accuracy seen during training, so the LightningModule logs test accuracy for
+    ``dataloader_idx == 1`` (and ``test/acc_best``) at every validation.
+
+    Args:
+        root: folder holding one sub-folder per task.
+        task: task name or alias (see ``VTAB_TASKS``), ``"demo"`` (generated under ``root`` on first
+            use), or the name of any other folder under ``root`` in the same layout.
+        protocol: ``"tune"`` or ``"final"``, as above.
+        img_size: images are resized (bicubic, antialiased, no crop) to ``img_size`` x ``img_size``.
+        batch_size: training batch size.
+        eval_batch_size: batch size of the validation/test/predict loaders; defaults to ``batch_size``.
+        num_workers: DataLoader worker processes per loader.
+        normalization: ``"imagenet"`` (timm's default mean/std) or ``"inception"`` (0.5/0.5), matching
+            the statistics the pretrained backbone was trained with.
+        augment: random horizontal flip and a mild random resized crop on the training split only.
+            Off by default, as in the paper; it can change the labels of the structured tasks
+            (positions, orientations, distances).
+        cache_images: keep each split's decoded, resized images in memory as one ``uint8`` tensor
+            (``N * 3 * img_size**2`` bytes), so epochs after the first decode nothing.
+        num_classes: optional class count. Known tasks take it from the registry (a different value
+            is an error); custom ones default to the largest label in the split files plus one.
+        track_test: also return the test loader from ``val_dataloader()``, see above.
+        pin_memory: pin host memory of batches (only when CUDA is available).
+        persistent_workers: keep worker processes between epochs (only when ``num_workers > 0``).
+        seed: seed of the training loader's shuffling.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/vtab-1k",
+        task: str = "demo",
+        protocol: VTABProtocol = "final",
+        img_size: int = 224,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        normalization: Normalization = "imagenet",
+        augment: bool = False,
+        cache_images: bool = False,
+        num_classes: int | None = None,
+        track_test: bool = False,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if protocol not in _PROTOCOL_SPLITS:
+            raise ValueError(f"protocol must be 'tune' or 'final', got {protocol!r}")
+        if normalization not in NORMALIZATION_STATS:
+            raise ValueError(
+                f"normalization must be one of {list(NORMALIZATION_STATS)}, got {normalization!r}"
+            )
+        for name, value in (
+            ("img_size", img_size),
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+        ):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        try:
+            self.task_info: VTABTask | None = resolve_task(task)
+        except ValueError:
+            self.task_info = None  # a custom folder; whether it exists is checked when data is needed
+        if num_classes is not None:
+            if num_classes < 1:
+                raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
+            if self.task_info is not None and num_classes != self.task_info.num_classes:
+                raise ValueError(
+                    f"num_classes={num_classes} contradicts task {self.task_info.name!r}, which has "
+                    f"{self.task_info.num_classes} classes; leave num_classes unset for known tasks"
+                )
+        if augment and self.task_info is not None and self.task_info.group == "structured":
+            rank_zero_warn(
+                f"augment=True on structured task {self.task_info.name!r}: flips and crops can change its "
+                "labels (positions, orientations, distances)"
+            )
+        self.save_hyperparameters(ignore=["num_classes"])  # the model logs the resolved count
+        self.root = Path(root)
+        self.task = task
+        self.protocol = protocol
+        self.img_size = img_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.normalization = normalization
+        self.augment = augment
+        self.cache_images = cache_images
+        self.track_test = track_test
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.seed = seed
+        self._num_classes = (
+            num_classes if num_classes is not None else getattr(self.task_info, "num_classes", None)
+        )
+        self._task_dir: Path | None = None
+        self._records: dict[str, list[SplitRecord]] = {}  # split file name -> parsed lines
+        self._cache: dict[str, Tensor] = {}  # split file name -> (N, 3, H, W) uint8
+        self._datasets: dict[Role, VTABSplit] = {}
+
+    # ----------------------------------------------------------------------------------- properties
+    @property
+    def num_classes(self) -> int:
+        """Class count; for a custom task without ``num_classes`` it is read from the split files once."""
+        if self._num_classes is None:
+            present = [self.task_dir / name for name in SPLIT_FILES if (self.task_dir / name).is_file()]
+            if not present:
+                raise FileNotFoundError(
+                    f"cannot infer num_classes: {self.task_dir} holds none of the split files {', '.join(SPLIT_FILES)}"
+                )
+            self._num_classes = 1 + max(record.label for path in present for record in read_split_file(path))
+        return self._num_classes
+
+    @property
+    def group(self) -> str:
+        """The task's group (``natural``/``specialized``/``structured``/``demo``), ``custom`` otherwise."""
+        return self.task_info.group if self.task_info is not None else "custom"
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """Per-channel mean of the selected normalization, for code that normalizes images itself."""
+        return tuple(NORMALIZATION_STATS[self.normalization][0])
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        """Per-channel standard deviation of the selected normalization."""
+        return tuple(NORMALIZATION_STATS[self.normalization][1])
+
+    @property
+    def split_files(self) -> dict[Role, str]:
+        """Split file read by the train/val/test loaders under the chosen protocol."""
+        return dict(_PROTOCOL_SPLITS[self.protocol])
+
+    @property
+    def task_dir(self) -> Path:
+        """The folder of the task under ``root``, found through the task's aliases."""
+        if self._task_dir is None:
+            self._task_dir = self._find_task_dir()
+        return self._task_dir
+
+    def _find_task_dir(self) -> Path:
+        if self.task_info is not None and self.task_info.name == DEMO_TASK_NAME:
+            return self.root / DEMO_TASK_NAME
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"VTAB-1k root {self.root} (absolute: {self.root.resolve()}) does not exist; expected a folder "
+                f"with one sub-folder per task, e.g. {self.root / 'cifar' / 'train800.txt'} (task='demo' generates one)"
+            )
+        if (self.root / self.task).is_dir():  # the name as given wins over any alias
+            return self.root / self.task
+        # otherwise match folder names loosely (case, '-' vs '_'), trying the canonical name first
+        folders = {
+            _normalize_name(p.name): p for p in sorted(self.root.iterdir(), reverse=True) if p.is_dir()
+        }
+        wanted = (
+            [self.task]
+            if self.task_info is None
+            else [self.task, self.task_info.name, *self.task_info.aliases]
+        )
+        for name in wanted:
+            if _normalize_name(name) in folders:
+                return folders[_normalize_name(name)]
+        if self.task_info is None:
+            raise ValueError(
+                f"unknown VTAB-1k task {self.task!r}: it is not a known task and {self.root / self.task} does not "
+                f"exist; known tasks: {_known_names()}"
+            )
+        raise FileNotFoundError(
+            f"no folder for task {self.task_info.name!r} under {self.root}: looked for {', '.join(wanted[1:])}; "
+            f"expected e.g. {self.root / self.task_info.name} holding {', '.join(SPLIT_FILES)}"
+        )
+
+    # ------------------------------------------------------------------------------------ datasets
+    def prepare_data(self) -> None:
+        """Generate the ``demo`` task if it is missing; real tasks are never downloaded."""
+        if self.task_info is DEMO_TASK:
+            generate_demo(self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Parse (and, with ``cache_images``, decode) the splits that ``stage`` needs.
+
+        Every line of the split files is checked here, so bad labels or malformed lines fail before
+        training starts; images themselves are only opened when cached or loaded.
+        """
+        self.prepare_data()  # no-op unless demo is missing, e.g. when used without a Trainer
+        roles: dict[str | None, tuple[Role, ...]] = {
+            "fit": ("train", "val", "test") if self.track_test else ("train", "val"),
+            "validate": ("val", "test") if self.track_test else ("val",),
+            "test": ("test",),
+            "predict": ("test",),
+        }
+        for role in roles.get(stage, ("train", "val", "test")):
+            self._dataset(role)
+
+    def _dataset(self, role: Role) -> VTABSplit:
+        """Build the dataset of one role on first use, sharing parsed lines and caches between roles."""
+        if role not in self._datasets:
+            file = self.split_files[role]
+            if file not in self._records:
+                self._records[file] = read_split_file(self.task_dir / file, self.num_classes)
+            dataset = VTABSplit(
+                self.task_dir,
+                self.task_dir / file,
+                self._records[file],
+                self.img_size,
+                transform=self._augmentation() if self.augment and role == "train" else None,
+                images=self._cache.get(file),
+            )
+            if self.cache_images:
+                self._cache[file] = dataset.build_cache(num_threads=min(4, os.cpu_count() or 1))
+            self._datasets[role] = dataset
+        return self._datasets[role]
+
+    def _augmentation(self) -> v2.Transform:
+        return v2.Compose(
+            [
+                v2.RandomResizedCrop(
+                    self.img_size,
+                    scale=(0.8, 1.0),
+                    interpolation=v2.InterpolationMode.BICUBIC,
+                    antialias=True,
+                ),
+                v2.RandomHorizontalFlip(),
+            ]
+        )
+
+    # --------------------------------------------------------------------------------- dataloaders
+    def _loader(self, role: Role, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            self._dataset(role),
+            batch_size=self.batch_size if role == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The val loader, or ``[val_loader, test_loader]`` with ``track_test`` (test is index 1)."""
+        if self.track_test:
+            return [self._loader("val"), self._loader("test")]
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Normalize ``uint8`` images on the device; labels and already-float images pass through."""
+        images, labels = batch
+        if images.dtype == torch.uint8:
+            images = normalize_uint8(images, self.mean, self.std)  # (B, 3, H, W) float32
+        return images, labels
