@@ -8,13 +8,18 @@ and writes ``results.json``. Other subcommands are separate tools with their own
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from pyra_lightning.callbacks import InferenceThroughput, LoRAFolding, ResultsJSON
+from pyra_lightning.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 from pyra_lightning.data.vtab import VTABDataModule
 from pyra_lightning.module import PyraClassifier
 
@@ -28,7 +33,15 @@ TOOLS: dict[str, str] = {
 
 
 class PyraCLI(LightningCLI):
-    """LightningCLI with the data -> model links, the evaluation callbacks and test-after-fit."""
+    """LightningCLI with the data -> model links, evaluation callbacks, safe checkpoints and resume.
+
+    - Checkpoints go to ``checkpoint.dirpath``, by default ``<trainer.default_root_dir>/checkpoints``
+      (a fixed place, whatever the logger's versioning), ``last.ckpt`` is written every epoch and
+      every write is atomic (``AtomicCheckpointIO``).
+    - ``fit`` resumes by itself from the newest ``last.ckpt`` / SLURM ``hpc_ckpt_N.ckpt`` unless
+      ``--ckpt_path`` is given or ``--auto_resume false``; a preempted or requeued job just reruns.
+    - After ``fit`` the final-epoch model is tested (LoRA folded) and ``results.json`` written.
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -39,11 +52,37 @@ class PyraCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
         parser.add_argument(
+            "--auto_resume",
+            type=bool,
+            default=True,
+            help="fit: continue from the newest last.ckpt / hpc_ckpt_N.ckpt when no ckpt_path is given.",
+        )
+        parser.add_argument(
             "--test_after_fit",
             type=bool,
             default=True,
             help="After fit, test the final-epoch model (LoRA folded) and write results.json.",
         )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config)
+        if config.get("checkpoint") is not None and not config.checkpoint.get("dirpath"):
+            root = config.trainer.get("default_root_dir") or os.getcwd()
+            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        if not self._get(self.config_init, "trainer", default={}).get("plugins"):
+            kwargs["plugins"] = [AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") is None and config.get("auto_resume", True):
+            checkpoint_dir = self._get(self.config_init, "checkpoint").dirpath
+            found = find_resume_checkpoint(checkpoint_dir, self.trainer.default_root_dir)
+            if found is not None:
+                rank_zero_info(f"auto_resume: continuing from {found}")
+                config["ckpt_path"] = str(found)
 
     def after_fit(self) -> None:
         if self.config.get(self.subcommand, {}).get("test_after_fit", True) and not self.trainer.interrupted:

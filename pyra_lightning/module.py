@@ -200,6 +200,19 @@ class PyraClassifier(pl.LightningModule):
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["backbone_fingerprint"] = self.backbone_fingerprint
+        # Dropout and drop-path draw from these; restoring them makes a resumed run exact.
+        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_train_start(self) -> None:
+        # Restored here, after the sanity check, so the RNG sequence continues where it stopped.
+        state = getattr(self, "_resume_rng_state", None)
+        if state is not None:
+            torch.set_rng_state(state["torch"])
+            if "cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda"])
+            self._resume_rng_state = None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another backbone, and any missing or unexpected trainable key."""
@@ -210,6 +223,7 @@ class PyraClassifier(pl.LightningModule):
                 f"model ({self.hparams.model_name}, fingerprint {self.backbone_fingerprint}); "
                 "check model_name / pretrained_file"
             )
+        self._resume_rng_state = checkpoint.get("rng_state")
         expected = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
         got = set(checkpoint.get("state_dict", {}))
         missing, unexpected = sorted(expected - got), sorted(got - expected)

@@ -12,7 +12,7 @@ small (``N * 3 * img_size**2`` bytes per split).
 """
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,7 @@ from timm.data import (
     IMAGENET_INCEPTION_STD,
 )
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from pyra_lightning.data.demo import DEMO_CLASSES, DEMO_TASK_NAME, generate_demo
@@ -280,6 +280,30 @@ class VTABSplit(Dataset[tuple[Tensor, int]]):
         return image, self.records[index].label
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffle whose order depends only on ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` before every training epoch, so a run resumed from a checkpoint
+    at epoch k sees exactly the orders an uninterrupted run would have seen from epoch k on.
+    (Under DDP Lightning substitutes a ``DistributedSampler``, which is seeded per epoch too.)
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+
 class VTABDataModule(pl.LightningDataModule):
     """One VTAB-1k task (or the generated ``demo``, or any folder in the same layout).
 
@@ -523,15 +547,17 @@ class VTABDataModule(pl.LightningDataModule):
 
     # --------------------------------------------------------------------------------- dataloaders
     def _loader(self, role: Role, shuffle: bool = False) -> DataLoader:
+        dataset = self._dataset(role)
         return DataLoader(
-            self._dataset(role),
+            dataset,
             batch_size=self.batch_size if role == "train" else self.eval_batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            # Worker seeds come from this generator, not the global RNG: resuming stays exact.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
