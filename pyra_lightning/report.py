@@ -1,0 +1,632 @@
+"""Paper-style reports of VTAB-1k runs: the Table 2 layout, accuracy-throughput plots, W&B tables.
+
+Every ``pyra-lightning test`` (and ``fit``, which tests afterwards) writes a ``results.json`` into
+its log directory, one per task run. ``collect_results`` reads them, ``build_table`` lays them out
+like the paper's Table 2 (one row per method, the 19 tasks in Table 2 order, group means and the
+overall Average), and ``plot_accuracy_throughput`` draws the accuracy-vs-throughput curves of
+Figs. 2 and 4.
+
+Which "Average" the paper reports. Table 2's Average is the mean of the three *group* means
+(Natural, Specialized, Structured), not the mean of the 19 tasks. For its ViT-B/16 PEFT row the
+group means are 79.44, 84.45 and 60.41, whose mean is 74.77 (printed 74.76: the per-task values
+are themselves rounded), while the mean of the 19 tasks is 72.48. ToMe gives 74.10 (19-task mean
+71.81) and PYRA 74.70 (printed 74.69; 19-task mean 72.43). Table 6 prints the group means next to
+the Average and confirms it: (72.87 + 80.78 + 57.64) / 3 = 70.43. So ``average="groups"`` is the
+default; ``average="tasks"`` gives the other definition, and every table names the one it uses.
+
+A mean that would need a missing task is never taken over fewer tasks: it is shown as
+``n/a (k/N)``. Several runs of one method on one task (seeds) are averaged, and their count shown.
+
+Run it as ``pyra-lightning report logs/`` or ``python -m pyra_lightning.report logs/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import itertools
+import json
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pyra_lightning.data.vtab import GROUPS, VTAB_TASKS, resolve_task
+
+Average = Literal["tasks", "groups"]
+Metric = Literal["test_acc", "test_acc_best"]
+Result = dict[str, Any]
+
+MISSING = "—"
+RESULTS_FILENAME = "results.json"
+VTAB_NAMES: tuple[str, ...] = tuple(task.name for task in VTAB_TASKS)
+# Column names as printed in Table 2, in its order.
+_HEADERS = "Cifar100 Caltech101 DTD Flowers102 Pets SVHN Sun397 Camelyon EuroSAT Resisc45 Retinopathy "
+_HEADERS += "Clevr-Count Clevr-Dist DMLab KITTI-Dist dSpr-Loc dSpr-Ori sNORB-Azim sNORB-Ele"
+TASK_HEADERS: dict[str, str] = dict(zip(VTAB_NAMES, _HEADERS.split(), strict=True))
+GROUP_TASKS: dict[str, tuple[str, ...]] = {
+    group: tuple(task.name for task in VTAB_TASKS if task.group == group) for group in GROUPS
+}
+_METHOD_RANK = {"peft": 0, "tome": 2, "pyra": 3}
+_OPTIONAL_NUMBERS = ("throughput", "throughput_unmerged", "speedup", "gflops", "gflops_unmerged")
+_OPTIONAL_DICTS = ("params", "config", "benchmark")
+# Config entries that make two runs different models rather than repeats (seeds) of one.
+_IDENTITY_KEYS = ("model_name", "merge_r", "img_size")
+
+
+# ----------------------------------------------------------------------------------------- reading
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_result(data: Any, path: str | Path = "<memory>") -> Result:
+    """Check one results.json document and return it with ``task``/``group`` made canonical.
+
+    Known task aliases (``cifar100``) become the registry's name (``cifar``) and a missing group
+    is filled in; an unknown task (e.g. a custom folder) is kept as it is.
+
+    Raises:
+        ValueError: naming ``path`` and what is wrong (a missing key, a wrong type, an accuracy
+            given in percent, a group that contradicts the task registry, ...).
+    """
+    where = f"{path}"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    for key in ("task", "method"):
+        if not isinstance(data.get(key), str) or not data[key].strip():
+            raise ValueError(f"{where}: {key!r} must be a non-empty string, got {data.get(key)!r}")
+    for key in ("test_acc", "test_acc_best"):
+        value = data.get(key)
+        if value is None and key == "test_acc_best":
+            continue
+        if not _is_number(value):
+            raise ValueError(f"{where}: {key!r} must be a finite number (a fraction), got {value!r}")
+        if not 0.0 <= value <= 1.0:
+            hint = " (it looks like a percentage)" if 1.0 < value <= 100.0 else ""
+            raise ValueError(f"{where}: {key!r} = {value} is outside [0, 1]; expected a fraction{hint}")
+    for key in _OPTIONAL_NUMBERS:
+        value = data.get(key)
+        if value is not None and (not _is_number(value) or value < 0):
+            raise ValueError(f"{where}: {key!r} must be a non-negative number or null, got {value!r}")
+    for key in _OPTIONAL_DICTS:
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ValueError(f"{where}: {key!r} must be an object, got {type(data[key]).__name__}")
+    pct = (data.get("params") or {}).get("trainable_pct")
+    if pct is not None and (not _is_number(pct) or not 0.0 <= pct <= 100.0):
+        raise ValueError(f"{where}: 'params.trainable_pct' must be a percentage in [0, 100], got {pct!r}")
+    result = dict(data)
+    try:
+        task = resolve_task(data["task"])
+    except ValueError:
+        return result  # a custom task: its own column, in no mean
+    if data.get("group") is not None and data["group"] != task.group:
+        raise ValueError(
+            f"{where}: task {data['task']!r} belongs to group {task.group!r}, but the file says {data['group']!r}"
+        )
+    result.update(task=task.name, group=task.group)
+    return result
+
+
+def _expand(item: str | Path, filename: str) -> list[Path]:
+    path = Path(item)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(path.rglob(filename))
+    found: list[Path] = []
+    for match in sorted(glob.glob(str(item), recursive=True)):
+        found.extend(_expand(match, filename))
+    return found
+
+
+def collect_results(
+    paths_or_globs: str | Path | Iterable[str | Path], filename: str = RESULTS_FILENAME
+) -> list[Result]:
+    """Read every results file named by files, directories (searched recursively) or glob patterns.
+
+    Each returned dict is the file's content, checked by ``validate_result``, plus
+    ``"results_file"``: the path it came from, which later error messages name.
+
+    Raises:
+        FileNotFoundError: an argument matches no results file (a typo should not shrink a table).
+        ValueError: a file is not valid JSON or not a valid result; the message names the file.
+    """
+    items = [paths_or_globs] if isinstance(paths_or_globs, str | Path) else list(paths_or_globs)
+    seen: set[Path] = set()
+    results: list[Result] = []
+    for item in items:
+        files = _expand(item, filename)
+        if not files:
+            raise FileNotFoundError(
+                f"{item}: no {filename} found (not a file, a folder holding one, or a glob)"
+            )
+        for file in files:
+            key = file.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(f"{file}: not valid JSON ({error})") from None
+            results.append({**validate_result(data, file), "results_file": str(file)})
+    return results
+
+
+# ---------------------------------------------------------------------------------------- the table
+def describe_schedule(merge_r: Any) -> str:
+    """A short name for a per-layer ``merge_r`` list: ``[16]*11 + [10]`` -> ``"16x11,10"``."""
+    if not isinstance(merge_r, list | tuple):
+        return "none" if merge_r is None else str(merge_r)
+    runs = [(value, len(list(group))) for value, group in itertools.groupby(merge_r)]
+    return ",".join(f"{v}x{n}" if n > 1 else f"{v}" for v, n in runs) if any(merge_r) else "none"
+
+
+def schedule_label(result: Result) -> str:
+    """Row label ``"<method> r=<schedule>"``, for tables of sweeps over merge rates."""
+    merge_r = (result.get("config") or {}).get("merge_r")
+    return f"{result['method']} r={describe_schedule(merge_r)}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One method on one task: mean top-1 accuracy in percent over ``runs`` runs (seeds)."""
+
+    acc: float
+    runs: int
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """One row of the Table 2 layout.
+
+    Attributes:
+        method: the row label.
+        columns: the task columns of the whole table (the 19 of VTAB-1k, then any others).
+        tasks: the cells of this row's tasks that have runs, by canonical task name.
+        groups: Natural/Specialized/Structured means in percent; ``None`` if a task is missing.
+        average: overall Average in percent, ``None`` unless all 19 tasks are present.
+        average_kind: ``"groups"`` (mean of the 3 group means, as in the paper) or ``"tasks"``.
+        trainable_pct: trainable share of all parameters in percent, mean over tasks.
+        throughput: inference images/s of the merged model, mean over tasks.
+        runs: number of results files in the row.
+    """
+
+    method: str
+    columns: tuple[str, ...]
+    tasks: dict[str, Cell]
+    groups: dict[str, float | None]
+    average: float | None
+    average_kind: Average
+    trainable_pct: float | None
+    throughput: float | None
+    runs: int
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _mean_over_tasks(by_task: dict[str, list[Result]], value: Callable[[Result], Any]) -> float | None:
+    """Mean over tasks of the per-task mean of ``value``, over the runs that report it."""
+    per_task = [[v for v in map(value, runs) if _is_number(v)] for runs in by_task.values()]
+    means = [_mean(values) for values in per_task if values]
+    return _mean(means) if means else None
+
+
+def _identity(result: Result) -> tuple[str, ...]:
+    config = result.get("config") or {}
+    return tuple(json.dumps(config.get(key)) for key in _IDENTITY_KEYS)
+
+
+def default_label(results: Sequence[Result]) -> Callable[[Result], str]:
+    """Label rows by ``method``; where one method has runs of several models or schedules, add them."""
+    identities: dict[str, set[tuple[str, ...]]] = {}
+    for result in results:
+        identities.setdefault(result["method"], set()).add(_identity(result))
+    models = {(result.get("config") or {}).get("model_name") for result in results}
+
+    def label(result: Result) -> str:
+        if len(identities[result["method"]]) == 1:
+            return result["method"]
+        model = (result.get("config") or {}).get("model_name")
+        return schedule_label(result) + (f" [{model}]" if len(models) > 1 else "")
+
+    return label
+
+
+def _check_same_model(label: str, runs: list[Result]) -> None:
+    identities = {_identity(run): run for run in runs if run.get("config")}
+    if len(identities) > 1:
+        first, second = list(identities.values())[:2]
+        raise ValueError(
+            f"row {label!r} mixes different models ({', '.join(_IDENTITY_KEYS)} differ: "
+            f"{first.get('results_file', '?')} vs {second.get('results_file', '?')}); give them distinct "
+            "'method' labels or use the default label"
+        )
+
+
+def _row_order(result: Result) -> tuple[int, str, int]:
+    """Baselines first, ToMe, then PYRA (Table 2's order); within a method, by tokens merged."""
+    merge_r = (result.get("config") or {}).get("merge_r")
+    merged = sum(merge_r) if isinstance(merge_r, list) else 0
+    return _METHOD_RANK.get(result["method"], 1), result["method"], merged
+
+
+def build_table(
+    results: Sequence[Result],
+    methods: Sequence[str] | None = None,
+    average: Average = "groups",
+    metric: Metric = "test_acc",
+    label: Callable[[Result], str] | None = None,
+    protocol: str | None = "final",
+) -> list[TableRow]:
+    """Lay results out like Table 2: one row per method, tasks in Table 2 order, group means, Average.
+
+    Args:
+        results: from ``collect_results`` (or dicts in the same schema).
+        methods: the row labels to show, in this order; ``None`` shows all, baselines first.
+        average: ``"groups"`` (default, the paper's: mean of the 3 group means, e.g. 74.76 for the
+            ViT-B PEFT row) or ``"tasks"`` (mean of the 19 tasks, 72.48 for that row).
+        metric: ``"test_acc"`` (the final model) or ``"test_acc_best"`` (best test accuracy seen
+            during training).
+        label: maps a result to its row label; by default ``default_label``: the ``method`` field,
+            plus the schedule (and model) where one method has runs of several.
+        protocol: keep only results of this protocol (``"tune"`` runs test on val200, whose
+            numbers must not enter a test table); ``None`` keeps all.
+
+    Raises:
+        ValueError: no results are left, ``methods`` names a row that has none, a row mixes
+            different models (``model_name``/``merge_r``/``img_size``), or ``metric`` is missing.
+    """
+    if average not in ("groups", "tasks"):
+        raise ValueError(f"average must be 'groups' or 'tasks', got {average!r}")
+    kept = [r for r in results if protocol is None or r.get("protocol", protocol) == protocol]
+    if len(kept) < len(results):
+        warnings.warn(
+            f"left out {len(results) - len(kept)} result(s) whose protocol is not {protocol!r}", stacklevel=2
+        )
+    if not kept:
+        raise ValueError(f"no results to tabulate (protocol={protocol!r}, {len(results)} given)")
+    label = label or default_label(kept)
+    by_row: dict[str, list[Result]] = {}
+    for result in kept:
+        by_row.setdefault(label(result), []).append(result)
+    if methods is None:
+        methods = sorted(by_row, key=lambda name: (*_row_order(by_row[name][0]), name))
+    unknown = [name for name in methods if name not in by_row]
+    if unknown:
+        raise ValueError(f"no results for method(s) {unknown}; available: {sorted(by_row)}")
+    others = sorted({r["task"] for r in kept} - set(VTAB_NAMES))
+    vtab = any(r["task"] in VTAB_NAMES for r in kept)
+    columns = (VTAB_NAMES if vtab else ()) + tuple(others)
+    return [_build_row(name, by_row[name], columns, average, metric) for name in methods]
+
+
+def _build_row(
+    name: str, runs: list[Result], columns: tuple[str, ...], average: Average, metric: Metric
+) -> TableRow:
+    _check_same_model(name, runs)
+    by_task: dict[str, list[Result]] = {}
+    for run in runs:
+        if run.get(metric) is None:
+            raise ValueError(f"{run.get('results_file', name)}: {metric!r} is null")
+        by_task.setdefault(run["task"], []).append(run)
+    tasks = {
+        task: Cell(100.0 * _mean([run[metric] for run in task_runs]), len(task_runs))
+        for task, task_runs in by_task.items()
+    }
+    groups: dict[str, float | None] = {}
+    for group, names in GROUP_TASKS.items():
+        complete = all(task in tasks for task in names)
+        groups[group] = _mean([tasks[task].acc for task in names]) if complete else None
+    overall: float | None = None
+    if all(value is not None for value in groups.values()):
+        values = [groups[g] for g in GROUPS] if average == "groups" else [tasks[t].acc for t in VTAB_NAMES]
+        overall = _mean(values)  # type: ignore[arg-type]
+    trainable_pct = _mean_over_tasks(by_task, lambda run: (run.get("params") or {}).get("trainable_pct"))
+    throughput = _mean_over_tasks(by_task, lambda run: run.get("throughput"))
+    return TableRow(name, columns, tasks, groups, overall, average, trainable_pct, throughput, len(runs))
+
+
+# ------------------------------------------------------------------------------------------ writing
+def average_header(kind: Average) -> str:
+    return "Average (mean of 3 group means)" if kind == "groups" else "Average (mean of 19 tasks)"
+
+
+def _has_vtab(rows: Sequence[TableRow]) -> bool:
+    return bool(rows) and rows[0].columns[: len(VTAB_NAMES)] == VTAB_NAMES
+
+
+def _coverage(row: TableRow, names: Sequence[str]) -> str:
+    return f"n/a ({sum(name in row.tasks for name in names)}/{len(names)})"
+
+
+def to_markdown(rows: Sequence[TableRow]) -> str:
+    """The table as GitHub markdown, with footnotes saying how means and missing tasks are shown."""
+    if not rows:
+        raise ValueError("no rows to write")
+    vtab = _has_vtab(rows)
+    header = ["Method", "# params", "Throughput (img/s)"]
+    header += [TASK_HEADERS.get(task, task) for task in rows[0].columns]
+    if vtab:
+        header += [group.capitalize() for group in GROUPS] + [average_header(rows[0].average_kind)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for row in rows:
+        cells = [
+            row.method,
+            MISSING if row.trainable_pct is None else f"{row.trainable_pct:.2f}%",
+            MISSING if row.throughput is None else f"{row.throughput:.0f}",
+        ]
+        for task in row.columns:
+            cell = row.tasks.get(task)
+            if cell is None:
+                cells.append(MISSING)
+            else:
+                cells.append(f"{cell.acc:.1f}" if cell.runs == 1 else f"{cell.acc:.1f} (n={cell.runs})")
+        if vtab:
+            for group in GROUPS:
+                value = row.groups[group]
+                cells.append(_coverage(row, GROUP_TASKS[group]) if value is None else f"{value:.2f}")
+            cells.append(_coverage(row, VTAB_NAMES) if row.average is None else f"{row.average:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = ["", "Top-1 accuracy in %. (n=k): mean of k runs (seeds)."]
+    if vtab:
+        notes.append(
+            "Average is the mean of the three group means (Natural, Specialized, Structured), as in the "
+            "paper's Table 2."
+            if rows[0].average_kind == "groups"
+            else "Average is the mean of the 19 tasks (the paper's Table 2 uses the mean of the group means)."
+        )
+        notes.append(f"{MISSING}: no run for the task; n/a (k/N): a mean that would need missing tasks.")
+        extra = [task for task in rows[0].columns if task not in VTAB_NAMES]
+        if extra:
+            notes.append(f"Tasks outside VTAB-1k ({', '.join(extra)}) count in no mean.")
+    notes.append("# params: trainable share of all parameters; both it and throughput are means over tasks.")
+    return "\n".join(lines + notes) + "\n"
+
+
+def table_records(rows: Sequence[TableRow]) -> tuple[list[str], list[list[Any]]]:
+    """Column names and numeric values (``None`` where missing), for CSV files and W&B tables."""
+    if not rows:
+        raise ValueError("no rows to write")
+    vtab = _has_vtab(rows)
+    columns = ["method", "trainable_pct", "throughput", *rows[0].columns]
+    if vtab:
+        columns += [*GROUPS, "average", "average_kind", "vtab_tasks_present"]
+    columns.append("runs")
+    data = []
+    for row in rows:
+        values: list[Any] = [row.method, row.trainable_pct, row.throughput]
+        values += [row.tasks[task].acc if task in row.tasks else None for task in row.columns]
+        if vtab:
+            values += [row.groups[g] for g in GROUPS] + [
+                row.average,
+                row.average_kind,
+                sum(t in row.tasks for t in VTAB_NAMES),
+            ]
+        values.append(row.runs)
+        data.append([round(v, 4) if isinstance(v, float) else v for v in values])
+    return columns, data
+
+
+def to_csv(rows: Sequence[TableRow], path: str | Path) -> Path:
+    """Write the table as CSV (accuracies in %, empty cells where missing) and return the path."""
+    columns, data = table_records(rows)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        writer.writerows([["" if value is None else value for value in values] for values in data])
+    return path
+
+
+# --------------------------------------------------------------------------------------- the figure
+@dataclass(frozen=True)
+class CurvePoint:
+    """One method at one ``merge_r`` schedule in an accuracy-throughput figure."""
+
+    family: str
+    schedule: str
+    accuracy: float
+    throughput: float | None
+    gflops: float | None
+    speedup: float | None
+    flops_reduction: float | None
+
+
+def _ratio(numerator: Any, denominator: Any) -> float | None:
+    ok = _is_number(numerator) and _is_number(denominator) and denominator > 0
+    return numerator / denominator if ok else None
+
+
+def accuracy_throughput_points(
+    results: Sequence[Result], average: Average = "groups", metric: Metric = "test_acc"
+) -> tuple[list[CurvePoint], str]:
+    """The points of Figs. 2/4 and the y-axis label saying what their accuracy averages.
+
+    A point is one method (the family; plus the model name when several models are present) at
+    one ``merge_r`` schedule. With all 19 VTAB-1k tasks at every point, accuracy is the Average of
+    ``build_table``; otherwise it is the plain mean over the tasks that *every* point has, and the
+    label says how many, so that no point is averaged over an easier subset than another.
+
+    Raises:
+        ValueError: no final-protocol results, or the points share no task.
+    """
+    results = [r for r in results if r.get("protocol", "final") == "final"]
+    if not results:
+        raise ValueError("no results with protocol 'final' to plot")
+    models = {(r.get("config") or {}).get("model_name") for r in results}
+    groups: dict[tuple[str, str], list[Result]] = {}
+    for result in sorted(results, key=_row_order):
+        config = result.get("config") or {}
+        family = result["method"] + (f" ({config.get('model_name')})" if len(models) > 1 else "")
+        groups.setdefault((family, describe_schedule(config.get("merge_r"))), []).append(result)
+    tables = {
+        key: build_table(runs, average=average, metric=metric, label=lambda _, k=key: k[0])[0]
+        for key, runs in groups.items()
+    }
+    complete = all(row.average is not None for row in tables.values())
+    common = sorted(set.intersection(*(set(row.tasks) for row in tables.values())))
+    if not complete and not common:
+        raise ValueError("the points share no task, so their accuracies cannot be compared")
+    if complete:
+        ylabel = f"VTAB-1k {average_header(average).lower()}, top-1 %"
+    else:
+        shown = ", ".join(common) if len(common) <= 4 else f"{len(common)} tasks"
+        ylabel = f"mean top-1 % over {len(common)} common task(s) ({shown})"
+    points = []
+    for (family, schedule), row in tables.items():
+        by_task: dict[str, list[Result]] = {}
+        for run in groups[(family, schedule)]:
+            by_task.setdefault(run["task"], []).append(run)
+        accuracy = row.average if complete else _mean([row.tasks[t].acc for t in common])
+        gflops = _mean_over_tasks(by_task, lambda run: run.get("gflops"))
+        speedup = _mean_over_tasks(by_task, lambda run: run.get("speedup"))
+        reduction = _mean_over_tasks(
+            by_task, lambda run: _ratio(run.get("gflops_unmerged"), run.get("gflops"))
+        )
+        points.append(CurvePoint(family, schedule, accuracy, row.throughput, gflops, speedup, reduction))  # type: ignore[arg-type]
+    return points, ylabel
+
+
+def plot_accuracy_throughput(
+    results: Sequence[Result],
+    path: str | Path,
+    average: Average = "groups",
+    metric: Metric = "test_acc",
+    x: Literal["throughput", "gflops"] = "throughput",
+    title: str | None = None,
+) -> Path:
+    """Draw accuracy against inference throughput, one line per method family (Figs. 2 and 4).
+
+    A family with one point (e.g. PEFT, which merges nothing) is a single marker; points are
+    annotated with their measured speedup over the unmerged model where the results carry it.
+    ``x="gflops"`` plots against FLOPs per image instead, which unlike timings on a shared
+    machine does not vary from run to run, and annotates the FLOPs reduction. Drawn on a bare
+    ``Figure`` (Agg), so that calling this from a notebook leaves pyplot's backend alone.
+
+    Raises:
+        ValueError: as ``accuracy_throughput_points``, or a point lacks its ``x`` value.
+    """
+    from matplotlib.figure import Figure
+
+    points, ylabel = accuracy_throughput_points(results, average, metric)
+    missing = [f"{p.family} r={p.schedule}" for p in points if getattr(p, x) is None]
+    if missing:
+        raise ValueError(f"no {x} in the results of {', '.join(missing)}")
+    fig = Figure(figsize=(6.0, 4.0), dpi=120)
+    ax = fig.subplots()
+    for index, family in enumerate(dict.fromkeys(p.family for p in points)):
+        mine = sorted((p for p in points if p.family == family), key=lambda p: getattr(p, x))
+        ax.plot(
+            [getattr(p, x) for p in mine],
+            [p.accuracy for p in mine],
+            "-" if len(mine) > 1 else "",
+            marker="os^Dv<>p"[index % 8],
+            markersize=7 if len(mine) > 1 else 10,
+            label=family,
+        )
+        for p in mine:
+            factor = p.speedup if x == "throughput" else p.flops_reduction
+            if factor is not None and abs(factor - 1.0) > 1e-6:
+                ax.annotate(
+                    f"{factor:.2f}x",
+                    (getattr(p, x), p.accuracy),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                )
+    ax.set_xlabel("throughput (images/s)" if x == "throughput" else "GFLOPs per image")
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------- W&B and the CLI
+def push_to_wandb(
+    rows: Sequence[TableRow], project: str, run_name: str | None = None, key: str = "vtab_table"
+) -> str | None:
+    """Log the table to Weights & Biases as a ``wandb.Table`` in a new ``job_type="report"`` run.
+
+    Honours ``WANDB_MODE`` (``offline`` writes under ``WANDB_DIR`` and needs no account). Returns
+    the run's URL, ``None`` when offline.
+    """
+    import wandb  # imported here: it is slow to import and only this function needs it
+
+    columns, data = table_records(rows)
+    run = wandb.init(project=project, name=run_name, job_type="report", reinit="create_new")
+    try:
+        run.log({key: wandb.Table(columns=columns, data=data)})
+        for row in rows:
+            if row.average is not None:
+                run.summary[f"{key}/{row.method}/average"] = row.average
+        return run.url
+    finally:
+        run.finish()
+
+
+def report(
+    results: Sequence[str],
+    out_dir: str = "reports",
+    average: Average = "groups",
+    metric: Metric = "test_acc",
+    plot: bool = True,
+    wandb_project: str | None = None,
+    wandb_run_name: str | None = None,
+) -> dict[str, Path]:
+    """Collect results, write ``vtab_table.md``/``.csv`` (and the figure) to ``out_dir``, print the table.
+
+    Args:
+        results: run folders (searched recursively for results.json), files or glob patterns.
+        out_dir: folder for ``vtab_table.md``, ``vtab_table.csv`` and ``accuracy_throughput.png``.
+        average: ``groups`` (mean of the 3 group means, the paper's Table 2) or ``tasks`` (of the 19).
+        metric: ``test_acc`` (final model) or ``test_acc_best`` (best test accuracy during training).
+        plot: also draw accuracy against throughput per method and merge schedule (Figs. 2/4).
+        wandb_project: also log the table to this W&B project (honours WANDB_MODE=offline).
+        wandb_run_name: name of that W&B run.
+    """
+    collected = collect_results(results)
+    rows = build_table(collected, average=average, metric=metric)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = to_markdown(rows)
+    written = {"markdown": out / "vtab_table.md", "csv": to_csv(rows, out / "vtab_table.csv")}
+    written["markdown"].write_text(markdown, encoding="utf-8")
+    if plot:
+        written["plot"] = plot_accuracy_throughput(
+            collected, out / "accuracy_throughput.png", average, metric
+        )
+    if wandb_project:
+        push_to_wandb(rows, wandb_project, wandb_run_name)
+    print(markdown)
+    print(f"{len(collected)} result(s) -> " + ", ".join(str(p) for p in written.values()))
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``pyra-lightning report``: the command-line face of ``report``."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(
+        prog="pyra-lightning report",
+        description="Tabulate results.json files of VTAB-1k runs like the paper's Table 2.",
+    )
+    parser.add_argument(
+        "results", type=str, nargs="+", help="Run folders (searched recursively), files or globs."
+    )
+    parser.add_function_arguments(report, skip={"results"}, as_group=False)
+    report(**vars(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
