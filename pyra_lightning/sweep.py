@@ -1,0 +1,608 @@
+"""``pyra-lightning sweep``: one config over the VTAB-1k tasks, restartable, one subprocess per task.
+
+A Table 2 row needs 19 trainings (Zhai et al., 2019; PYRA, Xiong et al., 2024). Each task runs as
+``python -m pyra_lightning.cli fit`` in its own folder ``<out_dir>/<name>/<task>/``, so one task's
+crash or bad data folder cannot take the others down, and the folder alone says how far it got: with
+a valid ``results.json`` it is finished and a rerun skips it; otherwise it runs again and the CLI's
+auto-resume continues from its ``last.ckpt`` (or SLURM's ``hpc_ckpt_N.ckpt``). So rerunning the
+same command after a crash, ``kill -9`` or requeue picks up where it stopped, with no flag.
+
+Each task keeps its state in ``<task>/sweep_task.json``; ``<out_dir>/<name>/sweep.json`` gathers
+them (status, duration, ``results.json`` path), rewritten atomically at every change.
+``pyra-lightning report <out_dir>/<name>`` then tabulates the results.
+
+In a SLURM job array (``SLURM_ARRAY_TASK_ID`` set, or ``--slurm_array true``) an invocation runs
+only task number ``SLURM_ARRAY_TASK_ID`` of the list: see ``scripts/slurm/sweep_array.sbatch``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+import yaml
+
+from pyra_lightning.callbacks import atomic_write_text
+from pyra_lightning.data.vtab import VTAB_TASKS, resolve_task
+
+SWEEP_FILE = "sweep.json"
+TASK_STATE_FILE = "sweep_task.json"
+LOG_FILE = "train.log"
+RESULTS_FILE = "results.json"
+RUN_HEADER = "===== pyra-lightning sweep: run"  # starts the block each (re)run appends to train.log
+FINISHED = ("done", "skipped")
+Status = Literal["pending", "running", "done", "skipped", "failed", "interrupted"]
+_LOG_TAIL_LINES = 20
+_POLL_S = 0.5
+_TERMINATE_GRACE_S = 15.0
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # tqdm's cursor moves
+
+
+class _Terminated(Exception):
+    """Raised in the main loop by SIGTERM, so running tasks are stopped and recorded."""
+
+
+@dataclass
+class TaskRun:
+    """One task of a sweep: where it runs and how its last attempt went.
+
+    Attributes:
+        task: folder name of the task (the registry's name for known tasks, custom names as given).
+        run_dir: ``<out_dir>/<name>/<task>``: the trainer's ``default_root_dir`` and log folder.
+        status: ``pending``, ``running``, ``done`` (finished in this invocation), ``skipped`` (had
+            finished before), ``failed`` or ``interrupted`` (the sweep itself was stopped).
+        attempts: runs started in this invocation (1 + retries used).
+        returncode: exit status of the last run.
+        duration_s: wall time of the last run (for ``skipped``: of the run that finished it).
+        results_json: the task's ``results.json`` once it has one.
+        log_tail: the last lines of ``train.log`` of a failed run.
+        command: the command line of the last run.
+        device: ``CUDA_VISIBLE_DEVICES`` of the last run, when devices are assigned.
+        started, finished: UTC times of the last run.
+    """
+
+    task: str
+    run_dir: str
+    status: Status = "pending"
+    attempts: int = 0
+    returncode: int | None = None
+    duration_s: float | None = None
+    started: str | None = None
+    finished: str | None = None
+    results_json: str | None = None
+    log_tail: str | None = None
+    command: list[str] = field(default_factory=list)
+    device: str | None = None
+
+    @property
+    def log(self) -> Path:
+        return Path(self.run_dir) / LOG_FILE
+
+
+@dataclass
+class SweepSummary:
+    """What one invocation of ``run_sweep`` did; ``runs`` are the tasks it was given (or picked)."""
+
+    name: str
+    sweep_dir: Path
+    runs: list[TaskRun]
+    dry_run: bool = False
+
+    @property
+    def done(self) -> list[str]:
+        return [run.task for run in self.runs if run.status == "done"]
+
+    @property
+    def skipped(self) -> list[str]:
+        return [run.task for run in self.runs if run.status == "skipped"]
+
+    @property
+    def failed(self) -> list[str]:
+        return [run.task for run in self.runs if run.status in ("failed", "interrupted")]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def format(self) -> str:
+        """A human summary: counts, then every failed task with the tail of its log."""
+        lines = [
+            f"sweep {self.name} ({self.sweep_dir}): {len(self.done)} done, {len(self.skipped)} skipped "
+            f"(finished before), {len(self.failed)} failed, of {len(self.runs)}"
+        ]
+        for label, tasks in (("done", self.done), ("skipped", self.skipped), ("failed", self.failed)):
+            if tasks:
+                lines.append(f"  {label}: {', '.join(tasks)}")
+        for run in self.runs:
+            if run.status in ("failed", "interrupted"):
+                lines.append(f"--- {run.task} {run.status} (exit {run.returncode}); tail of {run.log}:")
+                lines.append(run.log_tail or "(empty log)")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ task list
+def _check_component(value: str, what: str) -> str:
+    if not value or value in (".", "..") or "/" in value or os.sep in value:
+        raise ValueError(f"{what} {value!r} must be a plain folder name (no '/', not '.' or '..')")
+    return value
+
+
+def resolve_tasks(tasks: Sequence[str] | None) -> list[str]:
+    """Task folder names in the order given (all 19 in Table 2 order for ``None``), duplicates dropped.
+
+    Known names and aliases become the registry's name (``cifar100`` -> ``cifar``), so a task has
+    one folder whatever it is called; anything else is a custom data folder, kept as given.
+    """
+    if tasks is None:
+        return [task.name for task in VTAB_TASKS]
+    names: list[str] = []
+    for raw in tasks:
+        try:
+            name = resolve_task(raw).name
+        except ValueError:
+            name = _check_component(raw.strip(), "task")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ValueError("the sweep has no tasks")
+    return names
+
+
+def slurm_array_index(slurm_array: bool | None, num_tasks: int) -> int | None:
+    """The task index this array job runs, or ``None`` outside array mode.
+
+    ``slurm_array=None`` follows ``SLURM_ARRAY_TASK_ID``; ``True`` requires it; ``False`` ignores it.
+    """
+    raw = os.environ.get("SLURM_ARRAY_TASK_ID")
+    if slurm_array is False or (slurm_array is None and raw is None):
+        return None
+    if raw is None:
+        raise RuntimeError("slurm_array=True but SLURM_ARRAY_TASK_ID is not set (submit with sbatch --array)")
+    index = int(raw)
+    if not 0 <= index < num_tasks:
+        raise ValueError(
+            f"SLURM_ARRAY_TASK_ID={index}, but the sweep has {num_tasks} tasks: use --array=0-{num_tasks - 1}"
+        )
+    return index
+
+
+# ------------------------------------------------------------------------------- one task's run
+def logger_sets_save_dir(config: Sequence[str]) -> bool:
+    """Whether the config files' ``trainer.logger`` sets a ``save_dir``, to point at the task folder.
+
+    ``results.json`` goes to the logger's folder; Lightning's default logger already uses
+    ``default_root_dir``.
+
+    Raises:
+        ValueError: a list of loggers with ``save_dir``: not redirectable per task from the command
+            line, so every task would write its ``results.json`` into the same folder.
+    """
+    logger: Any = None
+    for path in config:
+        document = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        trainer = document.get("trainer") if isinstance(document, dict) else None
+        if isinstance(trainer, dict) and "logger" in trainer:
+            logger = trainer["logger"]
+    if isinstance(logger, list):
+        if any(isinstance(item, dict) and "save_dir" in (item.get("init_args") or {}) for item in logger):
+            raise ValueError(
+                "the config sets a list of loggers with save_dir; a sweep needs one log folder per task, "
+                "so use a single logger (or none: Lightning's default logs under default_root_dir)"
+            )
+        return False
+    return isinstance(logger, dict) and "save_dir" in (logger.get("init_args") or {})
+
+
+def fit_command(
+    config: Sequence[str], task: str, run_dir: Path, overrides: Sequence[str], redirect_logger: bool
+) -> list[str]:
+    """The ``fit`` command of one task. ``overrides`` come last, so they win over the sweep's own."""
+    command = [sys.executable, "-m", "pyra_lightning.cli", "fit"]
+    command += [f"--config={path}" for path in config]
+    command += [
+        f"--data.task={task}",
+        f"--trainer.default_root_dir={run_dir}",
+        # explicit, so that a config with a fixed checkpoint.dirpath cannot make tasks resume each other
+        f"--checkpoint.dirpath={run_dir / 'checkpoints'}",
+    ]
+    if redirect_logger:
+        command.append(f"--trainer.logger.init_args.save_dir={run_dir}")
+    return command + list(overrides)
+
+
+def find_results(run_dir: Path) -> Path | None:
+    """The newest valid ``results.json`` (a JSON object with a numeric ``test_acc``) under ``run_dir``."""
+    best: tuple[float, Path] | None = None
+    for path in run_dir.rglob(RESULTS_FILE) if run_dir.is_dir() else ():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        acc = data.get("test_acc") if isinstance(data, dict) else None
+        if isinstance(acc, int | float) and not isinstance(acc, bool):
+            mtime = path.stat().st_mtime
+            if best is None or mtime > best[0]:
+                best = (mtime, path)
+    return None if best is None else best[1]
+
+
+def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    """The last lines of a log, each cut to what follows its last ``\\r`` (progress bars redraw so)."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 64 * 1024))
+            text = handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    kept = [_ANSI.sub("", line.rsplit("\r", 1)[-1]).rstrip() for line in text.split("\n")]
+    return "\n".join([line for line in kept if line][-lines:])
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _read_state(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads((run_dir / TASK_STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _save_state(run: TaskRun) -> None:
+    atomic_write_text(Path(run.run_dir) / TASK_STATE_FILE, json.dumps(asdict(run), indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive ``flock``, so concurrent array jobs do not lose each other's updates.
+
+    Without ``flock`` (some NFS/Lustre mounts) there is no lock: sweep.json may then miss one
+    update, which the next write repairs.
+    """
+    with path.open("a") as handle:
+        with contextlib.suppress(ImportError, OSError):  # no fcntl on Windows
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def write_sweep_json(sweep_dir: Path, tasks: Sequence[str], meta: dict[str, Any]) -> Path:
+    """Gather every task's ``sweep_task.json`` into ``sweep.json`` (atomically, under a lock)."""
+    path = sweep_dir / SWEEP_FILE
+    with _locked(sweep_dir / ".sweep.lock"):
+        entries = {
+            task: _read_state(sweep_dir / task) or asdict(TaskRun(task, str(sweep_dir / task)))
+            for task in tasks
+        }
+        counts = Counter(entry["status"] for entry in entries.values())
+        document = {**meta, "updated": _now(), "counts": dict(counts), "tasks": entries}
+        atomic_write_text(path, json.dumps(document, indent=2) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------- progress
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """``done / running / failed / remaining`` and an ETA, as one redrawn line on a TTY.
+
+    The ETA assumes every unfinished task takes the mean duration of the tasks finished in this
+    invocation (skipped ones took no time here), spread over the parallel slots.
+    """
+
+    def __init__(self, name: str, total: int, max_parallel: int, stream: TextIO | None = None) -> None:
+        self.name, self.total, self.max_parallel = name, total, max_parallel
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.durations: list[float] = []
+        self._last = ""
+
+    def line(self, runs: Sequence[TaskRun], started: dict[str, float]) -> str:
+        done = sum(run.status in FINISHED for run in runs)
+        failed = sum(run.status in ("failed", "interrupted") for run in runs)
+        running = [run for run in runs if run.status == "running"]
+        pending = self.total - done - failed - len(running)
+        text = (
+            f"sweep {self.name}: {done}/{self.total} done, {len(running)} running, "
+            f"{failed} failed, {pending} remaining"
+        )
+        if self.durations and (pending or running):
+            mean = sum(self.durations) / len(self.durations)
+            now = time.monotonic()
+            work = pending * mean + sum(max(mean - (now - started[run.task]), 0.0) for run in running)
+            text += f", ETA {format_duration(work / max(1, min(self.max_parallel, pending + len(running))))}"
+        return text
+
+    def show(self, runs: Sequence[TaskRun], started: dict[str, float]) -> None:
+        text = self.line(runs, started)
+        if self.tty:
+            self.stream.write(f"\r\x1b[K{text}")
+        elif text.split(", ETA")[0] != self._last.split(", ETA")[0]:
+            self.stream.write(text + "\n")  # plain logs: only when the counts change
+        self.stream.flush()
+        self._last = text
+
+    def message(self, text: str) -> None:
+        """Print a line above the progress line (which the next ``show`` redraws)."""
+        self.stream.write(("\r\x1b[K" if self.tty else "") + text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self._last:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------------------- sweep
+def run_sweep(
+    config: list[str],
+    tasks: list[str] | None = None,
+    out_dir: str = "runs/sweep",
+    name: str | None = None,
+    overrides: list[str] | None = None,
+    max_parallel: int = 1,
+    retries: int = 0,
+    devices: list[str] | None = None,
+    slurm_array: bool | None = None,
+    dry_run: bool = False,
+) -> SweepSummary:
+    """Train ``config`` on every task, each in ``<out_dir>/<name>/<task>/``, skipping finished ones.
+
+    Args:
+        config: ``--config`` files of ``pyra-lightning fit``, in order (later ones override).
+        tasks: task names or aliases, or custom data folders under ``data.root``; ``None``: the
+            19 VTAB-1k tasks in Table 2 order.
+        out_dir: parent folder of the sweep.
+        name: the sweep's folder under ``out_dir``; default: the config files' stems joined by ``+``.
+        overrides: extra ``fit`` arguments for every task, e.g. ``["--trainer.max_epochs=2"]``.
+        max_parallel: tasks run at the same time (e.g. one per GPU with ``devices``).
+        retries: extra attempts for a failed task (each resumes from its ``last.ckpt``).
+        devices: ``CUDA_VISIBLE_DEVICES`` of each parallel slot, round-robin (``["0", "1"]``, or
+            ``["0,1", "2,3"]`` for two GPUs per task); ``None`` leaves the variable alone.
+        slurm_array: run only task ``SLURM_ARRAY_TASK_ID`` of the list; ``None``: whenever that
+            variable is set.
+        dry_run: print what would run and what is skipped; run and write nothing.
+
+    Returns:
+        The summary of this invocation's tasks; ``summary.ok`` is False if any failed.
+    """
+    if not config:
+        raise ValueError("run_sweep needs at least one --config file")
+    missing = [path for path in config if not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"config file(s) not found: {', '.join(missing)}")
+    if max_parallel < 1 or retries < 0:
+        raise ValueError(f"need max_parallel >= 1 and retries >= 0, got {max_parallel} and {retries}")
+    overrides = list(overrides or [])
+    all_tasks = resolve_tasks(tasks)
+    name = _check_component(name or "+".join(Path(path).stem for path in config), "sweep name")
+    sweep_dir = Path(out_dir).absolute() / name
+    index = slurm_array_index(slurm_array, len(all_tasks))
+    selected = all_tasks if index is None else [all_tasks[index]]
+    redirect_logger = logger_sets_save_dir(config)
+    meta = {"name": name, "config": list(config), "overrides": overrides, "out_dir": str(Path(out_dir))}
+
+    runs = [TaskRun(task, str(sweep_dir / task)) for task in selected]
+    for run in runs:
+        run.command = fit_command(config, run.task, Path(run.run_dir), overrides, redirect_logger)
+        results = find_results(Path(run.run_dir))
+        if results is not None:
+            previous = _read_state(Path(run.run_dir)) or {}
+            run.status, run.results_json = "skipped", str(results)
+            run.duration_s, run.finished = previous.get("duration_s"), previous.get("finished")
+    summary = SweepSummary(name, sweep_dir, runs, dry_run)
+    if dry_run:
+        for run in runs:
+            print(f"[{run.status}] {run.task}: " + (run.results_json or " ".join(run.command)))
+        return summary
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    _warn_if_changed(sweep_dir, meta)
+    for run in runs:
+        Path(run.run_dir).mkdir(exist_ok=True)
+        _save_state(run)
+    write_sweep_json(sweep_dir, all_tasks, meta)
+    _execute(runs, all_tasks, sweep_dir, meta, max_parallel, retries, devices)
+    return summary
+
+
+def _warn_if_changed(sweep_dir: Path, meta: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        before = json.loads((sweep_dir / SWEEP_FILE).read_text(encoding="utf-8"))
+        if [before.get("config"), before.get("overrides")] != [meta["config"], meta["overrides"]]:
+            print(
+                f"warning: {sweep_dir / SWEEP_FILE} has config {before.get('config')} and overrides "
+                f"{before.get('overrides')}; finished tasks are still skipped (another --name starts over)",
+                file=sys.stderr,
+            )
+
+
+def _execute(
+    runs: list[TaskRun],
+    all_tasks: list[str],
+    sweep_dir: Path,
+    meta: dict[str, Any],
+    max_parallel: int,
+    retries: int,
+    devices: list[str] | None,
+) -> None:
+    """Run the pending tasks, ``max_parallel`` at a time, recording every change of state."""
+    queue = [run for run in runs if run.status == "pending"]
+    active: dict[int, tuple[TaskRun, subprocess.Popen[bytes]]] = {}  # slot -> (run, process)
+    started: dict[str, float] = {}
+    progress = Progress(meta["name"], len(runs), max_parallel)
+
+    def record(run: TaskRun) -> None:
+        _save_state(run)
+        write_sweep_json(sweep_dir, all_tasks, meta)
+
+    terminating: list[bool] = []
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if not terminating:  # a second SIGTERM must not interrupt the cleanup below
+            terminating.append(True)
+            raise _Terminated
+
+    # SLURM sends the requeue signal (SIGUSR1) to the whole job step; Lightning's handler in the
+    # training process saves and requeues, and the sweep itself must only survive it (a handler
+    # that only takes note: printing from inside a signal handler can hit a reentrant write).
+    requeue_signals: list[int] = []
+    handlers: dict[int, Any] = {signal.SIGTERM: on_sigterm}
+    if hasattr(signal, "SIGUSR1"):
+        handlers[signal.SIGUSR1] = lambda signum, frame: requeue_signals.append(signum)
+    previous = {}
+    with contextlib.suppress(ValueError):  # signal.signal works only in the main thread
+        previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+    try:
+        while queue or active:
+            for slot in range(max_parallel):
+                if slot not in active and queue:
+                    run = queue.pop(0)
+                    device = devices[slot % len(devices)] if devices else None
+                    active[slot] = (run, _start(run, device))
+                    started[run.task] = time.monotonic()
+                    record(run)
+            progress.show(runs, started)
+            time.sleep(_POLL_S)
+            if requeue_signals:
+                requeue_signals.clear()
+                progress.message("sweep: SIGUSR1 (SLURM's requeue signal); the training run handles it")
+            for slot, (run, process) in list(active.items()):
+                if process.poll() is None:
+                    continue
+                del active[slot]
+                _finish(run, process.returncode, time.monotonic() - started[run.task])
+                if run.status == "done":
+                    progress.durations.append(run.duration_s or 0.0)
+                    exit_note = f" (then exit {run.returncode})" if run.returncode else ""
+                    progress.message(f"{run.task}: done in {format_duration(run.duration_s or 0)}{exit_note}")
+                elif run.attempts <= retries:
+                    progress.message(f"{run.task}: failed (exit {run.returncode}), retrying")
+                    run.status = "pending"
+                    queue.append(run)
+                else:
+                    progress.message(f"{run.task}: FAILED (exit {run.returncode}), log: {run.log}")
+                record(run)
+        progress.show(runs, started)
+    except (KeyboardInterrupt, _Terminated):
+        for run, process in active.values():
+            _stop(process)
+            _finish(run, process.returncode, time.monotonic() - started[run.task])
+            run.status = "done" if run.status == "done" else "interrupted"
+            record(run)
+        raise
+    finally:
+        progress.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _start(run: TaskRun, device: str | None) -> subprocess.Popen[bytes]:
+    """Start one attempt; its output is appended to ``train.log`` after a header naming the run."""
+    run.status, run.attempts, run.started, run.device = "running", run.attempts + 1, _now(), device
+    run.returncode = run.duration_s = run.finished = run.log_tail = None
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = device
+    with run.log.open("ab") as log:
+        header = f"\n{RUN_HEADER} {run.started}, attempt {run.attempts}, device {device}\n"
+        log.write(header.encode() + (" ".join(run.command) + "\n").encode())
+        log.flush()
+        # same process group as the sweep: Ctrl-C and SLURM's signals reach the training too
+        return subprocess.Popen(run.command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def _finish(run: TaskRun, returncode: int | None, duration: float) -> None:
+    """Record an attempt's end: done means a valid ``results.json``, whatever the exit status.
+
+    The same rule as for skipping: retrying a run that crashed after its test would add a second
+    results.json, which ``report`` would average in as another seed.
+    """
+    run.returncode, run.duration_s, run.finished = returncode, round(duration, 2), _now()
+    results = find_results(Path(run.run_dir))
+    if results is not None:
+        run.status, run.results_json = "done", str(results)
+        return
+    run.status, run.log_tail = "failed", log_tail(run.log)
+    if returncode == 0:
+        run.log_tail += f"\n(exit 0 but no valid {RESULTS_FILE} under {run.run_dir}: was test_after_fit off?)"
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after a grace period (Lightning under SLURM ignores SIGTERM)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(_TERMINATE_GRACE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _as_list(values: Sequence[str] | None, split_commas: bool) -> list[str] | None:
+    """``a b`` and ``[a, b]`` (and ``a,b`` with ``split_commas``) all mean ``["a", "b"]``."""
+    if values is None:
+        return None
+    items: list[str] = []
+    for value in values:
+        if value.lstrip().startswith("["):
+            items += [str(item) for item in yaml.safe_load(value)]
+        else:
+            items += [item for item in (value.split(",") if split_commas else [value]) if item]
+    return items
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``pyra-lightning sweep``: ``run_sweep``'s arguments, then ``fit``'s after ``--``; exit 1 if a task failed."""
+    from jsonargparse import ArgumentParser
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    passthrough: list[str] = []
+    if "--" in args:
+        at = args.index("--")
+        args, passthrough = args[:at], args[at + 1 :]
+    parser = ArgumentParser(
+        prog="pyra-lightning sweep",
+        description="Run `pyra-lightning fit` on VTAB-1k tasks, one folder per task, skipping finished "
+        "ones. Arguments after `--` go to every fit, e.g. `-- --trainer.max_epochs=2`.",
+    )
+    parser.add_argument("--config", action="append", required=True, help="fit config file (repeatable).")
+    parser.add_argument("--tasks", nargs="+", help="`a b`, `a,b` or `[a, b]`; default: all 19")
+    parser.add_argument("--devices", nargs="+", help="CUDA_VISIBLE_DEVICES per slot: `0 1` or `0,1 2,3`.")
+    parser.add_function_arguments(run_sweep, skip={"config", "tasks", "devices"}, as_group=False)
+    kwargs = vars(parser.parse_args(args))
+    kwargs["tasks"] = _as_list(kwargs["tasks"], split_commas=True)
+    kwargs["devices"] = _as_list(kwargs["devices"], split_commas=False)
+    kwargs["overrides"] = [*(kwargs["overrides"] or []), *passthrough]
+    try:
+        summary = run_sweep(**kwargs)
+    except (KeyboardInterrupt, _Terminated) as stop:
+        print("sweep stopped; rerun the same command to continue", file=sys.stderr)
+        sys.exit(130 if isinstance(stop, KeyboardInterrupt) else 143)
+    if not summary.dry_run:
+        print(summary.format())
+    if not summary.ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

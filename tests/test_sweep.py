@@ -1,0 +1,220 @@
+"""The VTAB-1k sweep: killed and rerun it recomputes nothing finished; failures stay isolated."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pyra_lightning.data.demo import generate_demo
+from pyra_lightning.data.vtab import VTAB_TASKS
+from pyra_lightning.sweep import RUN_HEADER, Progress, TaskRun, logger_sets_save_dir, main, run_sweep
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+# One short epoch of the quickstart ViT per task: the tests are about the sweep, not the model.
+TINY = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=1",
+    "--trainer.limit_test_batches=1",
+    "--trainer.num_sanity_val_steps=0",
+    "--trainer.enable_progress_bar=false",
+    "--data.batch_size=8",
+    "--data.cache_images=false",
+    "--throughput.runs=1",
+    "--throughput.warmup=0",
+    "--throughput.batch_size=8",
+]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The generated ``demo`` task plus ``demo_copy``, a custom task folder with the same files."""
+    root = tmp_path_factory.mktemp("vtab")
+    shutil.copytree(generate_demo(root), root / "demo_copy")
+    return root
+
+
+def sweep_command(out_dir: Path, data_root: Path, *tasks: str) -> list[str]:
+    return [
+        sys.executable, "-m", "pyra_lightning.sweep", f"--config={QUICKSTART}", "--tasks", *tasks,
+        f"--out_dir={out_dir}", "--name=tiny", "--", *TINY, f"--data.root={data_root}",
+    ]  # fmt: skip
+
+
+def quiet_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 shared cores: no thread oversubscription
+
+
+def runs_in_log(log: Path) -> int:
+    return log.read_text(errors="replace").count(RUN_HEADER)
+
+
+@pytest.mark.slow
+def test_killed_sweep_reruns_without_recomputing_finished_tasks(
+    tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sweep = tmp_path / "sweeps" / "tiny"
+    first, second = sweep / "demo", sweep / "demo_copy"
+    command = sweep_command(tmp_path / "sweeps", data_root, "demo", "demo_copy")
+    with (tmp_path / "first.out").open("wb") as out:
+        process = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env=quiet_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 240
+        try:  # the second task's log appears once the first task has finished and the second started
+            while not (second / "train.log").exists():
+                assert process.poll() is None, (tmp_path / "first.out").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the first task did not finish in time"
+                time.sleep(0.05)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)  # the sweep and its training subprocess
+            process.wait()
+    [results] = list(first.rglob("results.json"))
+    before, checkpoint = results.stat(), (first / "checkpoints" / "last.ckpt").stat()
+    assert json.loads((sweep / "sweep.json").read_text())["tasks"]["demo"]["status"] == "done"
+    assert not list(second.rglob("results.json")), "killed before the second task finished"
+
+    # The same command again, in this process to save an interpreter start (returns: exit 0).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    main(command[3:])
+    assert "1 done, 1 skipped" in capsys.readouterr().out
+    assert list(first.rglob("results.json")) == [results]
+    after = results.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), "recomputed"
+    assert (first / "checkpoints" / "last.ckpt").stat().st_mtime_ns == checkpoint.st_mtime_ns
+    assert runs_in_log(first / "train.log") == 1
+    assert runs_in_log(second / "train.log") == 2, "killed once, then run to the end"
+    tasks = json.loads((sweep / "sweep.json").read_text())["tasks"]
+    assert [tasks["demo"]["status"], tasks["demo_copy"]["status"]] == ["skipped", "done"]
+    assert tasks["demo"]["results_json"] == str(results)
+    assert json.loads(Path(tasks["demo_copy"]["results_json"]).read_text())["task"] == "demo_copy"
+
+
+@pytest.mark.slow
+def test_a_failing_task_is_reported_and_the_others_still_run(
+    tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(tmp_path)
+    argv = sweep_command(tmp_path, data_root, "no_such_task", "demo")[3:]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--max_parallel=2", *argv])  # both at once: the failure must not disturb its neighbour
+    assert exit_info.value.code == 1
+    out = capsys.readouterr().out
+    assert "1 done, 0 skipped (finished before), 1 failed" in out
+    assert "no_such_task failed" in out and "does not exist" in out, out  # the CLI's error, from the log
+    tasks = json.loads((tmp_path / "tiny" / "sweep.json").read_text())["tasks"]
+    assert tasks["no_such_task"]["status"] == "failed" and tasks["no_such_task"]["returncode"] != 0
+    assert tasks["demo"]["status"] == "done" and Path(tasks["demo"]["results_json"]).is_file()
+
+
+def test_slurm_array_job_runs_only_its_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def picked(**kwargs: object) -> list[str]:
+        summary = run_sweep([str(QUICKSTART)], out_dir=str(tmp_path), dry_run=True, **kwargs)  # type: ignore[arg-type]
+        return [run.task for run in summary.runs]
+
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    assert picked() == [task.name for task in VTAB_TASKS]
+    with pytest.raises(RuntimeError, match="SLURM_ARRAY_TASK_ID is not set"):
+        picked(slurm_array=True)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    assert picked() == ["dtd"]  # Table 2 order: cifar, caltech101, dtd, ...
+    assert picked(tasks=["demo", "textures", "cifar100"]) == ["cifar"]
+    assert len(picked(slurm_array=False)) == 19
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "19")
+    with pytest.raises(ValueError, match="--array=0-18"):
+        picked()
+    assert not any(tmp_path.iterdir()), "a dry run writes nothing"
+
+
+def test_command_line_resolves_tasks_and_passes_fit_arguments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyra_lightning.cli import main as cli_main
+
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    cli_main(["sweep", f"--config={QUICKSTART}", "--tasks", "cifar100,demo", "pets", "--out_dir", str(tmp_path),
+              "--dry_run=true", "--", "--trainer.max_epochs=2"])  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "[pending] cifar",
+        "[pending] demo",
+        "[pending] oxford_iiit_pet",
+    ]
+    assert all(line.endswith("--trainer.max_epochs=2") for line in lines)
+    assert f"--trainer.default_root_dir={tmp_path / 'quickstart' / 'cifar'}" in lines[0]
+    assert "--trainer.logger.init_args.save_dir=" in lines[0]
+
+
+def test_logger_is_redirected_only_when_the_config_sets_its_save_dir(tmp_path: Path) -> None:
+    none, listed = tmp_path / "none.yaml", tmp_path / "listed.yaml"
+    none.write_text("trainer:\n  max_epochs: 1\n")
+    listed.write_text(
+        "trainer:\n  logger:\n    - class_path: lightning.pytorch.loggers.CSVLogger\n"
+        "      init_args: {save_dir: runs}\n"
+    )
+    assert logger_sets_save_dir([str(QUICKSTART)])
+    assert not logger_sets_save_dir([str(none)])  # Lightning's default logger uses default_root_dir
+    with pytest.raises(ValueError, match="single logger"):
+        logger_sets_save_dir([str(QUICKSTART), str(listed)])
+
+
+def test_progress_line_counts_and_eta(monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = [
+        TaskRun(f"t{i}", f"/x/t{i}", status)
+        for i, status in enumerate(["done", "skipped", "failed", "running"])
+    ]
+    runs += [TaskRun("t4", "/x/t4"), TaskRun("t5", "/x/t5")]
+    progress = Progress("s", total=6, max_parallel=1)
+    progress.durations = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: 1030.0)
+    line = progress.line(runs, started={"t3": 1000.0})
+    # 2 pending x 100 s + the running task's remaining 70 s
+    assert line == "sweep s: 2/6 done, 1 running, 1 failed, 2 remaining, ETA 0:04:30"
+
+
+def test_parallel_slots_get_their_devices_and_failures_are_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stand-in for `fit` that starts in milliseconds: fails on its first attempt at task "b",
+    # otherwise writes a results.json; both print the GPU their slot was given.
+    script = (
+        "import json, os, pathlib, sys; run = pathlib.Path(sys.argv[1]); "
+        "print('CUDA', os.environ['CUDA_VISIBLE_DEVICES']); "
+        "first = run.name == 'b' and not (run / 'tried').exists(); (run / 'tried').touch(); "
+        "sys.exit(3) if first else (run / 'results.json').write_text(json.dumps({'test_acc': 0.5}))"
+    )
+    monkeypatch.setattr(
+        "pyra_lightning.sweep.fit_command",
+        lambda config, task, run_dir, *_: [sys.executable, "-c", script, str(run_dir)],
+    )
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    summary = run_sweep(
+        [str(QUICKSTART)],
+        ["a", "b", "c"],
+        str(tmp_path),
+        "fake",
+        max_parallel=2,
+        retries=1,
+        devices=["0", "1"],
+    )
+    assert summary.ok and summary.done == ["a", "b", "c"]
+    assert [run.attempts for run in summary.runs] == [1, 2, 1]
+    logs = {run.task: run.log.read_text() for run in summary.runs}
+    assert "CUDA 0" in logs["a"] and "CUDA 1" in logs["b"], "one device per parallel slot"
+    assert runs_in_log(summary.runs[1].log) == 2
+    assert json.loads((tmp_path / "fake" / "sweep.json").read_text())["counts"] == {"done": 3}
