@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 import json
 import os
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 
 from pyra_lightning.accounting import count_flops
 from pyra_lightning.patch import apply_merging, merge_schedule
@@ -74,14 +75,16 @@ class InferenceThroughput(pl.Callback):
         self.results: dict[str, float] = {}
 
     def measure(self, pl_module: pl.LightningModule) -> dict[str, float]:
-        from pyra_lightning.benchmark import measure_throughput
+        from pyra_lightning.benchmark import time_forwards
 
         model = (
             pl_module.inference_model if pl_module.inference_model is not None else pl_module.folded_copy()
         )
         unmerged = apply_merging(copy.deepcopy(model), 0, pyra=False) if any(merge_schedule(model)) else model
         img_size = pl_module.hparams.img_size
-        timing = dict(
+        # Round-robin timing: the speedup compares forwards taken side by side, not minutes apart.
+        times = time_forwards(
+            {"merged": model, "unmerged": unmerged},
             batch_size=self.batch_size,
             img_size=img_size,
             device=pl_module.device,
@@ -89,8 +92,8 @@ class InferenceThroughput(pl.Callback):
             warmup=self.warmup,
             runs=self.runs,
         )
-        merged_ips = measure_throughput(model, **timing)
-        unmerged_ips = merged_ips if unmerged is model else measure_throughput(unmerged, **timing)
+        merged_ips = self.batch_size / statistics.median(times["merged"])
+        unmerged_ips = self.batch_size / statistics.median(times["unmerged"])
         return {
             "test/throughput": merged_ips,
             "test/throughput_unmerged": unmerged_ips,
@@ -131,6 +134,15 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def results_dir(trainer: pl.Trainer) -> Path:
+    """The run's own folder: the logger's ``log_dir``, or ``save_dir/name/version`` for loggers
+    such as W&B whose ``trainer.log_dir`` is a folder shared by all runs."""
+    logger = trainer.logger
+    if logger is not None and getattr(logger, "log_dir", None) is None and logger.save_dir is not None:
+        return Path(logger.save_dir) / str(logger.name) / str(logger.version)
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
 class ResultsJSON(pl.Callback):
     """Write ``results.json`` into the run's log directory after testing.
 
@@ -148,8 +160,10 @@ class ResultsJSON(pl.Callback):
         self.filename = filename
         self.path: Path | None = None
 
-    @rank_zero_only
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_dir = results_dir(trainer)  # may broadcast under DDP: every rank must call it
+        if not trainer.is_global_zero:
+            return
         metrics = {
             k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, torch.Tensor | float)
         }
@@ -186,7 +200,6 @@ class ResultsJSON(pl.Callback):
                 "device": str(pl_module.device),
             },
         }
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         self.path = log_dir / self.filename
         atomic_write_text(self.path, json.dumps(results, indent=2) + "\n")
         rank_zero_info(f"results written to {self.path}")

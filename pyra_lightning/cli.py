@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -22,6 +23,13 @@ from pyra_lightning.callbacks import InferenceThroughput, LoRAFolding, ResultsJS
 from pyra_lightning.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 from pyra_lightning.data.vtab import VTABDataModule
 from pyra_lightning.module import PyraClassifier
+from pyra_lightning.monitoring import (
+    LoggerSaveConfigCallback,
+    MergeVisualization,
+    TrainingThroughput,
+    finish_wandb,
+    stable_wandb_id,
+)
 
 # Tool subcommands -> "module:function" taking argv; imported only when used.
 TOOLS: dict[str, str] = {
@@ -49,6 +57,8 @@ class PyraCLI(LightningCLI):
         parser.add_lightning_class_args(LoRAFolding, "lora_folding")
         parser.add_lightning_class_args(InferenceThroughput, "throughput")
         parser.add_lightning_class_args(ResultsJSON, "results")
+        parser.add_lightning_class_args(TrainingThroughput, "train_throughput")
+        parser.add_lightning_class_args(MergeVisualization, "merge_vis")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
         parser.add_argument(
@@ -66,9 +76,14 @@ class PyraCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config)
+        root = config.trainer.get("default_root_dir") or os.getcwd()
         if config.get("checkpoint") is not None and not config.checkpoint.get("dirpath"):
-            root = config.trainer.get("default_root_dir") or os.getcwd()
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        logger = config.trainer.get("logger")
+        is_wandb = isinstance(logger, Namespace) and str(logger.get("class_path")).endswith("WandbLogger")
+        if is_wandb and not logger.init_args.get("id"):
+            # One W&B run per run directory: an auto-resumed rerun continues the same run.
+            logger.init_args.id = stable_wandb_id(root)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         if not self._get(self.config_init, "trainer", default={}).get("plugins"):
@@ -101,17 +116,19 @@ def main(argv: list[str] | None = None) -> None:
     if args and args[0] in TOOLS:
         run_tool(args[0], args[1:])
         return
-    PyraCLI(
+    cli = PyraCLI(
         PyraClassifier,
         VTABDataModule,
         args=argv,
         seed_everything_default=0,
+        save_config_callback=LoggerSaveConfigCallback,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
             "description": "pyra-lightning: LoRA + token merging + PYRA on timm ViTs. "
             f"Also: {', '.join(TOOLS)} (pyra-lightning <tool> --help)."
         },
     )
+    finish_wandb(cli.trainer)  # Lightning leaves the W&B run open; a later run would reuse it
 
 
 if __name__ == "__main__":

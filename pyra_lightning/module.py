@@ -180,7 +180,8 @@ class PyraClassifier(pl.LightningModule):
         ]
         optimizer = torch.optim.AdamW(param_groups)
         trainer = self._trainer
-        max_epochs = trainer.max_epochs if trainer is not None and trainer.max_epochs else 100
+        # max_epochs is -1 when a run is bounded by max_steps only; fall back to the paper's 100.
+        max_epochs = trainer.max_epochs if trainer is not None and (trainer.max_epochs or 0) > 0 else 100
         scheduler = CosineLRScheduler(
             optimizer,
             t_initial=max_epochs,

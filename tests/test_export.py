@@ -1,0 +1,247 @@
+"""Export: the LoRA-folded model as safetensors + config.json, rebuilt without Lightning."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, TensorDataset
+
+from pyra_lightning.cli import main
+from pyra_lightning.data.vtab import VTABDataModule
+from pyra_lightning.export import CONFIG_FILE, WEIGHTS_FILE, export_model, load_exported
+from pyra_lightning.module import PyraClassifier
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def tiny_module(**overrides: Any) -> PyraClassifier:
+    torch.manual_seed(0)
+    kwargs: dict[str, Any] = dict(
+        model_name="vit_tiny_patch16_224",
+        num_classes=5,
+        img_size=32,
+        model_kwargs={"patch_size": 4, "embed_dim": 48, "depth": 4, "num_heads": 3},
+        drop_path_rate=0.0,
+        lora_rank=4,
+        lora_dropout=0.0,
+        merge_r=[8, 8, 4, 4],
+        lr=0.05,
+        warmup_epochs=0,
+    )
+    return PyraClassifier(**{**kwargs, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> PyraClassifier:
+    """A tiny module after a few optimizer steps, so LoRA B and PYRA are no longer zero."""
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 3, 32, 32, generator=generator), torch.randint(0, 5, (32,)))
+    module = tiny_module()
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=4,
+        limit_val_batches=0,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path_factory.mktemp("fit"),
+    )
+    trainer.fit(module, DataLoader(data, batch_size=8))
+    assert any(p.abs().sum() > 0 for n, p in module.model.named_parameters() if ".lora_b" in n)
+    return module
+
+
+def test_exported_model_predicts_like_the_folded_model_without_lightning(
+    trained: PyraClassifier, tmp_path: Path
+) -> None:
+    out = export_model(trained, tmp_path / "model", mean=MEAN, std=STD)
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.save(x, tmp_path / "x.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from pyra_lightning.export import load_exported
+        model = load_exported({str(out)!r})
+        assert not model.training
+        with torch.no_grad():
+            logits = model(torch.load({str(tmp_path / "x.pt")!r}))
+        leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning"))
+        assert not leaked, leaked
+        torch.save(logits, {str(tmp_path / "y.pt")!r})
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    exported = torch.load(tmp_path / "y.pt")
+    with torch.no_grad():
+        folded = trained.folded_copy()(x)
+        trained.eval()
+        unfolded = trained(x)  # the training model: LoRA as a separate branch
+    assert (exported - folded).abs().max().item() <= 1e-5
+    assert torch.equal(exported.argmax(-1), folded.argmax(-1))
+    assert torch.allclose(exported, unfolded, atol=1e-4)
+
+
+def test_config_json_holds_the_recipe_and_writes_are_atomic(trained: PyraClassifier, tmp_path: Path) -> None:
+    out = export_model(trained, tmp_path / "model", mean=MEAN, std=STD)
+    config = json.loads((out / CONFIG_FILE).read_text())
+    assert config["model_name"] == "vit_tiny_patch16_224"
+    assert config["create_kwargs"] == {
+        "patch_size": 4, "embed_dim": 48, "depth": 4, "num_heads": 3, "num_classes": 5, "img_size": 32,
+    }  # fmt: skip
+    assert config["merge_r"] == [8, 8, 4, 4] and config["pyra"] == "pyra" and config["prop_attn"] is True
+    assert config["preprocess"]["img_size"] == 32
+    assert config["preprocess"]["mean"] == list(MEAN) and config["preprocess"]["std"] == list(STD)
+    weights = load_file(str(out / WEIGHTS_FILE))
+    assert not any(".lora_" in name for name in weights), "LoRA must be folded into qkv"
+    assert any(".pyra." in name for name in weights)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "no temporary folders left behind"
+
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_model(trained, out, mean=MEAN, std=STD)
+    export_model(trained, out, mean=(0.0, 0.0, 0.0), std=STD, overwrite=True)
+    assert json.loads((out / CONFIG_FILE).read_text())["preprocess"]["mean"] == [0.0, 0.0, 0.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_peft_and_tome_models_export_too(tmp_path: Path) -> None:
+    for merge_r, pyra in ((None, True), ([4, 4, 4, 4], False)):
+        module = tiny_module(merge_r=merge_r, pyra=pyra)
+        out = export_model(module, tmp_path / f"{merge_r}", mean=MEAN, std=STD)  # verify=True checks it
+        config = json.loads((out / CONFIG_FILE).read_text())
+        assert config["pyra"] is False and config["merge_r"] == merge_r
+
+
+def test_module_without_normalization_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="mean and std"):
+        export_model(tiny_module(), tmp_path / "model")
+
+
+def test_load_exported_names_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=CONFIG_FILE):
+        load_exported(tmp_path)
+
+
+# ---------------------------------------------------------------------------- through the CLI
+def cli_args(root: Path, *extra: str) -> list[str]:
+    return [
+        f"--config={QUICKSTART}",
+        f"--data.root={root / 'data'}",
+        f"--trainer.default_root_dir={root / 'runs'}",
+        f"--trainer.logger.init_args.save_dir={root / 'runs'}",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A short quickstart fit: (its root, its last.ckpt)."""
+    root = tmp_path_factory.mktemp("quickstart")
+    main(
+        [
+            "fit",
+            *cli_args(root),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=4",
+            "--trainer.limit_val_batches=2",
+            "--trainer.enable_progress_bar=false",
+            "--test_after_fit=false",
+        ]
+    )
+    (last,) = sorted((root / "runs").rglob("last.ckpt"))
+    return root, last
+
+
+@pytest.mark.slow
+def test_cli_export_reproduces_the_tested_accuracy(quickstart_run: tuple[Path, Path], tmp_path: Path) -> None:
+    root, last = quickstart_run
+    out = tmp_path / "exported"
+    main(["export", *cli_args(root), f"--ckpt_path={last}", f"--out_dir={out}"])
+    main(
+        [
+            "test",
+            *cli_args(tmp_path / "test", f"--data.root={root / 'data'}"),
+            f"--ckpt_path={last}",
+            "--throughput.runs=1",
+            "--throughput.warmup=1",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    tested = json.loads(next((tmp_path / "test" / "runs").rglob("results.json")).read_text())["test_acc"]
+
+    # Serve it as a user would: the exported model plus only config.json's preprocessing.
+    model = load_exported(out)
+    config = json.loads((out / CONFIG_FILE).read_text())
+    data = VTABDataModule(root=str(root / "data"), task="demo", img_size=config["preprocess"]["img_size"])
+    data.setup("test")
+    mean = torch.tensor(config["preprocess"]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(config["preprocess"]["std"]).view(1, 3, 1, 1)
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in data.test_dataloader():
+            logits = model((images.float() / 255 - mean) / std)
+            correct += int((logits.argmax(-1) == labels).sum())
+            total += len(labels)
+    assert total == 400
+    assert correct / total == pytest.approx(tested, abs=1e-6)
+
+    # The same export straight from the checkpoint file (seeded like the fit) is the same model.
+    again = export_model(last, tmp_path / "again", seed=0)
+    assert json.loads((again / CONFIG_FILE).read_text())["preprocess"] == config["preprocess"]
+    a, b = load_file(str(out / WEIGHTS_FILE)), load_file(str(again / WEIGHTS_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_export_errors_are_clear(quickstart_run: tuple[Path, Path], tmp_path: Path) -> None:
+    root, last = quickstart_run
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(
+            [
+                "export",
+                *cli_args(root),
+                f"--ckpt_path={tmp_path / 'nope.ckpt'}",
+                f"--out_dir={tmp_path / 'a'}",
+            ]
+        )
+    with pytest.raises(ValueError, match="different frozen backbone"):  # another random backbone
+        main(
+            [
+                "export",
+                *cli_args(root),
+                "--seed_everything=1",
+                f"--ckpt_path={last}",
+                f"--out_dir={tmp_path / 'b'}",
+            ]
+        )
+    with pytest.raises(ValueError, match="trainable parameters"):  # PYRA in the checkpoint, not in the model
+        main(
+            [
+                "export",
+                *cli_args(root),
+                "--model.pyra=false",
+                f"--ckpt_path={last}",
+                f"--out_dir={tmp_path / 'c'}",
+            ]
+        )
+    with pytest.raises(ValueError, match="do not fit"):  # same names, other shapes
+        main(
+            [
+                "export",
+                *cli_args(root),
+                "--model.lora_rank=8",
+                f"--ckpt_path={last}",
+                f"--out_dir={tmp_path / 'd'}",
+            ]
+        )
+    assert not any(tmp_path.iterdir()), "a failed export leaves nothing behind"

@@ -1,0 +1,187 @@
+"""Training throughput, peak memory and merge visualisations reach the loggers."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from pyra_lightning.accounting import count_flops
+from pyra_lightning.module import PyraClassifier
+from pyra_lightning.monitoring import (
+    MergeVisualization,
+    TrainingThroughput,
+    meta_copy,
+    stable_wandb_id,
+    training_flops_per_sample,
+)
+from pyra_lightning.patch import apply_merging
+
+DEPTH = 4
+
+
+def tiny_module(merge_r: list[int] | None = None) -> PyraClassifier:
+    torch.manual_seed(0)
+    return PyraClassifier(
+        model_name="vit_tiny_patch16_224",
+        num_classes=4,
+        img_size=32,
+        model_kwargs={"patch_size": 4, "embed_dim": 48, "depth": DEPTH, "num_heads": 3},
+        drop_path_rate=0.0,
+        lora_rank=4,
+        lora_dropout=0.0,
+        merge_r=[8, 8, 4, 4] if merge_r is None else merge_r,
+        warmup_epochs=0,
+    )
+
+
+def loader(count: int = 48, batch_size: int = 8, seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(count, 3, 32, 32, generator=generator)
+    return DataLoader(TensorDataset(images, torch.randint(0, 4, (count,), generator=generator)), batch_size)
+
+
+def fit(module: PyraClassifier, root: Path, callbacks: list[pl.Callback], **trainer_kwargs: object) -> Path:
+    """Fit on random images with a CSVLogger; return the logger's folder."""
+    logger = CSVLogger(root, name="csv")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **trainer_kwargs,  # type: ignore[arg-type]
+    )
+    trainer.fit(module, loader(), loader(count=16, seed=1))
+    return Path(logger.log_dir)
+
+
+def read_metrics(log_dir: Path) -> list[dict[str, str]]:
+    with open(log_dir / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_meta_copy_allocates_nothing_and_keeps_what_trains() -> None:
+    module = tiny_module()
+    copy_ = meta_copy(module.model)
+    original = dict(module.model.named_parameters())
+    for name, param in copy_.named_parameters():
+        assert param.device.type == "meta" and param.shape == original[name].shape
+        assert param.requires_grad == original[name].requires_grad
+    assert all(p.device.type == "cpu" for p in module.model.parameters())
+
+
+def test_training_flops_are_between_one_and_three_forwards_and_drop_with_merging() -> None:
+    merged = tiny_module().model
+    unmerged = apply_merging(meta_copy(merged), 0, pyra=False)
+    merged_flops = training_flops_per_sample(merged, 32)
+    forward = count_flops(merged, 32)
+    # Frozen weights need no weight gradients: well under full fine-tuning's ~3x forward.
+    assert 1.5 * forward < merged_flops < 3 * forward
+    assert merged_flops < training_flops_per_sample(unmerged, 32)
+    assert all(p.grad is None for p in merged.parameters()), "counting must not leave gradients"
+
+
+def test_throughput_reaches_the_csv_logger_on_logging_steps(tmp_path: Path) -> None:
+    callback = TrainingThroughput(window_size=3)
+    log_dir = fit(tiny_module(), tmp_path, [callback], max_epochs=2, log_every_n_steps=2)
+    rows = read_metrics(log_dir)
+    logged = [row for row in rows if row.get("train/samples_per_sec")]
+    # 6 batches per epoch, 12 steps: rates from the 3rd batch on, written every 2nd step.
+    assert [int(row["step"]) for row in logged] == [3, 5, 7, 9, 11]
+    assert callback.flops_per_sample == training_flops_per_sample(tiny_module().model, 32)
+    for row in logged:
+        samples, flops = float(row["train/samples_per_sec"]), float(row["train/flops_per_sec"])
+        assert samples > 0 and samples == float(row["train/device/samples_per_sec"])  # world size 1
+        assert flops / samples == pytest.approx(callback.flops_per_sample, rel=1e-3)
+    columns = set(rows[0])
+    assert "train/device/mfu" not in columns, "no known peak FLOP/s on a CPU"
+    assert not any(c.startswith(("validate/", "test/")) for c in columns), "training only"
+    assert "train/peak_memory_gib" not in columns, "CUDA only"
+
+
+def test_throughput_excludes_validation_time(tmp_path: Path) -> None:
+    pause = 3.0
+
+    class SlowValidation(pl.Callback):
+        def on_validation_batch_end(self, *args: object, **kwargs: object) -> None:
+            time.sleep(pause)
+
+    callback = TrainingThroughput(window_size=8)
+    log_dir = fit(
+        tiny_module(),
+        tmp_path,
+        [callback, SlowValidation()],
+        max_epochs=2,
+        limit_val_batches=1,
+        log_every_n_steps=1,
+    )
+    last = [row for row in read_metrics(log_dir) if row.get("train/samples_per_sec")][-1]
+    # The last window (batches 5-12, 7 intervals of 8 images) spans the first validation: counted
+    # in, its pause alone would hold the rate under 56 / pause images/s.
+    assert int(last["step"]) == 11
+    assert float(last["train/samples_per_sec"]) > 7 * 8 / pause
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_peak_memory_and_mfu_are_logged_on_cuda(tmp_path: Path) -> None:
+    log_dir = fit(
+        tiny_module(),
+        tmp_path,
+        [TrainingThroughput(window_size=3)],
+        max_epochs=1,
+        log_every_n_steps=1,
+        accelerator="cuda",
+        devices=1,
+    )
+    rows = read_metrics(log_dir)
+    peaks = [float(row["train/peak_memory_gib"]) for row in rows if row.get("train/peak_memory_gib")]
+    assert len(peaks) == 1 and 0 < peaks[0] < 80
+    name = torch.cuda.get_device_name().lower()
+    if any(gpu in name for gpu in ("h100", "h200", "a100", "l4", "a10g")):
+        assert any(row.get("train/device/mfu") for row in rows)
+
+
+def test_merge_visualization_writes_pngs_and_leaves_the_model_alone(tmp_path: Path) -> None:
+    module = tiny_module()
+    callback = MergeVisualization(every_n_epochs=2, num_images=3)
+    log_dir = fit(module, tmp_path, [callback], max_epochs=3)
+    # Epochs 2 (every 2nd) and 3 (the last), three images each.
+    names = sorted(p.name for p in (log_dir / "merging").iterdir())
+    assert names == [f"epoch={e:03d}-image={i}.png" for e in (1, 2) for i in range(3)]
+    with Image.open(log_dir / "merging" / names[0]) as strip:
+        # 32 px images upscaled 4x to 128, input + one panel per block, 2 px gaps.
+        assert strip.size == ((DEPTH + 1) * 128 + DEPTH * 2, 128)
+    assert not any(block.trace_source for block in module.model.blocks)
+
+
+def test_draw_gives_one_strip_per_image_for_chosen_layers() -> None:
+    module = tiny_module()
+    images = torch.randn(2, 3, 32, 32)
+    raw = (torch.rand(2, 3, 32, 32) * 255).to(torch.uint8)
+    strips = MergeVisualization(min_panel_size=32, layers=[0, 3]).draw(module.model, images, raw)
+    assert len(strips) == 2
+    assert all(s.shape == (32, 3 * 32 + 2 * 2, 3) and s.dtype.name == "uint8" for s in strips)
+    assert (strips[0][:, :32] == raw[0].permute(1, 2, 0).numpy()).all(), "the input comes first"
+
+
+def test_unmerged_models_are_not_drawn(tmp_path: Path) -> None:
+    callback = MergeVisualization(every_n_epochs=1)
+    log_dir = fit(tiny_module(merge_r=[0] * DEPTH), tmp_path, [callback], max_epochs=1)
+    assert not (log_dir / "merging").exists() and callback.saved == []
+
+
+def test_stable_wandb_id_is_made_once_per_run_folder(tmp_path: Path) -> None:
+    first = stable_wandb_id(tmp_path / "a")
+    assert first == stable_wandb_id(tmp_path / "a") and len(first) == 8
+    assert stable_wandb_id(tmp_path / "b") != first
