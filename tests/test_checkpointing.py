@@ -16,6 +16,7 @@ import torch
 
 from pyra_lightning.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 from pyra_lightning.cli import main
+from pyra_lightning.data import generate_demo
 from pyra_lightning.module import PyraClassifier
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
@@ -29,9 +30,10 @@ def short_run(root: Path, data: Path, *extra: str) -> list[str]:
         f"--trainer.default_root_dir={root}",
         f"--trainer.logger.init_args.save_dir={root}",
         "--trainer.enable_progress_bar=false",
-        "--trainer.limit_train_batches=5",
-        "--trainer.limit_val_batches=2",
-        "--trainer.max_epochs=4",
+        "--trainer.limit_train_batches=4",
+        "--trainer.limit_val_batches=1",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.max_epochs=3",
         "--model.lora_dropout=0.1",  # randomness that a resume must reproduce
         "--test_after_fit=false",
         *extra,
@@ -49,13 +51,13 @@ def last_val_acc(root: Path) -> float:
 def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path: Path) -> None:
     data = tmp_path / "data"
     main(short_run(tmp_path / "straight", data))
-    main(short_run(tmp_path / "resumed", data, "--trainer.max_steps=10"))  # stops after epoch 2 of 4
+    main(short_run(tmp_path / "resumed", data, "--trainer.max_steps=4"))  # stops after epoch 1 of 3
     stopped = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)
-    assert stopped["global_step"] == 10
+    assert stopped["global_step"] == 4
     main(short_run(tmp_path / "resumed", data))  # no flag: auto_resume finds last.ckpt
     a = torch.load(tmp_path / "straight/checkpoints/last.ckpt", weights_only=True)
     b = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 20
+    assert a["global_step"] == b["global_step"] == 12
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
@@ -95,11 +97,11 @@ def test_resume_picks_the_newest_of_last_and_slurm_checkpoints(tmp_path: Path) -
 @pytest.mark.slow
 def test_kill_9_at_any_moment_leaves_a_loadable_last_ckpt(tmp_path: Path) -> None:
     data, root = tmp_path / "data", tmp_path / "run"
-    main(short_run(tmp_path / "warmup", data, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1"))
-    args = short_run(root, data, "--checkpoint.every_n_train_steps=1", "--trainer.max_epochs=6")
+    generate_demo(data)  # once, so that the killed runs spend their time training
+    args = short_run(root, data, "--checkpoint.every_n_train_steps=1", "--trainer.max_epochs=4")
     last = root / "checkpoints" / "last.ckpt"
     command = [sys.executable, "-c", "from pyra_lightning.cli import main; main()", *args]
-    for kill_after_writes in (1, 3, 6):
+    for kill_after_writes in (1, 4):
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         seen, previous = 0, last.stat().st_mtime_ns if last.exists() else None
         deadline = time.time() + 240
@@ -116,7 +118,7 @@ def test_kill_9_at_any_moment_leaves_a_loadable_last_ckpt(tmp_path: Path) -> Non
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert "auto_resume: continuing from" in finished.stderr + finished.stdout
-    assert torch.load(last, weights_only=True)["global_step"] == 30
+    assert torch.load(last, weights_only=True)["global_step"] == 16
 
 
 def test_vit_b16_checkpoint_is_at_most_5_mb() -> None:
