@@ -77,12 +77,21 @@ def _random_images(batch_size: int, img_size: int, device: torch.device) -> torc
     return x.to(device)
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
+def _timed(
+    fn: Callable[[], object], device: torch.device, clock: Callable[[], float] = time.perf_counter
+) -> float:
     _synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     fn()
     _synchronize(device)
-    return time.perf_counter() - start
+    return clock() - start
+
+
+def _round_robin(names: list[str], runs: int) -> Iterator[str]:
+    """``runs`` rounds over ``names``, rotated each round so no model always follows the same one."""
+    for run in range(runs):
+        shift = run % len(names)
+        yield from names[shift:] + names[:shift]
 
 
 def time_forwards(
@@ -93,6 +102,7 @@ def time_forwards(
     precision: Precision = "32",
     warmup: int = 3,
     runs: int = 10,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Seconds per inference forward of each model, measured round-robin.
 
@@ -107,6 +117,8 @@ def time_forwards(
         precision: ``"32"`` for fp32, ``"bf16"``/``"16"`` for autocast to bfloat16/float16.
         warmup: Untimed forwards per model before timing (allocator, caches, compiled graphs).
         runs: Timed forwards per model.
+        clock: Wall time by default. On a shared CPU, ``time.process_time`` with one thread
+            measures the work done rather than how long the scheduler kept the process waiting.
 
     Returns:
         The ``runs`` timings of every model, in seconds, in the order they were taken.
@@ -124,9 +136,8 @@ def time_forwards(
             for _ in range(warmup):
                 for model in models.values():
                     model(x)
-            for _ in range(runs):
-                for name, model in models.items():
-                    times[name].append(_timed(lambda model=model: model(x), device))
+            for name in _round_robin(list(models), runs):
+                times[name].append(_timed(lambda model=models[name]: model(x), device, clock))
     finally:
         for name, model in models.items():
             model.train(was_training[name])
@@ -151,7 +162,7 @@ def measure_throughput(
     return batch_size / statistics.median(times["model"])
 
 
-def _saved_activation_bytes(step: Callable[[], None], params: Sequence[nn.Parameter]) -> int:
+def _saved_activation_bytes(step: Callable[[], object], params: Sequence[nn.Parameter]) -> int:
     """Bytes of the distinct tensors autograd saves for backward during ``step``, weights excluded.
 
     This is the activation memory that token merging shrinks, and unlike peak memory it can be
@@ -171,6 +182,90 @@ def _saved_activation_bytes(step: Callable[[], None], params: Sequence[nn.Parame
     return sum(storages.values())
 
 
+def _training_step(
+    model: nn.Module, x: torch.Tensor, device: torch.device, precision: Precision
+) -> tuple[Callable[[], None], Callable[[], torch.Tensor]]:
+    """``step()`` (forward, cross-entropy, backward, drop the gradients) and ``loss()`` alone."""
+    target = torch.arange(x.shape[0], device=device) % model.num_classes
+
+    def loss() -> torch.Tensor:
+        with _autocast(device, precision):
+            out = model(x)
+        outputs = out if isinstance(out, tuple) else (out,)  # distilled DeiT trains two heads
+        return sum(F.cross_entropy(o.float(), target) for o in outputs)
+
+    def step() -> None:
+        loss().backward()
+        model.zero_grad(set_to_none=True)
+
+    return step, loss
+
+
+def time_training_steps(
+    models: Mapping[str, nn.Module],
+    batch_size: int,
+    img_size: int,
+    device: str | torch.device = "cpu",
+    precision: Precision = "32",
+    warmup: int = 3,
+    runs: int = 10,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, dict[str, float | str | None]]:
+    """Images/s of a training step (forward, cross-entropy, backward) and its memory, per model.
+
+    Only LoRA, PYRA and the head get gradients (``mark_trainable``, which this applies), as in
+    training; no optimizer step is taken, because its cost does not depend on merging. Gradients
+    are dropped after each step (``zero_grad(set_to_none=True)``) so every step allocates alike.
+    Steps are interleaved round-robin, as in ``time_forwards``.
+
+    Args:
+        models: Timm ViTs with LoRA (not folded) and optionally merging, on ``device``.
+        batch_size, img_size, device, precision, warmup, runs, clock: As in ``time_forwards``.
+
+    Returns:
+        Per model: ``images_per_s``; ``median_s``; ``trainable_params``; ``peak_memory_mb`` and
+        ``peak_memory_source``: on CUDA the step's peak of ``torch.cuda.max_memory_allocated``
+        above what was allocated before it, plus the model's own weights (what the model alone
+        would reach, whatever else is resident); on CPU ``None``, because the CPU allocator keeps
+        no peak and the process RSS high-water mark would include every other model; and
+        ``saved_activations_mb``, the tensors autograd keeps for backward, on every device.
+    """
+    device = torch.device(device)
+    x = _random_images(batch_size, img_size, device)
+    steps, losses = {}, {}
+    for name, model in models.items():
+        mark_trainable(model)
+        model.train()
+        steps[name], losses[name] = _training_step(model, x, device, precision)
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    cuda = device.type == "cuda"
+    times: dict[str, list[float]] = {name: [] for name in models}
+    transient = dict.fromkeys(models, 0)
+    for name in _round_robin(list(models), runs):
+        if cuda:
+            _synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        times[name].append(_timed(steps[name], device, clock))
+        if cuda:
+            transient[name] = max(transient[name], torch.cuda.max_memory_allocated(device) - before)
+    results = {}
+    for name, model in models.items():
+        median = statistics.median(times[name])
+        weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        results[name] = {
+            "images_per_s": batch_size / median,
+            "median_s": median,
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "peak_memory_mb": (transient[name] + weights) / 2**20 if cuda else None,
+            "peak_memory_source": "torch.cuda.max_memory_allocated" if cuda else None,
+            "saved_activations_mb": _saved_activation_bytes(losses[name], list(model.parameters())) / 2**20,
+        }
+    return results
+
+
 def measure_training_step(
     model: nn.Module,
     batch_size: int,
@@ -179,56 +274,12 @@ def measure_training_step(
     precision: Precision = "32",
     warmup: int = 3,
     runs: int = 10,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float | str | None]:
-    """Images/s of a training step (forward, cross-entropy, backward) and its memory.
-
-    Only LoRA, PYRA and the head get gradients (``mark_trainable``), as in training; no optimizer
-    step is taken, because its cost does not depend on merging. Gradients are dropped after each
-    step (``zero_grad(set_to_none=True)``) so every step allocates alike.
-
-    Args:
-        model: A timm ViT with LoRA (not folded) and optionally merging, on ``device``.
-        batch_size, img_size, device, precision, warmup, runs: As in ``time_forwards``.
-
-    Returns:
-        ``images_per_s``; ``median_s``; ``peak_memory_mb``, from ``torch.cuda.max_memory_allocated``
-        on CUDA and ``None`` on CPU (``peak_memory_source`` names which: the CPU allocator keeps no
-        peak and the process RSS high-water mark would include every earlier model); and
-        ``saved_activations_mb``, the tensors autograd keeps for backward, on every device.
-    """
-    device = torch.device(device)
-    mark_trainable(model)
-    model.train()
-    x = _random_images(batch_size, img_size, device)
-    target = torch.arange(batch_size, device=device) % model.num_classes
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    def loss_of_forward() -> torch.Tensor:
-        with _autocast(device, precision):
-            out = model(x)
-        outputs = out if isinstance(out, tuple) else (out,)  # distilled DeiT trains two heads
-        return sum(F.cross_entropy(o.float(), target) for o in outputs)
-
-    def step() -> None:
-        loss_of_forward().backward()
-        model.zero_grad(set_to_none=True)
-
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = [_timed(step, device) for _ in range(runs)]
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    saved = _saved_activation_bytes(lambda: loss_of_forward(), list(model.parameters()))
-    median = statistics.median(times)
-    return {
-        "images_per_s": batch_size / median,
-        "median_s": median,
-        "trainable_params": sum(p.numel() for p in trainable),
-        "peak_memory_mb": peak,
-        "peak_memory_source": "torch.cuda.max_memory_allocated" if peak is not None else None,
-        "saved_activations_mb": saved / 2**20,
-    }
+    """``time_training_steps`` for one model: training images/s, peak and activation memory."""
+    return time_training_steps(
+        {"model": model}, batch_size, img_size, device, precision, warmup, runs, clock
+    )["model"]
 
 
 def build_model(
@@ -331,6 +382,7 @@ def run_benchmark(
     num_classes: int = 100,
     train: bool = False,
     threads: int | None = None,
+    clock: Literal["wall", "cpu"] = "wall",
     output: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -351,6 +403,9 @@ def run_benchmark(
         num_classes: Classes of the random head (the paper's VTAB-1k tasks have up to 397).
         train: Also time a training step (LoRA unfolded, backbone frozen) of every model.
         threads: ``torch.set_num_threads`` for CPU runs; ``None`` keeps torch's default.
+        clock: ``"wall"`` (``time.perf_counter``), or ``"cpu"`` (process CPU time) for inference
+            on a CPU shared with other jobs; use it with ``threads=1``, where CPU time is the work
+            done and not the time spent waiting for a core.
         output: Write the results as JSON to this path.
         model_kwargs: Extra ``timm.create_model`` arguments, e.g. ``{"depth": 4}`` for a quick run.
 
@@ -362,9 +417,33 @@ def run_benchmark(
     args = dict(locals())
     schedules = _as_schedule_list(merge_r)
     args["merge_r"] = schedules
+    with _num_threads(threads):
+        result = _run(args, schedules)
+    print(format_table(result))
+    if output is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output, "w") as file:
+            json.dump(result, file, indent=2)
+    return result
+
+
+@contextlib.contextmanager
+def _num_threads(threads: int | None) -> Iterator[None]:
+    previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    dev = torch.device(device)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(args: dict[str, Any], schedules: list[ScheduleSpec]) -> dict[str, Any]:
+    """The measurements of ``run_benchmark``, given its arguments."""
+    model_name, lora_rank, num_classes = args["model_name"], args["lora_rank"], args["num_classes"]
+    batch_size, img_size, precision = args["batch_size"], args["img_size"], args["precision"]
+    warmup, runs, model_kwargs = args["warmup"], args["runs"], args["model_kwargs"]
+    dev = torch.device(args["device"])
 
     def build(spec: ScheduleSpec | None, pyra: bool, fold: bool = True) -> nn.Module:
         return build_model(model_name, spec, pyra, lora_rank, num_classes, img_size, fold, dev, model_kwargs)
@@ -386,10 +465,11 @@ def run_benchmark(
             "schedule": merge_schedule(model),
             "gflops": count_flops(model, img_size) / 1e9,
         }
-    if compile:
+    if args["compile"]:
         for name, seconds in _compile(models, batch_size, img_size, dev, precision).items():
             rows[name]["compile_s"] = seconds
-    times = time_forwards(models, batch_size, img_size, dev, precision, warmup, runs)
+    clock = time.process_time if args["clock"] == "cpu" else time.perf_counter
+    times = time_forwards(models, batch_size, img_size, dev, precision, warmup, runs, clock)
     del models
     base = rows["uncompressed"]
     base_ips = batch_size / statistics.median(times["uncompressed"])
@@ -412,19 +492,12 @@ def run_benchmark(
         "models": rows,
         "pyra_vs_tome": pyra_vs_tome,
     }
-    if train:
-        training = {}
-        for name, (spec, pyra) in variants.items():
-            model = build(spec, pyra, fold=False)
-            training[name] = measure_training_step(model, batch_size, img_size, dev, precision, warmup, runs)
-            del model
-        result["training"] = training
+    if args["train"]:
+        trainees = {name: build(spec, pyra, fold=False) for name, (spec, pyra) in variants.items()}
+        result["training"] = time_training_steps(
+            trainees, batch_size, img_size, dev, precision, warmup, runs, clock
+        )
     result["environment"]["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    print(format_table(result))
-    if output is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        with open(output, "w") as file:
-            json.dump(result, file, indent=2)
     return result
 
 
@@ -432,23 +505,46 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table padded so that it also reads as aligned columns in a terminal."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    rule = ["-" * (width - 1) + ":" if index else "-" * width for index, width in enumerate(widths)]
+
+    def line(cells: list[str]) -> str:
+        padded = [
+            cell.ljust(w) if index == 0 else cell.rjust(w)
+            for index, (cell, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    return [line(header), line(rule), *(line(row) for row in rows)]
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """The results of ``run_benchmark`` as aligned Markdown tables."""
+    """The results of ``run_benchmark`` as Markdown tables with aligned columns."""
     args, env = result["args"], result["environment"]
     lines = [
         f"{args['model_name']}, batch {args['batch_size']}, {args['img_size']} px, precision {args['precision']}, "
         f"{env['device_name']} ({env['threads']} threads), torch {env['torch']}, timm {env['timm']}, "
-        f"median of {args['runs']} interleaved runs after {args['warmup']} warm-up, "
+        f"median of {args['runs']} interleaved runs after {args['warmup']} warm-up ({args['clock']} clock), "
         f"loadavg {env['loadavg']} -> {env.get('loadavg_after')}",
         "",
-        "| model | img/s | ms/batch | GFLOPs | speedup | FLOPs reduction | efficiency |",
-        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, row in result["models"].items():
-        lines.append(
-            f"| {name} | {row['images_per_s']:.2f} | {row['median_ms']:.1f} | {row['gflops']:.2f} | "
-            f"{row['speedup']:.2f}x | {row['flops_reduction']:.2f}x | {row['efficiency']:.3f} |"
-        )
+    lines += _markdown_table(
+        ["model", "img/s", "ms/batch", "GFLOPs", "speedup", "FLOPs reduction", "efficiency"],
+        [
+            [
+                name,
+                f"{row['images_per_s']:.2f}",
+                f"{row['median_ms']:.1f}",
+                f"{row['gflops']:.2f}",
+                f"{row['speedup']:.2f}x",
+                f"{row['flops_reduction']:.2f}x",
+                f"{row['efficiency']:.3f}",
+            ]
+            for name, row in result["models"].items()
+        ],
+    )
     lines += [
         "",
         "PYRA / ToMe throughput: " + ", ".join(f"{k} {v:.3f}" for k, v in result["pyra_vs_tome"].items()),
@@ -458,16 +554,20 @@ def format_table(result: dict[str, Any]) -> str:
             "compile seconds: " + ", ".join(f"{k} {r['compile_s']:.1f}" for k, r in result["models"].items())
         )
     if "training" in result:
-        lines += [
-            "",
-            "| model (training step) | img/s | ms/batch | peak MB | saved activations MB |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for name, row in result["training"].items():
-            lines.append(
-                f"| {name} | {row['images_per_s']:.2f} | {1e3 * row['median_s']:.1f} | "
-                f"{_fmt(row['peak_memory_mb'], '.0f')} | {row['saved_activations_mb']:.0f} |"
-            )
+        lines.append("")
+        lines += _markdown_table(
+            ["model (training step)", "img/s", "ms/batch", "peak MB", "saved activations MB"],
+            [
+                [
+                    name,
+                    f"{row['images_per_s']:.2f}",
+                    f"{1e3 * row['median_s']:.1f}",
+                    _fmt(row["peak_memory_mb"], ".0f"),
+                    f"{row['saved_activations_mb']:.0f}",
+                ]
+                for name, row in result["training"].items()
+            ],
+        )
     return "\n".join(lines)
 
 

@@ -82,3 +82,9 @@ def test_weighted_mean_counts_patches_not_tokens() -> None:
     x = torch.tensor([[[1.0], [4.0]]])
     assert weighted_mean(x, torch.tensor([[[3.0], [1.0]]])).item() == pytest.approx(1.75)
     assert weighted_mean(x, None).item() == pytest.approx(2.5)
+
+
+def test_merge_refuses_tensors_of_another_token_count() -> None:
+    merge, _ = bipartite_soft_matching(torch.randn(2, 17, 4), 3, 1)
+    with pytest.raises(ValueError, match="merge was matched on 17 tokens but got a tensor of 15"):
+        merge(torch.randn(2, 15, 4))
