@@ -6,7 +6,6 @@ import copy
 import json
 import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from pyra_lightning.accounting import count_flops
+from pyra_lightning.checkpointing import atomic_write_text
 from pyra_lightning.patch import apply_merging, merge_schedule
 
 
@@ -117,21 +117,6 @@ class InferenceThroughput(pl.Callback):
             )
             for key, value in self.results.items():
                 pl_module.log(key, value, rank_zero_only=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder and rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def results_dir(trainer: pl.Trainer) -> Path:

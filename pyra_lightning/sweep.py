@@ -34,7 +34,7 @@ from typing import Any, Literal, TextIO
 
 import yaml
 
-from pyra_lightning.callbacks import atomic_write_text
+from pyra_lightning.checkpointing import atomic_write_text
 from pyra_lightning.data.vtab import VTAB_TASKS, resolve_task
 
 SWEEP_FILE = "sweep.json"
