@@ -110,16 +110,13 @@ def run_tool(name: str, argv: list[str]) -> None:
     entry(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``pyra-lightning`` console script."""
-    args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0] in TOOLS:
-        run_tool(args[0], args[1:])
-        return
-    cli = PyraCLI(
+def build_cli(args: list[str] | None = None, run: bool = True) -> PyraCLI:
+    """The CLI exactly as ``pyra-lightning`` builds it; ``run=False`` only parses and instantiates."""
+    return PyraCLI(
         PyraClassifier,
         VTABDataModule,
-        args=argv,
+        args=args,
+        run=run,
         seed_everything_default=0,
         save_config_callback=LoggerSaveConfigCallback,
         save_config_kwargs={"overwrite": True},
@@ -128,6 +125,15 @@ def main(argv: list[str] | None = None) -> None:
             f"Also: {', '.join(TOOLS)} (pyra-lightning <tool> --help)."
         },
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``pyra-lightning`` console script."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] in TOOLS:
+        run_tool(args[0], args[1:])
+        return
+    cli = build_cli(argv)
     finish_wandb(cli.trainer)  # Lightning leaves the W&B run open; a later run would reuse it
 
 

@@ -305,19 +305,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out_dir", required=True, help="Folder to write; must not exist.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing out_dir.")
     args, cli_args = parser.parse_known_args(argv)
-
-    from pyra_lightning.cli import PyraCLI
-    from pyra_lightning.data.vtab import VTABDataModule
-    from pyra_lightning.module import PyraClassifier
+    from pyra_lightning.cli import build_cli  # Lightning only here: load_exported must not need it
 
     checkpoint = read_checkpoint(args.ckpt_path)  # fail on a bad path before building anything
-    cli = PyraCLI(
-        PyraClassifier,
-        VTABDataModule,
-        run=False,
-        args=[*cli_args, "--trainer.logger=false"],  # exporting logs nothing and starts no W&B run
-        seed_everything_default=0,
-    )
+    # Exporting logs nothing and starts no W&B run.
+    cli = build_cli([*cli_args, "--trainer.logger=false"], run=False)
     load_trainable(cli.model, checkpoint)
     out = export_model(
         cli.model,

@@ -7,9 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pyra_lightning.cli import PyraCLI
-from pyra_lightning.data.vtab import VTABDataModule
-from pyra_lightning.module import PyraClassifier
+from pyra_lightning.cli import PyraCLI, build_cli
 from pyra_lightning.patch import merge_schedule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -18,7 +16,7 @@ ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))
 
 def instantiate(configs: list[Path], *overrides: str) -> PyraCLI:
     args = [f"--config={c}" for c in configs] + ["--model.pretrained=false", *overrides]
-    return PyraCLI(PyraClassifier, VTABDataModule, run=False, args=args, seed_everything_default=0)
+    return build_cli(args, run=False)
 
 
 def test_every_yaml_is_valid_and_covered() -> None:

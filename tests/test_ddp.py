@@ -17,9 +17,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from pyra_lightning.cli import PyraCLI, main
-from pyra_lightning.data.vtab import VTABDataModule
-from pyra_lightning.module import PyraClassifier
+from pyra_lightning.cli import build_cli, main
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
@@ -85,11 +83,8 @@ def test_two_process_ddp_fit_and_test_on_cpu(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_precision_options_train_and_test(tmp_path: Path, precision: str) -> None:
-    cli = PyraCLI(
-        PyraClassifier,
-        VTABDataModule,
-        run=False,
-        args=quickstart_args(
+    cli = build_cli(
+        quickstart_args(
             tmp_path / "runs",
             tmp_path / "data",
             f"--trainer.precision={precision}",
@@ -99,7 +94,7 @@ def test_precision_options_train_and_test(tmp_path: Path, precision: str) -> Non
             "--trainer.limit_test_batches=2",
             "--merge_vis.enabled=false",  # it runs a deepcopy (with the hook below) outside autocast
         ),
-        seed_everything_default=0,
+        run=False,
     )
     dtypes: set[torch.dtype] = set()
     qkv = cli.model.model.blocks[0].attn.qkv

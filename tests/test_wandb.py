@@ -19,10 +19,8 @@ import yaml
 
 wandb = pytest.importorskip("wandb", reason="wandb is not installed; the W&B logger config needs it")
 
-from pyra_lightning.cli import PyraCLI  # noqa: E402
-from pyra_lightning.data.vtab import VTABDataModule  # noqa: E402
-from pyra_lightning.module import PyraClassifier  # noqa: E402
-from pyra_lightning.monitoring import LoggerSaveConfigCallback, finish_wandb  # noqa: E402
+from pyra_lightning.cli import PyraCLI, build_cli  # noqa: E402
+from pyra_lightning.monitoring import finish_wandb  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 WANDB_PIECE = CONFIGS / "logger" / "wandb.yaml"
@@ -79,14 +77,7 @@ def run_contents(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def run_cli(args: list[str]) -> PyraCLI:
-    return PyraCLI(
-        PyraClassifier,
-        VTABDataModule,
-        args=args,
-        seed_everything_default=0,
-        save_config_callback=LoggerSaveConfigCallback,
-        save_config_kwargs={"overwrite": True},
-    )
+    return build_cli(args)
 
 
 def media(run_file: Path) -> list[Path]:
@@ -155,17 +146,14 @@ def test_offline_run_records_metrics_config_and_merge_images(
 def test_wandb_piece_composes_with_every_trainer_config(tmp_path: Path) -> None:
     for base in (CONFIGS / "quickstart.yaml", CONFIGS / "trainer" / "paper.yaml"):
         root = tmp_path / base.stem
-        cli = PyraCLI(
-            PyraClassifier,
-            VTABDataModule,
-            run=False,
-            args=[
+        cli = build_cli(
+            [
                 f"--config={base}",
                 f"--config={WANDB_PIECE}",
                 "--model.pretrained=false",
                 f"--trainer.default_root_dir={root}",
             ],
-            seed_everything_default=0,
+            run=False,
         )
         logger = cli.trainer.logger
         assert type(logger).__name__ == "WandbLogger" and logger.name == "pyra-lightning"
