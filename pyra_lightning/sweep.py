@@ -36,6 +36,7 @@ import yaml
 
 from pyra_lightning.checkpointing import atomic_write_text
 from pyra_lightning.data.vtab import VTAB_TASKS, resolve_task
+from pyra_lightning.report import validate_result
 
 SWEEP_FILE = "sweep.json"
 TASK_STATE_FILE = "sweep_task.json"
@@ -223,18 +224,20 @@ def fit_command(
 
 
 def find_results(run_dir: Path) -> Path | None:
-    """The newest valid ``results.json`` (a JSON object with a numeric ``test_acc``) under ``run_dir``."""
+    """The newest ``results.json`` under ``run_dir`` that ``report`` accepts (``validate_result``).
+
+    Using the report's own check means a task counts as finished exactly when its result can
+    go into the table.
+    """
     best: tuple[float, Path] | None = None
     for path in run_dir.rglob(RESULTS_FILE) if run_dir.is_dir() else ():
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            validate_result(json.loads(path.read_text(encoding="utf-8")), path)
         except (OSError, ValueError):
             continue
-        acc = data.get("test_acc") if isinstance(data, dict) else None
-        if isinstance(acc, int | float) and not isinstance(acc, bool):
-            mtime = path.stat().st_mtime
-            if best is None or mtime > best[0]:
-                best = (mtime, path)
+        mtime = path.stat().st_mtime
+        if best is None or mtime > best[0]:
+            best = (mtime, path)
     return None if best is None else best[1]
 
 

@@ -15,7 +15,15 @@ import pytest
 
 from pyra_lightning.data.demo import generate_demo
 from pyra_lightning.data.vtab import VTAB_TASKS
-from pyra_lightning.sweep import RUN_HEADER, Progress, TaskRun, logger_sets_save_dir, main, run_sweep
+from pyra_lightning.sweep import (
+    RUN_HEADER,
+    Progress,
+    TaskRun,
+    find_results,
+    logger_sets_save_dir,
+    main,
+    run_sweep,
+)
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 # One short epoch of the quickstart ViT per task: the tests are about the sweep, not the model.
@@ -196,7 +204,8 @@ def test_parallel_slots_get_their_devices_and_failures_are_retried(
         "import json, os, pathlib, sys; run = pathlib.Path(sys.argv[1]); "
         "print('CUDA', os.environ['CUDA_VISIBLE_DEVICES']); "
         "first = run.name == 'b' and not (run / 'tried').exists(); (run / 'tried').touch(); "
-        "sys.exit(3) if first else (run / 'results.json').write_text(json.dumps({'test_acc': 0.5}))"
+        "sys.exit(3) if first else (run / 'results.json').write_text("
+        "json.dumps({'task': run.name, 'method': 'pyra', 'test_acc': 0.5}))"
     )
     monkeypatch.setattr(
         "pyra_lightning.sweep.fit_command",
@@ -218,3 +227,16 @@ def test_parallel_slots_get_their_devices_and_failures_are_retried(
     assert "CUDA 0" in logs["a"] and "CUDA 1" in logs["b"], "one device per parallel slot"
     assert runs_in_log(summary.runs[1].log) == 2
     assert json.loads((tmp_path / "fake" / "sweep.json").read_text())["counts"] == {"done": 3}
+
+
+def test_a_task_is_finished_only_when_the_report_accepts_its_results(tmp_path: Path) -> None:
+    run_dir = tmp_path / "cifar"
+    (run_dir / "version_0").mkdir(parents=True)
+    document = {"task": "cifar", "method": "pyra", "test_acc": 67.5, "test_acc_best": None}
+    (run_dir / "version_0" / "results.json").write_text(json.dumps(document))
+    (run_dir / "version_1").mkdir()
+    (run_dir / "version_1" / "results.json").write_text("{truncated")
+    assert find_results(run_dir) is None, "a percentage and a broken file do not finish a task"
+    document["test_acc"] = 0.675
+    (run_dir / "version_0" / "results.json").write_text(json.dumps(document))
+    assert find_results(run_dir) == run_dir / "version_0" / "results.json"
