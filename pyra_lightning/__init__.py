@@ -2,11 +2,34 @@
 
 LoRA for cheap training, token merging with PYRA token modulation (Xiong et al., ECCV 2024)
 for fast inference, on timm ViTs and PyTorch Lightning.
+
+The public names are imported on first use (PEP 562), so ``import pyra_lightning`` and the
+command line's ``--help`` stay fast; ``from pyra_lightning import apply_lora`` works as usual.
 """
 
-from pyra_lightning.accounting import ParameterCount, count_flops, count_parameters
-from pyra_lightning.interop import import_reference
-from pyra_lightning.patch import TokenState, apply_lora, apply_merging, fold_lora, mark_trainable
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pyra_lightning.accounting import ParameterCount, count_flops, count_parameters
+    from pyra_lightning.commands.export import load_exported
+    from pyra_lightning.interop import import_reference
+    from pyra_lightning.patch import TokenState, apply_lora, apply_merging, fold_lora, mark_trainable
+
+_EXPORTS: dict[str, str] = {
+    "ParameterCount": "pyra_lightning.accounting",
+    "count_flops": "pyra_lightning.accounting",
+    "count_parameters": "pyra_lightning.accounting",
+    "import_reference": "pyra_lightning.interop",
+    "load_exported": "pyra_lightning.commands.export",
+    "TokenState": "pyra_lightning.patch",
+    "apply_lora": "pyra_lightning.patch",
+    "apply_merging": "pyra_lightning.patch",
+    "fold_lora": "pyra_lightning.patch",
+    "mark_trainable": "pyra_lightning.patch",
+}
 
 __all__ = [
     "ParameterCount",
@@ -17,6 +40,20 @@ __all__ = [
     "count_parameters",
     "fold_lora",
     "import_reference",
+    "load_exported",
     "mark_trainable",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyra_lightning' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pyra_lightning import benchmark
-from pyra_lightning.benchmark import (
+from pyra_lightning.commands.benchmark import (
     build_model,
     main,
     measure_throughput,

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyra_lightning.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
-from pyra_lightning.cli import main
+from pyra_lightning.__main__ import main
 from pyra_lightning.data import generate_demo
-from pyra_lightning.module import PyraClassifier
+from pyra_lightning.training.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
+from pyra_lightning.training.module import PyraClassifier
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
@@ -100,7 +100,7 @@ def test_kill_9_at_any_moment_leaves_a_loadable_last_ckpt(tmp_path: Path) -> Non
     generate_demo(data)  # once, so that the killed runs spend their time training
     args = short_run(root, data, "--checkpoint.every_n_train_steps=1", "--trainer.max_epochs=4")
     last = root / "checkpoints" / "last.ckpt"
-    command = [sys.executable, "-c", "from pyra_lightning.cli import main; main()", *args]
+    command = [sys.executable, "-m", "pyra_lightning", *args]
     for kill_after_writes in (1, 4):
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         seen, previous = 0, last.stat().st_mtime_ns if last.exists() else None

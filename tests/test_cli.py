@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyra_lightning.cli import main
+from pyra_lightning.__main__ import main
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 RESULT_KEYS = {
@@ -58,16 +58,22 @@ def test_quickstart_fit_then_test_beats_chance_and_writes_results(tmp_path: Path
     assert again["test_acc"] == pytest.approx(results["test_acc"], abs=1e-6)
 
 
-def test_missing_data_root_is_named(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        main(
-            [
-                "validate",
-                *quickstart_args(tmp_path),
-                f"--data.root={tmp_path / 'nowhere'}",
-                "--data.task=cifar",
-            ]
-        )
+def test_missing_data_root_is_named_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "validate",
+        *quickstart_args(tmp_path),
+        f"--data.root={tmp_path / 'nowhere'}",
+        "--data.task=cifar",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "Traceback" not in err
+    with pytest.raises(FileNotFoundError, match="nowhere"):  # --traceback: the exception itself
+        main([*args, "--traceback"])
 
 
 def test_tools_are_dispatched(capsys: pytest.CaptureFixture[str]) -> None:

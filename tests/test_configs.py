@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pyra_lightning.cli import PyraCLI, build_cli
 from pyra_lightning.patch import merge_schedule
+from pyra_lightning.training.cli import PyraCLI, build_cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))

@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from pyra_lightning.cli import build_cli, main
+from pyra_lightning.training.cli import build_cli, main
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
@@ -41,7 +41,7 @@ def test_two_process_ddp_fit_and_test_on_cpu(tmp_path: Path) -> None:
     command = [
         sys.executable,
         "-m",
-        "pyra_lightning.cli",
+        "pyra_lightning.training.cli",
         "fit",
         *quickstart_args(runs, data),
         "--trainer.strategy=ddp",

@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from pyra_lightning.cli import main
+from pyra_lightning.__main__ import main
+from pyra_lightning.commands.export import CONFIG_FILE, WEIGHTS_FILE, export_model, load_exported
 from pyra_lightning.data.vtab import VTABDataModule
-from pyra_lightning.export import CONFIG_FILE, WEIGHTS_FILE, export_model, load_exported
-from pyra_lightning.module import PyraClassifier
+from pyra_lightning.training.module import PyraClassifier
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -72,7 +72,7 @@ def test_exported_model_predicts_like_the_folded_model_without_lightning(
     script = textwrap.dedent(
         f"""
         import sys, torch
-        from pyra_lightning.export import load_exported
+        from pyra_lightning.commands.export import load_exported
         model = load_exported({str(out)!r})
         assert not model.training
         with torch.no_grad():

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from pyra_lightning.backbone import create_backbone
-from pyra_lightning.module import PyraClassifier
+from pyra_lightning.training.module import PyraClassifier
 
 TINY_KW = {"patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 3}
 

@@ -14,15 +14,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from pyra_lightning.accounting import count_flops
-from pyra_lightning.module import PyraClassifier
-from pyra_lightning.monitoring import (
+from pyra_lightning.patch import apply_merging
+from pyra_lightning.training.module import PyraClassifier
+from pyra_lightning.training.monitoring import (
     MergeVisualization,
     TrainingThroughput,
     meta_copy,
     stable_wandb_id,
     training_flops_per_sample,
 )
-from pyra_lightning.patch import apply_merging
 
 DEPTH = 4
 

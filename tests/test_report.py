@@ -11,8 +11,7 @@ from typing import Any
 import matplotlib
 import pytest
 
-from pyra_lightning.data.vtab import VTAB_TASKS
-from pyra_lightning.report import (
+from pyra_lightning.commands.report import (
     GROUP_TASKS,
     MISSING,
     VTAB_NAMES,
@@ -26,6 +25,7 @@ from pyra_lightning.report import (
     to_csv,
     to_markdown,
 )
+from pyra_lightning.data.vtab import VTAB_TASKS
 
 # Table 2, ViT-B/16: per-task top-1 (%, Table 2 order), # params (%), throughput, printed Average.
 PAPER_VIT_B: dict[str, tuple[list[float], float, float, float]] = {

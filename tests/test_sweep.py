@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pyra_lightning.data.demo import generate_demo
-from pyra_lightning.data.vtab import VTAB_TASKS
-from pyra_lightning.sweep import (
+from pyra_lightning.commands.sweep import (
     RUN_HEADER,
     Progress,
     TaskRun,
@@ -24,6 +22,8 @@ from pyra_lightning.sweep import (
     main,
     run_sweep,
 )
+from pyra_lightning.data.demo import generate_demo
+from pyra_lightning.data.vtab import VTAB_TASKS
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 # One short epoch of the quickstart ViT per task: the tests are about the sweep, not the model.
@@ -52,7 +52,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def sweep_command(out_dir: Path, data_root: Path, *tasks: str) -> list[str]:
     return [
-        sys.executable, "-m", "pyra_lightning.sweep", f"--config={QUICKSTART}", "--tasks", *tasks,
+        sys.executable, "-m", "pyra_lightning.commands.sweep", f"--config={QUICKSTART}", "--tasks", *tasks,
         f"--out_dir={out_dir}", "--name=tiny", "--", *TINY, f"--data.root={data_root}",
     ]  # fmt: skip
 
@@ -152,7 +152,7 @@ def test_slurm_array_job_runs_only_its_task(tmp_path: Path, monkeypatch: pytest.
 def test_command_line_resolves_tasks_and_passes_fit_arguments(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pyra_lightning.cli import main as cli_main
+    from pyra_lightning.__main__ import main as cli_main
 
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
     cli_main(["sweep", f"--config={QUICKSTART}", "--tasks", "cifar100,demo", "pets", "--out_dir", str(tmp_path),
@@ -208,7 +208,7 @@ def test_parallel_slots_get_their_devices_and_failures_are_retried(
         "json.dumps({'task': run.name, 'method': 'pyra', 'test_acc': 0.5}))"
     )
     monkeypatch.setattr(
-        "pyra_lightning.sweep.fit_command",
+        "pyra_lightning.commands.sweep.fit_command",
         lambda config, task, run_dir, *_: [sys.executable, "-c", script, str(run_dir)],
     )
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)

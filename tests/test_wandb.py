@@ -19,8 +19,8 @@ import yaml
 
 wandb = pytest.importorskip("wandb", reason="wandb is not installed; the W&B logger config needs it")
 
-from pyra_lightning.cli import PyraCLI, build_cli  # noqa: E402
-from pyra_lightning.monitoring import finish_wandb  # noqa: E402
+from pyra_lightning.training.cli import PyraCLI, build_cli  # noqa: E402
+from pyra_lightning.training.monitoring import finish_wandb  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 WANDB_PIECE = CONFIGS / "logger" / "wandb.yaml"

@@ -30,6 +30,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+
+from pyra_lightning.files import plain_dir_mode
+
 DEMO_TASK_NAME = "demo"
 DEMO_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 DEMO_SEED = 1234
@@ -191,6 +194,7 @@ def generate_demo(root: str | Path, seed: int = DEMO_SEED, image_size: int = DEM
         return target
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{DEMO_TASK_NAME}.tmp-", dir=root))
+    os.chmod(staging, plain_dir_mode())  # mkdtemp makes 0700; the data is shared like any other
     try:
         split_lines = {
             split: _write_split(staging, split, size, seed, image_size)

@@ -21,7 +21,7 @@ forwards (``time.perf_counter``, with ``torch.cuda.synchronize()`` on CUDA). Whe
 are compared they are timed *interleaved*, one forward of each per round, so that a burst of
 load on a shared machine slows all of them alike instead of biasing one ratio.
 
-Run as ``python -m pyra_lightning.benchmark --merge_r '[low, high]' --output bench.json``.
+Run as ``python -m pyra_lightning.commands.benchmark --merge_r '[low, high]' --output bench.json``.
 """
 
 from __future__ import annotations

@@ -32,10 +32,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pyra_lightning.files import plain_dir_mode
 from pyra_lightning.patch import apply_merging, merge_schedule
 
 if TYPE_CHECKING:
-    from pyra_lightning.module import PyraClassifier
+    from pyra_lightning.training.module import PyraClassifier
 
 FORMAT = "pyra-lightning-export"
 FORMAT_VERSION = 1
@@ -101,6 +102,7 @@ def export_model(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    os.chmod(staging, plain_dir_mode())  # mkdtemp makes 0700; the folder is shared like any other
     try:
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         _write_json(staging / CONFIG_FILE, config)
@@ -214,7 +216,7 @@ def load_trainable(module: PyraClassifier, checkpoint: dict[str, Any]) -> None:
 def _module_from_checkpoint(checkpoint: dict[str, Any], seed: int | None) -> PyraClassifier:
     from lightning.pytorch import seed_everything
 
-    from pyra_lightning.module import PyraClassifier
+    from pyra_lightning.training.module import PyraClassifier
 
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
     if "model_name" not in hparams:
@@ -305,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out_dir", required=True, help="Folder to write; must not exist.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing out_dir.")
     args, cli_args = parser.parse_known_args(argv)
-    from pyra_lightning.cli import build_cli  # Lightning only here: load_exported must not need it
+    from pyra_lightning.training.cli import build_cli  # Lightning only here: load_exported must not need it
 
     checkpoint = read_checkpoint(args.ckpt_path)  # fail on a bad path before building anything
     # Exporting logs nothing and starts no W&B run.

@@ -1,7 +1,7 @@
 """``pyra-lightning sweep``: one config over the VTAB-1k tasks, restartable, one subprocess per task.
 
 A Table 2 row needs 19 trainings (Zhai et al., 2019; PYRA, Xiong et al., 2024). Each task runs as
-``python -m pyra_lightning.cli fit`` in its own folder ``<out_dir>/<name>/<task>/``, so one task's
+``python -m pyra_lightning fit`` in its own folder ``<out_dir>/<name>/<task>/``, so one task's
 crash or bad data folder cannot take the others down, and the folder alone says how far it got: with
 a valid ``results.json`` it is finished and a rerun skips it; otherwise it runs again and the CLI's
 auto-resume continues from its ``last.ckpt`` (or SLURM's ``hpc_ckpt_N.ckpt``). So rerunning the
@@ -34,9 +34,9 @@ from typing import Any, Literal, TextIO
 
 import yaml
 
-from pyra_lightning.checkpointing import atomic_write_text
+from pyra_lightning.commands.report import validate_result
 from pyra_lightning.data.vtab import VTAB_TASKS, resolve_task
-from pyra_lightning.report import validate_result
+from pyra_lightning.files import atomic_write_text
 
 SWEEP_FILE = "sweep.json"
 TASK_STATE_FILE = "sweep_task.json"
@@ -210,7 +210,7 @@ def fit_command(
     config: Sequence[str], task: str, run_dir: Path, overrides: Sequence[str], redirect_logger: bool
 ) -> list[str]:
     """The ``fit`` command of one task. ``overrides`` come last, so they win over the sweep's own."""
-    command = [sys.executable, "-m", "pyra_lightning.cli", "fit"]
+    command = [sys.executable, "-m", "pyra_lightning", "fit"]
     command += [f"--config={path}" for path in config]
     command += [
         f"--data.task={task}",

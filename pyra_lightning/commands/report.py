@@ -17,7 +17,7 @@ default; ``average="tasks"`` gives the other definition, and every table names t
 A mean that would need a missing task is never taken over fewer tasks: it is shown as
 ``n/a (k/N)``. Several runs of one method on one task (seeds) are averaged, and their count shown.
 
-Run it as ``pyra-lightning report logs/`` or ``python -m pyra_lightning.report logs/``.
+Run it as ``pyra-lightning report logs/`` or ``python -m pyra_lightning.commands.report logs/``.
 """
 
 from __future__ import annotations

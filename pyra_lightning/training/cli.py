@@ -7,10 +7,8 @@ and writes ``results.json``. Other subcommands are separate tools with their own
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from jsonargparse import Namespace
@@ -19,25 +17,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from pyra_lightning.callbacks import InferenceThroughput, LoRAFolding, ResultsJSON
-from pyra_lightning.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 from pyra_lightning.data.vtab import VTABDataModule
-from pyra_lightning.module import PyraClassifier
-from pyra_lightning.monitoring import (
+from pyra_lightning.training.callbacks import InferenceThroughput, LoRAFolding, ResultsJSON
+from pyra_lightning.training.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
+from pyra_lightning.training.module import PyraClassifier
+from pyra_lightning.training.monitoring import (
     LoggerSaveConfigCallback,
     MergeVisualization,
     TrainingThroughput,
     finish_wandb,
     stable_wandb_id,
 )
-
-# Tool subcommands -> "module:function" taking argv; imported only when used.
-TOOLS: dict[str, str] = {
-    "benchmark": "pyra_lightning.benchmark:main",
-    "export": "pyra_lightning.export:main",
-    "sweep": "pyra_lightning.sweep:main",
-    "report": "pyra_lightning.report:main",
-}
 
 
 class PyraCLI(LightningCLI):
@@ -104,12 +94,6 @@ class PyraCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
 
-def run_tool(name: str, argv: list[str]) -> None:
-    module_name, function = TOOLS[name].split(":")
-    entry: Callable[[list[str]], None] = getattr(importlib.import_module(module_name), function)
-    entry(argv)
-
-
 def build_cli(args: list[str] | None = None, run: bool = True) -> PyraCLI:
     """The CLI exactly as ``pyra-lightning`` builds it; ``run=False`` only parses and instantiates."""
     return PyraCLI(
@@ -121,21 +105,18 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> PyraCLI:
         save_config_callback=LoggerSaveConfigCallback,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
-            "description": "pyra-lightning: LoRA + token merging + PYRA on timm ViTs. "
-            f"Also: {', '.join(TOOLS)} (pyra-lightning <tool> --help)."
+            "prog": "pyra-lightning",
+            "description": "pyra-lightning: LoRA + token merging + PYRA on timm ViTs "
+            "(`pyra-lightning --help` lists the other commands).",
         },
     )
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``pyra-lightning`` console script."""
-    args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0] in TOOLS:
-        run_tool(args[0], args[1:])
-        return
+    """``pyra-lightning fit|validate|test|predict ...`` (argv starts with the subcommand)."""
     cli = build_cli(argv)
     finish_wandb(cli.trainer)  # Lightning leaves the W&B run open; a later run would reuse it
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -8,17 +8,14 @@ old checkpoint or the new one, never a partial one.
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-TMP_SUFFIX = ".tmp"
+from pyra_lightning.files import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -30,37 +27,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
         atomic_write(Path(path), lambda handle: torch.save(checkpoint, handle))
-
-
-def atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Let ``write`` fill a sibling temporary file, fsync it, then rename it over ``target``.
-
-    A reader sees the old file or the new one, never a partial one; temporary files that a killed
-    process left behind are removed (nothing ever reads them).
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.*{TMP_SUFFIX}"):
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    directory = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """``atomic_write`` for a text file (``results.json``, ``sweep.json``)."""
-    atomic_write(Path(path), lambda handle: handle.write(text.encode()))
 
 
 def find_resume_checkpoint(checkpoint_dir: _PATH, root_dir: _PATH | None = None) -> Path | None:

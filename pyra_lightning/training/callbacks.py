@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from pyra_lightning.accounting import count_flops
-from pyra_lightning.checkpointing import atomic_write_text
+from pyra_lightning.files import atomic_write_text
 from pyra_lightning.patch import apply_merging, merge_schedule
 
 
@@ -75,7 +75,7 @@ class InferenceThroughput(pl.Callback):
         self.results: dict[str, float] = {}
 
     def measure(self, pl_module: pl.LightningModule) -> dict[str, float]:
-        from pyra_lightning.benchmark import time_forwards
+        from pyra_lightning.commands.benchmark import time_forwards
 
         model = (
             pl_module.inference_model if pl_module.inference_model is not None else pl_module.folded_copy()

@@ -1,0 +1,1 @@
+"""The Lightning system: the LightningModule, callbacks, checkpointing and the LightningCLI."""
