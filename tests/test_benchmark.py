@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from pyra_lightning import benchmark
+from pyra_lightning.commands import benchmark
 from pyra_lightning.commands.benchmark import (
     build_model,
     main,
