@@ -92,3 +92,17 @@ def test_pyra_parameter_count_is_d_plus_r_per_layer_plus_norm() -> None:
     assert counts.pyra == sum(768 + r + 2 * 768 for r in merge_schedule(model))
     assert counts.head == 768 * 100 + 100
     assert counts.trainable == counts.lora + counts.pyra + counts.head
+
+
+def test_count_flops_counts_attention_on_every_backend() -> None:
+    # The math backend runs attention as two bmm's, which every torch counts; the default CPU
+    # kernel must be counted the same (torch 2.14 counts it as zero without our formula).
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = tiny_vit()
+    with sdpa_kernel(SDPBackend.MATH):
+        reference = count_flops(model)
+    assert count_flops(model) == reference
+    attention = 4 * 4 * 65 * 65 * 48  # 4 blocks x (q kᵀ + attn v) x 2 FLOPs per multiply-add
+    model.blocks[0].attn.fused_attn = False  # explicit attention: same count, through matmuls
+    assert count_flops(model) == reference > attention
