@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
+from pyra_lightning.commands.report import report
 from pyra_lightning.data.vtab import VTABDataModule
 from pyra_lightning.lora import LoRAQKV, init_lora_
 from pyra_lightning.training.callbacks import ReferenceProtocol, ResultsJSON
@@ -216,6 +217,16 @@ def test_reference_protocol_in_results_json_is_the_max_of_its_evaluations(tmp_pa
     evaluations = {int(epoch): acc for epoch, acc in written["reference_protocol"]["evaluations"].items()}
     assert evaluations == protocol.evaluations
     assert written["test_acc_reference_protocol"] == max(evaluations.values())
+
+    table = report(
+        [str(results.path)],
+        out_dir=str(tmp_path / "report"),
+        metric="test_acc_reference_protocol",
+        plot=False,
+    )
+    markdown = table["markdown"].read_text()
+    assert "reference protocol: max over test evaluations every 10 epochs and at the last" in markdown
+    assert f"{100 * written['test_acc_reference_protocol']:.1f}" in markdown
 
 
 def test_reference_protocol_cadence_matches_train_py_for_100_epochs() -> None:
