@@ -200,8 +200,14 @@ def run_reference(model_kind: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ ours
-def replay(fixture: dict[str, Any], recipe: str = "reference") -> dict[str, Any]:
-    """Train ``PyraClassifier`` on the fixture's start and batches; return what it measured."""
+def replay(
+    fixture: dict[str, Any], recipe: str = "reference", overrides: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Train ``PyraClassifier`` on the fixture's start and batches; return what it measured.
+
+    ``overrides`` change single recipe entries (``scheduler_step``, ``lora_init``,
+    ``distilled_training``, ``drop_last``), to see what each difference alone does.
+    """
     import lightning.pytorch as pl
     import yaml
     from torch.utils.data import DataLoader, Sampler, TensorDataset
@@ -213,6 +219,11 @@ def replay(fixture: dict[str, Any], recipe: str = "reference") -> dict[str, Any]
     config = yaml.safe_load(RECIPE.read_text())
     model_args = dict(config["model"]) if recipe == "reference" else {}
     drop_last = bool(config["data"]["drop_last"]) if recipe == "reference" else False
+    for key, value in (overrides or {}).items():
+        if key == "drop_last":
+            drop_last = value.lower() == "true"
+        else:
+            model_args[key] = value
     model_args.update(fixture["hparams"], drop_path_rate=0.0, lora_dropout=0.0)
     name = "deit_tiny_distilled_patch16_224" if fixture["model"] == "deit" else "vit_tiny_patch16_224"
     arch = dict(fixture["arch"])
@@ -346,6 +357,7 @@ def main() -> None:
     ours = sub.add_parser("ours", help="replay a fixture with PyraClassifier and compare")
     ours.add_argument("--fixture", type=Path, required=True)
     ours.add_argument("--recipe", choices=["reference", "default"], default="reference")
+    ours.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. scheduler_step=paper")
     args = parser.parse_args()
     torch.set_num_threads(1)  # same reduction order, run to run
     if args.phase == "reference":
@@ -355,7 +367,8 @@ def main() -> None:
         print(f"wrote {args.out}: {len(fixture['losses'])} steps, reported {fixture['reported']:.3f}")
     else:
         fixture = torch.load(args.fixture, weights_only=True)
-        result = compare(fixture, replay(fixture, args.recipe))
+        overrides = dict(item.split("=", 1) for item in args.set)
+        result = compare(fixture, replay(fixture, args.recipe, overrides))
         print(
             json.dumps(
                 result,
