@@ -217,6 +217,7 @@ def test_reference_protocol_in_results_json_is_the_max_of_its_evaluations(tmp_pa
     evaluations = {int(epoch): acc for epoch, acc in written["reference_protocol"]["evaluations"].items()}
     assert evaluations == protocol.evaluations
     assert written["test_acc_reference_protocol"] == max(evaluations.values())
+    assert written["config"]["scheduler_step"] == "paper" and written["config"]["drop_last"] is True
 
     table = report(
         [str(results.path)],

@@ -245,6 +245,11 @@ class ResultsJSON(pl.Callback):
                 "max_epochs": trainer.max_epochs,
                 "seed": int(os.environ.get("PL_GLOBAL_SEED", "-1")),
                 "precision": str(trainer.precision),
+                # The training recipe (README: "Reproducing the paper"): ours or the reference's.
+                "scheduler_step": hp.get("scheduler_step"),
+                "lora_init": hp.get("lora_init"),
+                "distilled_training": hp.get("distilled_training"),
+                "drop_last": getattr(datamodule, "drop_last", None),
             },
             # The reference implementation's reported number (see ReferenceProtocol); only when
             # that callback ran (configs/recipe/reference.yaml adds it).
