@@ -11,18 +11,23 @@ Worked shapes for ViT-B/16 at rank 8: ``weight`` (2304, 768), ``lora_a`` (8, 768
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from timm.layers import trunc_normal_
 from torch import nn
+
+LoRAInit = Literal["kaiming", "reference"]
 
 
 class LoRAQKV(nn.Linear):
     """``y = x W0ᵀ + b + scaling · dropout(x) Aᵀ Bᵀ`` with ``scaling = lora_alpha / lora_rank``.
 
     ``B`` starts at zero so the adapted layer starts as the pretrained one. ``A`` uses
-    nn.Linear's kaiming-uniform init, as the reference's ``LoRA_a`` does. With
-    ``lora_alpha=None`` the scaling is 1, which is what the reference implementation trains with.
+    nn.Linear's kaiming-uniform init. ``reset_lora_parameters("reference")`` starts both as the
+    reference implementation's training does instead. With ``lora_alpha=None`` the scaling is 1,
+    which is what the reference implementation trains with.
 
     Args:
         in_features: Input width D.
@@ -53,7 +58,28 @@ class LoRAQKV(nn.Linear):
         self.lora_a = nn.Parameter(torch.empty(lora_rank, in_features, device=device, dtype=dtype))
         self.lora_b = nn.Parameter(torch.zeros(out_features, lora_rank, device=device, dtype=dtype))
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.reset_lora_parameters("kaiming")
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init: LoRAInit = "kaiming") -> None:
+        """Initialise ``lora_a`` and ``lora_b``.
+
+        Args:
+            init: ``"kaiming"``: A kaiming-uniform (nn.Linear's init), B = 0, so B·A = 0 and the
+                adapted layer starts as the pretrained one (Hu et al. 2021). ``"reference"``: A and B
+                both ``trunc_normal(std=0.02)``, which is where the reference implementation's
+                training starts: it builds ``LoRA_b`` at zero, but its ViT's ``init_weights`` then
+                re-initialises every ``nn.Linear``, ``LoRA_a`` and ``LoRA_b`` included, so B·A != 0
+                at step 0.
+        """
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_b)
+        elif init == "reference":
+            trunc_normal_(self.lora_a, std=0.02)
+            trunc_normal_(self.lora_b, std=0.02)
+        else:
+            raise ValueError(f"lora_init must be 'kaiming' or 'reference', got {init!r}")
 
     @classmethod
     def from_linear(
@@ -104,3 +130,14 @@ class LoRAQKV(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lora_rank={self.lora_rank}, scaling={self.scaling:g}"
+
+
+def init_lora_(model: nn.Module, init: LoRAInit) -> int:
+    """Re-initialise every LoRA layer of ``model`` (any module with ``reset_lora_parameters``).
+
+    Returns the number of layers initialised, so a caller can tell a model without LoRA.
+    """
+    layers = [module for module in model.modules() if hasattr(module, "reset_lora_parameters")]
+    for layer in layers:
+        layer.reset_lora_parameters(init)
+    return len(layers)

@@ -343,6 +343,9 @@ class VTABDataModule(pl.LightningDataModule):
         pin_memory: pin host memory of batches (only when CUDA is available).
         persistent_workers: keep worker processes between epochs (only when ``num_workers > 0``).
         seed: seed of the training loader's shuffling.
+        drop_last: drop the training split's last partial batch, as the reference implementation's
+            train loader does (31 steps per epoch on VTAB-1k's 1000 images at batch 32, not 32).
+            Evaluation loaders always keep every image.
     """
 
     def __init__(
@@ -362,6 +365,7 @@ class VTABDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         seed: int = 0,
+        drop_last: bool = False,
     ) -> None:
         super().__init__()
         if protocol not in _PROTOCOL_SPLITS:
@@ -411,6 +415,7 @@ class VTABDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.seed = seed
+        self.drop_last = drop_last
         self._num_classes = (
             num_classes if num_classes is not None else getattr(self.task_info, "num_classes", None)
         )
@@ -552,7 +557,7 @@ class VTABDataModule(pl.LightningDataModule):
             dataset,
             batch_size=self.batch_size if role == "train" else self.eval_batch_size,
             sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
-            drop_last=False,
+            drop_last=self.drop_last and role == "train",
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,

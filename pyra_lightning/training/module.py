@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -15,10 +15,13 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from pyra_lightning.accounting import ParameterCount, count_parameters
 from pyra_lightning.backbone import create_backbone, fingerprint
+from pyra_lightning.lora import LoRAInit, init_lora_
 from pyra_lightning.modulation import Variant
 from pyra_lightning.patch import apply_lora, apply_merging, fold_lora, mark_trainable, merge_schedule
 
 MergeRArg = int | float | str | list[int] | None
+SchedulerStep = Literal["paper", "reference"]
+DistilledTraining = Literal["average", "class_head"]
 
 
 class PyraClassifier(pl.LightningModule):
@@ -26,6 +29,9 @@ class PyraClassifier(pl.LightningModule):
 
     The default recipe is the paper's: AdamW at lr 1e-3 with weight decay 1e-4 (none on norms
     and biases), 10 warm-up epochs then cosine to 1e-5, drop-path 0.1 and LoRA dropout 0.1.
+    ``scheduler_step``, ``lora_init`` and ``distilled_training`` set to ``"reference"``,
+    ``"reference"`` and ``"class_head"`` retrace the reference implementation's ``train.py``
+    instead (``configs/recipe/reference.yaml``; the README tabulates the differences).
 
     Args:
         model_name: timm model, with pretrained tag (``vit_base_patch16_224.orig_in21k`` is the
@@ -46,13 +52,30 @@ class PyraClassifier(pl.LightningModule):
         prop_attn: Proportional attention (``log(size)`` added to attention logits).
         lr: Learning rate of LoRA and head.
         pyra_lr: Learning rate of PYRA's parameters; ``None`` uses ``lr``. The reference script
-            has a ``--pyra_lr`` flag (1e-4 in its scripts) whose grouping never takes effect, so
-            its published numbers train PYRA at the LoRA rate; that is our default too.
+            has a ``--pyra_lr`` flag (1e-4 in its scripts), but its optimizer factory gives that
+            rate only to parameters whose names contain ``ssf``, so its published numbers train
+            PYRA at the main rate, with weight decay on PYRA's matrices; ``None`` does the same
+            and is the default of both recipes.
         weight_decay: AdamW decay on matrices (norms and biases get none).
         warmup_epochs: Linear warm-up from ``warmup_lr``.
         warmup_lr: Learning rate at the first warm-up epoch.
         min_lr: Floor of the cosine schedule.
         label_smoothing: Cross-entropy label smoothing.
+        scheduler_step: When the per-epoch cosine schedule advances. ``"paper"``: epoch ``e``
+            trains at ``lr(e)`` of timm's cosine-with-warm-up (``step(e + 1)`` after epoch ``e``).
+            ``"reference"``: ``step(e)`` after epoch ``e``, as the reference's ``train.py`` calls
+            it, so epochs 0 and 1 both train at ``warmup_lr`` and epoch ``e >= 1`` at
+            ``lr(e - 1)``: the whole schedule one epoch late.
+        lora_init: ``"kaiming"`` (A kaiming-uniform, B = 0: training starts from the pretrained
+            model) or ``"reference"`` (A and B ``trunc_normal(std=0.02)``, B·A != 0 at step 0, as
+            the reference's ``init_weights`` leaves them); see ``LoRAQKV.reset_lora_parameters``.
+        distilled_training: For distilled DeiT (two heads). ``"average"``: the loss is taken on
+            the mean of ``head`` and ``head_dist``, the same output that is evaluated.
+            ``"class_head"``: as the reference trains, the loss uses ``head`` only; ``head_dist``
+            is frozen at ``nn.Linear``'s default init (the reference's ``reset_classifier``
+            recreates it without re-initialising it, and it never receives a gradient), yet
+            evaluation still averages both heads. It is saved in checkpoints like a trained
+            tensor. Models without a distillation head ignore this argument.
     """
 
     def __init__(
@@ -77,8 +100,18 @@ class PyraClassifier(pl.LightningModule):
         warmup_lr: float = 1e-6,
         min_lr: float = 1e-5,
         label_smoothing: float = 0.0,
+        scheduler_step: SchedulerStep = "paper",
+        lora_init: LoRAInit = "kaiming",
+        distilled_training: DistilledTraining = "average",
     ) -> None:
         super().__init__()
+        for name, value, allowed in (
+            ("scheduler_step", scheduler_step, ("paper", "reference")),
+            ("lora_init", lora_init, ("kaiming", "reference")),
+            ("distilled_training", distilled_training, ("average", "class_head")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
         self.save_hyperparameters()
         self.model = create_backbone(
             model_name, num_classes, pretrained, pretrained_file, img_size, drop_path_rate, model_kwargs
@@ -87,11 +120,20 @@ class PyraClassifier(pl.LightningModule):
             param.requires_grad_(False)
         if lora_rank:
             apply_lora(self.model, lora_rank, lora_alpha, lora_dropout)
+            init_lora_(self.model, lora_init)
         if merge_r is not None:
             apply_merging(self.model, _merge_spec(merge_r), pyra=pyra, prop_attn=prop_attn)
         mark_trainable(self.model, head=True)
+        # Saved like trainable tensors although it never trains (distilled_training="class_head").
+        self._untrained_saved: set[str] = set()
+        head_dist = getattr(self.model, "head_dist", None)
+        if distilled_training == "class_head" and isinstance(head_dist, nn.Linear):
+            self.model.set_distilled_training(True)  # timm: training forwards return (head, head_dist)
+            head_dist.reset_parameters()
+            head_dist.requires_grad_(False)
+            self._untrained_saved = {f"head_dist.{name}" for name, _ in head_dist.named_parameters()}
         # Frozen weights are not checkpointed; this identifies them instead (see on_save_checkpoint).
-        self.backbone_fingerprint = fingerprint(self.model)
+        self.backbone_fingerprint = fingerprint(self.model, skip=self._untrained_saved)
         self.strict_loading = False
         self.inference_model: nn.Module | None = None  # a LoRA-folded copy, set for test/predict
 
@@ -119,6 +161,8 @@ class PyraClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         logits = self.model(images)  # (B, num_classes)
+        if isinstance(logits, tuple):  # distilled_training="class_head": (head, head_dist) logits
+            logits = logits[0]
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         self.train_acc(logits, labels)
         self.log("train/loss", loss, prog_bar=True)
@@ -193,13 +237,20 @@ class PyraClassifier(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def lr_scheduler_step(self, scheduler: CosineLRScheduler, metric: Any) -> None:
-        # timm schedulers take the epoch explicitly; the next epoch trains at its own rate.
-        scheduler.step(epoch=self.current_epoch + 1)
+        # Called after each epoch; timm schedulers take the epoch explicitly. "paper": the next
+        # epoch trains at its own rate. "reference": train.py's step(epoch), one epoch late.
+        lag = 0 if self.hparams.scheduler_step == "reference" else 1
+        scheduler.step(epoch=self.current_epoch + lag)
+
+    def _saved_names(self) -> set[str]:
+        """Checkpointed parameter names: what trains, plus an untrained ``head_dist``."""
+        names = {n for n, p in self.model.named_parameters() if p.requires_grad} | self._untrained_saved
+        return {f"model.{n}" for n in names}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only what trains (LoRA, PYRA, head) plus the frozen backbone's fingerprint."""
-        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        saved = self._saved_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in saved}
         checkpoint["backbone_fingerprint"] = self.backbone_fingerprint
         # Dropout and drop-path draw from these; restoring them makes a resumed run exact.
         checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
@@ -225,7 +276,7 @@ class PyraClassifier(pl.LightningModule):
                 "check model_name / pretrained_file"
             )
         self._resume_rng_state = checkpoint.get("rng_state")
-        expected = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        expected = self._saved_names()
         got = set(checkpoint.get("state_dict", {}))
         missing, unexpected = sorted(expected - got), sorted(got - expected)
         if missing or unexpected:
