@@ -7,32 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import quickstart_args
 
 from pyra_lightning.__main__ import main
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 RESULT_KEYS = {
     "task", "group", "protocol", "method", "test_acc", "test_acc_best", "throughput", "throughput_unmerged",
-    "speedup", "gflops", "gflops_unmerged", "params", "config", "benchmark",
+    "speedup", "gflops", "gflops_unmerged", "params", "config", "benchmark", "settings", "fingerprint",
 }  # fmt: skip
-
-
-def quickstart_args(tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        f"--config={QUICKSTART}",
-        f"--data.root={tmp_path / 'data'}",
-        f"--trainer.default_root_dir={tmp_path / 'runs'}",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        "--trainer.enable_progress_bar=false",
-        "--throughput.runs=2",
-        "--throughput.warmup=1",
-        *extra,
-    ]
 
 
 @pytest.mark.slow
 def test_quickstart_fit_then_test_beats_chance_and_writes_results(tmp_path: Path) -> None:
-    main(["fit", *quickstart_args(tmp_path)])
+    main(["fit", *quickstart_args(tmp_path / "runs", tmp_path / "data")])
     results_files = sorted((tmp_path / "runs").rglob("results.json"))
     assert len(results_files) == 1
     results = json.loads(results_files[0].read_text())
@@ -53,20 +40,16 @@ def test_quickstart_fit_then_test_beats_chance_and_writes_results(tmp_path: Path
     assert all(
         ".lora_" in k or ".pyra." in k or k.startswith("model.head.") for k in checkpoint["state_dict"]
     )
-    main(["test", *quickstart_args(tmp_path / "again"), f"--ckpt_path={last[0]}"])
-    again = json.loads(next((tmp_path / "again" / "runs").rglob("results.json")).read_text())
+    main(["test", *quickstart_args(tmp_path / "again", tmp_path / "data"), f"--ckpt_path={last[0]}"])
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again["test_acc"] == pytest.approx(results["test_acc"], abs=1e-6)
+    assert again["fingerprint"] == results["fingerprint"], "the same run's settings"
 
 
 def test_missing_data_root_is_named_without_a_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = [
-        "validate",
-        *quickstart_args(tmp_path),
-        f"--data.root={tmp_path / 'nowhere'}",
-        "--data.task=cifar",
-    ]
+    args = ["fit", *quickstart_args(tmp_path / "run", tmp_path / "nowhere"), "--data.task=cifar"]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2

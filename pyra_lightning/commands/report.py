@@ -1,9 +1,9 @@
 """Paper-style reports of VTAB-1k runs: the Table 2 layout, accuracy-throughput plots, W&B tables.
 
 Every ``pyra-lightning test`` (and ``fit``, which tests afterwards) writes a ``results.json`` into
-its log directory, one per task run. ``collect_results`` reads them, ``build_table`` lays them out
-like the paper's Table 2 (one row per method, the 19 tasks in Table 2 order, group means and the
-overall Average), and ``plot_accuracy_throughput`` draws the accuracy-vs-throughput curves of
+its run folder (``pyra_lightning.results``). ``collect_results`` reads them, ``build_table`` lays
+them out like the paper's Table 2 (one row per method, the 19 tasks in Table 2 order, group means
+and the overall Average), and ``commands.figures`` draws the accuracy-vs-throughput curves of
 Figs. 2 and 4.
 
 Which "Average" the paper reports. Table 2's Average is the mean of the three *group* means
@@ -15,7 +15,9 @@ the Average and confirms it: (72.87 + 80.78 + 57.64) / 3 = 70.43. So ``average="
 default; ``average="tasks"`` gives the other definition, and every table names the one it uses.
 
 A mean that would need a missing task is never taken over fewer tasks: it is shown as
-``n/a (k/N)``. Several runs of one method on one task (seeds) are averaged, and their count shown.
+``n/a (k/N)``. Several results of one method on one task are averaged (mean ± std, and their
+count shown) only when their settings differ by the seed alone; results that differ otherwise,
+or two results of one run (same settings and seed), are refused with a message naming the files.
 
 Run it as ``pyra-lightning report logs/`` or ``python -m pyra_lightning.commands.report logs/``.
 """
@@ -26,21 +28,29 @@ import csv
 import glob
 import itertools
 import json
-import math
+import statistics
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pyra_lightning.data.vtab import GROUPS, VTAB_TASKS, resolve_task
+from pyra_lightning.data.tasks import GROUPS, VTAB_TASKS
+from pyra_lightning.results import (
+    RESULTS_FILENAME,
+    SEED_KEYS,
+    describe_differences,
+    read_result,
+    result_settings,
+    seed_free,
+)
+from pyra_lightning.results import is_number as _is_number
 
 Average = Literal["tasks", "groups"]
 Metric = Literal["test_acc", "test_acc_best"]
 Result = dict[str, Any]
 
 MISSING = "—"
-RESULTS_FILENAME = "results.json"
 VTAB_NAMES: tuple[str, ...] = tuple(task.name for task in VTAB_TASKS)
 # Column names as printed in Table 2, in its order.
 _HEADERS = "Cifar100 Caltech101 DTD Flowers102 Pets SVHN Sun397 Camelyon EuroSAT Resisc45 Retinopathy "
@@ -50,65 +60,11 @@ GROUP_TASKS: dict[str, tuple[str, ...]] = {
     group: tuple(task.name for task in VTAB_TASKS if task.group == group) for group in GROUPS
 }
 _METHOD_RANK = {"peft": 0, "tome": 2, "pyra": 3}
-_OPTIONAL_NUMBERS = ("throughput", "throughput_unmerged", "speedup", "gflops", "gflops_unmerged")
-_OPTIONAL_DICTS = ("params", "config", "benchmark")
 # Config entries that make two runs different models rather than repeats (seeds) of one.
 _IDENTITY_KEYS = ("model_name", "merge_r", "img_size")
 
 
 # ----------------------------------------------------------------------------------------- reading
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def validate_result(data: Any, path: str | Path = "<memory>") -> Result:
-    """Check one results.json document and return it with ``task``/``group`` made canonical.
-
-    Known task aliases (``cifar100``) become the registry's name (``cifar``) and a missing group
-    is filled in; an unknown task (e.g. a custom folder) is kept as it is.
-
-    Raises:
-        ValueError: naming ``path`` and what is wrong (a missing key, a wrong type, an accuracy
-            given in percent, a group that contradicts the task registry, ...).
-    """
-    where = f"{path}"
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
-    for key in ("task", "method"):
-        if not isinstance(data.get(key), str) or not data[key].strip():
-            raise ValueError(f"{where}: {key!r} must be a non-empty string, got {data.get(key)!r}")
-    for key in ("test_acc", "test_acc_best"):
-        value = data.get(key)
-        if value is None and key == "test_acc_best":
-            continue
-        if not _is_number(value):
-            raise ValueError(f"{where}: {key!r} must be a finite number (a fraction), got {value!r}")
-        if not 0.0 <= value <= 1.0:
-            hint = " (it looks like a percentage)" if 1.0 < value <= 100.0 else ""
-            raise ValueError(f"{where}: {key!r} = {value} is outside [0, 1]; expected a fraction{hint}")
-    for key in _OPTIONAL_NUMBERS:
-        value = data.get(key)
-        if value is not None and (not _is_number(value) or value < 0):
-            raise ValueError(f"{where}: {key!r} must be a non-negative number or null, got {value!r}")
-    for key in _OPTIONAL_DICTS:
-        if data.get(key) is not None and not isinstance(data[key], dict):
-            raise ValueError(f"{where}: {key!r} must be an object, got {type(data[key]).__name__}")
-    pct = (data.get("params") or {}).get("trainable_pct")
-    if pct is not None and (not _is_number(pct) or not 0.0 <= pct <= 100.0):
-        raise ValueError(f"{where}: 'params.trainable_pct' must be a percentage in [0, 100], got {pct!r}")
-    result = dict(data)
-    try:
-        task = resolve_task(data["task"])
-    except ValueError:
-        return result  # a custom task: its own column, in no mean
-    if data.get("group") is not None and data["group"] != task.group:
-        raise ValueError(
-            f"{where}: task {data['task']!r} belongs to group {task.group!r}, but the file says {data['group']!r}"
-        )
-    result.update(task=task.name, group=task.group)
-    return result
-
-
 def _expand(item: str | Path, filename: str) -> list[Path]:
     path = Path(item)
     if path.is_file():
@@ -147,11 +103,7 @@ def collect_results(
             if key in seen:
                 continue
             seen.add(key)
-            try:
-                data = json.loads(file.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise ValueError(f"{file}: not valid JSON ({error})") from None
-            results.append({**validate_result(data, file), "results_file": str(file)})
+            results.append({**read_result(file), "results_file": str(file)})
     return results
 
 
@@ -172,10 +124,11 @@ def schedule_label(result: Result) -> str:
 
 @dataclass(frozen=True)
 class Cell:
-    """One method on one task: mean top-1 accuracy in percent over ``runs`` runs (seeds)."""
+    """One method on one task: mean top-1 accuracy in percent over ``runs`` seeds, and their std."""
 
     acc: float
     runs: int
+    std: float | None = None  # sample standard deviation over the seeds, in percent points
 
 
 @dataclass(frozen=True)
@@ -248,6 +201,39 @@ def _check_same_model(label: str, runs: list[Result]) -> None:
         )
 
 
+def _check_seeds(label: str, task: str, runs: list[Result]) -> None:
+    """Several results in one cell must be seeds of one setting, each seed counted once.
+
+    Their settings (``results.json`` ``settings``, or ``config`` in older files) may differ in
+    the seed alone; two results of the same settings and seed are one run tested twice (or a
+    copy), which would count twice in the mean.
+
+    Raises:
+        ValueError: naming the files and the settings that differ, or the two files of one run.
+    """
+    first = runs[0]
+    base = seed_free(result_settings(first))
+    seen: dict[str, str] = {}
+    for run in runs:
+        differences = describe_differences(
+            base, seed_free(result_settings(run)), first["results_file"], f"in {run['results_file']}"
+        )
+        if differences:
+            raise ValueError(
+                f"{label} on {task}: results that differ by more than the seed are not seeds of one run:\n  "
+                + "\n  ".join(differences)
+                + "\ngive them different row labels (report them separately)"
+            )
+        settings = result_settings(run)
+        seed = json.dumps({key: settings.get(key) for key in SEED_KEYS}, sort_keys=True)
+        if seed in seen:
+            raise ValueError(
+                f"{label} on {task}: {seen[seed]} and {run['results_file']} are results of the same settings "
+                "and seed (one run tested twice, or a copy); keep one of them"
+            )
+        seen[seed] = run["results_file"]
+
+
 def _row_order(result: Result) -> tuple[int, str, int]:
     """Baselines first, ToMe, then PYRA (Table 2's order); within a method, by tokens merged."""
     merge_r = (result.get("config") or {}).get("merge_r")
@@ -314,10 +300,11 @@ def _build_row(
         if run.get(metric) is None:
             raise ValueError(f"{run.get('results_file', name)}: {metric!r} is null")
         by_task.setdefault(run["task"], []).append(run)
-    tasks = {
-        task: Cell(100.0 * _mean([run[metric] for run in task_runs]), len(task_runs))
-        for task, task_runs in by_task.items()
-    }
+    tasks = {}
+    for task, task_runs in by_task.items():
+        _check_seeds(name, task, task_runs)
+        accs = [100.0 * run[metric] for run in task_runs]
+        tasks[task] = Cell(_mean(accs), len(accs), statistics.stdev(accs) if len(accs) > 1 else None)
     groups: dict[str, float | None] = {}
     for group, names in GROUP_TASKS.items():
         complete = all(task in tasks for task in names)
@@ -365,14 +352,15 @@ def to_markdown(rows: Sequence[TableRow]) -> str:
             if cell is None:
                 cells.append(MISSING)
             else:
-                cells.append(f"{cell.acc:.1f}" if cell.runs == 1 else f"{cell.acc:.1f} (n={cell.runs})")
+                spread = f" ± {cell.std:.1f} (n={cell.runs})" if cell.std is not None else ""
+                cells.append(f"{cell.acc:.1f}{spread}")
         if vtab:
             for group in GROUPS:
                 value = row.groups[group]
                 cells.append(_coverage(row, GROUP_TASKS[group]) if value is None else f"{value:.2f}")
             cells.append(_coverage(row, VTAB_NAMES) if row.average is None else f"{row.average:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
-    notes = ["", "Top-1 accuracy in %. (n=k): mean of k runs (seeds)."]
+    notes = ["", "Top-1 accuracy in %. a ± s (n=k): mean and standard deviation of k seeds of one setting."]
     if vtab:
         notes.append(
             "Average is the mean of the three group means (Natural, Specialized, Structured), as in the "
@@ -421,134 +409,6 @@ def to_csv(rows: Sequence[TableRow], path: str | Path) -> Path:
         writer = csv.writer(handle)
         writer.writerow(columns)
         writer.writerows([["" if value is None else value for value in values] for values in data])
-    return path
-
-
-# --------------------------------------------------------------------------------------- the figure
-@dataclass(frozen=True)
-class CurvePoint:
-    """One method at one ``merge_r`` schedule in an accuracy-throughput figure."""
-
-    family: str
-    schedule: str
-    accuracy: float
-    throughput: float | None
-    gflops: float | None
-    speedup: float | None
-    flops_reduction: float | None
-
-
-def _ratio(numerator: Any, denominator: Any) -> float | None:
-    ok = _is_number(numerator) and _is_number(denominator) and denominator > 0
-    return numerator / denominator if ok else None
-
-
-def accuracy_throughput_points(
-    results: Sequence[Result], average: Average = "groups", metric: Metric = "test_acc"
-) -> tuple[list[CurvePoint], str]:
-    """The points of Figs. 2/4 and the y-axis label saying what their accuracy averages.
-
-    A point is one method (the family; plus the model name when several models are present) at
-    one ``merge_r`` schedule. With all 19 VTAB-1k tasks at every point, accuracy is the Average of
-    ``build_table``; otherwise it is the plain mean over the tasks that *every* point has, and the
-    label says how many, so that no point is averaged over an easier subset than another.
-
-    Raises:
-        ValueError: no final-protocol results, or the points share no task.
-    """
-    results = [r for r in results if r.get("protocol", "final") == "final"]
-    if not results:
-        raise ValueError("no results with protocol 'final' to plot")
-    models = {(r.get("config") or {}).get("model_name") for r in results}
-    groups: dict[tuple[str, str], list[Result]] = {}
-    for result in sorted(results, key=_row_order):
-        config = result.get("config") or {}
-        family = result["method"] + (f" ({config.get('model_name')})" if len(models) > 1 else "")
-        groups.setdefault((family, describe_schedule(config.get("merge_r"))), []).append(result)
-    tables = {
-        key: build_table(runs, average=average, metric=metric, label=lambda _, k=key: k[0])[0]
-        for key, runs in groups.items()
-    }
-    complete = all(row.average is not None for row in tables.values())
-    common = sorted(set.intersection(*(set(row.tasks) for row in tables.values())))
-    if not complete and not common:
-        raise ValueError("the points share no task, so their accuracies cannot be compared")
-    if complete:
-        ylabel = f"VTAB-1k {average_header(average).lower()}, top-1 %"
-    else:
-        shown = ", ".join(common) if len(common) <= 4 else f"{len(common)} tasks"
-        ylabel = f"mean top-1 % over {len(common)} common task(s) ({shown})"
-    points = []
-    for (family, schedule), row in tables.items():
-        by_task: dict[str, list[Result]] = {}
-        for run in groups[(family, schedule)]:
-            by_task.setdefault(run["task"], []).append(run)
-        accuracy = row.average if complete else _mean([row.tasks[t].acc for t in common])
-        gflops = _mean_over_tasks(by_task, lambda run: run.get("gflops"))
-        speedup = _mean_over_tasks(by_task, lambda run: run.get("speedup"))
-        reduction = _mean_over_tasks(
-            by_task, lambda run: _ratio(run.get("gflops_unmerged"), run.get("gflops"))
-        )
-        points.append(CurvePoint(family, schedule, accuracy, row.throughput, gflops, speedup, reduction))  # type: ignore[arg-type]
-    return points, ylabel
-
-
-def plot_accuracy_throughput(
-    results: Sequence[Result],
-    path: str | Path,
-    average: Average = "groups",
-    metric: Metric = "test_acc",
-    x: Literal["throughput", "gflops"] = "throughput",
-    title: str | None = None,
-) -> Path:
-    """Draw accuracy against inference throughput, one line per method family (Figs. 2 and 4).
-
-    A family with one point (e.g. PEFT, which merges nothing) is a single marker; points are
-    annotated with their measured speedup over the unmerged model where the results carry it.
-    ``x="gflops"`` plots against FLOPs per image instead, which unlike timings on a shared
-    machine does not vary from run to run, and annotates the FLOPs reduction. Drawn on a bare
-    ``Figure`` (Agg), so that calling this from a notebook leaves pyplot's backend alone.
-
-    Raises:
-        ValueError: as ``accuracy_throughput_points``, or a point lacks its ``x`` value.
-    """
-    from matplotlib.figure import Figure
-
-    points, ylabel = accuracy_throughput_points(results, average, metric)
-    missing = [f"{p.family} r={p.schedule}" for p in points if getattr(p, x) is None]
-    if missing:
-        raise ValueError(f"no {x} in the results of {', '.join(missing)}")
-    fig = Figure(figsize=(6.0, 4.0), dpi=120)
-    ax = fig.subplots()
-    for index, family in enumerate(dict.fromkeys(p.family for p in points)):
-        mine = sorted((p for p in points if p.family == family), key=lambda p: getattr(p, x))
-        ax.plot(
-            [getattr(p, x) for p in mine],
-            [p.accuracy for p in mine],
-            "-" if len(mine) > 1 else "",
-            marker="os^Dv<>p"[index % 8],
-            markersize=7 if len(mine) > 1 else 10,
-            label=family,
-        )
-        for p in mine:
-            factor = p.speedup if x == "throughput" else p.flops_reduction
-            if factor is not None and abs(factor - 1.0) > 1e-6:
-                ax.annotate(
-                    f"{factor:.2f}x",
-                    (getattr(p, x), p.accuracy),
-                    textcoords="offset points",
-                    xytext=(4, 4),
-                )
-    ax.set_xlabel("throughput (images/s)" if x == "throughput" else "GFLOPs per image")
-    ax.set_ylabel(ylabel, fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
     return path
 
 
@@ -603,6 +463,8 @@ def report(
     written = {"markdown": out / "vtab_table.md", "csv": to_csv(rows, out / "vtab_table.csv")}
     written["markdown"].write_text(markdown, encoding="utf-8")
     if plot:
+        from pyra_lightning.commands.figures import plot_accuracy_throughput
+
         written["plot"] = plot_accuracy_throughput(
             collected, out / "accuracy_throughput.png", average, metric
         )
@@ -626,6 +488,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_function_arguments(report, skip={"results"}, as_group=False)
     report(**vars(parser.parse_args(argv)))
+
+
+def __getattr__(name: str) -> Any:
+    """The figure's functions, which moved to ``commands.figures``, under their old names here."""
+    if name in ("CurvePoint", "accuracy_throughput_points", "plot_accuracy_throughput"):
+        from pyra_lightning.commands import figures
+
+        return getattr(figures, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":
