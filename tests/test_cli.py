@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,17 @@ def test_tools_are_dispatched(capsys: pytest.CaptureFixture[str]) -> None:
         main(["benchmark", "--help"])
     assert exit_info.value.code == 0
     assert "batch_size" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tool", ["report", "sweep"])
+def test_tool_help_imports_neither_lightning_nor_timm(tool: str) -> None:
+    # The issue: `report --help` took 9-10 s importing Lightning, timm and torchvision first.
+    code = (
+        "import sys\nfrom pyra_lightning.__main__ import main\ntry:\n"
+        f"    main([{tool!r}, '--help'])\nexcept SystemExit as stop:\n    assert stop.code == 0\n"
+        "print(sorted(m for m in ('lightning', 'timm', 'torchvision', 'torch') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "[]"
+    assert f"usage: pyra-lightning {tool}" in done.stdout, "the usage line names the tool"
