@@ -313,28 +313,28 @@ class PyraCLI(LightningCLI):
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> PyraCLI:
     """The CLI exactly as ``pyra-lightning`` builds it; ``run=False`` only parses and instantiates."""
-    return PyraCLI(
-        PyraClassifier,
-        VTABDataModule,
-        args=args,
-        run=run,
-        seed_everything_default=0,
-        save_config_callback=LoggerSaveConfigCallback,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={
-            "prog": "pyra-lightning",
-            "description": "pyra-lightning: LoRA + token merging + PYRA on timm ViTs "
-            "(`pyra-lightning --help` lists the other commands).",
-        },
-    )
+    with warnings.catch_warnings():
+        # the command table (and export, and the tests) pass the arguments; sys.argv is not them
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return PyraCLI(
+            PyraClassifier,
+            VTABDataModule,
+            args=args,
+            run=run,
+            seed_everything_default=0,
+            save_config_callback=LoggerSaveConfigCallback,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={
+                "prog": "pyra-lightning",
+                "description": "pyra-lightning: LoRA + token merging + PYRA on timm ViTs "
+                "(`pyra-lightning --help` lists the other commands).",
+            },
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
     """``pyra-lightning fit|validate|test|predict ...`` (argv starts with the subcommand)."""
-    with warnings.catch_warnings():
-        # the command table passes the arguments on; sys.argv holds the same ones
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        cli = build_cli(argv)
+    cli = build_cli(argv)
     finish_wandb(cli.trainer)  # Lightning leaves the W&B run open; a later run would reuse it
 
 
