@@ -190,12 +190,17 @@ def test_old_results_without_settings_use_their_config(tmp_path: Path) -> None:
 
 
 def test_run_result_round_trip(tmp_path: Path) -> None:
-    record = RunResult(task="cifar100", method="pyra", test_acc=0.5, settings=SETTINGS, fingerprint="abc")
+    record = RunResult("cifar100", "pyra", 0.5, protocol="final", settings=SETTINGS, fingerprint="abc")
     record.test_acc_reference_protocol = 0.55
     path = record.write(tmp_path / "results.json")
     again = RunResult.read(path)
     assert again.task == "cifar" and again.group == "natural", "made canonical on reading"
     assert again.settings == SETTINGS and again.test_acc_reference_protocol == 0.55
+    (row,) = build_table(
+        [{**again.to_dict(), "results_file": str(path)}], metric="test_acc_reference_protocol"
+    )
+    assert row.tasks["cifar"].acc == pytest.approx(55.0)
+    assert "under the reference implementation's protocol" in to_markdown([row])
     with pytest.raises(ValueError, match="test_acc_reference_protocol"):
         RunResult(task="cifar", method="pyra", test_acc=0.5, test_acc_reference_protocol=55.0).write(path)
 
