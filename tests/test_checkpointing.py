@@ -13,30 +13,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import quickstart_args
 
 from pyra_lightning.__main__ import main
 from pyra_lightning.data import generate_demo
 from pyra_lightning.training.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 from pyra_lightning.training.module import PyraClassifier
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-
 
 def short_run(root: Path, data: Path, *extra: str) -> list[str]:
     return [
         "fit",
-        f"--config={QUICKSTART}",
-        f"--data.root={data}",
-        f"--trainer.default_root_dir={root}",
-        f"--trainer.logger.init_args.save_dir={root}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.limit_train_batches=4",
-        "--trainer.limit_val_batches=1",
-        "--trainer.num_sanity_val_steps=0",
-        "--trainer.max_epochs=3",
-        "--model.lora_dropout=0.1",  # randomness that a resume must reproduce
-        "--test_after_fit=false",
-        *extra,
+        *quickstart_args(
+            root,
+            data,
+            "--trainer.limit_train_batches=4",
+            "--trainer.limit_val_batches=1",
+            "--trainer.num_sanity_val_steps=0",
+            "--trainer.max_epochs=3",
+            "--model.lora_dropout=0.1",  # randomness that a resume must reproduce
+            "--test_after_fit=false",
+            *extra,
+        ),
     ]
 
 
@@ -62,6 +60,9 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path: Path) -> N
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
     assert last_val_acc(tmp_path / "straight") == last_val_acc(tmp_path / "resumed")
+    with open(tmp_path / "resumed" / "metrics.csv") as handle:
+        epochs = {row["epoch"] for row in csv.DictReader(handle) if row.get("val/acc")}
+    assert epochs == {"0", "1", "2"}, "the resumed run continues its metrics.csv in place"
 
 
 def test_atomic_save_never_leaves_a_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

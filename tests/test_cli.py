@@ -3,36 +3,25 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import quickstart_args
 
 from pyra_lightning.__main__ import main
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 RESULT_KEYS = {
     "task", "group", "protocol", "method", "test_acc", "test_acc_best", "throughput", "throughput_unmerged",
-    "speedup", "gflops", "gflops_unmerged", "params", "config", "benchmark",
+    "speedup", "gflops", "gflops_unmerged", "params", "config", "benchmark", "settings", "fingerprint",
 }  # fmt: skip
-
-
-def quickstart_args(tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        f"--config={QUICKSTART}",
-        f"--data.root={tmp_path / 'data'}",
-        f"--trainer.default_root_dir={tmp_path / 'runs'}",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        "--trainer.enable_progress_bar=false",
-        "--throughput.runs=2",
-        "--throughput.warmup=1",
-        *extra,
-    ]
 
 
 @pytest.mark.slow
 def test_quickstart_fit_then_test_beats_chance_and_writes_results(tmp_path: Path) -> None:
-    main(["fit", *quickstart_args(tmp_path)])
+    main(["fit", *quickstart_args(tmp_path / "runs", tmp_path / "data")])
     results_files = sorted((tmp_path / "runs").rglob("results.json"))
     assert len(results_files) == 1
     results = json.loads(results_files[0].read_text())
@@ -53,20 +42,16 @@ def test_quickstart_fit_then_test_beats_chance_and_writes_results(tmp_path: Path
     assert all(
         ".lora_" in k or ".pyra." in k or k.startswith("model.head.") for k in checkpoint["state_dict"]
     )
-    main(["test", *quickstart_args(tmp_path / "again"), f"--ckpt_path={last[0]}"])
-    again = json.loads(next((tmp_path / "again" / "runs").rglob("results.json")).read_text())
+    main(["test", *quickstart_args(tmp_path / "again", tmp_path / "data"), f"--ckpt_path={last[0]}"])
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again["test_acc"] == pytest.approx(results["test_acc"], abs=1e-6)
+    assert again["fingerprint"] == results["fingerprint"], "the same run's settings"
 
 
 def test_missing_data_root_is_named_without_a_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = [
-        "validate",
-        *quickstart_args(tmp_path),
-        f"--data.root={tmp_path / 'nowhere'}",
-        "--data.task=cifar",
-    ]
+    args = ["fit", *quickstart_args(tmp_path / "run", tmp_path / "nowhere"), "--data.task=cifar"]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2
@@ -81,3 +66,17 @@ def test_tools_are_dispatched(capsys: pytest.CaptureFixture[str]) -> None:
         main(["benchmark", "--help"])
     assert exit_info.value.code == 0
     assert "batch_size" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tool", ["report", "sweep"])
+def test_tool_help_imports_neither_lightning_nor_timm(tool: str) -> None:
+    # The issue: `report --help` took 9-10 s importing Lightning, timm and torchvision first.
+    code = (
+        "import sys\nfrom pyra_lightning.__main__ import main\ntry:\n"
+        f"    main([{tool!r}, '--help'])\nexcept SystemExit as stop:\n    assert stop.code == 0\n"
+        "print(sorted(m for m in ('lightning', 'timm', 'torchvision', 'torch') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "[]"
+    assert f"usage: pyra-lightning {tool}" in done.stdout, "the usage line names the tool"

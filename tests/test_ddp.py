@@ -16,23 +16,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import quickstart_args
 
 from pyra_lightning.training.cli import build_cli, main
-
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-
-
-def quickstart_args(root: Path, data: Path, *extra: str) -> list[str]:
-    return [
-        f"--config={QUICKSTART}",
-        f"--data.root={data}",
-        f"--trainer.default_root_dir={root}",
-        f"--trainer.logger.init_args.save_dir={root}",
-        "--trainer.enable_progress_bar=false",
-        "--throughput.runs=2",
-        "--throughput.warmup=1",
-        *extra,
-    ]
 
 
 @pytest.mark.slow

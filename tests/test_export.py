@@ -139,7 +139,6 @@ def cli_args(root: Path, *extra: str) -> list[str]:
         f"--config={QUICKSTART}",
         f"--data.root={root / 'data'}",
         f"--trainer.default_root_dir={root / 'runs'}",
-        f"--trainer.logger.init_args.save_dir={root / 'runs'}",
         *extra,
     ]
 

@@ -25,9 +25,16 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+# Top-level modules that sit above the method: the results record canonicalises task names through
+# the task registry (data/tasks.py, which imports no Lightning either).
+DATA_LAYER = {"pyra_lightning.results"}
+
+
 def layer(module: str) -> str:
     if module in ("pyra_lightning", "pyra_lightning.__main__"):
         return "entry"
+    if module in DATA_LAYER:
+        return "data"
     folder = module.split(".")[1]
     return folder if folder in ("data", "training", "commands") else "method"
 

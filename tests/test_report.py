@@ -11,21 +11,20 @@ from typing import Any
 import matplotlib
 import pytest
 
-from pyra_lightning.commands.report import (
+from pyra_lightning.commands.figures import accuracy_throughput_points, plot_accuracy_throughput
+from pyra_lightning.commands.report import main, push_to_wandb
+from pyra_lightning.commands.table import (
     GROUP_TASKS,
     MISSING,
     VTAB_NAMES,
-    accuracy_throughput_points,
     build_table,
     collect_results,
-    main,
-    plot_accuracy_throughput,
-    push_to_wandb,
     schedule_label,
     to_csv,
     to_markdown,
 )
-from pyra_lightning.data.vtab import VTAB_TASKS
+from pyra_lightning.data.tasks import VTAB_TASKS
+from pyra_lightning.results import RunResult
 
 # Table 2, ViT-B/16: per-task top-1 (%, Table 2 order), # params (%), throughput, printed Average.
 PAPER_VIT_B: dict[str, tuple[list[float], float, float, float]] = {
@@ -132,12 +131,79 @@ def test_missing_task_is_marked_and_blocks_its_means(tmp_path: Path) -> None:
     assert "n/a (7/8)" in line and "n/a (18/19) |" in " | ".join(line)
 
 
-def test_seeds_are_averaged_and_counted(tmp_path: Path) -> None:
+SETTINGS = {"model.lora_rank": 8, "trainer.max_epochs": 100, "seed_everything": 0, "data.seed": 0}
+
+
+def test_seeds_are_averaged_with_their_spread(tmp_path: Path) -> None:
     for seed, acc in enumerate((0.60, 0.70, 0.65)):
-        write(tmp_path, f"seed{seed}", result("pyra", "cifar", acc, config={"seed": seed}))
+        write(
+            tmp_path,
+            f"seed{seed}",
+            result("pyra", "cifar", acc, settings={**SETTINGS, "seed_everything": seed}),
+        )
     (row,) = build_table(collect_results(tmp_path))
     assert row.tasks["cifar"].acc == pytest.approx(65.0) and row.tasks["cifar"].runs == 3
-    assert "65.0 (n=3)" in to_markdown([row])
+    assert row.tasks["cifar"].std == pytest.approx(5.0)
+    assert "65.0 ± 5.0 (n=3)" in to_markdown([row])
+
+
+@pytest.mark.parametrize(
+    ("change", "listed"),
+    [
+        ({"model.lora_rank": 16}, "model.lora_rank: 8 in"),
+        ({"trainer.max_epochs": 9}, "trainer.max_epochs: 100 in"),
+    ],
+)
+def test_results_that_differ_by_more_than_the_seed_are_not_averaged(
+    tmp_path: Path, change: dict[str, Any], listed: str
+) -> None:
+    write(tmp_path, "a", result("pyra", "cifar", 0.6, settings=SETTINGS))
+    other = write(
+        tmp_path, "b", result("pyra", "cifar", 0.7, settings={**SETTINGS, "seed_everything": 1, **change})
+    )
+    with pytest.raises(ValueError, match="differ by more than the seed") as error:
+        build_table(collect_results(tmp_path))
+    assert listed in str(error.value) and str(other) in str(error.value)
+
+
+def test_one_run_is_never_counted_twice(tmp_path: Path) -> None:
+    # The issue: `report` averaged ten version_N folders of one run as "mean of 10 runs (seeds)".
+    first = write(tmp_path, "version_0", result("pyra", "cifar", 0.6, settings=SETTINGS))
+    again = write(tmp_path, "version_1", result("pyra", "cifar", 0.6, settings=SETTINGS))
+    with pytest.raises(ValueError, match="same settings and seed") as error:
+        build_table(collect_results(tmp_path))
+    assert str(first) in str(error.value) and str(again) in str(error.value)
+
+
+def test_old_results_without_settings_use_their_config(tmp_path: Path) -> None:
+    # Files written before `settings` existed: all seed 0, different epochs and ranks.
+    for index, (epochs, rank) in enumerate(((1, 16), (9, 8))):
+        config = {"model_name": "vit_base_patch16_224", "merge_r": [16] * 11 + [10], "seed": 0}
+        write(
+            tmp_path,
+            f"version_{index}",
+            result("pyra", "cifar", 0.5, config={**config, "max_epochs": epochs, "lora_rank": rank}),
+        )
+    with pytest.raises(ValueError, match="lora_rank: 16 in .* vs 8 in"):
+        build_table(collect_results(tmp_path))
+
+
+def test_run_result_round_trip(tmp_path: Path) -> None:
+    record = RunResult("cifar100", "pyra", 0.5, protocol="final", settings=SETTINGS, fingerprint="abc")
+    record.test_acc_reference_protocol = 0.55
+    path = record.write(tmp_path / "results.json")
+    again = RunResult.read(path)
+    assert again.task == "cifar" and again.group == "natural", "made canonical on reading"
+    assert again.settings == SETTINGS and again.test_acc_reference_protocol == 0.55
+    (row,) = build_table(
+        [{**again.to_dict(), "results_file": str(path)}], metric="test_acc_reference_protocol"
+    )
+    assert row.tasks["cifar"].acc == pytest.approx(55.0)
+    assert "reference protocol: max over test evaluations every 10 epochs and at the last" in to_markdown(
+        [row]
+    )
+    with pytest.raises(ValueError, match="test_acc_reference_protocol"):
+        RunResult(task="cifar", method="pyra", test_acc=0.5, test_acc_reference_protocol=55.0).write(path)
 
 
 def test_task_aliases_and_methods_selection(tmp_path: Path) -> None:

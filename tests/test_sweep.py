@@ -12,20 +12,19 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import QUICKSTART
 
 from pyra_lightning.commands.sweep import (
     RUN_HEADER,
     Progress,
     TaskRun,
     find_results,
-    logger_sets_save_dir,
     main,
     run_sweep,
 )
 from pyra_lightning.data.demo import generate_demo
-from pyra_lightning.data.vtab import VTAB_TASKS
+from pyra_lightning.data.tasks import VTAB_TASKS
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 # One short epoch of the quickstart ViT per task: the tests are about the sweep, not the model.
 TINY = [
     "--trainer.max_epochs=1",
@@ -164,21 +163,10 @@ def test_command_line_resolves_tasks_and_passes_fit_arguments(
         "[pending] oxford_iiit_pet",
     ]
     assert all(line.endswith("--trainer.max_epochs=2") for line in lines)
-    assert f"--trainer.default_root_dir={tmp_path / 'quickstart' / 'cifar'}" in lines[0]
-    assert "--trainer.logger.init_args.save_dir=" in lines[0]
-
-
-def test_logger_is_redirected_only_when_the_config_sets_its_save_dir(tmp_path: Path) -> None:
-    none, listed = tmp_path / "none.yaml", tmp_path / "listed.yaml"
-    none.write_text("trainer:\n  max_epochs: 1\n")
-    listed.write_text(
-        "trainer:\n  logger:\n    - class_path: lightning.pytorch.loggers.CSVLogger\n"
-        "      init_args: {save_dir: runs}\n"
+    assert f"--trainer.default_root_dir={tmp_path / 'quickstart' / 'cifar'}" in lines[0]  # the run folder
+    assert "save_dir" not in lines[0] and "dirpath" not in lines[0], (
+        "the CLI puts everything in the run folder"
     )
-    assert logger_sets_save_dir([str(QUICKSTART)])
-    assert not logger_sets_save_dir([str(none)])  # Lightning's default logger uses default_root_dir
-    with pytest.raises(ValueError, match="single logger"):
-        logger_sets_save_dir([str(QUICKSTART), str(listed)])
 
 
 def test_progress_line_counts_and_eta(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -231,12 +219,13 @@ def test_parallel_slots_get_their_devices_and_failures_are_retried(
 
 def test_a_task_is_finished_only_when_the_report_accepts_its_results(tmp_path: Path) -> None:
     run_dir = tmp_path / "cifar"
-    (run_dir / "version_0").mkdir(parents=True)
+    run_dir.mkdir()
+    assert find_results(run_dir) is None
+    (run_dir / "results.json").write_text("{truncated")
+    assert find_results(run_dir) is None, "a broken file does not finish a task"
     document = {"task": "cifar", "method": "pyra", "test_acc": 67.5, "test_acc_best": None}
-    (run_dir / "version_0" / "results.json").write_text(json.dumps(document))
-    (run_dir / "version_1").mkdir()
-    (run_dir / "version_1" / "results.json").write_text("{truncated")
-    assert find_results(run_dir) is None, "a percentage and a broken file do not finish a task"
+    (run_dir / "results.json").write_text(json.dumps(document))
+    assert find_results(run_dir) is None, "nor does a percentage"
     document["test_acc"] = 0.675
-    (run_dir / "version_0" / "results.json").write_text(json.dumps(document))
-    assert find_results(run_dir) == run_dir / "version_0" / "results.json"
+    (run_dir / "results.json").write_text(json.dumps(document))
+    assert find_results(run_dir) == run_dir / "results.json"

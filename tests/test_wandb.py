@@ -19,10 +19,11 @@ import yaml
 
 wandb = pytest.importorskip("wandb", reason="wandb is not installed; the W&B logger config needs it")
 
-from pyra_lightning.training.cli import PyraCLI, build_cli  # noqa: E402
-from pyra_lightning.training.monitoring import finish_wandb  # noqa: E402
+from helpers import CONFIGS, quickstart_args  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from pyra_lightning.training.cli import PyraCLI, build_cli  # noqa: E402
+from pyra_lightning.training.monitoring import WANDB_ID_FILE, finish_wandb  # noqa: E402
+
 WANDB_PIECE = CONFIGS / "logger" / "wandb.yaml"
 BLOCK = 32 * 1024
 HEADER = struct.Struct("<IHB")  # crc32c, payload length, chunk type (1 full, 2 first, 3 middle, 4 last)
@@ -92,14 +93,7 @@ def test_offline_run_records_metrics_config_and_merge_images(
     for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("WANDB_CONSOLE", "off")  # leave pytest's output capture alone
-    base = [
-        f"--config={CONFIGS / 'quickstart.yaml'}",
-        f"--config={WANDB_PIECE}",
-        f"--data.root={tmp_path / 'data'}",
-        f"--trainer.default_root_dir={tmp_path / 'runs'}",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        "--trainer.enable_progress_bar=false",
-    ]
+    base = quickstart_args(tmp_path / "runs", tmp_path / "data", f"--config={WANDB_PIECE}")
     args = [
         "fit",
         *base,
@@ -109,19 +103,22 @@ def test_offline_run_records_metrics_config_and_merge_images(
         "--trainer.log_every_n_steps=1",
         "--train_throughput.window_size=2",
         "--merge_vis.every_n_epochs=1",
-        "--throughput.runs=2",
-        "--throughput.warmup=1",
     ]
     try:
         cli = run_cli(args)
         assert type(cli.trainer.logger).__name__ == "WandbLogger"
         finish_wandb(cli.trainer)
         assert wandb.run is None
-        # A second run in this process is a second W&B run, not more steps of the first.
+        # Validating the run's checkpoint continues the run folder's W&B run (its id), after the
+        # first was finished: a W&B run left open would take the second run's steps as its own.
         finish_wandb(run_cli(["validate", *base, "--trainer.limit_val_batches=1"]).trainer)
     finally:
         wandb.finish()
-    assert len(list((tmp_path / "runs" / "wandb").glob("offline-run-*"))) == 2
+    run_id = (tmp_path / "runs" / WANDB_ID_FILE).read_text().strip()
+    offline = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    assert offline and {path.name.rsplit("-", 1)[-1] for path in offline} == {run_id}, (
+        "one W&B run per run folder"
+    )
 
     run_file = next(f for f in (tmp_path / "runs" / "wandb").glob("offline-run-*/run-*.wandb") if media(f))
     summary, config = run_contents(wait_for_exit(run_file))
@@ -144,6 +141,7 @@ def test_offline_run_records_metrics_config_and_merge_images(
 
 
 def test_wandb_piece_composes_with_every_trainer_config(tmp_path: Path) -> None:
+    ids = set()
     for base in (CONFIGS / "quickstart.yaml", CONFIGS / "trainer" / "paper.yaml"):
         root = tmp_path / base.stem
         cli = build_cli(
@@ -159,5 +157,8 @@ def test_wandb_piece_composes_with_every_trainer_config(tmp_path: Path) -> None:
         assert type(logger).__name__ == "WandbLogger" and logger.name == "pyra-lightning"
         # The config fixes no id; the CLI gives each run folder its own, kept for reruns.
         assert "id" not in yaml.safe_load(WANDB_PIECE.read_text())["trainer"]["logger"]["init_args"]
-        assert logger.version == (root / "wandb_run_id").read_text().strip()
+        assert logger.version == (root / WANDB_ID_FILE).read_text().strip()
+        assert logger.save_dir == str(root), "W&B files go to the run folder"
         assert cli.config.trainer.logger.init_args.log_model is False
+        ids.add(logger.version)
+    assert len(ids) == 2, "two run folders, two W&B runs (the issue: fresh runs shared one id)"

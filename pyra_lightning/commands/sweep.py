@@ -34,14 +34,13 @@ from typing import Any, Literal, TextIO
 
 import yaml
 
-from pyra_lightning.commands.report import validate_result
-from pyra_lightning.data.vtab import VTAB_TASKS, resolve_task
+from pyra_lightning.data.tasks import VTAB_TASKS, resolve_task
 from pyra_lightning.files import atomic_write_text
+from pyra_lightning.results import RESULTS_FILENAME, read_result
 
 SWEEP_FILE = "sweep.json"
 TASK_STATE_FILE = "sweep_task.json"
 LOG_FILE = "train.log"
-RESULTS_FILE = "results.json"
 RUN_HEADER = "===== pyra-lightning sweep: run"  # starts the block each (re)run appends to train.log
 FINISHED = ("done", "skipped")
 Status = Literal["pending", "running", "done", "skipped", "failed", "interrupted"]
@@ -180,65 +179,30 @@ def slurm_array_index(slurm_array: bool | None, num_tasks: int) -> int | None:
 
 
 # ------------------------------------------------------------------------------- one task's run
-def logger_sets_save_dir(config: Sequence[str]) -> bool:
-    """Whether the config files' ``trainer.logger`` sets a ``save_dir``, to point at the task folder.
+def fit_command(config: Sequence[str], task: str, run_dir: Path, overrides: Sequence[str]) -> list[str]:
+    """The ``fit`` command of one task. ``overrides`` come last, so they win over the sweep's own.
 
-    ``results.json`` goes to the logger's folder; Lightning's default logger already uses
-    ``default_root_dir``.
-
-    Raises:
-        ValueError: a list of loggers with ``save_dir``: not redirectable per task from the command
-            line, so every task would write its ``results.json`` into the same folder.
+    ``run_dir`` is the run folder: checkpoints, logs and ``results.json`` all go there, so tasks
+    can neither resume nor overwrite each other.
     """
-    logger: Any = None
-    for path in config:
-        document = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        trainer = document.get("trainer") if isinstance(document, dict) else None
-        if isinstance(trainer, dict) and "logger" in trainer:
-            logger = trainer["logger"]
-    if isinstance(logger, list):
-        if any(isinstance(item, dict) and "save_dir" in (item.get("init_args") or {}) for item in logger):
-            raise ValueError(
-                "the config sets a list of loggers with save_dir; a sweep needs one log folder per task, "
-                "so use a single logger (or none: Lightning's default logs under default_root_dir)"
-            )
-        return False
-    return isinstance(logger, dict) and "save_dir" in (logger.get("init_args") or {})
-
-
-def fit_command(
-    config: Sequence[str], task: str, run_dir: Path, overrides: Sequence[str], redirect_logger: bool
-) -> list[str]:
-    """The ``fit`` command of one task. ``overrides`` come last, so they win over the sweep's own."""
     command = [sys.executable, "-m", "pyra_lightning", "fit"]
     command += [f"--config={path}" for path in config]
-    command += [
-        f"--data.task={task}",
-        f"--trainer.default_root_dir={run_dir}",
-        # explicit, so that a config with a fixed checkpoint.dirpath cannot make tasks resume each other
-        f"--checkpoint.dirpath={run_dir / 'checkpoints'}",
-    ]
-    if redirect_logger:
-        command.append(f"--trainer.logger.init_args.save_dir={run_dir}")
+    command += [f"--data.task={task}", f"--trainer.default_root_dir={run_dir}"]
     return command + list(overrides)
 
 
 def find_results(run_dir: Path) -> Path | None:
-    """The newest ``results.json`` under ``run_dir`` that ``report`` accepts (``validate_result``).
+    """The task's ``results.json`` if ``report`` accepts it (``results.validate_result``), else ``None``.
 
     Using the report's own check means a task counts as finished exactly when its result can
     go into the table.
     """
-    best: tuple[float, Path] | None = None
-    for path in run_dir.rglob(RESULTS_FILE) if run_dir.is_dir() else ():
-        try:
-            validate_result(json.loads(path.read_text(encoding="utf-8")), path)
-        except (OSError, ValueError):
-            continue
-        mtime = path.stat().st_mtime
-        if best is None or mtime > best[0]:
-            best = (mtime, path)
-    return None if best is None else best[1]
+    path = run_dir / RESULTS_FILENAME
+    try:
+        read_result(path)
+    except (OSError, ValueError):
+        return None
+    return path
 
 
 def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
@@ -400,12 +364,11 @@ def run_sweep(
     sweep_dir = Path(out_dir).absolute() / name
     index = slurm_array_index(slurm_array, len(all_tasks))
     selected = all_tasks if index is None else [all_tasks[index]]
-    redirect_logger = logger_sets_save_dir(config)
     meta = {"name": name, "config": list(config), "overrides": overrides, "out_dir": str(Path(out_dir))}
 
     runs = [TaskRun(task, str(sweep_dir / task)) for task in selected]
     for run in runs:
-        run.command = fit_command(config, run.task, Path(run.run_dir), overrides, redirect_logger)
+        run.command = fit_command(config, run.task, Path(run.run_dir), overrides)
         results = find_results(Path(run.run_dir))
         if results is not None:
             previous = _read_state(Path(run.run_dir)) or {}
@@ -536,8 +499,7 @@ def _start(run: TaskRun, device: str | None) -> subprocess.Popen[bytes]:
 def _finish(run: TaskRun, returncode: int | None, duration: float) -> None:
     """Record an attempt's end: done means a valid ``results.json``, whatever the exit status.
 
-    The same rule as for skipping: retrying a run that crashed after its test would add a second
-    results.json, which ``report`` would average in as another seed.
+    The same rule as for skipping: a run that crashed after writing its result is not retried.
     """
     run.returncode, run.duration_s, run.finished = returncode, round(duration, 2), _now()
     results = find_results(Path(run.run_dir))
@@ -546,7 +508,9 @@ def _finish(run: TaskRun, returncode: int | None, duration: float) -> None:
         return
     run.status, run.log_tail = "failed", log_tail(run.log)
     if returncode == 0:
-        run.log_tail += f"\n(exit 0 but no valid {RESULTS_FILE} under {run.run_dir}: was test_after_fit off?)"
+        run.log_tail += (
+            f"\n(exit 0 but no valid {RESULTS_FILENAME} under {run.run_dir}: was test_after_fit off?)"
+        )
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

@@ -1,33 +1,57 @@
-"""Data for pyra-lightning: the VTAB-1k DataModule, its task registry and the generated demo task."""
+"""Data for pyra-lightning: the VTAB-1k DataModule, its task registry and the generated demo task.
 
-from pyra_lightning.data.demo import DEMO_CLASSES, generate_demo, render_demo_image
-from pyra_lightning.data.vtab import (
-    DEMO_TASK,
-    GROUPS,
-    NORMALIZATION_STATS,
-    SPLIT_FILES,
-    VTAB_TASKS,
-    SplitRecord,
-    VTABDataModule,
-    VTABSplit,
-    VTABTask,
-    load_image,
-    normalize_uint8,
-    read_split_file,
-    resolve_task,
-)
+Names are imported on first use (PEP 562): ``pyra_lightning.data.tasks`` (the registry) is read by
+the report and the sweep without importing Lightning, torch or torchvision.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pyra_lightning.data.demo import DEMO_CLASSES, generate_demo, render_demo_image
+    from pyra_lightning.data.tasks import DEMO_TASK, GROUPS, VTAB_TASKS, VTABTask, resolve_task
+    from pyra_lightning.data.vtab import (
+        NORMALIZATION_STATS,
+        SPLIT_FILES,
+        SplitRecord,
+        VTABDataModule,
+        VTABSplit,
+        load_image,
+        normalize_uint8,
+        read_split_file,
+    )
+
+_EXPORTS: dict[str, str] = {
+    "DEMO_CLASSES": "pyra_lightning.data.demo",
+    "generate_demo": "pyra_lightning.data.demo",
+    "render_demo_image": "pyra_lightning.data.demo",
+    "DEMO_TASK": "pyra_lightning.data.tasks",
+    "GROUPS": "pyra_lightning.data.tasks",
+    "VTAB_TASKS": "pyra_lightning.data.tasks",
+    "VTABTask": "pyra_lightning.data.tasks",
+    "resolve_task": "pyra_lightning.data.tasks",
+    "NORMALIZATION_STATS": "pyra_lightning.data.vtab",
+    "SPLIT_FILES": "pyra_lightning.data.vtab",
+    "SplitRecord": "pyra_lightning.data.vtab",
+    "VTABDataModule": "pyra_lightning.data.vtab",
+    "VTABSplit": "pyra_lightning.data.vtab",
+    "load_image": "pyra_lightning.data.vtab",
+    "normalize_uint8": "pyra_lightning.data.vtab",
+    "read_split_file": "pyra_lightning.data.vtab",
+}
 __all__ = [
     "DEMO_CLASSES",
     "DEMO_TASK",
     "GROUPS",
     "NORMALIZATION_STATS",
     "SPLIT_FILES",
-    "VTAB_TASKS",
     "SplitRecord",
     "VTABDataModule",
     "VTABSplit",
     "VTABTask",
+    "VTAB_TASKS",
     "generate_demo",
     "load_image",
     "normalize_uint8",
@@ -35,3 +59,16 @@ __all__ = [
     "render_demo_image",
     "resolve_task",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyra_lightning.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

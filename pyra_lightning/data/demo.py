@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-
 from pyra_lightning.files import plain_dir_mode
 
 DEMO_TASK_NAME = "demo"

@@ -1,10 +1,11 @@
-"""Callbacks: evaluate the deployed (LoRA-folded) model, measure its speed, write ``results.json``,
-and take the reference implementation's reported number (``ReferenceProtocol``)."""
+"""Callbacks: evaluate the deployed (LoRA-folded) model, measure its speed, write ``results.json``
+and ``predictions.csv``, and take the reference implementation's number (``ReferenceProtocol``)."""
 
 from __future__ import annotations
 
 import copy
-import json
+import csv
+import io
 import os
 import statistics
 from pathlib import Path
@@ -17,6 +18,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from pyra_lightning.accounting import count_flops
 from pyra_lightning.files import atomic_write_text
 from pyra_lightning.patch import apply_merging, merge_schedule
+from pyra_lightning.results import RESULTS_FILENAME, RunResult
+from pyra_lightning.training.runs import fingerprint, run_settings
+
+PREDICTIONS_FILENAME = "predictions.csv"
 
 
 class LoRAFolding(pl.Callback):
@@ -184,8 +189,9 @@ class ReferenceProtocol(pl.Callback):
 
 
 def results_dir(trainer: pl.Trainer) -> Path:
-    """The run's own folder: the logger's ``log_dir``, or ``save_dir/name/version`` for loggers
-    such as W&B whose ``trainer.log_dir`` is a folder shared by all runs."""
+    """Where a run without a run folder (a plain ``Trainer``) puts its files: the logger's
+    ``log_dir``, or ``save_dir/name/version`` for loggers such as W&B whose ``trainer.log_dir``
+    is a folder shared by all runs."""
     logger = trainer.logger
     if logger is not None and getattr(logger, "log_dir", None) is None and logger.save_dir is not None:
         return Path(logger.save_dir) / str(logger.name) / str(logger.version)
@@ -193,7 +199,7 @@ def results_dir(trainer: pl.Trainer) -> Path:
 
 
 class ResultsJSON(pl.Callback):
-    """Write ``results.json`` into the run's log directory after testing.
+    """Write ``results.json`` (a ``pyra_lightning.results.RunResult``) into the run folder after testing.
 
     Fields: ``task``, ``group``, ``protocol``, ``method``, ``test_acc`` and ``test_acc_best``
     (fractions), ``throughput``, ``throughput_unmerged`` (images/s), ``speedup``, ``gflops``,
@@ -202,17 +208,23 @@ class ResultsJSON(pl.Callback):
     ``test_acc_reference_protocol`` with ``reference_protocol`` (its cadence and the evaluations,
     by epoch, it is the maximum of) when the ``ReferenceProtocol`` callback ran.
     ``pyra-lightning report`` reads these files.
+    Besides the metrics it records which run produced them: ``settings`` and ``fingerprint`` (the
+    CLI sets ``identity`` to the tested checkpoint's, so a ``test`` of an older checkpoint is
+    described by the settings it was trained with) and the ``checkpoint`` tested.
+    ``pyra-lightning report`` and ``sweep`` read these files.
 
     Args:
-        filename: Name of the file inside ``trainer.log_dir`` (or ``default_root_dir``).
+        filename: Name of the file inside the run folder.
     """
 
-    def __init__(self, filename: str = "results.json") -> None:
+    def __init__(self, filename: str = RESULTS_FILENAME) -> None:
         self.filename = filename
         self.path: Path | None = None
+        self.dirpath: Path | None = None  # the run folder (set by the CLI); None: the logger's folder
+        self.identity: dict[str, Any] | None = None  # {"settings", "fingerprint"} of the tested model
+        self.checkpoint: str | None = None
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        log_dir = results_dir(trainer)  # may broadcast under DDP: every rank must call it
         if not trainer.is_global_zero:
             return
         metrics = {
@@ -222,20 +234,24 @@ class ResultsJSON(pl.Callback):
         hp = pl_module.hparams
         throughput = next((cb for cb in trainer.callbacks if isinstance(cb, InferenceThroughput)), None)
         reference = next((cb for cb in trainer.callbacks if isinstance(cb, ReferenceProtocol)), None)
-        results: dict[str, Any] = {
-            "task": getattr(datamodule, "task", None),
-            "group": getattr(datamodule, "group", None),
-            "protocol": getattr(datamodule, "protocol", None),
-            "method": pl_module.method,
-            "test_acc": metrics.get("test/acc"),
-            "test_acc_best": metrics.get("test/acc_best"),
-            "throughput": metrics.get("test/throughput"),
-            "throughput_unmerged": metrics.get("test/throughput_unmerged"),
-            "speedup": metrics.get("test/speedup"),
-            "gflops": metrics.get("test/gflops"),
-            "gflops_unmerged": metrics.get("test/gflops_unmerged"),
-            "params": pl_module.parameter_count().as_dict(),
-            "config": {
+        identity = self.identity
+        if identity is None:
+            settings = run_settings(trainer, pl_module, datamodule)
+            identity = {"settings": settings, "fingerprint": fingerprint(settings)}
+        result = RunResult(
+            task=getattr(datamodule, "task", None) or "unknown",
+            group=getattr(datamodule, "group", None),
+            protocol=getattr(datamodule, "protocol", None),
+            method=pl_module.method,
+            test_acc=metrics["test/acc"],
+            test_acc_best=metrics.get("test/acc_best"),
+            throughput=metrics.get("test/throughput"),
+            throughput_unmerged=metrics.get("test/throughput_unmerged"),
+            speedup=metrics.get("test/speedup"),
+            gflops=metrics.get("test/gflops"),
+            gflops_unmerged=metrics.get("test/gflops_unmerged"),
+            params=pl_module.parameter_count().as_dict(),
+            config={
                 "model_name": hp.model_name,
                 "merge_r": merge_schedule(pl_module.model),
                 "lora_rank": hp.lora_rank,
@@ -253,18 +269,80 @@ class ResultsJSON(pl.Callback):
             },
             # The reference implementation's reported number (see ReferenceProtocol); only when
             # that callback ran (configs/recipe/reference.yaml adds it).
-            "test_acc_reference_protocol": reference.best if reference else None,
-            "reference_protocol": (
+            test_acc_reference_protocol=reference.best if reference else None,
+            reference_protocol=(
                 {"val_interval": reference.val_interval, "evaluations": reference.evaluations}
                 if reference
                 else None
             ),
-            "benchmark": {
+            benchmark={
                 "batch_size": throughput.batch_size if throughput else None,
                 "precision": throughput.precision if throughput else None,
                 "device": str(pl_module.device),
             },
-        }
-        self.path = log_dir / self.filename
-        atomic_write_text(self.path, json.dumps(results, indent=2) + "\n")
+            settings=identity["settings"],
+            fingerprint=identity["fingerprint"],
+            checkpoint=self.checkpoint,
+        )
+        self.path = result.write((self.dirpath or results_dir(trainer)) / self.filename)
         rank_zero_info(f"results written to {self.path}")
+
+
+class PredictionsCSV(pl.Callback):
+    """Write ``predictions.csv`` into the run folder after ``predict``.
+
+    One row per image of the predict split, in the split file's order: ``image`` (its path),
+    ``label`` (the true label from the split file, empty where unknown), ``predicted`` (class
+    index) and ``class_name`` (where the task has names: ``VTABDataModule.class_names``).
+
+    Args:
+        filename: Name of the file inside the run folder.
+    """
+
+    def __init__(self, filename: str = PREDICTIONS_FILENAME) -> None:
+        self.filename = filename
+        self.path: Path | None = None
+        self.dirpath: Path | None = None  # the run folder (set by the CLI); None: the logger's folder
+        self._predicted: list[int] = []
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.world_size > 1:
+            raise ValueError(
+                f"predict writes {self.filename} from one process; run it with --trainer.devices 1 "
+                f"(got {trainer.world_size} processes)"
+            )
+        self._predicted = []
+
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._predicted.extend(int(index) for index in torch.as_tensor(outputs).reshape(-1).tolist())
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loaders = trainer.predict_dataloaders
+        dataset = (loaders[0] if isinstance(loaders, list | tuple) else loaders).dataset
+        records = getattr(dataset, "records", None)
+        task_dir = Path(getattr(dataset, "task_dir", "."))
+        names = getattr(trainer.datamodule, "class_names", None)
+        lines = io.StringIO()
+        writer = csv.writer(lines)
+        writer.writerow(["image", "label", "predicted", "class_name"])
+        for index, predicted in enumerate(self._predicted):
+            record = records[index] if records is not None and index < len(records) else None
+            writer.writerow(
+                [
+                    str(task_dir / record.path) if record is not None else index,
+                    record.label if record is not None else "",
+                    predicted,
+                    names[predicted] if names is not None and 0 <= predicted < len(names) else "",
+                ]
+            )
+        self.path = (self.dirpath or results_dir(trainer)) / self.filename
+        atomic_write_text(self.path, lines.getvalue())
+        rank_zero_info(f"predictions written to {self.path}")

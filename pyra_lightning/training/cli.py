@@ -7,39 +7,103 @@ and writes ``results.json``. Other subcommands are separate tools with their own
 
 from __future__ import annotations
 
-import os
 import sys
+import warnings
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from pyra_lightning.data.vtab import VTABDataModule
-from pyra_lightning.training.callbacks import InferenceThroughput, LoRAFolding, ResultsJSON
+from pyra_lightning.results import RESULTS_FILENAME, read_result
+from pyra_lightning.training.callbacks import (
+    InferenceThroughput,
+    LoRAFolding,
+    PredictionsCSV,
+    ResultsJSON,
+)
 from pyra_lightning.training.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 from pyra_lightning.training.module import PyraClassifier
 from pyra_lightning.training.monitoring import (
+    WANDB_ID_FILE,
     LoggerSaveConfigCallback,
     MergeVisualization,
     TrainingThroughput,
     finish_wandb,
     stable_wandb_id,
 )
+from pyra_lightning.training.runs import (
+    START_FRESH,
+    RunIdentity,
+    checkpoint_identity,
+    conflicting_hparams,
+    continue_csv_logs,
+    default_run_dir,
+    explicit_keys,
+    fingerprint,
+    load_checkpoint,
+    read_run_record,
+    refusal,
+    run_settings,
+    settings_differences,
+    write_run_record,
+)
+
+EVALUATIONS = ("validate", "test", "predict")
+CSV_LIKE = ("CSVLogger", "TensorBoardLogger")
 
 
 class PyraCLI(LightningCLI):
-    """LightningCLI with the data -> model links, evaluation callbacks, safe checkpoints and resume.
+    """LightningCLI with the data -> model links, evaluation callbacks, run folders and checked resume.
 
-    - Checkpoints go to ``checkpoint.dirpath``, by default ``<trainer.default_root_dir>/checkpoints``
-      (a fixed place, whatever the logger's versioning), ``last.ckpt`` is written every epoch and
-      every write is atomic (``AtomicCheckpointIO``).
-    - ``fit`` resumes by itself from the newest ``last.ckpt`` / SLURM ``hpc_ckpt_N.ckpt`` unless
-      ``--ckpt_path`` is given or ``--auto_resume false``; a preempted or requeued job just reruns.
+    - One run, one folder: ``--trainer.default_root_dir`` if given, else ``runs/<task>/<method>``.
+      Checkpoints (``checkpoints/last.ckpt``, every epoch, atomic), logs, ``config.yaml``,
+      ``run.json``, ``results.json``, ``predictions.csv`` and W&B files all go there; ``test``,
+      ``validate`` and ``predict`` log into ``<run>/<command>/``.
+    - ``fit`` resumes by itself from the newest ``last.ckpt`` / SLURM ``hpc_ckpt_N.ckpt`` of its
+      folder, only if the checkpoint's settings match (``training.runs``); a folder holding another
+      run, or a checkpoint of other settings, is refused with the differing settings listed.
+      A finished run is not trained or tested again.
+    - ``--ckpt_path`` with command-line settings that contradict the checkpoint is refused.
+    - ``test``/``validate``/``predict`` use the run's ``last.ckpt`` without ``--ckpt_path`` and
+      refuse to run without a checkpoint.
     - After ``fit`` the final-epoch model is tested (LoRA folded) and ``results.json`` written.
     """
+
+    run_dir: Path
+    finished_results: Path | None = None
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self.raw_args = (
+            [] if isinstance(args, dict | Namespace) else list(sys.argv[1:] if args is None else args)
+        )
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Refuse ``--ckpt_path`` when the command line sets model settings the checkpoint contradicts.
+
+        LightningCLI (2.6) loads the checkpoint's hyperparameters over the parsed config; for a
+        setting that the user set explicitly (command line or config file) that would silently
+        train or evaluate something else than was asked.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path:
+            hparams = load_checkpoint(ckpt_path).get("hyper_parameters") or {}
+            keys = explicit_keys(self.raw_args, "model", subcommand)
+            conflicts = conflicting_hparams(hparams, self.config[subcommand].model, keys, ckpt_path)
+            if conflicts:
+                raise refusal(
+                    f"--ckpt_path {ckpt_path} was trained with other model settings than this command sets",
+                    conflicts,
+                    "Leave these arguments out to use the checkpoint as it was trained, or train a new "
+                    "run without --ckpt_path.",
+                )
+        super()._parse_ckpt_path()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -55,7 +119,8 @@ class PyraCLI(LightningCLI):
             "--auto_resume",
             type=bool,
             default=True,
-            help="fit: continue from the newest last.ckpt / hpc_ckpt_N.ckpt when no ckpt_path is given.",
+            help="fit: continue the run in its folder from the newest last.ckpt / hpc_ckpt_N.ckpt "
+            "(only if its settings match); false refuses a folder that holds a run.",
         )
         parser.add_argument(
             "--test_after_fit",
@@ -64,52 +129,207 @@ class PyraCLI(LightningCLI):
             help="After fit, test the final-epoch model (LoRA folded) and write results.json.",
         )
 
+    # ------------------------------------------------------------------------- the run folder
     def before_instantiate_classes(self) -> None:
-        config = self.config.get(self.subcommand, self.config)
-        root = config.trainer.get("default_root_dir") or os.getcwd()
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        given = config.trainer.get("default_root_dir")
+        model = config.model
+        self.run_dir = Path(given) if given else default_run_dir(config.data.task, model.merge_r, model.pyra)
+        config.trainer.default_root_dir = str(self.run_dir)
         if config.get("checkpoint") is not None and not config.checkpoint.get("dirpath"):
-            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
-        logger = config.trainer.get("logger")
-        is_wandb = isinstance(logger, Namespace) and str(logger.get("class_path")).endswith("WandbLogger")
-        if is_wandb and not logger.init_args.get("id"):
-            # One W&B run per run directory: an auto-resumed rerun continues the same run.
-            logger.init_args.id = stable_wandb_id(root)
+            config.checkpoint.dirpath = str(self.run_dir / "checkpoints")
+        fresh = self.subcommand == "fit" and read_run_record(self.run_dir) is None
+        if fresh and rank_zero_only.rank == 0:
+            (self.run_dir / WANDB_ID_FILE).unlink(missing_ok=True)  # a new run is a new W&B run
+        config.trainer.logger = self._run_loggers(config.trainer.get("logger"), self.subcommand or "fit")
+        if self.subcommand in EVALUATIONS and not config.get("ckpt_path"):
+            found = find_resume_checkpoint(config.checkpoint.dirpath, self.run_dir)
+            if found is None:
+                raise ValueError(
+                    f"{self.subcommand}: no checkpoint in {self.run_dir} (looked for "
+                    f"{Path(config.checkpoint.dirpath) / 'last.ckpt'}); train the run first with `fit` and "
+                    "the same arguments, or pass --ckpt_path FILE. Untrained weights are never evaluated."
+                )
+            rank_zero_info(f"{self.subcommand}: using {found}")
+            config.ckpt_path = str(found)
+
+    def _run_loggers(self, logger: Any, stage: str) -> Any:
+        """Point every logger at the run folder, with a fixed version: no ``version_N`` folders."""
+        if logger is False:
+            return False
+        if logger is None or logger is True:
+            logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace())
+        for item in logger if isinstance(logger, list) else [logger]:
+            if not isinstance(item, Namespace):
+                continue
+            kind = str(item.get("class_path")).rsplit(".", 1)[-1]
+            init = item.get("init_args") or Namespace()
+            given = init.get("save_dir")
+            if given not in (None, "", ".") and Path(given).resolve() != self.run_dir.resolve():
+                rank_zero_warn(f"{kind} save_dir {given} is replaced by the run folder {self.run_dir}")
+            init.save_dir = str(self.run_dir)
+            if kind in CSV_LIKE:
+                init.name, init.version = "", ("" if stage == "fit" else stage)
+            elif kind == "WandbLogger":
+                init.id = init.get("id") or stable_wandb_id(self.run_dir)
+                init.name = init.get("name") or "/".join(self.run_dir.parts[-2:])
+            item.init_args = init
+        return logger
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         if not self._get(self.config_init, "trainer", default={}).get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.extend([RunIdentity(), PredictionsCSV()])
+        for callback in trainer.callbacks:
+            if isinstance(callback, ResultsJSON | PredictionsCSV):
+                callback.dirpath = self.run_dir
+        return trainer
+
+    # ------------------------------------------------------------------------------ identity
+    def _settings(self) -> dict[str, Any]:
+        return run_settings(self.trainer, self.model, self.datamodule)
+
+    def _check_checkpoint(
+        self, path: str | Path, settings: dict[str, Any], what: str, fix: str, evaluation: bool, strict: bool
+    ) -> dict[str, Any]:
+        """The checkpoint's identity if its settings match ``settings``; otherwise a refusal."""
+        identity = checkpoint_identity(load_checkpoint(path))
+        if identity is None:
+            message = f"{path} records no run settings (written before pyra-lightning checked them)"
+            if strict:
+                raise ValueError(f"{message}, so resuming it could silently continue another run. {fix}")
+            rank_zero_warn(f"{message}: they cannot be checked against this command")
+            return {"settings": settings, "fingerprint": fingerprint(settings)}
+        differences = settings_differences(identity["settings"], settings, path, evaluation)
+        if differences:
+            raise refusal(what, differences, fix)
+        return identity
+
+    def _results_callback(self) -> ResultsJSON | None:
+        return next((cb for cb in self.trainer.callbacks if isinstance(cb, ResultsJSON)), None)
 
     def before_fit(self) -> None:
         config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") is None and config.get("auto_resume", True):
-            checkpoint_dir = self._get(self.config_init, "checkpoint").dirpath
-            found = find_resume_checkpoint(checkpoint_dir, self.trainer.default_root_dir)
+        settings = self._settings()
+        fresh_fix = START_FRESH.format(run_dir=self.run_dir)
+        record = read_run_record(self.run_dir)
+        if record is not None:
+            differences = settings_differences(record["settings"], settings, self.run_dir / "run.json")
+            if differences:
+                raise refusal(f"{self.run_dir} holds another run", differences, fresh_fix)
+            if not config.get("auto_resume", True) and not config.get("ckpt_path"):
+                raise ValueError(
+                    f"--auto_resume false, but {self.run_dir} holds this run already. {fresh_fix}"
+                )
+            self.finished_results = self._finished(record, settings)
+            if self.finished_results is not None:
+                return
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path:
+            self._check_checkpoint(
+                ckpt_path,
+                settings,
+                f"--ckpt_path {ckpt_path} was trained with other settings than this command",
+                "Pass the settings it was trained with (its run folder's config.yaml), or train without "
+                "--ckpt_path.",
+                evaluation=False,
+                strict=False,
+            )
+        elif config.get("auto_resume", True):
+            found = find_resume_checkpoint(config.checkpoint.dirpath, self.run_dir)
             if found is not None:
+                what = f"auto_resume: {found} belongs to another run than this command"
+                self._check_checkpoint(found, settings, what, fresh_fix, evaluation=False, strict=True)
                 rank_zero_info(f"auto_resume: continuing from {found}")
                 config["ckpt_path"] = str(found)
+        if rank_zero_only.rank == 0:
+            write_run_record(self.run_dir, settings, "running")
+        continue_csv_logs(self.trainer)
+
+    def _finished(self, record: dict[str, Any], settings: dict[str, Any]) -> Path | None:
+        """The run's ``results.json`` if the run finished and its result is of these settings."""
+        path = self.run_dir / RESULTS_FILENAME
+        if record.get("status") != "finished" or not path.is_file():
+            return None
+        try:
+            result = read_result(path)
+        except ValueError:
+            return None
+        return path if result.get("fingerprint") == fingerprint(settings) else None
+
+    def fit(self, **kwargs: Any) -> None:
+        if self.finished_results is not None:
+            print(
+                f"fit: {self.run_dir} holds a finished run of these settings; its results: "
+                f"{self.finished_results}. Nothing to do (`test` evaluates it again; to train again, "
+                "delete the folder or choose another --trainer.default_root_dir)."
+            )
+            return
+        self.trainer.fit(**kwargs)
 
     def after_fit(self) -> None:
-        if self.config.get(self.subcommand, {}).get("test_after_fit", True) and not self.trainer.interrupted:
+        if self.finished_results is not None or self.trainer.interrupted:
+            return
+        settings = self._settings()
+        completed = (
+            self.trainer.max_epochs is not None and self.trainer.current_epoch >= self.trainer.max_epochs
+        )
+        if self.config.get(self.subcommand, {}).get("test_after_fit", True):
+            results = self._results_callback()
+            if results is not None:
+                last = getattr(self.trainer.checkpoint_callback, "last_model_path", None)
+                results.identity = {"settings": settings, "fingerprint": fingerprint(settings)}
+                results.checkpoint = last or None
             self.trainer.test(self.model, datamodule=self.datamodule)
+        if completed and rank_zero_only.rank == 0:
+            write_run_record(self.run_dir, settings, "finished")
+
+    def _before_evaluation(self) -> None:
+        ckpt_path = self.config_init[self.subcommand]["ckpt_path"]
+        identity = self._check_checkpoint(
+            ckpt_path,
+            self._settings(),
+            f"{self.subcommand}: {ckpt_path} was trained with other settings than this command",
+            "Pass the settings the run was trained with (e.g. --config <its run folder>/config.yaml), "
+            "or another --ckpt_path.",
+            evaluation=True,
+            strict=False,
+        )
+        results = self._results_callback()
+        if results is not None:
+            results.identity, results.checkpoint = identity, str(ckpt_path)
+        continue_csv_logs(self.trainer)
+
+    def before_validate(self) -> None:
+        self._before_evaluation()
+
+    def before_test(self) -> None:
+        self._before_evaluation()
+
+    def before_predict(self) -> None:
+        self._before_evaluation()
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> PyraCLI:
     """The CLI exactly as ``pyra-lightning`` builds it; ``run=False`` only parses and instantiates."""
-    return PyraCLI(
-        PyraClassifier,
-        VTABDataModule,
-        args=args,
-        run=run,
-        seed_everything_default=0,
-        save_config_callback=LoggerSaveConfigCallback,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={
-            "prog": "pyra-lightning",
-            "description": "pyra-lightning: LoRA + token merging + PYRA on timm ViTs "
-            "(`pyra-lightning --help` lists the other commands).",
-        },
-    )
+    with warnings.catch_warnings():
+        # the command table (and export, and the tests) pass the arguments; sys.argv is not them
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return PyraCLI(
+            PyraClassifier,
+            VTABDataModule,
+            args=args,
+            run=run,
+            seed_everything_default=0,
+            save_config_callback=LoggerSaveConfigCallback,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={
+                "prog": "pyra-lightning",
+                "description": "pyra-lightning: LoRA + token merging + PYRA on timm ViTs "
+                "(`pyra-lightning --help` lists the other commands).",
+            },
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

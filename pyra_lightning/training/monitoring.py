@@ -359,14 +359,18 @@ def finish_wandb(trainer: pl.Trainer | None, exit_code: int = 0) -> None:
         wandb.finish(exit_code=exit_code)
 
 
-def stable_wandb_id(root_dir: str | Path, filename: str = "wandb_run_id") -> str:
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def stable_wandb_id(root_dir: str | Path, filename: str = WANDB_ID_FILE) -> str:
     """A W&B run id tied to a run folder: made once, then read back by every rerun.
 
     A fixed ``id`` in a shared config would make every run resume one W&B run; no id makes a
     rerun that auto-resumes from ``<root_dir>/checkpoints/last.ckpt`` a new W&B run. An id kept
-    next to the checkpoints gives each run folder its own W&B run, continued across reruns
-    (``WandbLogger`` passes ``resume="allow"``). The file is created exclusively, so concurrent
-    processes (DDP ranks) agree on one id.
+    in the run folder gives each run its own W&B run, continued by every resume, test or predict
+    of that folder (``WandbLogger`` passes ``resume="allow"``); the CLI deletes the file when a
+    new run starts in a folder. The file is created exclusively, so concurrent processes (DDP
+    ranks) agree on one id.
     """
     import secrets
 

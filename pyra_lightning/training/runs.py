@@ -1,0 +1,309 @@
+"""Runs you can trust: one folder per run, and an identity that says what a checkpoint was trained as.
+
+A run folder holds everything one run writes (``run.json``, ``checkpoints/``, ``config.yaml``,
+``metrics.csv``, ``results.json``, ``predictions.csv``, merge images, ``wandb/``). By default it is
+``runs/<task>/<method>`` (``runs/demo/pyra``), so runs on different tasks or methods never share
+a folder; ``--trainer.default_root_dir DIR`` makes ``DIR`` itself the run folder.
+
+A run's *settings* are everything that shapes training: the module's and the data module's
+hyperparameters (minus paths, worker counts and other settings that change no number), the
+resolved ``merge_r`` schedule, the frozen backbone's fingerprint, the trainer's epochs, precision,
+gradient accumulation and clipping, and the seed. Not the device count, logging or ``max_steps``
+(a stop criterion). Their hash is the run's *fingerprint*. Every checkpoint carries both
+(``RunIdentity``), and so do ``run.json`` and ``results.json``: a checkpoint is resumed or
+evaluated only where the settings match, and a refusal lists the settings that differ.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import yaml
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_only
+
+from pyra_lightning.data.tasks import resolve_task
+from pyra_lightning.files import atomic_write_text
+from pyra_lightning.patch import merge_schedule
+from pyra_lightning.results import describe_differences
+
+RUNS_ROOT = "runs"
+RUN_FILE = "run.json"
+CHECKPOINT_KEY = "pyra_run"  # where a checkpoint keeps {"settings": ..., "fingerprint": ...}
+# Hyperparameters that change no number a run produces: where files are, how fast data loads.
+# The frozen weights that pretrained/pretrained_file load are covered by model.backbone_fingerprint.
+EXCLUDED: frozenset[str] = frozenset(
+    {
+        "model.pretrained",
+        "model.pretrained_file",
+        "data.root",
+        "data.num_workers",
+        "data.cache_images",
+        "data.pin_memory",
+        "data.persistent_workers",
+        "data.eval_batch_size",
+        "data.track_test",
+    }
+)
+TRAINER_KEYS: tuple[str, ...] = (
+    "max_epochs",  # the cosine schedule's length depends on it
+    "precision",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+    "gradient_clip_algorithm",
+)
+# Settings that shape training but not the trained model's predictions: evaluating a checkpoint
+# (test/validate/predict) compares every setting except these and the trainer's and seeds.
+TRAINING_ONLY: frozenset[str] = frozenset(
+    {
+        "model.lr",
+        "model.pyra_lr",
+        "model.weight_decay",
+        "model.warmup_epochs",
+        "model.warmup_lr",
+        "model.min_lr",
+        "model.label_smoothing",
+        "model.drop_path_rate",
+        "model.lora_dropout",
+        "data.batch_size",
+        "data.augment",
+        "data.seed",
+        "data.protocol",
+        "seed_everything",
+    }
+)
+START_FRESH = (
+    "To start a new run, choose another folder (--trainer.default_root_dir DIR) or delete {run_dir}."
+)
+
+
+# ------------------------------------------------------------------------------------- settings
+def _plain(value: Any) -> Any:
+    """A JSON value: tuples become lists, anything unusual its string."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def run_settings(trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any) -> dict[str, Any]:
+    """The settings that shape training, as flat ``"group.name"`` keys named like the CLI's flags.
+
+    Built from ``module.hparams`` and ``datamodule.hparams`` (so a new hyperparameter is part of
+    the identity without editing this function) minus ``EXCLUDED``, plus what the hyperparameters
+    do not say: the resolved ``merge_r`` schedule, the backbone fingerprint, the canonical task
+    name, the trainer's ``TRAINER_KEYS`` and the global seed.
+    """
+    settings: dict[str, Any] = {f"model.{k}": v for k, v in dict(module.hparams).items()}
+    if datamodule is not None:
+        settings.update({f"data.{k}": v for k, v in dict(getattr(datamodule, "hparams", {})).items()})
+    model = getattr(module, "model", None)
+    if model is not None:
+        settings["model.merge_r"] = merge_schedule(model)  # "low" and its list are one setting
+    if getattr(module, "backbone_fingerprint", None) is not None:
+        settings["model.backbone_fingerprint"] = module.backbone_fingerprint
+    if "data.task" in settings:
+        settings["data.task"] = task_name(str(settings["data.task"]))
+    for key in TRAINER_KEYS:
+        settings[f"trainer.{key}"] = getattr(trainer, key, None)
+    settings["trainer.precision"] = str(trainer.precision)
+    settings["seed_everything"] = int(os.environ.get("PL_GLOBAL_SEED", "-1"))
+    return {
+        key: _plain(value)
+        for key, value in sorted(settings.items())
+        if key not in EXCLUDED and not key.split(".")[-1].startswith("_")  # LightningCLI's _instantiator
+    }
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    """A short SHA-256 of the settings (key order does not matter)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def eval_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that decide what an evaluated checkpoint predicts (see ``TRAINING_ONLY``)."""
+    return {
+        key: value
+        for key, value in settings.items()
+        if key not in TRAINING_ONLY and not key.startswith("trainer.")
+    }
+
+
+def settings_differences(
+    recorded: dict[str, Any], now: dict[str, Any], source: str | Path, evaluation: bool = False
+) -> list[str]:
+    """Lines ``"model.lora_rank: 16 in <source> vs 8 now"`` for each differing setting."""
+    if evaluation:
+        recorded, now = eval_settings(recorded), eval_settings(now)
+    return describe_differences(recorded, now, str(source), "now")
+
+
+# ----------------------------------------------------------------------------------- run folder
+def task_name(task: str) -> str:
+    """The registry's name of a known task (``cifar100`` -> ``cifar``), a custom folder's as given."""
+    try:
+        return resolve_task(task).name
+    except ValueError:
+        return task.strip()
+
+
+def method_name(merge_r: Any, pyra: Any) -> str:
+    """``peft`` (no merging), ``tome``, ``pyra`` or the PYRA variant's name, from the config alone."""
+    if merge_r is None or merge_r == 0 or (isinstance(merge_r, list | tuple) and not any(merge_r)):
+        return "peft"
+    if pyra is False:
+        return "tome"
+    return "pyra" if pyra is True else str(pyra)
+
+
+def default_run_dir(task: str, merge_r: Any, pyra: Any, root: str | Path = RUNS_ROOT) -> Path:
+    """``<root>/<task>/<method>``: runs on different tasks or methods never share a folder."""
+    parts = [re.sub(r"[^\w.+-]", "_", part) for part in (task_name(task), method_name(merge_r, pyra))]
+    return Path(root) / parts[0] / parts[1]
+
+
+def read_run_record(run_dir: Path) -> dict[str, Any] | None:
+    """``run.json`` of a run folder, or ``None`` when there is none.
+
+    Raises:
+        ValueError: the file exists but is not a JSON object with ``settings``.
+    """
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} cannot be read ({error}); delete it or the run folder") from None
+    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+        raise ValueError(f"{path}: expected an object with 'settings'; delete it or the run folder")
+    return record
+
+
+def write_run_record(run_dir: Path, settings: dict[str, Any], status: str) -> Path:
+    """Write ``run.json``: the run's settings, fingerprint and ``status`` (``running``/``finished``)."""
+    record = {"status": status, "fingerprint": fingerprint(settings), "settings": settings}
+    path = Path(run_dir) / RUN_FILE
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint on CPU, turning torch's errors for a damaged file into one that says what to do.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is truncated, corrupt or not a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        raise ValueError(
+            f"checkpoint {path} cannot be read: it is truncated or corrupt ({type(error).__name__}). "
+            f"Delete it to restart this run from scratch, or give --ckpt_path another checkpoint."
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+    return checkpoint
+
+
+def checkpoint_identity(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """``{"settings": ..., "fingerprint": ...}`` recorded in a checkpoint, ``None`` for older ones."""
+    identity = checkpoint.get(CHECKPOINT_KEY)
+    return identity if isinstance(identity, dict) and isinstance(identity.get("settings"), dict) else None
+
+
+class RunIdentity(pl.Callback):
+    """Record the run's settings and fingerprint in every checkpoint (key ``pyra_run``)."""
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        settings = run_settings(trainer, pl_module, trainer.datamodule)
+        checkpoint[CHECKPOINT_KEY] = {"settings": settings, "fingerprint": fingerprint(settings)}
+
+
+# ------------------------------------------------------------------- what the user asked for
+def _config_files(args: Sequence[str]) -> list[str]:
+    files = []
+    for index, arg in enumerate(args):
+        if arg in ("--config", "-c") and index + 1 < len(args):
+            files.append(args[index + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def explicit_keys(args: Sequence[str], group: str, subcommand: str | None = None) -> set[str]:
+    """The ``group`` settings (e.g. ``model``) that the command line or its config files set.
+
+    LightningCLI gives a setting nobody set its default; a checkpoint's hyperparameters may then
+    replace it. A setting the user did set must never be replaced silently.
+    """
+    keys: set[str] = set()
+    for file in _config_files(args):
+        try:
+            document = yaml.safe_load(Path(file).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            continue  # the CLI itself reports unreadable config files
+        for section in (document, document.get(subcommand) if subcommand else None):
+            if isinstance(section, dict) and isinstance(section.get(group), dict):
+                keys.update(section[group])
+    prefix = f"--{group}."
+    for arg in args:
+        if arg.startswith(prefix):
+            keys.add(arg[len(prefix) :].split("=", 1)[0].split(".", 1)[0])
+    return keys
+
+
+def conflicting_hparams(
+    hparams: dict[str, Any], config: Any, keys: Iterable[str], source: str | Path
+) -> list[str]:
+    """Lines for the explicitly set ``keys`` whose value differs from the checkpoint's ``hparams``."""
+    lines = []
+    for key in sorted(keys):
+        if key in hparams and _plain(config.get(key)) != _plain(hparams[key]):
+            lines.append(
+                f"model.{key}: {json.dumps(_plain(hparams[key]))} in {source} vs "
+                f"{json.dumps(_plain(config.get(key)))} now"
+            )
+    return lines
+
+
+class _ContinuingWriter(ExperimentWriter):
+    """Lightning's CSV writer, minus deleting ``metrics.csv`` when its folder holds other files.
+
+    A run folder always holds more than logs (``run.json``, checkpoints), and a resumed run must
+    add to its ``metrics.csv``, not replace it; the existing header is kept as the known columns.
+    """
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+                self.metrics_keys = sorted(next(csv.reader(handle), []))
+
+
+def continue_csv_logs(trainer: pl.Trainer) -> None:
+    """Make every ``CSVLogger`` of ``trainer`` append to the ``metrics.csv`` of its run folder."""
+    if rank_zero_only.rank != 0:
+        return
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger) and logger._experiment is None:
+            logger._experiment = _ContinuingWriter(logger.log_dir)
+
+
+def refusal(what: str, differences: Sequence[str], fix: str) -> ValueError:
+    """One error for every refusal: what was refused, the differing settings, how to proceed."""
+    listed = "\n".join(f"  {line}" for line in differences)
+    return ValueError(f"{what}; these settings differ:\n{listed}\n{fix}")

@@ -1,0 +1,211 @@
+"""Runs you can trust (issue 9): one folder per run, resume and evaluate only what matches.
+
+Each test reproduces one bug a new user hit right after the quickstart, and checks it is gone. One
+short quickstart fit in the default layout (``runs/demo/pyra`` under a temporary working folder)
+is shared by the module's tests; the refusals cost no training.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import SHORT, quickstart_args
+
+from pyra_lightning.__main__ import main
+from pyra_lightning.data.demo import DEMO_CLASSES
+
+
+def run_main(args: list[str]) -> None:
+    main(args)
+
+
+def refused(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run a command that must be refused; its one-line error (no traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "size mismatch" not in err
+    return err
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A working folder holding ``data/`` and one finished quickstart run, ``runs/demo/pyra``,
+    fitted under umask 022 (so its files must be mode 0644)."""
+    root = tmp_path_factory.mktemp("work")
+    previous_dir, previous_mask = Path.cwd(), os.umask(0o022)
+    os.chdir(root)
+    try:
+        main(["fit", *quickstart_args(None, root / "data", *SHORT)])
+    finally:
+        os.chdir(previous_dir)
+        os.umask(previous_mask)
+    yield root
+
+
+def args_in(workdir: Path, *extra: str) -> list[str]:
+    return quickstart_args(None, workdir / "data", *SHORT, *extra)
+
+
+@pytest.mark.slow
+def test_a_run_is_one_folder_whose_files_honour_the_umask(workdir: Path) -> None:
+    run = workdir / "runs" / "demo" / "pyra"
+    for name in ("run.json", "config.yaml", "metrics.csv", "results.json", "checkpoints/last.ckpt"):
+        assert (run / name).is_file(), name
+    assert list((run / "merging").glob("*.png")), "merge images go to the run folder too"
+    everything = [p.relative_to(workdir) for p in workdir.rglob("*")]
+    assert not [p for p in everything if p.name.startswith("version_")], "no version_N folders"
+    assert sorted({p.parts[0] for p in everything}) == ["data", "runs"], "nothing outside the run folder"
+    assert sorted(p.name for p in (workdir / "runs").iterdir()) == ["demo"]
+    for name in ("results.json", "run.json", "checkpoints/last.ckpt"):
+        assert stat.S_IMODE((run / name).stat().st_mode) == 0o644, f"{name}: umask 022 gives 0644"
+    result = json.loads((run / "results.json").read_text())
+    record = json.loads((run / "run.json").read_text())
+    assert result["fingerprint"] == record["fingerprint"] and record["status"] == "finished"
+    assert result["settings"]["data.task"] == "demo" and result["settings"]["model.lora_rank"] == 16
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["pyra_run"]["fingerprint"] == record["fingerprint"]
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_fit_neither_trains_nor_tests(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(workdir)
+    run = workdir / "runs" / "demo" / "pyra"
+    before = {name: (run / name).stat().st_mtime_ns for name in ("results.json", "checkpoints/last.ckpt")}
+    main(["fit", *args_in(workdir)])
+    assert f"results: {Path('runs/demo/pyra/results.json')}" in capsys.readouterr().out
+    assert {name: (run / name).stat().st_mtime_ns for name in before} == before
+
+
+@pytest.mark.slow
+def test_another_task_in_the_same_root_trains_from_scratch_in_its_own_folder(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The issue: `--data.task mytask` "continued" runs/quickstart/checkpoints/last.ckpt of the demo,
+    # trained nothing and wrote the demo's accuracy as mytask's result.
+    monkeypatch.chdir(workdir)
+    shutil.copytree(workdir / "data" / "demo", workdir / "data" / "mytask", dirs_exist_ok=True)
+    demo_run, mine = workdir / "runs" / "demo" / "pyra", workdir / "runs" / "mytask" / "pyra"
+    demo_checkpoint = (demo_run / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    main(["fit", *args_in(workdir, "--data.task=mytask")])
+    result = json.loads((mine / "results.json").read_text())
+    assert result["task"] == "mytask" and result["settings"]["data.task"] == "mytask"
+    with open(mine / "metrics.csv") as handle:
+        assert any(row.get("val/acc") for row in csv.DictReader(handle)), "it trained, in its own folder"
+    assert torch.load(mine / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert json.loads((demo_run / "results.json").read_text())["task"] == "demo"
+    assert (demo_run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == demo_checkpoint
+
+    # Forcing the second task into the first task's folder is refused, naming the tasks.
+    err = refused(
+        ["fit", *args_in(workdir, "--data.task=mytask", f"--trainer.default_root_dir={demo_run}")], capsys
+    )
+    assert f'data.task: "demo" in {demo_run / "run.json"} vs "mytask" now' in err
+    assert "--trainer.default_root_dir" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("change", "listed"),
+    [
+        ("--model.lora_rank=8", "model.lora_rank: 16 in"),
+        ("--model.merge_r=[8,8,8,8,8,8]", "model.merge_r: [16, 12, 8, 6, 4, 2] in"),
+    ],
+)
+def test_changed_settings_are_refused_listing_them(
+    workdir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    change: str,
+    listed: str,
+) -> None:
+    # The issue: auto-resume crashed with a raw 12-line `size mismatch` RuntimeError.
+    monkeypatch.chdir(workdir)
+    err = refused(["fit", *args_in(workdir, change)], capsys)
+    assert listed in err and "runs/demo/pyra holds another run" in err
+    assert "delete runs/demo/pyra" in err
+
+
+def test_ckpt_path_with_a_conflicting_command_line_is_refused(
+    workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The issue: `fit --ckpt_path FILE --model.lora_rank 8` trained and reported rank 16, silently.
+    last = workdir / "runs" / "demo" / "pyra" / "checkpoints" / "last.ckpt"
+    for command in ("fit", "test"):
+        args = quickstart_args(
+            tmp_path / command, workdir / "data", f"--ckpt_path={last}", "--model.lora_rank=8"
+        )
+        err = refused([command, *args], capsys)
+        assert f"model.lora_rank: 16 in {last} vs 8 now" in err
+    assert not any(tmp_path.iterdir()), "refused before anything was written"
+
+
+def test_evaluating_without_a_checkpoint_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The issue: `test` with no checkpoint tested random weights (accuracy 0.2475) and wrote results.json.
+    for command in ("test", "validate", "predict"):
+        err = refused([command, *quickstart_args(tmp_path / "fresh", tmp_path / "data")], capsys)
+        assert f"{command}: no checkpoint in {tmp_path / 'fresh'}" in err
+    assert not list(tmp_path.rglob("results.json"))
+
+
+@pytest.mark.slow
+def test_test_and_predict_use_the_runs_checkpoint_and_write_into_its_folder(
+    workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `test` and `predict` without --ckpt_path evaluate the run's last.ckpt; predict writes a CSV.
+    run = tmp_path / "run"
+    shutil.copytree(workdir / "runs" / "demo" / "pyra", run)
+    fitted = json.loads((run / "results.json").read_text())
+    main(["test", *quickstart_args(run, workdir / "data", *SHORT)])
+    tested = json.loads((run / "results.json").read_text())
+    assert tested["test_acc"] == pytest.approx(fitted["test_acc"], abs=1e-6)
+    assert tested["fingerprint"] == fitted["fingerprint"] and tested["checkpoint"].endswith("last.ckpt")
+    assert (run / "test" / "metrics.csv").is_file() and (run / "metrics.csv").is_file(), "fit's logs kept"
+
+    main(["predict", *quickstart_args(run, workdir / "data", *SHORT)])
+    with open(run / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 400 and set(rows[0]) == {"image", "label", "predicted", "class_name"}
+    assert Path(rows[0]["image"]).is_file() and "demo" in Path(rows[0]["image"]).parts
+    assert all(row["class_name"] == DEMO_CLASSES[int(row["predicted"])] for row in rows)
+    accuracy = sum(row["label"] == row["predicted"] for row in rows) / len(rows)
+    assert accuracy == pytest.approx(fitted["test_acc"], abs=1e-6), "the same folded model as the test"
+
+
+def test_a_truncated_checkpoint_is_named_with_the_fix(
+    workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The issue: a truncated last.ckpt crashed auto-resume with "failed finding central directory".
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(workdir / "runs" / "demo" / "pyra" / "run.json", run / "run.json")
+    data = (workdir / "runs" / "demo" / "pyra" / "checkpoints" / "last.ckpt").read_bytes()
+    (run / "checkpoints" / "last.ckpt").write_bytes(data[: len(data) // 2])
+    for command in ("fit", "test"):
+        err = refused([command, *quickstart_args(run, workdir / "data", *SHORT)], capsys)
+        assert (
+            f"checkpoint {run / 'checkpoints' / 'last.ckpt'} cannot be read: it is truncated or corrupt"
+            in err
+        )
+        assert "central directory" not in err and "Delete it" in err
+
+
+def test_auto_resume_false_never_shares_a_folder(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(workdir)
+    err = refused(["fit", *args_in(workdir, "--auto_resume=false")], capsys)
+    assert "--auto_resume false, but runs/demo/pyra holds this run already" in err
