@@ -78,10 +78,14 @@ class LoRAQKV(nn.Linear):
         """The folded update ``scaling · B A``, (out_features, in_features)."""
         return (self.lora_b @ self.lora_a) * self.scaling
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)  # (B, N, 3C)
+    def lora_update(self, x: torch.Tensor) -> torch.Tensor:
+        """The low-rank branch alone, ``scaling · dropout(x) Aᵀ Bᵀ`` (for callers that apply W0 themselves)."""
         update = (self.lora_dropout(x) @ self.lora_a.transpose(0, 1)) @ self.lora_b.transpose(0, 1)
-        return out + update * self.scaling
+        return update * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)  # (B, N, out_features)
+        return out + self.lora_update(x)
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` whose weight is ``W0 + scaling · B A`` (exact up to rounding)."""
