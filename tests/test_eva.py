@@ -6,6 +6,7 @@ paths run as for the pretrained ones (rotary embeddings, SwiGLU, layer scale, re
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -326,3 +327,28 @@ def test_one_epoch_fit_of_the_demo_with_a_tiny_rope_eva(tmp_path: Path) -> None:
     results = sorted(runs.rglob("results.json"))
     assert len(results) == 1
     assert sorted(runs.rglob("last.ckpt"))
+
+
+def test_data_follows_the_backbone_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyra_lightning.data import vtab
+    from pyra_lightning.data.vtab import VTABDataModule, backbone_data_config
+
+    dm = VTABDataModule(task="demo", backbone="vit_base_patch16_dinov3")  # timm default tag: 256 px
+    assert (dm.img_size, dm.normalization) == (256, "imagenet")
+    dm = VTABDataModule(task="demo", backbone="eva02_base_patch14_224.mim_in22k", img_size=112)
+    assert (dm.img_size, dm.normalization) == (112, "openai_clip")
+    dm = VTABDataModule(
+        task="demo", backbone="vit_base_patch16_siglip_224.v2_webli", normalization="imagenet"
+    )
+    assert dm.normalization == "imagenet" and dm.mean == (0.485, 0.456, 0.406)
+    assert backbone_data_config("vit_pe_core_base_patch16_224.fb") == (224, "inception")
+    plain = VTABDataModule(task="demo")  # no backbone: the previous defaults
+    assert (plain.img_size, plain.normalization) == (224, "imagenet")
+    cfg = dataclasses.replace(
+        timm.models.get_pretrained_cfg("vit_base_patch16_224.orig_in21k"), mean=(0.1, 0.2, 0.3)
+    )
+    monkeypatch.setattr(vtab, "get_pretrained_cfg", lambda name: cfg)
+    with pytest.raises(
+        ValueError, match=r"declares mean \(0.1, 0.2, 0.3\).*set data.normalization explicitly"
+    ):
+        backbone_data_config("vit_base_patch16_224.orig_in21k")

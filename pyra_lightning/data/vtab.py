@@ -28,7 +28,10 @@ from timm.data import (
     IMAGENET_DEFAULT_STD,
     IMAGENET_INCEPTION_MEAN,
     IMAGENET_INCEPTION_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
 )
+from timm.models import get_pretrained_cfg
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
@@ -36,15 +39,17 @@ from torchvision.transforms import v2
 from pyra_lightning.data.demo import DEMO_CLASSES, DEMO_TASK_NAME, generate_demo
 
 VTABProtocol = Literal["tune", "final"]
-Normalization = Literal["imagenet", "inception"]
+Normalization = Literal["imagenet", "inception", "openai_clip"]
 Role = Literal["train", "val", "test"]
 
 GROUPS: tuple[str, ...] = ("natural", "specialized", "structured")
 SPLIT_FILES: tuple[str, ...] = ("train800.txt", "val200.txt", "train800val200.txt", "test.txt")
 NORMALIZATION_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    "inception": (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD),
+    "inception": (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD),  # also SigLIP, PE
+    "openai_clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),  # CLIP, EVA-02
 }
+DEFAULT_IMG_SIZE = 224  # without a backbone to ask
 # Which split file each loader reads. In "tune" there is no test split to touch, so test = val200.
 _PROTOCOL_SPLITS: dict[str, dict[Role, str]] = {
     "tune": {"train": "train800.txt", "val": "val200.txt", "test": "val200.txt"},
@@ -134,6 +139,39 @@ def resolve_task(name: str) -> VTABTask:
         raise ValueError(
             f"unknown VTAB-1k task {name!r}; known tasks: {_known_names()} (aliases such as 'cifar100' work too)"
         ) from None
+
+
+def backbone_data_config(backbone: str) -> tuple[int, Normalization]:
+    """Default input size and normalization of a timm backbone, from its ``pretrained_cfg``.
+
+    ``backbone`` is a timm name with or without a pretrained tag (``vit_base_patch16_dinov3.lvd1689m``);
+    without one, timm's default tag is read. EVA-02 and CLIP declare OpenAI CLIP statistics,
+    SigLIP and PE 0.5/0.5 (``inception``), DINOv2/v3 ImageNet's.
+
+    Raises:
+        ValueError: for a name timm does not know, or statistics none of ``NORMALIZATION_STATS`` match.
+    """
+    cfg = get_pretrained_cfg(backbone)
+    if cfg is None:
+        raise ValueError(f"backbone {backbone!r}: timm has no pretrained config for it; set data.normalization")
+    for name, (mean, std) in NORMALIZATION_STATS.items():
+        if _same(cfg.mean, mean) and _same(cfg.std, std):
+            return int(cfg.input_size[-1]), name  # type: ignore[return-value]
+    raise ValueError(
+        f"backbone {backbone!r} declares mean {cfg.mean} / std {cfg.std}, which none of "
+        f"{list(NORMALIZATION_STATS)} match; set data.normalization explicitly"
+    )
+
+
+def _same(a: Sequence[float], b: Sequence[float]) -> bool:
+    return len(a) == len(b) and all(abs(x - y) < 1e-6 for x, y in zip(a, b, strict=True))
+
+
+def resolve_img_size(img_size: int | None, backbone: str | None) -> int:
+    """``img_size`` if set, else the backbone's default input size, else 224 (for the CLI's link)."""
+    if img_size is not None:
+        return img_size
+    return backbone_data_config(backbone)[0] if backbone else DEFAULT_IMG_SIZE
 
 
 def normalize_uint8(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
@@ -326,12 +364,18 @@ class VTABDataModule(pl.LightningDataModule):
         task: task name or alias (see ``VTAB_TASKS``), ``"demo"`` (generated under ``root`` on first
             use), or the name of any other folder under ``root`` in the same layout.
         protocol: ``"tune"`` or ``"final"``, as above.
-        img_size: images are resized (bicubic, antialiased, no crop) to ``img_size`` x ``img_size``.
+        img_size: images are resized (bicubic, antialiased, no crop) to ``img_size`` x ``img_size``;
+            ``None`` takes the backbone's default input size (224 without a backbone).
         batch_size: training batch size.
         eval_batch_size: batch size of the validation/test/predict loaders; defaults to ``batch_size``.
         num_workers: DataLoader worker processes per loader.
-        normalization: ``"imagenet"`` (timm's default mean/std) or ``"inception"`` (0.5/0.5), matching
-            the statistics the pretrained backbone was trained with.
+        normalization: ``"imagenet"`` (timm's default mean/std), ``"inception"`` (0.5/0.5; SigLIP, PE)
+            or ``"openai_clip"`` (CLIP, EVA-02), matching the statistics the pretrained backbone was
+            trained with; ``None`` takes them from the backbone's timm ``pretrained_cfg`` (ImageNet's
+            without a backbone). The paper's configs pin ``imagenet``, what the reference trained
+            with, although timm's ``orig_in21k`` tags declare 0.5.
+        backbone: the timm model name (with tag) the data is for; the CLI links ``model.model_name``
+            here. Only read when ``img_size`` or ``normalization`` is ``None``.
         augment: random horizontal flip and a mild random resized crop on the training split only.
             Off by default, as in the paper; it can change the labels of the structured tasks
             (positions, orientations, distances).
@@ -350,11 +394,11 @@ class VTABDataModule(pl.LightningDataModule):
         root: str = "data/vtab-1k",
         task: str = "demo",
         protocol: VTABProtocol = "final",
-        img_size: int = 224,
+        img_size: int | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 2,
-        normalization: Normalization = "imagenet",
+        normalization: Normalization | None = None,
         augment: bool = False,
         cache_images: bool = False,
         num_classes: int | None = None,
@@ -362,10 +406,14 @@ class VTABDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         seed: int = 0,
+        backbone: str | None = None,
     ) -> None:
         super().__init__()
         if protocol not in _PROTOCOL_SPLITS:
             raise ValueError(f"protocol must be 'tune' or 'final', got {protocol!r}")
+        if normalization is None:
+            normalization = backbone_data_config(backbone)[1] if backbone else "imagenet"
+        img_size = resolve_img_size(img_size, backbone)
         if normalization not in NORMALIZATION_STATS:
             raise ValueError(
                 f"normalization must be one of {list(NORMALIZATION_STATS)}, got {normalization!r}"
@@ -397,6 +445,8 @@ class VTABDataModule(pl.LightningDataModule):
                 "labels (positions, orientations, distances)"
             )
         self.save_hyperparameters(ignore=["num_classes"])  # the model logs the resolved count
+        # The resolved values, so that a checkpoint names the statistics and size it was trained with.
+        self.hparams["img_size"], self.hparams["normalization"] = img_size, normalization
         self.root = Path(root)
         self.task = task
         self.protocol = protocol

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from pyra_lightning.data.vtab import VTABDataModule
+from pyra_lightning.data.vtab import VTABDataModule, resolve_img_size
 from pyra_lightning.training.callbacks import InferenceThroughput, LoRAFolding, ResultsJSON
 from pyra_lightning.training.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 from pyra_lightning.training.module import PyraClassifier
@@ -43,7 +43,11 @@ class PyraCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.img_size", "model.img_size")
+        # Data follows the backbone: unset img_size/normalization come from its timm pretrained_cfg.
+        parser.link_arguments("model.model_name", "data.backbone")
+        parser.link_arguments(
+            ("data.img_size", "model.model_name"), "model.img_size", compute_fn=resolve_img_size
+        )
         parser.add_lightning_class_args(LoRAFolding, "lora_folding")
         parser.add_lightning_class_args(InferenceThroughput, "throughput")
         parser.add_lightning_class_args(ResultsJSON, "results")
