@@ -1,11 +1,15 @@
-"""LoRA on the attention's fused qkv projection (Hu et al. 2021; PYRA paper eq. 1).
+"""LoRA on the attention's projections (Hu et al. 2021; PYRA paper eq. 1).
 
 ``LoRAQKV`` subclasses ``nn.Linear`` so that the frozen weight and bias keep timm's checkpoint
 keys (``blocks.N.attn.qkv.weight``); the low-rank factors sit beside them as
-``blocks.N.attn.qkv.lora_a`` / ``lora_b``.
+``blocks.N.attn.qkv.lora_a`` / ``lora_b``. The same layer adapts each of the separate
+``q_proj``/``k_proj``/``v_proj`` projections of EVA-02-style attention, grouped-query attention
+included (the k and v projections are then narrower, and so are their ``lora_b``).
 
-Worked shapes for ViT-B/16 at rank 8: ``weight`` (2304, 768), ``lora_a`` (8, 768),
+Worked shapes for ViT-B/16 at rank 8 (fused qkv): ``weight`` (2304, 768), ``lora_a`` (8, 768),
 ``lora_b`` (2304, 8): 24,576 trainable numbers per block, 294,912 (0.29M) in 12 blocks (Table 1).
+EVA-02-B at rank 8 (separate q/k/v): three ``lora_a`` (8, 768) and three ``lora_b`` (768, 8):
+36,864 per block, 442,368 in 12 blocks. ``fold_lora`` folds each into its own weight.
 """
 
 from __future__ import annotations
