@@ -16,9 +16,10 @@ that shape with one number ``rho`` in [0, 1]: layer l merges ``floor(rho * max_l
 ``max_l`` is half the mergeable tokens entering it. ``rho = 1`` halves the tokens in every layer;
 smaller ``rho`` decays the token count geometrically. The FLOPs of a schedule follow from the
 token count of every block (``block_flops``, the matmul FLOPs that ``torch.utils.flop_counter``
-counts) plus what merging does not change (patch embedding, head), and the fraction is monotone in ``rho``, so bisection finds the gentlest schedule whose
-FLOPs are at most the target. This is how sizes the paper does not cover (ViT-S, ViT-H, DINOv2/v3, EVA-02,
-patch 14, 384-512 px) get schedules.
+counts) plus what merging does not change (patch embedding, head), and the fraction is monotone
+in ``rho``, so bisection finds the gentlest schedule whose FLOPs are at most the target. This is
+how sizes the paper does not cover (ViT-S, ViT-H, DINOv2/v3, EVA-02, SigLIP, PE; patch 14 or 16;
+224-512 px) get schedules.
 """
 
 from __future__ import annotations

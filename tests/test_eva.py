@@ -7,6 +7,7 @@ paths run as for the pretrained ones (rotary embeddings, SwiGLU, layer scale, re
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -276,6 +277,8 @@ def test_eva_refusals_name_the_model_and_the_reason() -> None:
         ("vit_pe_core_base_patch16_224", {}),
         ("vit_base_patch14_reg4_dinov2", {"img_size": 518}),
         ("vit_base_patch16_siglip_224", {"img_size": 384}),
+        ("vit_base_patch16_siglip_512", {}),
+        ("eva02_base_patch14_448", {}),
         ("vit_small_patch16_rope_mixed_224", {}),
     ],
 )
@@ -326,6 +329,9 @@ def test_one_epoch_fit_of_the_demo_with_a_tiny_rope_eva(tmp_path: Path) -> None:
     )
     results = sorted(runs.rglob("results.json"))
     assert len(results) == 1
+    record = json.loads(results[0].read_text())
+    assert record["method"] == "pyra" and record["config"]["merge_r"] == [8, 6, 4, 2]
+    assert record["gflops"] < record["gflops_unmerged"]
     assert sorted(runs.rglob("last.ckpt"))
 
 
