@@ -154,6 +154,19 @@ def test_bf16_autocast_and_torch_compile_run(family: str, x: torch.Tensor) -> No
         torch.testing.assert_close(compiled(x), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["dinov3", "rope_mixed"])
+def test_activation_checkpointing_matches_plain_backward(family: str, x: torch.Tensor) -> None:
+    def grads(checkpointing: bool) -> list[torch.Tensor]:
+        model = randomize_(apply_merging(apply_lora(tiny(family, global_pool="avg"), 4), SCHEDULE))
+        mark_trainable(model)
+        model.set_grad_checkpointing(checkpointing)
+        model(x).square().sum().backward()
+        return [p.grad for p in model.parameters() if p.requires_grad]
+
+    for a, b in zip(grads(False), grads(True), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_rotary_merge_rule_on_a_hand_built_case() -> None:
     """Two merged tokens: the logit with averaged (sin, cos) is the mean over member pairs."""
     generator = torch.Generator().manual_seed(0)
