@@ -349,8 +349,9 @@ def test_one_epoch_fit_of_the_demo_with_a_tiny_rope_eva(tmp_path: Path) -> None:
 
 
 def test_data_follows_the_backbone_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pyra_lightning.data import vtab
-    from pyra_lightning.data.vtab import VTABDataModule, backbone_data_config
+    from pyra_lightning.data import backbone_config
+    from pyra_lightning.data.backbone_config import backbone_data_config
+    from pyra_lightning.data.vtab import VTABDataModule
 
     dm = VTABDataModule(task="demo", backbone="vit_base_patch16_dinov3")  # timm default tag: 256 px
     assert (dm.img_size, dm.normalization) == (256, "imagenet")
@@ -366,7 +367,7 @@ def test_data_follows_the_backbone_unless_set(monkeypatch: pytest.MonkeyPatch) -
     cfg = dataclasses.replace(
         timm.models.get_pretrained_cfg("vit_base_patch16_224.orig_in21k"), mean=(0.1, 0.2, 0.3)
     )
-    monkeypatch.setattr(vtab, "get_pretrained_cfg", lambda name: cfg)
+    monkeypatch.setattr(backbone_config, "get_pretrained_cfg", lambda name: cfg)
     with pytest.raises(
         ValueError, match=r"declares mean \(0.1, 0.2, 0.3\).*set data.normalization explicitly"
     ):

@@ -23,33 +23,23 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
-from timm.data import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
-    IMAGENET_INCEPTION_MEAN,
-    IMAGENET_INCEPTION_STD,
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-)
-from timm.models import get_pretrained_cfg
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
+from pyra_lightning.data.backbone_config import (
+    NORMALIZATION_STATS,
+    Normalization,
+    backbone_data_config,
+    resolve_img_size,
+)
 from pyra_lightning.data.demo import DEMO_CLASSES, DEMO_TASK_NAME, generate_demo
 
 VTABProtocol = Literal["tune", "final"]
-Normalization = Literal["imagenet", "inception", "openai_clip"]
 Role = Literal["train", "val", "test"]
 
 GROUPS: tuple[str, ...] = ("natural", "specialized", "structured")
 SPLIT_FILES: tuple[str, ...] = ("train800.txt", "val200.txt", "train800val200.txt", "test.txt")
-NORMALIZATION_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    "inception": (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD),  # also SigLIP, PE
-    "openai_clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),  # CLIP, EVA-02
-}
-DEFAULT_IMG_SIZE = 224  # without a backbone to ask
 # Which split file each loader reads. In "tune" there is no test split to touch, so test = val200.
 _PROTOCOL_SPLITS: dict[str, dict[Role, str]] = {
     "tune": {"train": "train800.txt", "val": "val200.txt", "test": "val200.txt"},
@@ -139,39 +129,6 @@ def resolve_task(name: str) -> VTABTask:
         raise ValueError(
             f"unknown VTAB-1k task {name!r}; known tasks: {_known_names()} (aliases such as 'cifar100' work too)"
         ) from None
-
-
-def backbone_data_config(backbone: str) -> tuple[int, Normalization]:
-    """Default input size and normalization of a timm backbone, from its ``pretrained_cfg``.
-
-    ``backbone`` is a timm name with or without a pretrained tag (``vit_base_patch16_dinov3.lvd1689m``);
-    without one, timm's default tag is read. EVA-02 and CLIP declare OpenAI CLIP statistics,
-    SigLIP and PE 0.5/0.5 (``inception``), DINOv2/v3 ImageNet's.
-
-    Raises:
-        ValueError: for a name timm does not know, or statistics none of ``NORMALIZATION_STATS`` match.
-    """
-    cfg = get_pretrained_cfg(backbone)
-    if cfg is None:
-        raise ValueError(f"backbone {backbone!r}: timm has no pretrained config for it; set data.normalization")
-    for name, (mean, std) in NORMALIZATION_STATS.items():
-        if _same(cfg.mean, mean) and _same(cfg.std, std):
-            return int(cfg.input_size[-1]), name  # type: ignore[return-value]
-    raise ValueError(
-        f"backbone {backbone!r} declares mean {cfg.mean} / std {cfg.std}, which none of "
-        f"{list(NORMALIZATION_STATS)} match; set data.normalization explicitly"
-    )
-
-
-def _same(a: Sequence[float], b: Sequence[float]) -> bool:
-    return len(a) == len(b) and all(abs(x - y) < 1e-6 for x, y in zip(a, b, strict=True))
-
-
-def resolve_img_size(img_size: int | None, backbone: str | None) -> int:
-    """``img_size`` if set, else the backbone's default input size, else 224 (for the CLI's link)."""
-    if img_size is not None:
-        return img_size
-    return backbone_data_config(backbone)[0] if backbone else DEFAULT_IMG_SIZE
 
 
 def normalize_uint8(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:

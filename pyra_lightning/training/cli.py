@@ -17,7 +17,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from pyra_lightning.data.vtab import VTABDataModule, resolve_img_size
+from pyra_lightning.data.backbone_config import resolve_img_size
+from pyra_lightning.data.vtab import VTABDataModule
 from pyra_lightning.training.callbacks import InferenceThroughput, LoRAFolding, ResultsJSON
 from pyra_lightning.training.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 from pyra_lightning.training.module import PyraClassifier
