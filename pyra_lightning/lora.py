@@ -1,11 +1,15 @@
-"""LoRA on the attention's fused qkv projection (Hu et al. 2021; PYRA paper eq. 1).
+"""LoRA on the attention's projections (Hu et al. 2021; PYRA paper eq. 1).
 
 ``LoRAQKV`` subclasses ``nn.Linear`` so that the frozen weight and bias keep timm's checkpoint
 keys (``blocks.N.attn.qkv.weight``); the low-rank factors sit beside them as
-``blocks.N.attn.qkv.lora_a`` / ``lora_b``.
+``blocks.N.attn.qkv.lora_a`` / ``lora_b``. The same layer adapts each of the separate
+``q_proj``/``k_proj``/``v_proj`` projections of EVA-02-style attention, grouped-query attention
+included (the k and v projections are then narrower, and so are their ``lora_b``).
 
-Worked shapes for ViT-B/16 at rank 8: ``weight`` (2304, 768), ``lora_a`` (8, 768),
+Worked shapes for ViT-B/16 at rank 8 (fused qkv): ``weight`` (2304, 768), ``lora_a`` (8, 768),
 ``lora_b`` (2304, 8): 24,576 trainable numbers per block, 294,912 (0.29M) in 12 blocks (Table 1).
+EVA-02-B at rank 8 (separate q/k/v): three ``lora_a`` (8, 768) and three ``lora_b`` (768, 8):
+36,864 per block, 442,368 in 12 blocks. ``fold_lora`` folds each into its own weight.
 """
 
 from __future__ import annotations
@@ -104,10 +108,14 @@ class LoRAQKV(nn.Linear):
         """The folded update ``scaling · B A``, (out_features, in_features)."""
         return (self.lora_b @ self.lora_a) * self.scaling
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)  # (B, N, 3C)
+    def lora_update(self, x: torch.Tensor) -> torch.Tensor:
+        """The low-rank branch alone, ``scaling · dropout(x) Aᵀ Bᵀ`` (for callers that apply W0 themselves)."""
         update = (self.lora_dropout(x) @ self.lora_a.transpose(0, 1)) @ self.lora_b.transpose(0, 1)
-        return out + update * self.scaling
+        return update * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)  # (B, N, out_features)
+        return out + self.lora_update(x)
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` whose weight is ``W0 + scaling · B A`` (exact up to rounding)."""

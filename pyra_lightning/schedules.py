@@ -6,7 +6,9 @@
 - ``(r, inflection)``: ToMe's linear schedule; inflection -1 decreases, 0 is constant, +1 increases;
 - ``list[int]``: one value per layer;
 - ``"low"`` / ``"high"``: the paper's schedules for ViT-B/16, DeiT-B (distilled) and ViT-L/16 at
-  224 px (Tables 2-5), the ones the reference implementation ships;
+  224 px (Tables 2-5), the ones the reference implementation ships; for every other architecture
+  and resolution, the paper's FLOPs fractions (0.500 and 0.289 of the uncompressed FLOPs) solved
+  by the FLOPs solver below;
 - ``float`` in (0, 1): a target fraction of the uncompressed model's FLOPs, solved for (below).
 
 The FLOPs solver. The paper's schedules merge many tokens early and few late. We parametrise
@@ -14,9 +16,10 @@ that shape with one number ``rho`` in [0, 1]: layer l merges ``floor(rho * max_l
 ``max_l`` is half the mergeable tokens entering it. ``rho = 1`` halves the tokens in every layer;
 smaller ``rho`` decays the token count geometrically. The FLOPs of a schedule follow from the
 token count of every block (``block_flops``, the matmul FLOPs that ``torch.utils.flop_counter``
-counts), and the fraction is monotone in ``rho``, so bisection finds the gentlest schedule whose
-FLOPs are at most the target. This is how sizes the paper does not cover (ViT-S, ViT-H, DINO,
-384 px) get schedules.
+counts) plus what merging does not change (patch embedding, head), and the fraction is monotone
+in ``rho``, so bisection finds the gentlest schedule whose FLOPs are at most the target. This is
+how sizes the paper does not cover (ViT-S, ViT-H, DINOv2/v3, EVA-02, SigLIP, PE; patch 14 or 16;
+224-512 px) get schedules.
 """
 
 from __future__ import annotations
@@ -31,13 +34,34 @@ MergeSpec = int | float | str | tuple[int, float] | list[int]
 
 @dataclass(frozen=True)
 class ViTShape:
-    """What a schedule depends on: depth, width, MLP width and token counts at the input."""
+    """What a schedule depends on: depth, token counts and what each token costs.
+
+    Per-token costs are multiply-adds of the linear layers, read off the model's modules (see
+    ``patch_vit.model_shape``), so GluMlp/SwiGLU MLPs, separate or grouped-query q/k/v
+    projections and attention gates count what they compute.
+
+    Attributes:
+        depth: Number of blocks.
+        embed_dim: Token width D.
+        num_patches: Patch tokens at the configured input size (196 for /16 at 224 px, 256 for
+            /14 at 224 px, 1024 for /16 at 512 px).
+        num_prefix_tokens: Class, distillation, register and storage tokens (never merged).
+        attn_dim: Width of q and k summed over query heads, for ``q kᵀ`` and ``attn v``.
+        attn_macs: Per block, multiply-adds per token of the attention's projections.
+        mlp_macs: Per block, multiply-adds per token of the MLP.
+        fixed_flops: FLOPs merging does not change: patch embedding, attention pool latent, head.
+        pool_token_flops: Attention pooling FLOPs per token that reaches the pool (0 without).
+    """
 
     depth: int
     embed_dim: int
-    mlp_hidden: int
     num_patches: int
     num_prefix_tokens: int
+    attn_dim: int
+    attn_macs: tuple[int, ...]
+    mlp_macs: tuple[int, ...]
+    fixed_flops: int = 0
+    pool_token_flops: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -60,6 +84,8 @@ PAPER_SCHEDULES: dict[tuple[int, int, int, int], tuple[str, dict[str, list[int]]
         },
     ),
 }
+# What "low" and "high" mean where the paper gives no list: its ViT-B/16 schedules' FLOPs fractions.
+PAPER_FLOPS_FRACTIONS: dict[str, float] = {"low": 0.500, "high": 0.289}
 
 
 def tome_schedule(merge_r: int, inflection: float, depth: int) -> list[int]:
@@ -99,24 +125,28 @@ def validate_schedule(schedule: list[int], shape: ViTShape, where: str = "merge_
         tokens -= merge_r
 
 
-def block_flops(attn_tokens: int, mlp_tokens: int, shape: ViTShape) -> int:
-    """Matmul FLOPs of one block (2 per multiply-add, as ``torch.utils.flop_counter`` counts)."""
-    d = shape.embed_dim
+def block_flops(attn_tokens: int, mlp_tokens: int, shape: ViTShape, layer: int = 0) -> int:
+    """Matmul FLOPs of block ``layer`` (2 per multiply-add, as ``torch.utils.flop_counter`` counts)."""
     n = attn_tokens
-    qkv_proj = 2 * n * d * 4 * d  # qkv (3 d x d) + output projection (d x d)
-    attention = 2 * 2 * n * n * d  # q kᵀ and attn v, summed over heads
-    mlp = 2 * 2 * mlp_tokens * d * shape.mlp_hidden
-    return qkv_proj + attention + mlp
+    projections = 2 * n * shape.attn_macs[layer]  # q, k, v (fused or not), gate, output projection
+    attention = 2 * 2 * n * n * shape.attn_dim  # q kᵀ and attn v, summed over heads
+    mlp = 2 * mlp_tokens * shape.mlp_macs[layer]
+    return projections + attention + mlp
 
 
 def schedule_flops(schedule: list[int], shape: ViTShape) -> int:
-    """Matmul FLOPs of all blocks; merging sits between each block's attention and its MLP."""
+    """Matmul FLOPs of the whole model; merging sits between each block's attention and its MLP."""
     counts = token_counts(schedule, shape)
-    return sum(block_flops(counts[i], counts[i + 1], shape) for i in range(shape.depth))
+    blocks = sum(block_flops(counts[i], counts[i + 1], shape, i) for i in range(shape.depth))
+    return shape.fixed_flops + blocks + shape.pool_token_flops * counts[-1]
 
 
 def flops_fraction(schedule: list[int], shape: ViTShape) -> float:
-    """Block FLOPs of ``schedule`` relative to the same model without merging."""
+    """Model FLOPs of ``schedule`` relative to the same model without merging.
+
+    This is the ratio the paper reports: its ViT-B/16 schedules give 0.499 (low) and 0.289
+    (high) of the uncompressed model's FLOPs, counting the patch embedding and head as well.
+    """
     return schedule_flops(schedule, shape) / schedule_flops([0] * shape.depth, shape)
 
 
@@ -150,20 +180,26 @@ def solve_flops_schedule(target: float, shape: ViTShape) -> list[int]:
 
 
 def paper_schedule(name: str, shape: ViTShape) -> list[int]:
-    """The paper's ``low``/``high`` schedule for this architecture, or a ``ValueError`` that says why not."""
+    """The ``low``/``high`` schedule for this architecture at this resolution.
+
+    The paper's own lists are used where the paper defines them (same depth, width, prefix tokens
+    and patch count). Elsewhere the names mean the paper's FLOPs fractions, solved for this
+    architecture and resolution: ``low`` keeps at most 0.500 and ``high`` at most 0.289 of the
+    uncompressed model's FLOPs, as the paper's ViT-B/16 schedules do.
+    """
+    if name not in PAPER_FLOPS_FRACTIONS:
+        raise ValueError(f"unknown schedule name {name!r}; expected one of {sorted(PAPER_FLOPS_FRACTIONS)}")
     key = (shape.depth, shape.embed_dim, shape.num_prefix_tokens, shape.num_patches)
-    if key not in PAPER_SCHEDULES:
-        known = "; ".join(label for label, _ in PAPER_SCHEDULES.values())
+    if key in PAPER_SCHEDULES:
+        return list(PAPER_SCHEDULES[key][1][name])
+    try:
+        return solve_flops_schedule(PAPER_FLOPS_FRACTIONS[name], shape)
+    except ValueError as error:
         raise ValueError(
-            f"no paper schedule {name!r} for this architecture (depth={shape.depth}, "
-            f"embed_dim={shape.embed_dim}, prefix tokens={shape.num_prefix_tokens}, "
-            f"patches={shape.num_patches}); the paper defines them for: {known}. "
-            "Give a FLOPs target such as merge_r=0.5 instead."
-        )
-    label, schedules = PAPER_SCHEDULES[key]
-    if name not in schedules:
-        raise ValueError(f"unknown schedule name {name!r} for {label}; expected one of {sorted(schedules)}")
-    return list(schedules[name])
+            f"schedule {name!r} means {PAPER_FLOPS_FRACTIONS[name]:.3f} of the FLOPs for this architecture "
+            f"(depth={shape.depth}, embed_dim={shape.embed_dim}, prefix tokens={shape.num_prefix_tokens}, "
+            f"patches={shape.num_patches}): {error}"
+        ) from error
 
 
 def resolve_schedule(merge_r: MergeSpec, shape: ViTShape) -> list[int]:

@@ -22,16 +22,16 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
-from timm.data import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
-    IMAGENET_INCEPTION_MEAN,
-    IMAGENET_INCEPTION_STD,
-)
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
+from pyra_lightning.data.backbone_config import (
+    NORMALIZATION_STATS,
+    Normalization,
+    backbone_data_config,
+    resolve_img_size,
+)
 from pyra_lightning.data.demo import DEMO_TASK_NAME, generate_demo
 from pyra_lightning.data.tasks import (  # noqa: F401  (re-exported: the registry's old home)
     DEMO_TASK,
@@ -45,14 +45,9 @@ from pyra_lightning.data.tasks import (  # noqa: F401  (re-exported: the registr
 )
 
 VTABProtocol = Literal["tune", "final"]
-Normalization = Literal["imagenet", "inception"]
 Role = Literal["train", "val", "test"]
 
 SPLIT_FILES: tuple[str, ...] = ("train800.txt", "val200.txt", "train800val200.txt", "test.txt")
-NORMALIZATION_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    "inception": (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD),
-}
 # Which split file each loader reads. In "tune" there is no test split to touch, so test = val200.
 _PROTOCOL_SPLITS: dict[str, dict[Role, str]] = {
     "tune": {"train": "train800.txt", "val": "val200.txt", "test": "val200.txt"},
@@ -250,12 +245,18 @@ class VTABDataModule(pl.LightningDataModule):
         task: task name or alias (see ``VTAB_TASKS``), ``"demo"`` (generated under ``root`` on first
             use), or the name of any other folder under ``root`` in the same layout.
         protocol: ``"tune"`` or ``"final"``, as above.
-        img_size: images are resized (bicubic, antialiased, no crop) to ``img_size`` x ``img_size``.
+        img_size: images are resized (bicubic, antialiased, no crop) to ``img_size`` x ``img_size``;
+            ``None`` takes the backbone's default input size (224 without a backbone).
         batch_size: training batch size.
         eval_batch_size: batch size of the validation/test/predict loaders; defaults to ``batch_size``.
         num_workers: DataLoader worker processes per loader.
-        normalization: ``"imagenet"`` (timm's default mean/std) or ``"inception"`` (0.5/0.5), matching
-            the statistics the pretrained backbone was trained with.
+        normalization: ``"imagenet"`` (timm's default mean/std), ``"inception"`` (0.5/0.5; SigLIP, PE)
+            or ``"openai_clip"`` (CLIP, EVA-02), matching the statistics the pretrained backbone was
+            trained with; ``None`` takes them from the backbone's timm ``pretrained_cfg`` (ImageNet's
+            without a backbone). The paper's configs pin ``imagenet``, what the reference trained
+            with, although timm's ``orig_in21k`` tags declare 0.5.
+        backbone: the timm model name (with tag) the data is for; the CLI links ``model.model_name``
+            here. Only read when ``img_size`` or ``normalization`` is ``None``.
         augment: random horizontal flip and a mild random resized crop on the training split only.
             Off by default, as in the paper; it can change the labels of the structured tasks
             (positions, orientations, distances).
@@ -277,11 +278,11 @@ class VTABDataModule(pl.LightningDataModule):
         root: str = "data/vtab-1k",
         task: str = "demo",
         protocol: VTABProtocol = "final",
-        img_size: int = 224,
+        img_size: int | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 2,
-        normalization: Normalization = "imagenet",
+        normalization: Normalization | None = None,
         augment: bool = False,
         cache_images: bool = False,
         num_classes: int | None = None,
@@ -290,10 +291,14 @@ class VTABDataModule(pl.LightningDataModule):
         persistent_workers: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        backbone: str | None = None,
     ) -> None:
         super().__init__()
         if protocol not in _PROTOCOL_SPLITS:
             raise ValueError(f"protocol must be 'tune' or 'final', got {protocol!r}")
+        if normalization is None:
+            normalization = backbone_data_config(backbone)[1] if backbone else "imagenet"
+        img_size = resolve_img_size(img_size, backbone)
         if normalization not in NORMALIZATION_STATS:
             raise ValueError(
                 f"normalization must be one of {list(NORMALIZATION_STATS)}, got {normalization!r}"
@@ -325,6 +330,8 @@ class VTABDataModule(pl.LightningDataModule):
                 "labels (positions, orientations, distances)"
             )
         self.save_hyperparameters(ignore=["num_classes"])  # the model logs the resolved count
+        # The resolved values, so that a checkpoint names the statistics and size it was trained with.
+        self.hparams["img_size"], self.hparams["normalization"] = img_size, normalization
         self.root = Path(root)
         self.task = task
         self.protocol = protocol

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from pyra_lightning.data.backbone_config import resolve_img_size
 from pyra_lightning.data.vtab import VTABDataModule
 from pyra_lightning.results import RESULTS_FILENAME, read_result
 from pyra_lightning.training.callbacks import (
@@ -107,7 +108,11 @@ class PyraCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.img_size", "model.img_size")
+        # Data follows the backbone: unset img_size/normalization come from its timm pretrained_cfg.
+        parser.link_arguments("model.model_name", "data.backbone")
+        parser.link_arguments(
+            ("data.img_size", "model.model_name"), "model.img_size", compute_fn=resolve_img_size
+        )
         parser.add_lightning_class_args(LoRAFolding, "lora_folding")
         parser.add_lightning_class_args(InferenceThroughput, "throughput")
         parser.add_lightning_class_args(ResultsJSON, "results")

@@ -1,0 +1,342 @@
+"""Token merging, PYRA and LoRA inside timm's ``Eva``: EVA-02, DINOv3, Perception Encoder, RoPE ViTs.
+
+The patch mirrors the ViT path (``patch_vit``): classes are swapped, timm's submodules are reused
+as they are (GluMlp/SwiGLU, scale norms, ``gamma_1``/``gamma_2`` layer scale, post-norm
+placement, q/k norm, gates, ``AttentionPoolLatent``), tokens merge between attention and MLP,
+and every prefix token (class, registers, DINOv3's storage tokens) is protected.
+
+Rotary position embeddings under merging. A merged token's rotary embedding in a layer is the
+size-weighted mean of its members' embeddings in that layer, taken on the (sin, cos) pair. Since
+a member stands for ``size`` patches, this is the plain mean over the input patches the token
+contains. The rotation ``R(sin, cos) q = q ⊙ cos + rot(q) ⊙ sin`` is linear in (sin, cos), so
+for merged tokens i (members a) and j (members b)::
+
+    (mean_a R_a q_i) · (mean_b R_b k_j) = mean_{a, b} (R_a q_i) · (R_b k_j)
+
+the attention logit between two merged tokens is the mean of the logits over all pairs of their
+members' positions. Prefix tokens get no rotation, as in timm.
+
+- Embeddings shared by all layers (``cat``, ``dinov3``, ...) are merged alongside the tokens with
+  the same ``merge`` closure and the same size weights (``TokenState.rope``).
+- ``mixed`` RoPE learns frequencies per layer, and the mean of sin/cos of the members' angles is
+  not the sin/cos of any mean angle, so each layer's embedding is rebuilt from the members'
+  positions: ``source @ E_l / size``, with ``source`` the 0/1 membership over the input patches
+  (always tracked for ``mixed``) and ``E_l`` timm's embedding of layer l for the input patches.
+
+Both start from timm's own ``rope.get_embed()`` (via ``Eva._pos_embed``), so train-time
+coordinate augmentation (shift, jitter, rescale) and patch dropout keep working unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import AttentionRope, apply_rot_embed_cat, maybe_add_mask, resolve_self_attn_mask
+from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pyra_lightning.lora import LoRAQKV
+from pyra_lightning.merge import bipartite_soft_matching, merge_source, merge_wavg
+from pyra_lightning.modulation import PyraModulation
+from pyra_lightning.patch_vit import _POOLS, TokenState, check_attn_pool, model_shape, pool_tokens, size_bias
+from pyra_lightning.schedules import ViTShape
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
+
+class _MetricAttention:
+    """Forward shared by ``EvaAttention`` and ``AttentionRope``, returning the merge metric too.
+
+    Modifications relative to timm:
+     - the fused ``qkv`` is called as a module (timm calls ``F.linear`` on its weight when
+       ``q_bias``/``v_bias`` exist), so a LoRA on it takes effect;
+     - ``forward_metric(x, rope, size)`` adds ``log(size)`` over keys (proportional attention) and
+       returns ``(out, k.mean(heads))``, the keys after LoRA and k-norm and before rotation,
+       averaged over (key/value) heads: the similarity metric of eq. 3. The keys are taken before
+       rotation so that similarity measures content, not position.
+    """
+
+    def _attend(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor | None,
+        size: torch.Tensor | None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, N, _ = x.shape
+        heads = self.num_heads
+        kv_heads = getattr(self, "num_kv_heads", heads)
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        if self.qkv is not None:
+            q_bias = getattr(self, "q_bias", None)
+            if q_bias is None:
+                qkv = self.qkv(x)
+            else:
+                qkv_bias = torch.cat((q_bias, self.k_bias, self.v_bias))
+                if self.qkv_bias_separate:
+                    qkv = self.qkv(x) + qkv_bias
+                else:  # timm's own arithmetic, plus the LoRA update when there is one
+                    qkv = F.linear(x, self.qkv.weight, qkv_bias)
+                    if isinstance(self.qkv, LoRAQKV):
+                        qkv = qkv + self.qkv.lora_update(x)
+            q, k, v = qkv.reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
+        else:
+            q = self.q_proj(x).reshape(B, N, heads, -1).transpose(1, 2)  # (B, H, N, hd)
+            k = self.k_proj(x).reshape(B, N, kv_heads, -1).transpose(1, 2)  # (B, H_kv, N, hd)
+            v = self.v_proj(x).reshape(B, N, kv_heads, -1).transpose(1, 2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        metric = k.mean(dim=1)  # (B, N, hd)
+        if rope is not None:
+            npt, half = self.num_prefix_tokens, self.rotate_half
+            q = torch.cat(
+                [q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2
+            ).type_as(v)
+            k = torch.cat(
+                [k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2
+            ).type_as(v)
+        if kv_heads != heads:  # grouped-query attention: head h reads kv head h // groups, as timm
+            k = k.repeat_interleave(heads // kv_heads, dim=1)
+            v = v.repeat_interleave(heads // kv_heads, dim=1)
+        bias = size_bias(size, q.dtype) if attn_mask is None else attn_mask
+        if self.fused_attn:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=bias,
+                dropout_p=self.attn_drop.p if self.training else 0.0,
+                is_causal=is_causal,
+            )
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, bias, is_causal=is_causal))
+            out = self.attn_drop(attn.softmax(dim=-1)) @ v
+        out = self.norm(out.transpose(1, 2).reshape(B, N, -1))
+        if gate is not None:
+            out = out * gate
+        return self.proj_drop(self.proj(out)), metric
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """timm's signature, for blocks that are not (yet) patched for merging."""
+        return self._attend(x, rope, None, attn_mask, is_causal)[0]
+
+    def forward_metric(
+        self, x: torch.Tensor, rope: torch.Tensor | None, size: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._attend(x, rope, size)
+
+
+class PyraEvaAttention(_MetricAttention, EvaAttention):  # type: ignore[misc]
+    """timm ``EvaAttention`` with ``forward_metric`` (see ``_MetricAttention``)."""
+
+
+class PyraAttentionRope(_MetricAttention, AttentionRope):  # type: ignore[misc]
+    """timm ``AttentionRope`` (grouped-query attention included) with ``forward_metric``."""
+
+
+def _rope_rows(rope: torch.Tensor, batch: int, num_prefix_tokens: int) -> torch.Tensor:
+    """timm's shared rope, (Np, R) or (B|1, H', Np, R), as per-token rows (B, N, H'·R), prefix rows 0."""
+    if rope.ndim == 2:
+        rows = rope.unsqueeze(0).expand(batch, -1, -1)
+    elif rope.ndim == 4:
+        rows = rope.expand(batch, -1, -1, -1).transpose(1, 2).flatten(2)
+    else:
+        raise ValueError(f"rotary embedding of shape {tuple(rope.shape)}: expected (N, R) or (B, H, N, R)")
+    prefix = rows.new_zeros(batch, num_prefix_tokens, rows.shape[-1])
+    return torch.cat([prefix, rows], dim=1)
+
+
+def _rows_to_rope(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-token rows (B, n, H'·R) back to a tensor that broadcasts like timm's rope: (B, H', n, R)."""
+    heads = 1 if like.ndim == 2 else like.shape[1]
+    return rows.view(rows.shape[0], rows.shape[1], heads, -1).transpose(1, 2)
+
+
+class _MergingBlock:
+    """Merge step shared by ``PyraEvaBlock`` and ``PyraEvaBlockPostNorm``."""
+
+    merge_r: int
+    prop_attn: bool
+    trace_source: bool
+    num_prefix_tokens: int
+    pyra: PyraModulation | None
+    rope_mode: str | None  # "shared": merged alongside tokens; "per_layer": rebuilt from sources
+
+    def _merge(
+        self, x: torch.Tensor, metric: torch.Tensor, state: TokenState, rope: torch.Tensor | None
+    ) -> tuple[torch.Tensor, TokenState]:
+        if self.merge_r == 0:
+            return x, state
+        npt = self.num_prefix_tokens
+        merge, _ = bipartite_soft_matching(metric, self.merge_r, npt)
+        source = merge_source(merge, x, state.source) if self.trace_source else None
+        rope_sum = None
+        if self.rope_mode == "shared" and rope is not None:
+            rows = state.rope if state.rope is not None else _rope_rows(rope, x.shape[0], npt)
+            weight = state.size if state.size is not None else torch.ones_like(rows[..., :1])
+            rope_sum = merge((rows * weight).to(rows.dtype), mode="sum")  # (B, N - merge_r, R)
+        x, size = merge_wavg(merge, x, state.size, modulate=self.pyra)  # (B, N - merge_r, C)
+        merged_rope = None if rope_sum is None else rope_sum / size.to(rope_sum.dtype)
+        return x, TokenState(size=size, source=source, rope=merged_rope)
+
+
+class PyraEvaBlock(_MergingBlock, EvaBlock):  # type: ignore[misc]
+    """timm ``EvaBlock`` (pre-norm) that merges tokens between attention and MLP.
+
+    Modifications relative to timm:
+     - ``forward(x, state, rope) -> (x, state)`` carries token sizes, sources and merged rotary
+       embeddings explicitly; ``rope`` is this layer's embedding for the current tokens;
+     - after ``x + drop_path1(gamma_1 * attn)``, merges ``merge_r`` tokens by a size-weighted
+       average (eqs. 2-3) with PYRA (eqs. 4-7) when ``self.pyra`` is set.
+    """
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, state: TokenState | None = None, rope: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, TokenState]:
+        state = TokenState() if state is None else state
+        x_attn, metric = self.attn.forward_metric(self.norm1(x), rope, state.size if self.prop_attn else None)
+        if self.gamma_1 is not None:
+            x_attn = self.gamma_1 * x_attn
+        x = x + self.drop_path1(x_attn)  # (B, N, C)
+        x, state = self._merge(x, metric, state, rope)
+        x_mlp = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            x_mlp = self.gamma_2 * x_mlp
+        return x + self.drop_path2(x_mlp), state
+
+
+class PyraEvaBlockPostNorm(_MergingBlock, EvaBlockPostNorm):  # type: ignore[misc]
+    """timm ``EvaBlockPostNorm`` that merges tokens between attention and MLP (see ``PyraEvaBlock``)."""
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, state: TokenState | None = None, rope: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, TokenState]:
+        state = TokenState() if state is None else state
+        x_attn, metric = self.attn.forward_metric(x, rope, state.size if self.prop_attn else None)
+        x = x + self.drop_path1(self.norm1(x_attn))  # (B, N, C)
+        x, state = self._merge(x, metric, state, rope)
+        return x + self.drop_path2(self.norm2(self.mlp(x))), state
+
+
+class MergingEva(Eva):
+    """Mixin placed in front of the model's own class (``Eva`` or a subclass).
+
+    Modifications relative to timm:
+     - ``forward_tokens(x) -> (tokens, TokenState)`` runs the blocks with explicit state and
+       gives every block its layer's rotary embedding for the current (merged) tokens;
+       ``forward_features`` returns its tokens, so timm's API keeps working;
+     - ``forward_head(x, size=...)`` pools with token sizes (``patch_vit.pool_tokens``);
+     - activation checkpointing checkpoints each block with its state.
+    """
+
+    def layer_rope(self, rot: torch.Tensor | None, index: int, state: TokenState) -> torch.Tensor | None:
+        """Block ``index``'s rotary embedding for the current tokens (timm's own before any merge)."""
+        if rot is None:
+            return None
+        rope = rot[index] if self.rope_mixed else rot
+        if state.size is None:
+            return rope
+        npt = self.num_prefix_tokens
+        if self.rope_mixed:  # per-layer frequencies: mean over the members' positions in this layer
+            members = state.source[:, npt:, npt:].to(rope.dtype).unsqueeze(1)  # (B, 1, n, Np)
+            return (members @ rope) / state.size[:, npt:].to(rope.dtype).unsqueeze(1)  # (B, H, n, R)
+        return _rows_to_rope(state.rope[:, npt:], rope)
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenState]:
+        x = self.patch_embed(x)
+        x, rot = self._pos_embed(x)
+        x = self.norm_pre(x)  # (B, N, C)
+        state = TokenState()
+        for index, block in enumerate(self.blocks):
+            rope = self.layer_rope(rot, index, state)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x, state = checkpoint(block, x, state, rope, use_reentrant=False)
+            else:
+                x, state = block(x, state, rope)
+        return self.norm(x), state
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.forward_tokens(x)[0]
+
+    def forward_head(  # type: ignore[override]
+        self, x: torch.Tensor, pre_logits: bool = False, size: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if size is None:
+            return super().forward_head(x, pre_logits=pre_logits)
+        # Eva's attention pool sees all tokens, its average pools leave the prefix out.
+        pooled = pool_tokens(self, x, size, include_prefix_avg=False, include_prefix_attn=True)
+        pooled = self.head_drop(self.fc_norm(pooled))
+        return pooled if pre_logits else self.head(pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x, state = self.forward_tokens(x)
+        return self.forward_head(x, size=state.size)
+
+
+def check_eva(name: str, model: Eva) -> None:
+    """Assert the structure the Eva patch relies on; raise ``ValueError`` naming what differs."""
+    check_attn_pool(name, model)
+    if model.global_pool not in _POOLS:
+        raise ValueError(f"{name} uses global_pool={model.global_pool!r}; supported: {_POOLS}")
+    if model.rope is not None and not hasattr(model.rope, "get_embed"):
+        raise ValueError(
+            f"{name}: rope is {type(model.rope).__name__}, expected one of timm's rotary embeddings"
+        )
+    for index, block in enumerate(model.blocks):
+        where = f"{name}: blocks[{index}]"
+        if not isinstance(block, EvaBlock | EvaBlockPostNorm):
+            raise ValueError(
+                f"{where} is {type(block).__name__}, expected timm's EvaBlock or EvaBlockPostNorm "
+                "(attention, then MLP, each in a residual branch)"
+            )
+        attn = block.attn
+        if not isinstance(attn, EvaAttention | AttentionRope):
+            raise ValueError(
+                f"{where}.attn is {type(attn).__name__}, expected timm's EvaAttention or AttentionRope"
+            )
+        fused = isinstance(attn.qkv, nn.Linear)
+        separate = all(isinstance(getattr(attn, p, None), nn.Linear) for p in _PROJECTIONS)
+        if fused == separate:
+            raise ValueError(
+                f"{where}.attn: expected either a fused qkv or separate q_proj/k_proj/v_proj (nn.Linear)"
+            )
+        if attn.num_prefix_tokens != model.num_prefix_tokens:
+            raise ValueError(
+                f"{where}.attn skips rotation for {attn.num_prefix_tokens} prefix tokens but the model has "
+                f"{model.num_prefix_tokens}"
+            )
+
+
+def patch_attention(model: Eva) -> None:
+    """Give every attention ``forward_metric`` and a LoRA-aware fused qkv (timm's signature kept)."""
+    for block in model.blocks:
+        if isinstance(block.attn, AttentionRope):
+            block.attn.__class__ = PyraAttentionRope
+        else:
+            block.attn.__class__ = PyraEvaAttention
+
+
+def patch_eva(model: Eva) -> None:
+    """Swap the model's, blocks' and attentions' classes; ``apply_merging`` sets the block attributes."""
+    if not isinstance(model, MergingEva):
+        base = type(model)
+        model.__class__ = type(f"Merging{base.__name__}", (MergingEva, base), {})
+    patch_attention(model)
+    rope_mode = None if model.rope is None else ("per_layer" if model.rope_mixed else "shared")
+    for block in model.blocks:
+        block.__class__ = PyraEvaBlockPostNorm if isinstance(block, EvaBlockPostNorm) else PyraEvaBlock
+        block.rope_mode = rope_mode
+
+
+def eva_shape(model: Eva) -> ViTShape:
+    """``model_shape`` of a timm Eva."""
+    attn = model.blocks[0].attn
+    return model_shape(model, attn_dim=attn.num_heads * attn.head_dim)
