@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -45,11 +46,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-import timm
 import torch
 from torch import nn
 
-from pyra_lightning.accounting import count_flops
 from pyra_lightning.commands.engines import (
     build_runner,
     parse_batch_sizes,
@@ -59,13 +58,6 @@ from pyra_lightning.commands.engines import (
 
 # Re-exported: the notebooks and older scripts import the timing functions from here.
 from pyra_lightning.commands.training_speed import measure_training_step, time_training_steps  # noqa: F401
-from pyra_lightning.patch import (
-    apply_lora,
-    apply_merging,
-    fold_lora,
-    merge_schedule,
-    vit_shape,
-)
 from pyra_lightning.timing import Precision, measure_throughput, num_threads, time_forwards, time_interleaved  # noqa: F401
 
 # One schedule as ``apply_merging`` takes it; ``(r, inflection)`` tuples are left out because a
@@ -89,6 +81,10 @@ def build_model(
     Every model starts from the same seed, so the variants differ only in what the patch adds.
     ``model_kwargs`` go to ``timm.create_model`` (e.g. ``{"depth": 4}``).
     """
+    import timm
+
+    from pyra_lightning.patch import apply_lora, apply_merging, fold_lora
+
     torch.manual_seed(0)
     model = timm.create_model(
         model_name, pretrained=False, num_classes=num_classes, img_size=img_size, **(model_kwargs or {})
@@ -129,7 +125,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "timm": timm.__version__,
+        "timm": importlib.metadata.version("timm"),
         "python": platform.python_version(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
@@ -256,6 +252,9 @@ def _runner_kwargs(args: dict[str, Any], workdir: str) -> dict[str, Any]:
 
 def _run(args: dict[str, Any], schedules: list[ScheduleSpec]) -> dict[str, Any]:
     """The measurements of ``run_benchmark``, given its arguments."""
+    from pyra_lightning.accounting import count_flops
+    from pyra_lightning.patch import merge_schedule
+
     dev = torch.device(args["device"])
     build = _builder(args)
     variants: dict[str, tuple[ScheduleSpec | None, bool]] = {"uncompressed": (None, False)}
@@ -360,6 +359,8 @@ def _table_rows(
 
 def _run_target(args: dict[str, Any]) -> dict[str, Any]:
     """``--target_speedup``: the measured bisection of ``engines.search_speed_target``."""
+    from pyra_lightning.patch import vit_shape
+
     dev = torch.device(args["device"])
     build = _builder(args)
     engine, batch = args["engine"][0], args["batch_sizes"][0]
@@ -490,7 +491,10 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line for ``run_benchmark``: every argument is a ``--flag`` (see ``--help``)."""
+    """Command line for ``run_benchmark``: every argument is a ``--flag`` (see ``--help``).
+
+    timm and the patch are imported only when a benchmark runs, so ``--help`` answers fast.
+    """
     from jsonargparse import CLI
 
     CLI(run_benchmark, args=argv)

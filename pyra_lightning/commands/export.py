@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import timm
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -50,7 +49,6 @@ from pyra_lightning.deploy import (  # noqa: F401  (re-exported: the artifact's 
     load_exported,
 )
 from pyra_lightning.files import plain_dir_mode
-from pyra_lightning.patch import merge_schedule
 
 if TYPE_CHECKING:
     from pyra_lightning.training.module import PyraClassifier
@@ -153,6 +151,10 @@ def export_config(
     source: str | None = None,
 ) -> dict[str, Any]:
     """The JSON recipe that ``load_exported`` rebuilds ``folded`` from (see the module docstring)."""
+    import timm
+
+    from pyra_lightning.patch import merge_schedule
+
     hp = module.hparams
     merging = hasattr(folded, "forward_tokens")  # patched by apply_merging
     create_kwargs: dict[str, Any] = {

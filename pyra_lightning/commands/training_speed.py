@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyra_lightning.patch import mark_trainable
 from pyra_lightning.timing import Precision, autocast, random_images, round_robin, synchronize, timed
 
 
@@ -88,6 +87,8 @@ def time_training_steps(
         no peak and the process RSS high-water mark would include every other model; and
         ``saved_activations_mb``, the tensors autograd keeps for backward, on every device.
     """
+    from pyra_lightning.patch import mark_trainable  # timm: imported when a benchmark runs
+
     device = torch.device(device)
     x = random_images(batch_size, img_size, device)
     steps, losses = {}, {}
