@@ -255,8 +255,20 @@ def write_deployed(
 
     Raises:
         ValueError: if a form's logits differ from the folded model's by more than
-            ``DEPLOY_TOLERANCE``.
+            ``DEPLOY_TOLERANCE``, or this machine cannot write it (no onnx extra, no C++ compiler).
     """
+    if "aoti" in formats and deploy.cxx_compiler() is None:
+        raise ValueError(
+            "--format aoti needs a C++ compiler (g++ or clang++) on PATH, or $CXX; none was found"
+        )
+    if "onnx" in formats:
+        try:
+            import onnxruntime  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError as error:
+            raise ValueError(
+                f"--format onnx needs the onnx extra: pip install 'pyra-lightning[onnx]' ({error})"
+            ) from error
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(2, 3, img_size, img_size, generator=generator)  # (2, 3, H, W)
     check = torch.randn(3, 3, img_size, img_size, generator=generator)
