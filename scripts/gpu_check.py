@@ -106,36 +106,41 @@ def part_env(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _throughput(args: argparse.Namespace, engine: str, compile_mode: str | None = None) -> dict[str, Any]:
+    """One ``run_benchmark`` per batch size, the part's JSON rewritten after each: a part that
+    runs out of time keeps the batch sizes it finished (the driver reports it as ``partial``)."""
     from pyra_lightning.commands.benchmark import run_benchmark
 
     s = _settings(args)
     if engine != "eager":  # compiling / exporting every model at every batch size would not fit
         s["merge_r"] = s["merge_r"][-1:]
     precision = "32" if engine == "onnxruntime" else ("bf16" if args.device.startswith("cuda") else "32")
-    result = run_benchmark(
-        model_name=s["model_name"],
-        merge_r=s["merge_r"],
-        batch_sizes=s["batch_sizes"],
-        img_size=s["img_size"],
-        device=args.device,
-        precision=precision,
-        engine=engine,
-        compile_mode=compile_mode,
-        runs=s["runs"],
-        warmup=s["warmup"],
-        model_kwargs=s["model_kwargs"],
-    )
-    if result["skipped"]:
-        raise RuntimeError(f"engine skipped: {result['skipped']}")
-    out = {
-        "precision": precision,
-        "compile_mode": compile_mode,
-        "gflops": {name: row["gflops"] for name, row in result["models"].items()},
-        "table": result["table"],
-    }
+    out: dict[str, Any] = {"precision": precision, "compile_mode": compile_mode, "gflops": {}, "table": []}
+    for batch in s["batch_sizes"]:
+        result = run_benchmark(
+            model_name=s["model_name"],
+            merge_r=s["merge_r"],
+            batch_sizes=[batch],
+            img_size=s["img_size"],
+            device=args.device,
+            precision=precision,
+            engine=engine,
+            compile_mode=compile_mode,
+            runs=s["runs"],
+            warmup=s["warmup"],
+            model_kwargs=s["model_kwargs"],
+        )
+        if result["skipped"]:
+            raise RuntimeError(f"engine skipped: {result['skipped']}")
+        out["gflops"] = {name: row["gflops"] for name, row in result["models"].items()}
+        out["table"] += result["table"]
+        _save_partial(args, out)
     if engine == "eager":
         out["peak_memory_mib"] = _peak_memory(args, s, precision)
     return out
+
+
+def _save_partial(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    Path(args.out, f"part_{args.part}.partial.json").write_text(json.dumps(result, indent=2, default=str))
 
 
 def _peak_memory(args: argparse.Namespace, s: dict[str, Any], precision: str) -> dict[str, float] | None:
@@ -292,6 +297,7 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
             timeout = min(limit, left) if not args.dry_run else max(limit, 300)
             print(f"gpu_check: [{name}] {what} (limit {timeout:.0f} s) ...", flush=True)
             (out / f"part_{name}.json").unlink(missing_ok=True)
+            (out / f"part_{name}.partial.json").unlink(missing_ok=True)
             command = [sys.executable, __file__, "--part", name, "--device", args.device, "--out", str(out)]
             command += ["--dry_run"] if args.dry_run else []
             tic = time.monotonic()
@@ -304,7 +310,13 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
                     tail = [line for line in done.stderr.strip().splitlines() if line.strip()][-1:]
                     entry.update(status="failed", reason=f"exit {done.returncode}: {' '.join(tail)[:400]}")
             except subprocess.TimeoutExpired:
-                entry.update(status="skipped", reason=f"timed out after {timeout:.0f} s")
+                partial = out / f"part_{name}.partial.json"
+                if partial.exists():
+                    entry.update(status="partial", result=json.loads(partial.read_text()))
+                entry.setdefault("status", "skipped")
+                entry["reason"] = f"timed out after {timeout:.0f} s" + (
+                    "; the batch sizes it finished are kept" if partial.exists() else ""
+                )
             entry["seconds"] = round(time.monotonic() - tic, 1)
             print(
                 f"gpu_check: [{name}] {entry['status']} in {entry['seconds']} s {entry.get('reason', '')}",
@@ -355,7 +367,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         )
     table = []
     for name in ("throughput", "compile", "compile_cudagraphs", "onnxruntime_cuda"):
-        if parts.get(name, {}).get("status") == "ok":
+        if parts.get(name, {}).get("status") in ("ok", "partial"):
             result = parts[name]["result"]
             label = {
                 "throughput": "eager",
