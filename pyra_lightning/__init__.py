@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pyra_lightning.accounting import ParameterCount, count_flops, count_parameters
-    from pyra_lightning.commands.export import load_exported
+    from pyra_lightning.deploy import ExportedModel, load_exported, to_onnx
     from pyra_lightning.interop import import_reference
     from pyra_lightning.patch import TokenState, apply_lora, apply_merging, fold_lora, mark_trainable
 
@@ -23,7 +23,9 @@ _EXPORTS: dict[str, str] = {
     "count_flops": "pyra_lightning.accounting",
     "count_parameters": "pyra_lightning.accounting",
     "import_reference": "pyra_lightning.interop",
-    "load_exported": "pyra_lightning.commands.export",
+    "ExportedModel": "pyra_lightning.deploy",
+    "load_exported": "pyra_lightning.deploy",
+    "to_onnx": "pyra_lightning.deploy",
     "TokenState": "pyra_lightning.patch",
     "apply_lora": "pyra_lightning.patch",
     "apply_merging": "pyra_lightning.patch",
@@ -32,6 +34,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "ExportedModel",
     "ParameterCount",
     "TokenState",
     "apply_lora",
@@ -42,6 +45,7 @@ __all__ = [
     "import_reference",
     "load_exported",
     "mark_trainable",
+    "to_onnx",
 ]
 __version__ = "0.1.0"
 

@@ -80,10 +80,12 @@ def bipartite_soft_matching(
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[..., ::2, :], metric[..., 1::2, :]
         scores = a @ b.transpose(-1, -2)  # (B, Na, Nb)
-        if prefix_a:
-            scores[..., :prefix_a, :] = -torch.inf
-        if prefix_b:
-            scores[..., :, :prefix_b] = -torch.inf
+        if num_prefix_tokens:
+            # A constant (Na, Nb) mask rather than in-place writes: an exported graph gets one
+            # ``Where`` instead of a ScatterND per prefix set.
+            rows = torch.arange(scores.shape[-2], device=scores.device)[:, None] < prefix_a
+            cols = torch.arange(scores.shape[-1], device=scores.device)[None, :] < prefix_b
+            scores = scores.masked_fill(rows | cols, -torch.inf)
 
         node_max, node_idx = scores.max(dim=-1)  # best B partner of every A token
         edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]  # (B, Na, 1)
@@ -124,10 +126,17 @@ def bipartite_soft_matching(
             dst = rows.index_select(0, torch.add(row0 + 1, dst_idx[..., 0], alpha=2).flatten())
             src = modulate(src.view(n, merge_r, c), dst.view(n, merge_r, c)).reshape(n * merge_r, c)
         src = src.to(out.dtype)
-        if mode == "sum":
+        if mode == "amax":  # 0/1 source tracking for visualisation; never in a deployed model
+            out.scatter_reduce_(0, dst_out_rows[:, None].expand(-1, c), src, reduce="amax")
+        elif mode in ("sum", "mean"):
+            # ``index_add_`` exports to ONNX (ScatterND, reduction "add") and torch.export;
+            # scatter_reduce does not export to ONNX, so the inference path never uses it.
             out.index_add_(0, dst_out_rows, src)
-        else:  # destination included, as scatter_reduce's default include_self=True
-            out.scatter_reduce_(0, dst_out_rows[:, None].expand(-1, c), src, reduce=mode)
+            if mode == "mean":  # the destination counts as one member, as in ToMe
+                count = torch.ones_like(out[:, :1]).index_add_(0, dst_out_rows, torch.ones_like(src[:, :1]))
+                out = out / count
+        else:
+            raise ValueError(f"merge mode={mode!r}: expected 'sum', 'mean' or 'amax'")
         return out.view(n, t - merge_r, c)
 
     def unmerge(x: torch.Tensor) -> torch.Tensor:

@@ -159,6 +159,14 @@ def _proportional(rho: float, shape: ViTShape) -> list[int]:
     return schedule
 
 
+def proportional_schedule(rho: float, shape: ViTShape) -> list[int]:
+    """The solvers' one-parameter family: layer l merges ``floor(rho * max_l)`` tokens, rho in [0, 1].
+
+    Shared by the FLOPs solver (below) and the benchmark's measured speed-target search.
+    """
+    return _proportional(rho, shape)
+
+
 def solve_flops_schedule(target: float, shape: ViTShape) -> list[int]:
     """The gentlest proportional schedule whose block FLOPs are at most ``target`` of the original."""
     if not 0.0 < target < 1.0:

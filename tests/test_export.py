@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pyra_lightning.__main__ import main
 from pyra_lightning.commands.export import CONFIG_FILE, WEIGHTS_FILE, export_model, load_exported
+from pyra_lightning.commands.export import main as export_main  # raises, where the console script prints
 from pyra_lightning.data.vtab import VTABDataModule
 from pyra_lightning.training.module import PyraClassifier
 
@@ -73,7 +75,7 @@ def test_exported_model_predicts_like_the_folded_model_without_lightning(
         f"""
         import sys, torch
         from pyra_lightning.commands.export import load_exported
-        model = load_exported({str(out)!r})
+        model = load_exported({str(out)!r}).model
         assert not model.training
         with torch.no_grad():
             logits = model(torch.load({str(tmp_path / "x.pt")!r}))
@@ -133,6 +135,41 @@ def test_load_exported_names_what_is_missing(tmp_path: Path) -> None:
         load_exported(tmp_path)
 
 
+def test_load_exported_brings_its_preprocessing(trained: PyraClassifier, tmp_path: Path) -> None:
+    """``predict`` on PIL images of any size equals the model on images resized and normalised
+    as the data module does it (PIL bicubic straight to img_size, then (x / 255 - mean) / std)."""
+    from PIL import Image
+
+    from pyra_lightning import ExportedModel
+    from pyra_lightning import load_exported as public_load_exported
+    from pyra_lightning.data.vtab import normalize_uint8
+
+    served = public_load_exported(export_model(trained, tmp_path / "model", mean=MEAN, std=STD))
+    assert isinstance(served, ExportedModel) and not served.model.training
+    generator = torch.Generator().manual_seed(3)
+    pictures = [
+        Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=generator, dtype=torch.uint8).numpy())
+        for h, w in ((48, 40), (32, 32), (20, 64))
+    ]
+    resized = torch.stack(
+        [
+            torch.from_numpy(np.asarray(p.resize((32, 32), Image.Resampling.BICUBIC)).copy()).permute(2, 0, 1)
+            for p in pictures
+        ]
+    )  # (3, 3, 32, 32) uint8, as data/vtab.py decodes
+    by_hand = normalize_uint8(resized, MEAN, STD)
+    torch.testing.assert_close(served.preprocess(pictures), by_hand, atol=1e-5, rtol=0)
+    torch.testing.assert_close(served.preprocess(resized), by_hand, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        expected = served.model(by_hand).softmax(-1)
+    predictions = served.predict(pictures, top_k=2)
+    assert len(predictions) == 3 and all(len(top) == 2 for top in predictions)
+    for row, top in zip(expected, predictions, strict=True):
+        assert top[0][0] == int(row.argmax()) and top[0][1] == pytest.approx(float(row.max()), abs=1e-5)
+        assert top[0][1] >= top[1][1]
+    assert served.predict(pictures[0])[0][0][0] == predictions[0][0][0], "one image works too"
+
+
 # ---------------------------------------------------------------------------- through the CLI
 def cli_args(root: Path, *extra: str) -> list[str]:
     return [
@@ -180,7 +217,7 @@ def test_cli_export_reproduces_the_tested_accuracy(quickstart_run: tuple[Path, P
     tested = json.loads(next((tmp_path / "test" / "runs").rglob("results.json")).read_text())["test_acc"]
 
     # Serve it as a user would: the exported model plus only config.json's preprocessing.
-    model = load_exported(out)
+    model = load_exported(out).model
     config = json.loads((out / CONFIG_FILE).read_text())
     data = VTABDataModule(root=str(root / "data"), task="demo", img_size=config["preprocess"]["img_size"])
     data.setup("test")
@@ -202,21 +239,64 @@ def test_cli_export_reproduces_the_tested_accuracy(quickstart_run: tuple[Path, P
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+def test_cli_export_from_the_checkpoint_alone_writes_every_format(
+    quickstart_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """No --config: the checkpoint's hyperparameters, normalisation and fingerprint suffice."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra (pip install '.[onnx]') is not installed")
+    from pyra_lightning.deploy import load_pt2, onnx_session, run_onnx
+
+    root, last = quickstart_run
+    out = tmp_path / "alone"
+    main(["export", f"--ckpt_path={last}", f"--out_dir={out}", "--format=onnx,pt2"])
+    config = json.loads((out / CONFIG_FILE).read_text())
+    assert config["preprocess"]["mean"] == [0.485, 0.456, 0.406]  # the quickstart's imagenet stats
+    assert set(config["artifacts"]) == {"safetensors", "onnx", "pt2"}
+    for fmt in ("onnx", "pt2"):
+        assert config["artifacts"][fmt]["max_abs_diff"] <= 1e-4
+    served = load_exported(out)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = served.model(x)
+        assert (load_pt2(out / "model.pt2")(x) - expected).abs().max() <= 1e-4
+    assert (run_onnx(onnx_session(out / "model.onnx", threads=1), x) - expected).abs().max() <= 1e-4
+    # The same weights as an export given the fit's arguments.
+    with_config = tmp_path / "with_config"
+    main(["export", *cli_args(root), f"--ckpt_path={last}", f"--out_dir={with_config}"])
+    a, b = load_file(str(out / WEIGHTS_FILE)), load_file(str(with_config / WEIGHTS_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_export_from_the_checkpoint_alone_refuses_clearly(
+    quickstart_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, last = quickstart_run
+    with pytest.raises(ValueError, match="pass the fit's --seed"):  # random backbone, other seed
+        export_main([f"--ckpt_path={last}", f"--out_dir={tmp_path / 'a'}", "--seed=1"])
+    bare = torch.load(last, map_location="cpu", weights_only=True)
+    del bare["hyper_parameters"]
+    torch.save(bare, tmp_path / "bare.ckpt")
+    with pytest.raises(ValueError, match="no PyraClassifier hyperparameters.*--config"):
+        export_main([f"--ckpt_path={tmp_path / 'bare.ckpt'}", f"--out_dir={tmp_path / 'b'}"])
+    with pytest.raises(SystemExit):
+        export_main([f"--ckpt_path={last}", f"--out_dir={tmp_path / 'c'}", "--format=tflite"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.ckpt"], "a failed export leaves nothing"
+
+
 def test_cli_export_errors_are_clear(quickstart_run: tuple[Path, Path], tmp_path: Path) -> None:
     root, last = quickstart_run
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        main(
+        export_main(
             [
-                "export",
                 *cli_args(root),
                 f"--ckpt_path={tmp_path / 'nope.ckpt'}",
                 f"--out_dir={tmp_path / 'a'}",
             ]
         )
     with pytest.raises(ValueError, match="different frozen backbone"):  # another random backbone
-        main(
+        export_main(
             [
-                "export",
                 *cli_args(root),
                 "--seed_everything=1",
                 f"--ckpt_path={last}",
@@ -224,9 +304,8 @@ def test_cli_export_errors_are_clear(quickstart_run: tuple[Path, Path], tmp_path
             ]
         )
     with pytest.raises(ValueError, match="trainable parameters"):  # PYRA in the checkpoint, not in the model
-        main(
+        export_main(
             [
-                "export",
                 *cli_args(root),
                 "--model.pyra=false",
                 f"--ckpt_path={last}",
@@ -234,9 +313,8 @@ def test_cli_export_errors_are_clear(quickstart_run: tuple[Path, Path], tmp_path
             ]
         )
     with pytest.raises(ValueError, match="do not fit"):  # same names, other shapes
-        main(
+        export_main(
             [
-                "export",
                 *cli_args(root),
                 "--model.lora_rank=8",
                 f"--ckpt_path={last}",

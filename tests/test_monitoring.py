@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pyra_lightning.accounting import count_flops
 from pyra_lightning.patch import apply_merging
+from pyra_lightning.training import monitoring
 from pyra_lightning.training.module import PyraClassifier
 from pyra_lightning.training.monitoring import (
     MergeVisualization,
@@ -109,27 +111,37 @@ def test_throughput_reaches_the_csv_logger_on_logging_steps(tmp_path: Path) -> N
     assert "train/peak_memory_gib" not in columns, "CUDA only"
 
 
-def test_throughput_excludes_validation_time(tmp_path: Path) -> None:
-    pause = 3.0
+def test_throughput_excludes_validation_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a fake clock (load cannot move it): every training batch takes 1 s, the one validation
+    batch of each epoch 100 s. With validation excluded, the rate is exactly 8 images/s."""
+    clock = {"now": 0.0}
+    # Only the callback's clock is fake; Lightning and torch keep the real one.
+    monkeypatch.setattr(
+        monitoring, "time", SimpleNamespace(perf_counter=lambda: clock["now"], sleep=time.sleep)
+    )
 
-    class SlowValidation(pl.Callback):
+    class Ticks(pl.Callback):
+        def on_train_batch_end(self, *args: object, **kwargs: object) -> None:
+            clock["now"] += 1.0
+
         def on_validation_batch_end(self, *args: object, **kwargs: object) -> None:
-            time.sleep(pause)
+            clock["now"] += 100.0
 
     callback = TrainingThroughput(window_size=8)
     log_dir = fit(
         tiny_module(),
         tmp_path,
-        [callback, SlowValidation()],
+        [Ticks(), callback],  # ticks first: a batch's second has passed when the meter reads the clock
         max_epochs=2,
         limit_val_batches=1,
         log_every_n_steps=1,
     )
-    last = [row for row in read_metrics(log_dir) if row.get("train/samples_per_sec")][-1]
-    # The last window (batches 5-12, 7 intervals of 8 images) spans the first validation: counted
-    # in, its pause alone would hold the rate under 56 / pause images/s.
-    assert int(last["step"]) == 11
-    assert float(last["train/samples_per_sec"]) > 7 * 8 / pause
+    logged = [row for row in read_metrics(log_dir) if row.get("train/samples_per_sec")]
+    # The last window (batches 5-12, 7 intervals of 8 images) spans the first validation;
+    # counted in, it would give 56 / 107 images/s.
+    assert int(logged[-1]["step"]) == 11
+    for row in logged:
+        assert float(row["train/samples_per_sec"]) == pytest.approx(8.0)
 
 
 @pytest.mark.gpu

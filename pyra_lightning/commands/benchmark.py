@@ -15,271 +15,54 @@ Speed-up alone does not tell whether merging itself is cheap, so every row also 
 equals the FLOPs saving, below 1.0 means time is lost in the merge (gathers, scatters, sorts)
 or in matrix products that run less efficiently on fewer tokens.
 
-Timing protocol: eval mode, ``torch.inference_mode()``, autocast for bf16/fp16, one random batch
-created once on the device, ``warmup`` untimed forwards, then the median of ``runs`` timed
-forwards (``time.perf_counter``, with ``torch.cuda.synchronize()`` on CUDA). When several models
-are compared they are timed *interleaved*, one forward of each per round, so that a burst of
-load on a shared machine slows all of them alike instead of biasing one ratio.
+Timing protocol (``pyra_lightning.timing``, shared with the ``InferenceThroughput`` callback):
+eval mode, ``torch.inference_mode()``, autocast for bf16/fp16, one random batch created once on
+the device, ``warmup`` untimed forwards, then the median of ``runs`` timed forwards
+(``time.perf_counter``, with ``torch.cuda.synchronize()`` on CUDA). Models and engines are timed
+*interleaved*, one forward of each per round, so that a burst of load on a shared machine slows
+all of them alike instead of biasing one ratio.
 
-Run as ``python -m pyra_lightning.commands.benchmark --merge_r '[low, high]' --output bench.json``.
+Deployment (issue 12): ``--engine eager,compile,onnxruntime,aoti`` times the same models on
+several engines, interleaved, at every ``--batch_sizes``; speed-up and efficiency compare each
+engine with its own uncompressed model. ``--target_speedup S`` finds the schedule that reaches a
+measured speed-up instead (``commands/engines.py``).
+
+Run as ``pyra-lightning benchmark --merge_r '[low, high]' --engine eager,onnxruntime
+--batch_sizes 1,8,32 --output bench.json``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
 import statistics
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pyra_lightning.accounting import count_flops
-from pyra_lightning.patch import apply_lora, apply_merging, fold_lora, mark_trainable, merge_schedule
+from pyra_lightning.commands.engines import (
+    build_runner,
+    parse_batch_sizes,
+    parse_engines,
+    search_speed_target,
+)
 
-Precision = Literal["32", "bf16", "16"]
+# Re-exported: the notebooks and older scripts import the timing functions from here.
+from pyra_lightning.commands.training_speed import measure_training_step, time_training_steps  # noqa: F401
+from pyra_lightning.timing import Precision, measure_throughput, num_threads, time_forwards, time_interleaved  # noqa: F401
+
 # One schedule as ``apply_merging`` takes it; ``(r, inflection)`` tuples are left out because a
 # command line cannot tell them from per-layer lists.
 ScheduleSpec = int | float | str | list[int]
-
-_AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "16": torch.float16}
-_IN_CHANS = 3  # RGB, as every timm ViT the patch supports
-
-
-@contextlib.contextmanager
-def _autocast(device: torch.device, precision: Precision) -> Iterator[None]:
-    """Mixed precision as Lightning's ``precision="bf16-mixed"``/``"16-mixed"`` would run it."""
-    if precision == "32":
-        yield
-        return
-    if precision not in _AUTOCAST_DTYPES:
-        raise ValueError(f"precision={precision!r}: expected '32', 'bf16' or '16'")
-    with torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision]):
-        yield
-
-
-def _synchronize(device: torch.device) -> None:
-    """Wait for queued CUDA kernels, so a timer measures the work and not just its launch."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _random_images(batch_size: int, img_size: int, device: torch.device) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, _IN_CHANS, img_size, img_size, generator=generator)  # (B, 3, H, W)
-    return x.to(device)
-
-
-def _timed(
-    fn: Callable[[], object], device: torch.device, clock: Callable[[], float] = time.perf_counter
-) -> float:
-    _synchronize(device)
-    start = clock()
-    fn()
-    _synchronize(device)
-    return clock() - start
-
-
-def _round_robin(names: list[str], runs: int) -> Iterator[str]:
-    """``runs`` rounds over ``names``, rotated each round so no model always follows the same one."""
-    for run in range(runs):
-        shift = run % len(names)
-        yield from names[shift:] + names[:shift]
-
-
-def time_forwards(
-    models: Mapping[str, nn.Module],
-    batch_size: int,
-    img_size: int,
-    device: str | torch.device = "cpu",
-    precision: Precision = "32",
-    warmup: int = 3,
-    runs: int = 10,
-    clock: Callable[[], float] = time.perf_counter,
-) -> dict[str, list[float]]:
-    """Seconds per inference forward of each model, measured round-robin.
-
-    Interleaving matters on shared or thermally throttled machines: the ratios the benchmark
-    reports (speed-up, PYRA vs ToMe) compare runs taken seconds apart instead of minutes apart.
-
-    Args:
-        models: Models by name; each is put in eval mode for the measurement and restored after.
-        batch_size: Images per forward.
-        img_size: Square input resolution in pixels.
-        device: Where the input is created; the models must already be there.
-        precision: ``"32"`` for fp32, ``"bf16"``/``"16"`` for autocast to bfloat16/float16.
-        warmup: Untimed forwards per model before timing (allocator, caches, compiled graphs).
-        runs: Timed forwards per model.
-        clock: Wall time by default. On a shared CPU, ``time.process_time`` with one thread
-            measures the work done rather than how long the scheduler kept the process waiting.
-
-    Returns:
-        The ``runs`` timings of every model, in seconds, in the order they were taken.
-    """
-    if runs < 1 or warmup < 0:
-        raise ValueError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-    device = torch.device(device)
-    x = _random_images(batch_size, img_size, device)
-    was_training = {name: model.training for name, model in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in models}
-    try:
-        for model in models.values():
-            model.eval()
-        with torch.inference_mode(), _autocast(device, precision):
-            for _ in range(warmup):
-                for model in models.values():
-                    model(x)
-            for name in _round_robin(list(models), runs):
-                times[name].append(_timed(lambda model=models[name]: model(x), device, clock))
-    finally:
-        for name, model in models.items():
-            model.train(was_training[name])
-    return times
-
-
-def measure_throughput(
-    model: nn.Module,
-    batch_size: int,
-    img_size: int,
-    device: str | torch.device = "cpu",
-    precision: Precision = "32",
-    warmup: int = 3,
-    runs: int = 10,
-) -> float:
-    """Inference images/s of ``model``: ``batch_size`` over the median forward time.
-
-    The model alone is timed (no data loading); see ``time_forwards`` for the protocol and the
-    arguments. The median rather than the mean keeps one preempted run from moving the result.
-    """
-    times = time_forwards({"model": model}, batch_size, img_size, device, precision, warmup, runs)
-    return batch_size / statistics.median(times["model"])
-
-
-def _saved_activation_bytes(step: Callable[[], object], params: Sequence[nn.Parameter]) -> int:
-    """Bytes of the distinct tensors autograd saves for backward during ``step``, weights excluded.
-
-    This is the activation memory that token merging shrinks, and unlike peak memory it can be
-    measured on any device: a merged block saves activations of ``N - merge_r`` tokens only.
-    """
-    weights = {p.untyped_storage().data_ptr() for p in params}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        step()
-    return sum(storages.values())
-
-
-def _training_step(
-    model: nn.Module, x: torch.Tensor, device: torch.device, precision: Precision
-) -> tuple[Callable[[], None], Callable[[], torch.Tensor]]:
-    """``step()`` (forward, cross-entropy, backward, drop the gradients) and ``loss()`` alone."""
-    target = torch.arange(x.shape[0], device=device) % model.num_classes
-
-    def loss() -> torch.Tensor:
-        with _autocast(device, precision):
-            out = model(x)
-        outputs = out if isinstance(out, tuple) else (out,)  # distilled DeiT trains two heads
-        return sum(F.cross_entropy(o.float(), target) for o in outputs)
-
-    def step() -> None:
-        loss().backward()
-        model.zero_grad(set_to_none=True)
-
-    return step, loss
-
-
-def time_training_steps(
-    models: Mapping[str, nn.Module],
-    batch_size: int,
-    img_size: int,
-    device: str | torch.device = "cpu",
-    precision: Precision = "32",
-    warmup: int = 3,
-    runs: int = 10,
-    clock: Callable[[], float] = time.perf_counter,
-) -> dict[str, dict[str, float | str | None]]:
-    """Images/s of a training step (forward, cross-entropy, backward) and its memory, per model.
-
-    Only LoRA, PYRA and the head get gradients (``mark_trainable``, which this applies), as in
-    training; no optimizer step is taken, because its cost does not depend on merging. Gradients
-    are dropped after each step (``zero_grad(set_to_none=True)``) so every step allocates alike.
-    Steps are interleaved round-robin, as in ``time_forwards``.
-
-    Args:
-        models: Timm ViTs with LoRA (not folded) and optionally merging, on ``device``.
-        batch_size, img_size, device, precision, warmup, runs, clock: As in ``time_forwards``.
-
-    Returns:
-        Per model: ``images_per_s``; ``median_s``; ``trainable_params``; ``peak_memory_mb`` and
-        ``peak_memory_source``: on CUDA the step's peak of ``torch.cuda.max_memory_allocated``
-        above what was allocated before it, plus the model's own weights (what the model alone
-        would reach, whatever else is resident); on CPU ``None``, because the CPU allocator keeps
-        no peak and the process RSS high-water mark would include every other model; and
-        ``saved_activations_mb``, the tensors autograd keeps for backward, on every device.
-    """
-    device = torch.device(device)
-    x = _random_images(batch_size, img_size, device)
-    steps, losses = {}, {}
-    for name, model in models.items():
-        mark_trainable(model)
-        model.train()
-        steps[name], losses[name] = _training_step(model, x, device, precision)
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    cuda = device.type == "cuda"
-    times: dict[str, list[float]] = {name: [] for name in models}
-    transient = dict.fromkeys(models, 0)
-    for name in _round_robin(list(models), runs):
-        if cuda:
-            _synchronize(device)
-            before = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        times[name].append(_timed(steps[name], device, clock))
-        if cuda:
-            transient[name] = max(transient[name], torch.cuda.max_memory_allocated(device) - before)
-    results = {}
-    for name, model in models.items():
-        median = statistics.median(times[name])
-        weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-        results[name] = {
-            "images_per_s": batch_size / median,
-            "median_s": median,
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "peak_memory_mb": (transient[name] + weights) / 2**20 if cuda else None,
-            "peak_memory_source": "torch.cuda.max_memory_allocated" if cuda else None,
-            "saved_activations_mb": _saved_activation_bytes(losses[name], list(model.parameters())) / 2**20,
-        }
-    return results
-
-
-def measure_training_step(
-    model: nn.Module,
-    batch_size: int,
-    img_size: int,
-    device: str | torch.device = "cpu",
-    precision: Precision = "32",
-    warmup: int = 3,
-    runs: int = 10,
-    clock: Callable[[], float] = time.perf_counter,
-) -> dict[str, float | str | None]:
-    """``time_training_steps`` for one model: training images/s, peak and activation memory."""
-    return time_training_steps(
-        {"model": model}, batch_size, img_size, device, precision, warmup, runs, clock
-    )["model"]
 
 
 def build_model(
@@ -298,6 +81,10 @@ def build_model(
     Every model starts from the same seed, so the variants differ only in what the patch adds.
     ``model_kwargs`` go to ``timm.create_model`` (e.g. ``{"depth": 4}``).
     """
+    import timm
+
+    from pyra_lightning.patch import apply_lora, apply_merging, fold_lora
+
     torch.manual_seed(0)
     model = timm.create_model(
         model_name, pretrained=False, num_classes=num_classes, img_size=img_size, **(model_kwargs or {})
@@ -338,7 +125,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "timm": timm.__version__,
+        "timm": importlib.metadata.version("timm"),
         "python": platform.python_version(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
@@ -349,33 +136,16 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def _compile(
-    models: dict[str, nn.Module], batch_size: int, img_size: int, device: torch.device, precision: Precision
-) -> dict[str, float]:
-    """Replace every model by ``torch.compile(model)`` in place; return each one's compile seconds.
-
-    Compilation happens on the first call, so that call is timed on its own and kept out of the
-    throughput figures.
-    """
-    x = _random_images(batch_size, img_size, device)
-    seconds = {}
-    for name, model in models.items():
-        model.eval()
-        compiled = torch.compile(model)
-        with torch.inference_mode(), _autocast(device, precision):
-            seconds[name] = _timed(lambda compiled=compiled: compiled(x), device)
-        models[name] = compiled  # type: ignore[assignment]
-    return seconds
-
-
 def run_benchmark(
     model_name: str = "vit_base_patch16_224",
     merge_r: Sequence[int | float | str | list[int]] | int | float | str = ("low", "high"),
     batch_size: int = 8,
+    batch_sizes: list[int] | str | None = None,
     img_size: int = 224,
     device: str = "cpu",
     precision: Precision = "32",
-    compile: bool = False,
+    engine: list[str] | str = "eager",
+    compile_mode: str | None = None,
     runs: int = 10,
     warmup: int = 3,
     lora_rank: int = 8,
@@ -385,40 +155,61 @@ def run_benchmark(
     clock: Literal["wall", "cpu"] = "wall",
     output: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    target_speedup: float | None = None,
+    target_pyra: bool = True,
+    target_iterations: int = 7,
 ) -> dict[str, Any]:
-    """Compare the uncompressed, ToMe and PYRA versions of one ViT at one or more schedules.
+    """Compare the uncompressed, ToMe and PYRA versions of one ViT, per engine and batch size.
 
     Args:
         model_name: A timm ViT name; built with random weights (speed does not depend on them).
         merge_r: The schedules to compare, each in a form ``apply_merging`` accepts: ``"low"``/
             ``"high"`` (the paper's), an int, a FLOPs fraction, or a nested per-layer list.
-        batch_size: Images per forward.
+        batch_size: Images per forward (when ``batch_sizes`` is not given).
+        batch_sizes: Several batch sizes, e.g. ``1,8,32``; each is a separate interleaved run.
         img_size: Input resolution; the paper's named schedules exist for 224 only.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
-        precision: ``"32"``, or ``"bf16"``/``"16"`` for autocast.
-        compile: Time ``torch.compile``d models (default mode); compile time is reported apart.
-        runs: Timed forwards per model (the median is reported).
-        warmup: Untimed forwards per model first.
+        precision: ``"32"``, or ``"bf16"``/``"16"`` for autocast (eager and compile only).
+        engine: One or more of ``eager``, ``compile`` (``torch.compile``), ``onnxruntime``
+            (``to_onnx`` + ONNX Runtime), ``aoti`` (AOTInductor), comma-separated. All models on
+            all engines are timed interleaved; export and compile time is reported apart. An
+            engine that cannot run here is skipped with its reason.
+        compile_mode: ``torch.compile`` mode for the ``compile`` engine (``reduce-overhead``:
+            CUDA graphs).
+        runs: Timed forwards per model and engine (the median is reported).
+        warmup: Untimed forwards per model and engine first.
         lora_rank: LoRA rank before folding; it changes nothing at inference, only training.
         num_classes: Classes of the random head (the paper's VTAB-1k tasks have up to 397).
-        train: Also time a training step (LoRA unfolded, backbone frozen) of every model.
-        threads: ``torch.set_num_threads`` for CPU runs; ``None`` keeps torch's default.
+        train: Also time a training step (LoRA unfolded, backbone frozen) of every model, at the
+            first batch size.
+        threads: ``torch.set_num_threads`` (and ONNX Runtime's intra-op threads) for CPU runs;
+            ``None`` keeps torch's default.
         clock: ``"wall"`` (``time.perf_counter``), or ``"cpu"`` (process CPU time) for inference
             on a CPU shared with other jobs; use it with ``threads=1``, where CPU time is the work
             done and not the time spent waiting for a core.
         output: Write the results as JSON to this path.
         model_kwargs: Extra ``timm.create_model`` arguments, e.g. ``{"depth": 4}`` for a quick run.
+        target_speedup: Instead of the comparison, find the gentlest schedule whose measured
+            speed-up over the uncompressed model reaches this (first engine and batch size), by
+            bisection over the FLOPs solver's family; prints it as a ``model.merge_r`` list.
+        target_pyra: The speed-target search times PYRA (True) or ToMe (False) models.
+        target_iterations: Bisection steps of the speed-target search.
 
     Returns:
-        ``{"args", "environment", "models", "pyra_vs_tome"[, "training"]}``: per model its
-        schedule, ``images_per_s``, ``gflops`` (``count_flops`` of one image / 1e9),
-        ``speedup`` and ``efficiency`` (speed-up over FLOPs reduction, 1.0 ideal).
+        ``{"args", "environment", "models", "table", "skipped", "pyra_vs_tome"[, "training"]}``:
+        ``models`` holds each model's schedule and ``gflops`` (``count_flops`` of one image / 1e9)
+        and the figures of the first engine and batch size; ``table`` one row per engine, batch
+        size and model with ``images_per_s``, ``speedup`` over the same engine's uncompressed
+        model and ``efficiency`` (speed-up over FLOPs reduction, 1.0 ideal). With
+        ``target_speedup``: ``{"args", "environment", "target"}``.
     """
     args = dict(locals())
     schedules = _as_schedule_list(merge_r)
     args["merge_r"] = schedules
-    with _num_threads(threads):
-        result = _run(args, schedules)
+    args["engine"] = parse_engines(engine)
+    args["batch_sizes"] = parse_batch_sizes(batch_size if batch_sizes is None else batch_sizes)
+    with num_threads(threads):
+        result = _run_target(args) if target_speedup is not None else _run(args, schedules)
     print(format_table(result))
     if output is not None:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -427,27 +218,45 @@ def run_benchmark(
     return result
 
 
-@contextlib.contextmanager
-def _num_threads(threads: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+def _clock(args: dict[str, Any]) -> Callable[[], float]:
+    return time.process_time if args["clock"] == "cpu" else time.perf_counter
+
+
+def _builder(args: dict[str, Any]) -> Callable[..., nn.Module]:
+    def build(spec: ScheduleSpec | None, pyra: bool, fold: bool = True) -> nn.Module:
+        return build_model(
+            args["model_name"],
+            spec,
+            pyra,
+            args["lora_rank"],
+            args["num_classes"],
+            args["img_size"],
+            fold,
+            torch.device(args["device"]),
+            args["model_kwargs"],
+        )
+
+    return build
+
+
+def _runner_kwargs(args: dict[str, Any], workdir: str) -> dict[str, Any]:
+    return {
+        "img_size": args["img_size"],
+        "device": args["device"],
+        "precision": args["precision"],
+        "workdir": workdir,
+        "threads": args["threads"],
+        "compile_mode": args["compile_mode"],
+    }
 
 
 def _run(args: dict[str, Any], schedules: list[ScheduleSpec]) -> dict[str, Any]:
     """The measurements of ``run_benchmark``, given its arguments."""
-    model_name, lora_rank, num_classes = args["model_name"], args["lora_rank"], args["num_classes"]
-    batch_size, img_size, precision = args["batch_size"], args["img_size"], args["precision"]
-    warmup, runs, model_kwargs = args["warmup"], args["runs"], args["model_kwargs"]
+    from pyra_lightning.accounting import count_flops
+    from pyra_lightning.patch import merge_schedule
+
     dev = torch.device(args["device"])
-
-    def build(spec: ScheduleSpec | None, pyra: bool, fold: bool = True) -> nn.Module:
-        return build_model(model_name, spec, pyra, lora_rank, num_classes, img_size, fold, dev, model_kwargs)
-
+    build = _builder(args)
     variants: dict[str, tuple[ScheduleSpec | None, bool]] = {"uncompressed": (None, False)}
     for index, spec in enumerate(schedules):
         label = _label(spec, index)
@@ -463,42 +272,117 @@ def _run(args: dict[str, Any], schedules: list[ScheduleSpec]) -> dict[str, Any]:
             "method": name.split("/")[0],
             "merge_r": spec,
             "schedule": merge_schedule(model),
-            "gflops": count_flops(model, img_size) / 1e9,
+            "gflops": count_flops(model, args["img_size"]) / 1e9,
         }
-    if args["compile"]:
-        for name, seconds in _compile(models, batch_size, img_size, dev, precision).items():
-            rows[name]["compile_s"] = seconds
-    clock = time.process_time if args["clock"] == "cpu" else time.perf_counter
-    times = time_forwards(models, batch_size, img_size, dev, precision, warmup, runs, clock)
-    del models
-    base = rows["uncompressed"]
-    base_ips = batch_size / statistics.median(times["uncompressed"])
-    for name, row in rows.items():
-        median = statistics.median(times[name])
-        row["images_per_s"] = batch_size / median
-        row["median_ms"] = 1e3 * median
-        row["min_ms"] = 1e3 * min(times[name])
-        row["speedup"] = row["images_per_s"] / base_ips
-        row["flops_reduction"] = base["gflops"] / row["gflops"]
-        row["efficiency"] = row["speedup"] / row["flops_reduction"]
+    for row in rows.values():
+        row["flops_reduction"] = rows["uncompressed"]["gflops"] / row["gflops"]
+    table, skipped = [], {}
+    with tempfile.TemporaryDirectory(prefix="pyra-bench-") as workdir:
+        for batch in args["batch_sizes"]:
+            runners: dict[str, Callable[[], object]] = {}
+            setup: dict[str, float] = {}
+            for engine in args["engine"]:
+                if engine in skipped:
+                    continue
+                try:
+                    for name, model in models.items():
+                        built = build_runner(engine, model, batch, **_runner_kwargs(args, workdir))
+                        runners[f"{engine}|{name}"], setup[f"{engine}|{name}"] = built.run, built.setup_s
+                except Exception as error:  # one engine failing must not lose the others
+                    skipped[engine] = f"{type(error).__name__}: {error}"
+                    runners = {k: v for k, v in runners.items() if not k.startswith(f"{engine}|")}
+            if not runners:
+                continue
+            times = time_interleaved(runners, args["warmup"], args["runs"], dev, _clock(args))
+            table += _table_rows(times, setup, rows, batch)
+    figures = [
+        r for r in table if r["engine"] == args["engine"][0] and r["batch_size"] == args["batch_sizes"][0]
+    ]
+    for figure in figures:
+        rows[figure["model"]].update(
+            {k: figure[k] for k in ("images_per_s", "median_ms", "min_ms", "speedup", "efficiency")}
+        )
     pyra_vs_tome = {
         name.split("/", 1)[1]: row["images_per_s"] / rows["tome/" + name.split("/", 1)[1]]["images_per_s"]
         for name, row in rows.items()
-        if row["method"] == "pyra"
+        if row["method"] == "pyra" and "images_per_s" in row
     }
     result: dict[str, Any] = {
         "args": args,
         "environment": env_before,
         "models": rows,
+        "table": table,
+        "skipped": skipped,
         "pyra_vs_tome": pyra_vs_tome,
     }
     if args["train"]:
         trainees = {name: build(spec, pyra, fold=False) for name, (spec, pyra) in variants.items()}
         result["training"] = time_training_steps(
-            trainees, batch_size, img_size, dev, precision, warmup, runs, clock
+            trainees,
+            args["batch_sizes"][0],
+            args["img_size"],
+            dev,
+            args["precision"],
+            args["warmup"],
+            args["runs"],
+            _clock(args),
         )
     result["environment"]["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return result
+
+
+def _table_rows(
+    times: dict[str, list[float]], setup: dict[str, float], rows: dict[str, dict[str, Any]], batch: int
+) -> list[dict[str, Any]]:
+    """One row per engine and model: img/s, speed-up over the engine's uncompressed model, efficiency."""
+    out = []
+    for key, seconds in times.items():
+        engine, name = key.split("|", 1)
+        median = statistics.median(seconds)
+        base = statistics.median(times[f"{engine}|uncompressed"])
+        speedup = base / median
+        out.append(
+            {
+                "engine": engine,
+                "batch_size": batch,
+                "model": name,
+                "images_per_s": batch / median,
+                "median_ms": 1e3 * median,
+                "min_ms": 1e3 * min(seconds),
+                "speedup": speedup,
+                "efficiency": speedup / rows[name]["flops_reduction"],
+                "setup_s": setup[key],
+            }
+        )
+    return out
+
+
+def _run_target(args: dict[str, Any]) -> dict[str, Any]:
+    """``--target_speedup``: the measured bisection of ``engines.search_speed_target``."""
+    from pyra_lightning.patch import vit_shape
+
+    dev = torch.device(args["device"])
+    build = _builder(args)
+    engine, batch = args["engine"][0], args["batch_sizes"][0]
+    env_before = environment(dev)
+    shape = vit_shape(build(None, False))
+    with tempfile.TemporaryDirectory(prefix="pyra-target-") as workdir:
+
+        def make_runner(schedule: list[int]) -> Callable[[], object]:
+            model = build(schedule if any(schedule) else None, args["target_pyra"])
+            return build_runner(engine, model, batch, **_runner_kwargs(args, workdir)).run
+
+        found = search_speed_target(
+            args["target_speedup"],
+            shape,
+            make_runner,
+            warmup=args["warmup"],
+            runs=args["runs"],
+            iterations=args["target_iterations"],
+            clock=_clock(args),
+        )
+    env_before["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return {"args": args, "environment": env_before, "target": dataclasses.asdict(found)}
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -524,35 +408,70 @@ def format_table(result: dict[str, Any]) -> str:
     """The results of ``run_benchmark`` as Markdown tables with aligned columns."""
     args, env = result["args"], result["environment"]
     lines = [
-        f"{args['model_name']}, batch {args['batch_size']}, {args['img_size']} px, precision {args['precision']}, "
+        f"{args['model_name']}, batch {','.join(map(str, args['batch_sizes']))}, {args['img_size']} px, "
+        f"precision {args['precision']}, engines {','.join(args['engine'])}, "
         f"{env['device_name']} ({env['threads']} threads), torch {env['torch']}, timm {env['timm']}, "
         f"median of {args['runs']} interleaved runs after {args['warmup']} warm-up ({args['clock']} clock), "
         f"loadavg {env['loadavg']} -> {env.get('loadavg_after')}",
         "",
     ]
+    if "target" in result:
+        found = result["target"]
+        lines += _markdown_table(
+            ["rho", "measured speedup", "FLOPs fraction", "schedule"],
+            [
+                [f"{t['rho']:.4f}", f"{t['speedup']:.3f}x", f"{t['flops_fraction']:.3f}", str(t["schedule"])]
+                for t in found["trials"]
+            ],
+        )
+        lines += [
+            "",
+            f"target speedup {args['target_speedup']:g} ({args['engine'][0]}, batch {args['batch_sizes'][0]}, "
+            f"precision {args['precision']}): measured {found['speedup']:.3f}x at {found['flops_fraction']:.3f} "
+            "of the FLOPs. Paste into your config:",
+            f"  model.merge_r: {found['schedule']}",
+        ]
+        return "\n".join(lines)
+    gflops = {name: row["gflops"] for name, row in result["models"].items()}
     lines += _markdown_table(
-        ["model", "img/s", "ms/batch", "GFLOPs", "speedup", "FLOPs reduction", "efficiency"],
+        [
+            "engine",
+            "batch",
+            "model",
+            "img/s",
+            "ms/batch",
+            "GFLOPs",
+            "speedup",
+            "FLOPs reduction",
+            "efficiency",
+        ],
         [
             [
-                name,
+                row["engine"],
+                str(row["batch_size"]),
+                row["model"],
                 f"{row['images_per_s']:.2f}",
                 f"{row['median_ms']:.1f}",
-                f"{row['gflops']:.2f}",
+                f"{gflops[row['model']]:.2f}",
                 f"{row['speedup']:.2f}x",
-                f"{row['flops_reduction']:.2f}x",
+                f"{result['models'][row['model']]['flops_reduction']:.2f}x",
                 f"{row['efficiency']:.3f}",
             ]
-            for name, row in result["models"].items()
+            for row in result["table"]
         ],
     )
     lines += [
         "",
         "PYRA / ToMe throughput: " + ", ".join(f"{k} {v:.3f}" for k, v in result["pyra_vs_tome"].items()),
     ]
-    if any("compile_s" in row for row in result["models"].values()):
+    setup = [r for r in result["table"] if r["engine"] != "eager" and r["setup_s"] > 0]
+    if setup:
         lines.append(
-            "compile seconds: " + ", ".join(f"{k} {r['compile_s']:.1f}" for k, r in result["models"].items())
+            "export/compile seconds: "
+            + ", ".join(f"{r['engine']} b{r['batch_size']} {r['model']} {r['setup_s']:.1f}" for r in setup)
         )
+    for engine, reason in result["skipped"].items():
+        lines.append(f"engine {engine} skipped: {reason}")
     if "training" in result:
         lines.append("")
         lines += _markdown_table(
@@ -572,7 +491,10 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line for ``run_benchmark``: every argument is a ``--flag`` (see ``--help``)."""
+    """Command line for ``run_benchmark``: every argument is a ``--flag`` (see ``--help``).
+
+    timm and the patch are imported only when a benchmark runs, so ``--help`` answers fast.
+    """
     from jsonargparse import CLI
 
     CLI(run_benchmark, args=argv)

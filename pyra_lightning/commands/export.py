@@ -1,19 +1,24 @@
-"""Standalone inference artifacts: LoRA-folded weights as safetensors plus a JSON recipe.
+"""Standalone inference artifacts: LoRA-folded weights as safetensors plus a JSON recipe, and
+the same model as ONNX, a ``torch.export`` program or an AOTInductor package.
 
 A training checkpoint holds only what trains (LoRA, PYRA, head) and a fingerprint of the frozen
 backbone, so serving it would need the pretrained weights, Lightning and this project's training
 code. ``export_model`` instead writes what the tested model *is*: the LoRA-folded timm ViT with
 its merging schedule and PYRA layers (the model ``LoRAFolding`` tests), in one folder::
 
-    <out_dir>/model.safetensors   full state dict of the folded model (qkv weights include B·A)
     <out_dir>/config.json         how to rebuild it: timm name + create kwargs, per-layer merge_r,
-                                  PYRA variant, prop_attn, and the preprocessing (size, mean, std)
+                                  PYRA variant, prop_attn, the preprocessing (size, mean, std),
+                                  and every artifact written with its measured max |logit diff|
+    <out_dir>/model.safetensors   full state dict of the folded model (qkv weights include B·A)
+    <out_dir>/model.onnx          --format onnx: the graph for ONNX Runtime, dynamic batch
+    <out_dir>/model.pt2           --format pt2: a torch.export ExportedProgram, dynamic batch
+    <out_dir>/model_aoti.pt2      --format aoti: an AOTInductor package (needs a C++ compiler)
 
-``load_exported`` rebuilds it with ``timm.create_model`` + ``apply_merging`` and a strict load; this
-module imports Lightning only inside ``export_model``/``main``, so serving code that calls
-``load_exported`` never imports it.
+``pyra_lightning.load_exported`` rebuilds the safetensors model with its preprocessing; the other
+three load with ONNX Runtime or torch alone (``pyra_lightning.deploy``). This module imports
+Lightning only to rebuild a checkpoint's module, so serving code never imports it.
 
-    pyra-lightning export --config configs/quickstart.yaml --ckpt_path runs/.../last.ckpt --out_dir model/
+    pyra-lightning export --ckpt_path runs/.../last.ckpt --out_dir model/ --format onnx
 """
 
 from __future__ import annotations
@@ -27,21 +32,32 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from pyra_lightning import deploy
+from pyra_lightning.deploy import (  # noqa: F401  (re-exported: the artifact's names live in deploy)
+    AOTI_FILE,
+    CONFIG_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    ONNX_FILE,
+    PT2_FILE,
+    WEIGHTS_FILE,
+    ExportedModel,
+    load_exported,
+)
 from pyra_lightning.files import plain_dir_mode
-from pyra_lightning.patch import apply_merging, merge_schedule
 
 if TYPE_CHECKING:
     from pyra_lightning.training.module import PyraClassifier
 
-FORMAT = "pyra-lightning-export"
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
+FORMATS: tuple[str, ...] = ("safetensors", "onnx", "pt2", "aoti")
+_FILES = {"onnx": ONNX_FILE, "pt2": PT2_FILE, "aoti": AOTI_FILE}
+# Largest |logit difference| accepted between a deployed form and eager PyTorch. Measured on
+# random-weight ViT-B/16 fp32: ONNX Runtime 2.5e-6, torch.export 0 (BENCHMARKS.md, "Deployment").
+DEPLOY_TOLERANCE = 1e-3
 
 
 def export_model(
@@ -53,6 +69,7 @@ def export_model(
     overwrite: bool = False,
     verify: bool = True,
     source: str | None = None,
+    formats: Sequence[str] = ("safetensors",),
 ) -> Path:
     """Write the LoRA-folded model of a ``PyraClassifier`` as a standalone inference artifact.
 
@@ -73,6 +90,10 @@ def export_model(
             predicts, so that a timm argument lost on the way fails here rather than in serving.
         source: Where the weights came from, recorded in ``config.json`` (defaults to the
             checkpoint path when one is given).
+        formats: Deployed forms to add to the safetensors artifact (always written, since
+            ``config.json`` and ``load_exported`` rest on it): ``onnx``, ``pt2``, ``aoti``. Each is
+            checked against the folded model at a batch size other than the export's and its
+            max |logit diff| recorded in ``config.json["artifacts"]``.
 
     Returns:
         The path of the written folder.
@@ -83,6 +104,9 @@ def export_model(
         ValueError: for a checkpoint of another backbone or architecture, unknown normalization,
             or an artifact that does not reproduce the model.
     """
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"export format(s) {unknown}: expected some of {', '.join(FORMATS)}")
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"export folder {out} already exists; pass overwrite=True (--overwrite)")
@@ -108,7 +132,10 @@ def export_model(
         _write_json(staging / CONFIG_FILE, config)
         _fsync(staging / WEIGHTS_FILE)
         if verify:
-            _verify(folded, load_exported(staging), config["preprocess"]["img_size"])
+            _verify(folded, load_exported(staging).model, config["preprocess"]["img_size"])
+        config["artifacts"] = {"safetensors": {"file": WEIGHTS_FILE}}
+        config["artifacts"].update(write_deployed(folded, staging, formats, config["preprocess"]["img_size"]))
+        _write_json(staging / CONFIG_FILE, config)
         _swap_in(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -124,6 +151,10 @@ def export_config(
     source: str | None = None,
 ) -> dict[str, Any]:
     """The JSON recipe that ``load_exported`` rebuilds ``folded`` from (see the module docstring)."""
+    import timm
+
+    from pyra_lightning.patch import merge_schedule
+
     hp = module.hparams
     merging = hasattr(folded, "forward_tokens")  # patched by apply_merging
     create_kwargs: dict[str, Any] = {
@@ -159,37 +190,6 @@ def export_config(
     return config
 
 
-def load_exported(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild an exported model: ``timm.create_model`` + ``apply_merging`` + a strict load, in eval mode.
-
-    Needs only torch, timm, safetensors and ``pyra_lightning.patch`` (never Lightning).
-
-    Args:
-        path: A folder written by ``export_model``.
-        map_location: Device to load the weights onto.
-
-    Raises:
-        FileNotFoundError: if the folder or one of its two files is missing.
-        ValueError: for a folder of another format or a newer format version.
-    """
-    folder = Path(path)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} is not an exported model: {name} is missing")
-    config = json.loads((folder / CONFIG_FILE).read_text())
-    if config.get("format") != FORMAT or int(config.get("format_version", -1)) > FORMAT_VERSION:
-        raise ValueError(
-            f"{folder / CONFIG_FILE}: format {config.get('format')!r} version "
-            f"{config.get('format_version')!r}; this pyra-lightning reads {FORMAT!r} "
-            f"up to version {FORMAT_VERSION}"
-        )
-    model = timm.create_model(config["model_name"], pretrained=False, **config["create_kwargs"])
-    if config["merge_r"] is not None:
-        apply_merging(model, list(config["merge_r"]), pyra=config["pyra"], prop_attn=config["prop_attn"])
-    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=str(map_location)), strict=True)
-    return model.to(map_location).eval()
-
-
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a Lightning checkpoint of ``PyraClassifier`` on the CPU, tensors and primitives only."""
     file = Path(path)
@@ -220,10 +220,83 @@ def _module_from_checkpoint(checkpoint: dict[str, Any], seed: int | None) -> Pyr
 
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
     if "model_name" not in hparams:
-        raise ValueError("checkpoint has no PyraClassifier hyperparameters; export it through the CLI")
+        raise ValueError(
+            "checkpoint has no PyraClassifier hyperparameters (no 'hyper_parameters.model_name'); "
+            "it was not written by `pyra-lightning fit`. Export it with the fit's arguments instead: "
+            "pyra-lightning export --config <fit config> --ckpt_path ... --out_dir ..."
+        )
     if seed is not None:
         seed_everything(seed, verbose=False)
     return PyraClassifier(**hparams)
+
+
+def random_backbone(checkpoint: dict[str, Any]) -> bool:
+    """Whether the checkpoint's frozen backbone was randomly initialised (seeded), not loaded."""
+    hparams = checkpoint.get("hyper_parameters", {})
+    return not hparams.get("pretrained") and not hparams.get("pretrained_file")
+
+
+def recorded_seed(checkpoint: dict[str, Any]) -> int | None:
+    """The fit's ``seed_everything`` if the checkpoint records one."""
+    for holder in (checkpoint, checkpoint.get("hyper_parameters", {}), checkpoint.get("run", {})):
+        for key in ("seed_everything", "seed"):
+            value = holder.get(key) if isinstance(holder, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    return None
+
+
+def write_deployed(
+    folded: nn.Module, folder: Path, formats: Sequence[str], img_size: int
+) -> dict[str, dict[str, Any]]:
+    """Write the ONNX / pt2 / AOTInductor forms of ``folded`` and check each against it.
+
+    Exported at batch 2, checked at batch 3, so a batch size baked into the graph fails here.
+
+    Raises:
+        ValueError: if a form's logits differ from the folded model's by more than
+            ``DEPLOY_TOLERANCE``, or this machine cannot write it (no onnx extra, no C++ compiler).
+    """
+    if "aoti" in formats and deploy.cxx_compiler() is None:
+        raise ValueError(
+            "--format aoti needs a C++ compiler (g++ or clang++) on PATH, or $CXX; none was found"
+        )
+    if "onnx" in formats:
+        try:
+            import onnxruntime  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError as error:
+            raise ValueError(
+                f"--format onnx needs the onnx extra: pip install 'pyra-lightning[onnx]' ({error})"
+            ) from error
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(2, 3, img_size, img_size, generator=generator)  # (2, 3, H, W)
+    check = torch.randn(3, 3, img_size, img_size, generator=generator)
+    with torch.no_grad():
+        expected = folded(check)
+    written: dict[str, dict[str, Any]] = {}
+    program = deploy.export_program(folded, example) if set(formats) & set(_FILES) else None
+    for fmt in [f for f in ("onnx", "pt2", "aoti") if f in formats]:
+        path = folder / _FILES[fmt]
+        if fmt == "onnx":
+            deploy.to_onnx(program, path, example)
+            got = deploy.run_onnx(deploy.onnx_session(path), check)
+        elif fmt == "pt2":
+            torch.export.save(program, str(path))
+            with torch.no_grad():
+                got = deploy.load_pt2(path)(check)
+        else:
+            deploy.to_aoti(program, path, example)
+            with torch.no_grad():
+                got = deploy.load_aoti(path)(check)
+        diff = deploy.max_abs_diff(expected, got)
+        if not diff <= DEPLOY_TOLERANCE:
+            raise ValueError(
+                f"{fmt} export does not reproduce the folded model: max |logit diff| {diff:.3g} at batch 3 "
+                f"(tolerance {DEPLOY_TOLERANCE})"
+            )
+        written[fmt] = {"file": path.name, "max_abs_diff": diff, "checked_batch_size": 3}
+    return written
 
 
 def _normalization(
@@ -290,26 +363,73 @@ def _swap_in(staging: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``pyra-lightning export``: rebuild the module from the fit's config, load a checkpoint, export.
+def _formats(value: str) -> list[str]:
+    formats = [f.strip() for f in value.split(",") if f.strip()]
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: expected a comma-separated subset of {', '.join(FORMATS)}"
+        )
+    return formats
 
-    Every argument other than the three below (``--config``, ``--model.*``, ``--data.*``,
-    ``--seed_everything``) is parsed exactly as ``pyra-lightning fit`` parses it, so the module
-    (and, for random-weight test models, its seeded backbone) is the one that was trained.
+
+def main(argv: list[str] | None = None) -> None:
+    """``pyra-lightning export``: rebuild the trained module from its checkpoint and export it.
+
+    The checkpoint alone is enough: it holds the module's hyperparameters, the trainable weights,
+    the backbone's fingerprint and the data normalisation. A backbone with random weights (tiny
+    test models) is rebuilt from ``--seed`` (default: the seed the checkpoint records, else 0,
+    the CLI's ``seed_everything`` default); the fingerprint refuses any other backbone.
+
+    Given other arguments (``--config``, ``--model.*``, ``--data.*``, ``--seed_everything``), the
+    module is instead built exactly as ``pyra-lightning fit`` parses them.
     """
     parser = argparse.ArgumentParser(
         prog="pyra-lightning export",
         allow_abbrev=False,
-        description="Write the LoRA-folded model of a checkpoint as model.safetensors + config.json. "
-        "Other arguments (--config, --model.*, --data.*) are those of `pyra-lightning fit`.",
+        description="Write the LoRA-folded model of a checkpoint as model.safetensors + config.json "
+        "(and model.onnx / model.pt2 / model_aoti.pt2 with --format). The checkpoint alone is enough; "
+        "other arguments (--config, --model.*, --data.*) are parsed as `pyra-lightning fit` parses them.",
     )
     parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint (e.g. last.ckpt).")
     parser.add_argument("--out_dir", required=True, help="Folder to write; must not exist.")
+    parser.add_argument(
+        "--format",
+        type=_formats,
+        default=["safetensors"],
+        help="Comma-separated: safetensors (always written), onnx, pt2, aoti (needs a C++ compiler).",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="Seed of a random-weight backbone (the fit's seed_everything)."
+    )
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing out_dir.")
     args, cli_args = parser.parse_known_args(argv)
+    checkpoint = read_checkpoint(args.ckpt_path)  # fail on a bad path before building anything
+    source = str(Path(args.ckpt_path).resolve())
+    if not cli_args:
+        seed = args.seed if args.seed is not None else recorded_seed(checkpoint)
+        if seed is None and random_backbone(checkpoint):
+            seed = 0
+            print("export: the backbone has random weights and the checkpoint records no seed; using 0")
+        try:
+            out = export_model(
+                args.ckpt_path,
+                args.out_dir,
+                seed=seed,
+                overwrite=args.overwrite,
+                source=source,
+                formats=args.format,
+            )
+        except ValueError as error:
+            if "different frozen backbone" in str(error) and random_backbone(checkpoint):
+                raise ValueError(
+                    f"{error}. This backbone has random weights: pass the fit's --seed"
+                ) from error
+            raise
+        print(f"exported {args.ckpt_path} to {out} ({', '.join(args.format)})")
+        return
     from pyra_lightning.training.cli import build_cli  # Lightning only here: load_exported must not need it
 
-    checkpoint = read_checkpoint(args.ckpt_path)  # fail on a bad path before building anything
     # Exporting logs nothing and starts no W&B run.
     cli = build_cli([*cli_args, "--trainer.logger=false"], run=False)
     load_trainable(cli.model, checkpoint)
@@ -319,6 +439,7 @@ def main(argv: list[str] | None = None) -> None:
         mean=cli.datamodule.mean,
         std=cli.datamodule.std,
         overwrite=args.overwrite,
-        source=str(Path(args.ckpt_path).resolve()),
+        source=source,
+        formats=args.format,
     )
-    print(f"exported {args.ckpt_path} to {out}")
+    print(f"exported {args.ckpt_path} to {out} ({', '.join(args.format)})")

@@ -40,7 +40,9 @@ def backbone_data_config(backbone: str) -> tuple[int, Normalization]:
     """
     cfg = get_pretrained_cfg(backbone)
     if cfg is None:
-        raise ValueError(f"backbone {backbone!r}: timm has no pretrained config for it; set data.normalization")
+        raise ValueError(
+            f"backbone {backbone!r}: timm has no pretrained config for it; set data.normalization"
+        )
     for name, (mean, std) in NORMALIZATION_STATS.items():
         if _same(cfg.mean, mean) and _same(cfg.std, std):
             return int(cfg.input_size[-1]), name  # type: ignore[return-value]

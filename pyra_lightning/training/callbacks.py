@@ -7,7 +7,6 @@ import copy
 import csv
 import io
 import os
-import statistics
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +18,7 @@ from pyra_lightning.accounting import count_flops
 from pyra_lightning.files import atomic_write_text
 from pyra_lightning.patch import apply_merging, merge_schedule
 from pyra_lightning.results import RESULTS_FILENAME, RunResult
+from pyra_lightning.timing import images_per_second, time_forwards
 from pyra_lightning.training.runs import fingerprint, run_settings
 
 PREDICTIONS_FILENAME = "predictions.csv"
@@ -54,8 +54,9 @@ class InferenceThroughput(pl.Callback):
     """After testing, measure the folded model's images/s with and without merging.
 
     Logs ``test/throughput``, ``test/throughput_unmerged``, ``test/speedup``, ``test/gflops`` and
-    ``test/gflops_unmerged`` to every logger. Timing is the model alone on the module's device
-    (CUDA-synchronised), a warm-up and then the median of ``runs`` timed batches.
+    ``test/gflops_unmerged`` to every logger. Timing is ``pyra_lightning.timing``'s protocol, the
+    benchmark's: the model alone on the module's device (CUDA-synchronised), a warm-up, then the
+    median of ``runs`` timed batches, merged and unmerged interleaved.
 
     Args:
         batch_size: Images per timed forward.
@@ -81,8 +82,6 @@ class InferenceThroughput(pl.Callback):
         self.results: dict[str, float] = {}
 
     def measure(self, pl_module: pl.LightningModule) -> dict[str, float]:
-        from pyra_lightning.commands.benchmark import time_forwards
-
         model = (
             pl_module.inference_model if pl_module.inference_model is not None else pl_module.folded_copy()
         )
@@ -98,8 +97,8 @@ class InferenceThroughput(pl.Callback):
             warmup=self.warmup,
             runs=self.runs,
         )
-        merged_ips = self.batch_size / statistics.median(times["merged"])
-        unmerged_ips = self.batch_size / statistics.median(times["unmerged"])
+        merged_ips = images_per_second(self.batch_size, times["merged"])
+        unmerged_ips = images_per_second(self.batch_size, times["unmerged"])
         return {
             "test/throughput": merged_ips,
             "test/throughput_unmerged": unmerged_ips,

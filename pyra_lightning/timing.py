@@ -1,0 +1,190 @@
+"""The timing protocol, in one place: warm-up, interleaved rounds, median.
+
+Both the ``InferenceThroughput`` callback (``test/throughput`` in ``results.json``) and
+``pyra-lightning benchmark`` time models with these functions, so a figure from training and a
+figure from the benchmark mean the same thing:
+
+- every callable runs ``warmup`` untimed times first (allocator, caches, compiled graphs,
+  ONNX Runtime's first-run planning);
+- then ``runs`` rounds, one timed call of each callable per round, the order rotated every round
+  (``round_robin``), so that a burst of load on a shared machine slows all of them alike instead
+  of biasing one ratio, and no callable always runs right after the same one;
+- each call is timed with ``time.perf_counter`` (or a given clock), CUDA-synchronised on both
+  sides so a timer measures the work and not just its launch;
+- the reported figure is the median, which one preempted call cannot move.
+
+Engines that are not ``nn.Module`` (an ONNX Runtime session, an AOTInductor package) are timed
+through ``time_interleaved``, which takes plain callables; ``time_forwards`` is its form for
+PyTorch models (eval mode, ``inference_mode``, autocast).
+
+This module imports neither Lightning nor timm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Literal
+
+import torch
+from torch import nn
+
+Precision = Literal["32", "bf16", "16"]
+Clock = Callable[[], float]
+
+AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "16": torch.float16}
+IN_CHANS = 3  # RGB, as every timm ViT the patch supports
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, precision: Precision) -> Iterator[None]:
+    """Mixed precision as Lightning's ``precision="bf16-mixed"``/``"16-mixed"`` would run it."""
+    if precision == "32":
+        yield
+        return
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"precision={precision!r}: expected '32', 'bf16' or '16'")
+    with torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision]):
+        yield
+
+
+@contextlib.contextmanager
+def num_threads(threads: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` for the block (``None`` keeps torch's setting)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA kernels, so a timer measures the work and not just its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_images(batch_size: int, img_size: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The benchmark's input: one seeded batch of (B, 3, H, W) normal noise (speed ignores content)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, IN_CHANS, img_size, img_size, generator=generator)  # (B, 3, H, W)
+    return x.to(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, clock: Clock = time.perf_counter) -> float:
+    """Seconds of one call of ``fn``, synchronised on CUDA."""
+    synchronize(device)
+    start = clock()
+    fn()
+    synchronize(device)
+    return clock() - start
+
+
+def round_robin(names: list[str], runs: int) -> Iterator[str]:
+    """``runs`` rounds over ``names``, rotated each round so no callable always follows the same one."""
+    for run in range(runs):
+        shift = run % len(names)
+        yield from names[shift:] + names[:shift]
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    warmup: int = 3,
+    runs: int = 10,
+    device: str | torch.device = "cpu",
+    clock: Clock = time.perf_counter,
+) -> dict[str, list[float]]:
+    """Seconds per call of every callable: ``warmup`` untimed calls each, then ``runs`` interleaved rounds.
+
+    Args:
+        fns: Callables by name, each doing one unit of work (e.g. one forward of one batch).
+        warmup: Untimed calls of each callable first.
+        runs: Timed calls of each callable.
+        device: Synchronised around every timed call when it is a CUDA device.
+        clock: Wall time by default. On a shared CPU, ``time.process_time`` with one thread
+            measures the work done rather than how long the scheduler kept the process waiting.
+
+    Returns:
+        The ``runs`` timings of every callable, in seconds, in the order they were taken.
+    """
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    if not fns:
+        raise ValueError("nothing to time: no callables given")
+    device = torch.device(device)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for name in round_robin(list(fns), runs):
+        times[name].append(timed(fns[name], device, clock))
+    return times
+
+
+def time_forwards(
+    models: Mapping[str, nn.Module],
+    batch_size: int,
+    img_size: int,
+    device: str | torch.device = "cpu",
+    precision: Precision = "32",
+    warmup: int = 3,
+    runs: int = 10,
+    clock: Clock = time.perf_counter,
+) -> dict[str, list[float]]:
+    """Seconds per inference forward of each model, measured round-robin (``time_interleaved``).
+
+    Interleaving matters on shared or thermally throttled machines: the ratios a benchmark
+    reports (speed-up, PYRA vs ToMe) compare runs taken seconds apart instead of minutes apart.
+
+    Args:
+        models: Models by name (or any callables on a tensor, e.g. compiled models); each
+            ``nn.Module`` is put in eval mode for the measurement and restored after.
+        batch_size: Images per forward.
+        img_size: Square input resolution in pixels.
+        device: Where the input is created; the models must already be there.
+        precision: ``"32"`` for fp32, ``"bf16"``/``"16"`` for autocast to bfloat16/float16.
+        warmup, runs, clock: As in ``time_interleaved``.
+
+    Returns:
+        The ``runs`` timings of every model, in seconds, in the order they were taken.
+    """
+    device = torch.device(device)
+    x = random_images(batch_size, img_size, device)
+    was_training = {name: model.training for name, model in models.items() if isinstance(model, nn.Module)}
+    try:
+        for model in models.values():
+            if isinstance(model, nn.Module):
+                model.eval()
+        with torch.inference_mode(), autocast(device, precision):
+            fns = {name: (lambda model=model: model(x)) for name, model in models.items()}
+            return time_interleaved(fns, warmup, runs, device, clock)
+    finally:
+        for name, training in was_training.items():
+            models[name].train(training)
+
+
+def images_per_second(batch_size: int, seconds: list[float]) -> float:
+    """``batch_size`` over the median of the timed calls."""
+    return batch_size / statistics.median(seconds)
+
+
+def measure_throughput(
+    model: nn.Module,
+    batch_size: int,
+    img_size: int,
+    device: str | torch.device = "cpu",
+    precision: Precision = "32",
+    warmup: int = 3,
+    runs: int = 10,
+) -> float:
+    """Inference images/s of ``model``: ``batch_size`` over the median forward time.
+
+    The model alone is timed (no data loading); see ``time_forwards`` for the protocol.
+    """
+    times = time_forwards({"model": model}, batch_size, img_size, device, precision, warmup, runs)
+    return images_per_second(batch_size, times["model"])

@@ -1,0 +1,64 @@
+"""scripts/gpu_check.sh, the prepared GPU check, run in its CPU dry-run mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path: Path) -> None:
+    """The same code paths as on a GPU, on a tiny ViT: each part timed, its result recorded."""
+    parts = "env,throughput,fit_bf16,pytest_gpu"
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh"), "--device", "cpu", "--dry_run"]
+        + ["--out", str(tmp_path), "--parts", parts, "--budget_s", "900"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(report["parts"]) == parts.split(",") and report["dry_run"] is True
+    for name, entry in report["parts"].items():
+        assert entry["status"] == "ok", (name, entry.get("reason"))
+        assert entry["seconds"] > 0
+    table = report["parts"]["throughput"]["result"]["table"]
+    assert {(row["batch_size"], row["model"].split("/")[0]) for row in table} == {
+        (batch, method) for batch in (1, 2) for method in ("uncompressed", "tome", "pyra")
+    }
+    fit = report["parts"]["fit_bf16"]["result"]
+    assert fit["precision"] == "bf16-mixed" and 0.0 <= fit["test_acc"] <= 1.0
+    markdown = (tmp_path / "gpu_check.md").read_text()
+    assert "| throughput | ok |" in markdown and "| eager | 2 | pyra/list1 |" in markdown
+    assert "| bf16-mixed |" in markdown
+    assert "gpu_check.md" in done.stdout, "the paths of both files are printed"
+
+
+def test_a_failing_part_is_recorded_and_the_rest_still_runs(tmp_path: Path) -> None:
+    """Asking for CUDA on a machine without one: env fails with its reason, nothing is lost."""
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the failure this test provokes would not happen")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--device", "cuda", "--out", str(tmp_path)]
+        + ["--parts", "env,pytest_gpu", "--dry_run"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
+    assert parts["env"]["status"] == "failed" and "no usable GPU" in parts["env"]["reason"]
+    assert parts["pytest_gpu"]["status"] == "ok"
