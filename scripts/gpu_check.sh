@@ -14,7 +14,15 @@ cd "$(dirname "$0")/.."
 started=$(date +%s)
 
 PY=${PYTHON:-python3}
-if ! PYTHONPATH=$PWD "$PY" -c "import torch, timm, lightning, jsonargparse, safetensors" 2>/dev/null; then
+# A machine with no package index (a lent GPU box) gets the pure-Python packages it lacks as wheels
+# in .whl/ (pip download --no-deps ... -d .whl jsonargparse docstring_parser typeshed_client timm).
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install --quiet --no-index --no-deps --no-compile --target /tmp/pyra-site .whl/*.whl \
+        && export PYTHONPATH=/tmp/pyra-site${PYTHONPATH:+:$PYTHONPATH} \
+        && echo "gpu_check: installed $(ls .whl | tr '\n' ' ')from .whl/"
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if ! "$PY" -c "import torch, timm, lightning, jsonargparse, safetensors" 2>/dev/null; then
     # Reuse the machine's torch (its CUDA build) and install only what is missing.
     echo "gpu_check: installing pyra-lightning[dev] into .venv-gpu (system site packages visible)"
     if [ ! -x .venv-gpu/bin/python ]; then
@@ -24,4 +32,4 @@ if ! PYTHONPATH=$PWD "$PY" -c "import torch, timm, lightning, jsonargparse, safe
     PY=.venv-gpu/bin/python
 fi
 echo "gpu_check: install/check took $(( $(date +%s) - started )) s, python: $PY"
-PYTHONPATH=$PWD exec "$PY" scripts/gpu_check.py "$@"
+exec "$PY" scripts/gpu_check.py "$@"
