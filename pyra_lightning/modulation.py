@@ -119,3 +119,22 @@ class PyraModulation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"merge_r={self.merge_r}, dim={self.dim}, variant={self.variant!r}"
+
+
+def resolve_variant(pyra: bool | str | None) -> Variant | None:
+    """The one reading of ``pyra=``: ``True`` is eqs. 4-7 (``"pyra"``), ``False``/``None`` plain ToMe
+    (no modulation), a name one of the ablations of Tables 6-8."""
+    if pyra is True:
+        return "pyra"
+    if pyra is False or pyra is None:
+        return None
+    if pyra in VARIANTS:
+        return pyra  # type: ignore[return-value]
+    raise ValueError(f"pyra={pyra!r}: expected True, False or a variant name ({', '.join(VARIANTS)})")
+
+
+def method_name(merging: bool, pyra: bool | str | None) -> str:
+    """``peft`` (no merging), ``tome``, ``pyra`` or the ablation's name: how runs and results are labelled."""
+    if not merging:
+        return "peft"
+    return resolve_variant(pyra) or "tome"

@@ -22,7 +22,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from pyra_lightning.lora import LoRAQKV
-from pyra_lightning.modulation import VARIANTS, PyraModulation, Variant
+from pyra_lightning.modulation import PyraModulation, Variant, resolve_variant
 from pyra_lightning.patch_eva import (
     MergingEva,
     PyraEvaBlock,
@@ -172,15 +172,7 @@ def apply_merging(
             with per-layer rotary embeddings (``mixed`` RoPE) always record it.
     """
     check_model(model)
-    variant: Variant | None
-    if pyra is True:
-        variant = "pyra"
-    elif pyra is False or pyra is None:
-        variant = None
-    elif pyra in VARIANTS:
-        variant = pyra
-    else:
-        raise ValueError(f"pyra={pyra!r}: expected True, False or a variant name ({', '.join(VARIANTS)})")
+    variant = resolve_variant(pyra)
     schedule = resolve_schedule(merge_r, model_shape(model))
     per_layer_rope = isinstance(model, Eva) and model.rope is not None and model.rope_mixed
     if isinstance(model, Eva):

@@ -30,6 +30,14 @@ from dataclasses import dataclass
 from pyra_lightning.merge import max_merge_r
 
 MergeSpec = int | float | str | tuple[int, float] | list[int]
+# What configs and the command line take. ToMe's (r, inflection) is written "r,inflection" there: a
+# two-entry YAML list stays a per-layer list, so it is never silently read as a ToMe schedule.
+MergeArg = int | float | str | list[int] | None
+ACCEPTED_FORMS = (
+    "an int (the same merge_r in every block), 'r,inflection' (ToMe's linear schedule, e.g. '16,-1'), "
+    "a list with one int per block, 'low'/'high' (the paper's schedules or FLOPs fractions), "
+    "or a float in (0, 1) (a FLOPs fraction)"
+)
 
 
 @dataclass(frozen=True)
@@ -110,7 +118,8 @@ def validate_schedule(schedule: list[int], shape: ViTShape, where: str = "merge_
     """Raise ``ValueError`` naming the layer if a schedule is negative or merges too much."""
     if len(schedule) != shape.depth:
         raise ValueError(
-            f"{where}: schedule has {len(schedule)} entries but the model has {shape.depth} blocks"
+            f"{where}: schedule has {len(schedule)} entries but the model has {shape.depth} blocks; "
+            f"merge_r takes {ACCEPTED_FORMS}"
         )
     tokens = shape.num_tokens
     for layer, merge_r in enumerate(schedule):
@@ -210,12 +219,24 @@ def paper_schedule(name: str, shape: ViTShape) -> list[int]:
         ) from error
 
 
+def parse_merge_spec(merge_r: MergeSpec) -> MergeSpec:
+    """Read ToMe's ``"r,inflection"`` (also ``"(r, inflection)"``) string as the tuple it stands for."""
+    if not isinstance(merge_r, str) or "," not in merge_r:
+        return merge_r
+    parts = merge_r.strip().strip("()").split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError(merge_r)
+        return int(parts[0]), float(parts[1])
+    except ValueError:
+        raise ValueError(f"merge_r={merge_r!r}: expected {ACCEPTED_FORMS}") from None
+
+
 def resolve_schedule(merge_r: MergeSpec, shape: ViTShape) -> list[int]:
     """Turn any accepted ``merge_r`` form into a validated per-layer list."""
+    merge_r = parse_merge_spec(merge_r)
     if isinstance(merge_r, bool):
-        raise ValueError(
-            f"merge_r={merge_r!r}: expected an int, (r, inflection), a list, 'low'/'high' or a float"
-        )
+        raise ValueError(f"merge_r={merge_r!r}: expected {ACCEPTED_FORMS}")
     if isinstance(merge_r, int):
         schedule = [merge_r] * shape.depth
     elif isinstance(merge_r, float):
@@ -229,8 +250,6 @@ def resolve_schedule(merge_r: MergeSpec, shape: ViTShape) -> list[int]:
     elif isinstance(merge_r, list):
         schedule = list(merge_r)
     else:
-        raise ValueError(
-            f"merge_r={merge_r!r}: expected an int, (r, inflection), a list, 'low'/'high' or a float"
-        )
+        raise ValueError(f"merge_r={merge_r!r}: expected {ACCEPTED_FORMS}")
     validate_schedule(schedule, shape)
     return schedule

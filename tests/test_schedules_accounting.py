@@ -104,3 +104,35 @@ def test_count_flops_counts_attention_on_every_backend() -> None:
     attention = 4 * 4 * 65 * 65 * 48  # 4 blocks x (q kᵀ + attn v) x 2 FLOPs per multiply-add
     model.blocks[0].attn.fused_attn = False  # explicit attention: same count, through matmuls
     assert count_flops(model) == reference > attention
+
+
+def test_one_spelling_per_setting_merge_r_and_pyra() -> None:
+    from pyra_lightning.modulation import method_name, resolve_variant
+    from pyra_lightning.schedules import parse_merge_spec
+
+    shape = vit_shape(tiny_vit())
+    tome = resolve_schedule((8, -1.0), shape)
+    # ToMe's (r, inflection) has one string form for YAML and the command line, with or without brackets.
+    assert resolve_schedule("8,-1", shape) == resolve_schedule("(8, -1)", shape) == tome
+    assert parse_merge_spec("16,-1") == (16, -1.0) and parse_merge_spec("low") == "low"
+    # A two-entry list stays a per-layer list: refused on a 4-block model, with the accepted forms shown.
+    with pytest.raises(
+        ValueError, match=r"schedule has 2 entries but the model has 4 blocks; merge_r takes .*'16,-1'"
+    ):
+        resolve_schedule([16, -1], shape)
+    with pytest.raises(ValueError, match=r"merge_r='16,x': expected an int"):
+        resolve_schedule("16,x", shape)
+    assert [resolve_variant(p) for p in (True, False, None, "w_r")] == ["pyra", None, None, "w_r"]
+    assert [
+        method_name(False, True),
+        method_name(True, False),
+        method_name(True, True),
+        method_name(True, "gated"),
+    ] == [
+        "peft",
+        "tome",
+        "pyra",
+        "gated",
+    ]
+    with pytest.raises(ValueError, match="pyra='fancy': expected True, False or a variant name"):
+        resolve_variant("fancy")

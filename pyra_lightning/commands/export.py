@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from pyra_lightning import deploy
+import pyra_lightning.deploy as deploy
 from pyra_lightning.deploy import (  # noqa: F401  (re-exported: the artifact's names live in deploy)
     AOTI_FILE,
     CONFIG_FILE,
@@ -49,6 +49,7 @@ from pyra_lightning.deploy import (  # noqa: F401  (re-exported: the artifact's 
     load_exported,
 )
 from pyra_lightning.files import plain_dir_mode
+from pyra_lightning.modulation import resolve_variant
 
 if TYPE_CHECKING:
     from pyra_lightning.training.module import PyraClassifier
@@ -169,7 +170,7 @@ def export_config(
         "model_name": hp.model_name,
         "create_kwargs": create_kwargs,
         "merge_r": merge_schedule(folded) if merging else None,
-        "pyra": ("pyra" if pyra is True else pyra) if merging and pyra else False,
+        "pyra": (resolve_variant(pyra) or False) if merging else False,
         "prop_attn": bool(hp.prop_attn),
         "preprocess": {
             "img_size": int(hp.img_size),

@@ -16,10 +16,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from pyra_lightning.accounting import ParameterCount, count_parameters
 from pyra_lightning.backbone import create_backbone, fingerprint
 from pyra_lightning.lora import LoRAInit, init_lora_
-from pyra_lightning.modulation import Variant
+from pyra_lightning.modulation import Variant, method_name
 from pyra_lightning.patch import apply_lora, apply_merging, fold_lora, mark_trainable, merge_schedule
+from pyra_lightning.schedules import MergeArg
 
-MergeRArg = int | float | str | list[int] | None
 SchedulerStep = Literal["paper", "reference"]
 DistilledTraining = Literal["average", "class_head"]
 
@@ -90,7 +90,7 @@ class PyraClassifier(pl.LightningModule):
         lora_rank: int = 8,
         lora_alpha: float | None = None,
         lora_dropout: float = 0.1,
-        merge_r: MergeRArg = "low",
+        merge_r: MergeArg = "low",
         pyra: bool | Variant = True,
         prop_attn: bool = True,
         lr: float = 1e-3,
@@ -122,7 +122,7 @@ class PyraClassifier(pl.LightningModule):
             apply_lora(self.model, lora_rank, lora_alpha, lora_dropout)
             init_lora_(self.model, lora_init)
         if merge_r is not None:
-            apply_merging(self.model, _merge_spec(merge_r), pyra=pyra, prop_attn=prop_attn)
+            apply_merging(self.model, merge_r, pyra=pyra, prop_attn=prop_attn)
         mark_trainable(self.model, head=True)
         # Saved like trainable tensors although it never trains (distilled_training="class_head").
         self._untrained_saved: set[str] = set()
@@ -148,8 +148,7 @@ class PyraClassifier(pl.LightningModule):
         """``peft`` (no merging), ``tome``, ``pyra`` or the PYRA ablation variant's name."""
         if self.hparams.merge_r is None or not any(merge_schedule(self.model)):
             return "peft"
-        pyra = self.hparams.pyra
-        return "tome" if pyra is False else ("pyra" if pyra is True else str(pyra))
+        return method_name(True, self.hparams.pyra)
 
     def parameter_count(self) -> ParameterCount:
         return count_parameters(self.model)
@@ -285,14 +284,3 @@ class PyraClassifier(pl.LightningModule):
                 f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                 f"{'...' if len(unexpected) > 5 else ''} (was it made with another lora_rank / merge_r / pyra?)"
             )
-
-
-def _merge_spec(merge_r: MergeRArg) -> int | float | str | list[int] | tuple[int, float]:
-    """Accept ToMe's ``(r, inflection)`` from YAML/CLI as the string ``"16,-1"``."""
-    if isinstance(merge_r, str) and "," in merge_r:
-        r, inflection = merge_r.split(",", 1)
-        try:
-            return int(r), float(inflection)
-        except ValueError as error:
-            raise ValueError(f"merge_r={merge_r!r}: expected 'low', 'high' or 'r,inflection'") from error
-    return merge_r  # type: ignore[return-value]

@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from pyra_lightning.data.tasks import resolve_task
 from pyra_lightning.files import atomic_write_text
+from pyra_lightning.modulation import method_name as modulation_method_name
 from pyra_lightning.patch import merge_schedule
 from pyra_lightning.results import describe_differences
 
@@ -156,11 +157,10 @@ def task_name(task: str) -> str:
 
 def method_name(merge_r: Any, pyra: Any) -> str:
     """``peft`` (no merging), ``tome``, ``pyra`` or the PYRA variant's name, from the config alone."""
-    if merge_r is None or merge_r == 0 or (isinstance(merge_r, list | tuple) and not any(merge_r)):
-        return "peft"
-    if pyra is False:
-        return "tome"
-    return "pyra" if pyra is True else str(pyra)
+    merging = not (
+        merge_r is None or merge_r == 0 or (isinstance(merge_r, list | tuple) and not any(merge_r))
+    )
+    return modulation_method_name(merging, pyra)
 
 
 def default_run_dir(task: str, merge_r: Any, pyra: Any, root: str | Path = RUNS_ROOT) -> Path:
