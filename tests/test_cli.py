@@ -68,7 +68,7 @@ def test_tools_are_dispatched(capsys: pytest.CaptureFixture[str]) -> None:
     assert "batch_size" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("tool", ["report", "sweep"])
+@pytest.mark.parametrize("tool", ["report", "sweep", "export", "benchmark"])
 def test_tool_help_imports_neither_lightning_nor_timm(tool: str) -> None:
     # The issue: `report --help` took 9-10 s importing Lightning, timm and torchvision first.
     code = (
@@ -78,5 +78,8 @@ def test_tool_help_imports_neither_lightning_nor_timm(tool: str) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines()[-1] == "[]"
+    loaded = done.stdout.splitlines()[-1]
+    # export and benchmark build tensors, so torch itself may load; never Lightning, timm or torchvision.
+    allowed = "['torch']" if tool in ("export", "benchmark") else "[]"
+    assert loaded in ("[]", allowed), loaded
     assert f"usage: pyra-lightning {tool}" in done.stdout, "the usage line names the tool"

@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     from jsonargparse import CLI
 
-    CLI(run_benchmark, args=argv)
+    CLI(run_benchmark, args=argv, prog="pyra-lightning benchmark")
 
 
 if __name__ == "__main__":
