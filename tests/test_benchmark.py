@@ -295,7 +295,9 @@ def test_time_interleaved_rotates_the_order_and_times_each_call() -> None:
     assert order == ["a", "b", *round_robin(["a", "b"], 3)] == ["a", "b", "a", "b", "b", "a", "a", "b"]
 
 
-@pytest.mark.parametrize("target", [1.5, 2.0, 3.0])
+# (The tiny model reaches 2.74x at most: halving the tokens in every block leaves its patch
+# embedding and head, which schedule_flops counts, untouched.)
+@pytest.mark.parametrize("target", [1.5, 2.0, 2.5])
 def test_speed_target_search_finds_the_gentlest_schedule_that_reaches_it(target: float) -> None:
     """With time proportional to FLOPs, speed-up S is FLOPs fraction 1/S: the measured search
     must land on the FLOPs solver's schedule for 1/S, over the same one-parameter family."""

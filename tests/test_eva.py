@@ -334,7 +334,6 @@ def test_one_epoch_fit_of_the_demo_with_a_tiny_rope_eva(tmp_path: Path) -> None:
             "--trainer.max_epochs=1",
             f"--data.root={tmp_path / 'data'}",
             f"--trainer.default_root_dir={runs}",
-            f"--trainer.logger.init_args.save_dir={runs}",
             "--trainer.enable_progress_bar=false",
             "--throughput.runs=2",
             "--throughput.warmup=1",
@@ -349,9 +348,8 @@ def test_one_epoch_fit_of_the_demo_with_a_tiny_rope_eva(tmp_path: Path) -> None:
 
 
 def test_data_follows_the_backbone_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pyra_lightning.data.backbone_config import backbone_data_config
-
     from pyra_lightning.data import backbone_config
+    from pyra_lightning.data.backbone_config import backbone_data_config
     from pyra_lightning.data.vtab import VTABDataModule
 
     dm = VTABDataModule(task="demo", backbone="vit_base_patch16_dinov3")  # timm default tag: 256 px

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from pyra_lightning.__main__ import main
 from pyra_lightning.commands.export import CONFIG_FILE, WEIGHTS_FILE, export_model, load_exported
 from pyra_lightning.commands.export import main as export_main  # raises, where the console script prints
-from pyra_lightning.data.vtab import VTABDataModule
+from pyra_lightning.data.vtab import NORMALIZATION_STATS, VTABDataModule
 from pyra_lightning.training.module import PyraClassifier
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
@@ -251,7 +251,10 @@ def test_cli_export_from_the_checkpoint_alone_writes_every_format(
     out = tmp_path / "alone"
     main(["export", f"--ckpt_path={last}", f"--out_dir={out}", "--format=onnx,pt2"])
     config = json.loads((out / CONFIG_FILE).read_text())
-    assert config["preprocess"]["mean"] == [0.485, 0.456, 0.406]  # the quickstart's imagenet stats
+    # The statistics the run trained with, as its checkpoint records them (the quickstart follows its
+    # backbone's timm config).
+    trained = torch.load(last, map_location="cpu", weights_only=True)["datamodule_hyper_parameters"]
+    assert config["preprocess"]["mean"] == pytest.approx(NORMALIZATION_STATS[trained["normalization"]][0])
     assert set(config["artifacts"]) == {"safetensors", "onnx", "pt2"}
     for fmt in ("onnx", "pt2"):
         assert config["artifacts"][fmt]["max_abs_diff"] <= 1e-4

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pyra_lightning import deploy
+import pyra_lightning.deploy as deploy
 from pyra_lightning.schedules import ViTShape, flops_fraction, proportional_schedule
 from pyra_lightning.timing import Clock, Precision, autocast, random_images, time_interleaved
 
