@@ -159,9 +159,14 @@ def test_peak_memory_and_mfu_are_logged_on_cuda(tmp_path: Path) -> None:
     rows = read_metrics(log_dir)
     peaks = [float(row["train/peak_memory_gib"]) for row in rows if row.get("train/peak_memory_gib")]
     assert len(peaks) == 1 and 0 < peaks[0] < 80
-    name = torch.cuda.get_device_name().lower()
-    if any(gpu in name for gpu in ("h100", "h200", "a100", "l4", "a10g")):
+    # MFU needs the device's peak FLOP/s, which Lightning knows for some GPUs only (2.6.6 has the
+    # H100 and A100 but not the H200: seen on a lent H200, where this test first ran).
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    if get_available_flops(torch.device("cuda"), torch.float32) is not None:
         assert any(row.get("train/device/mfu") for row in rows)
+    else:
+        assert not any(row.get("train/device/mfu") for row in rows)
 
 
 def test_merge_visualization_writes_pngs_and_leaves_the_model_alone(tmp_path: Path) -> None:
