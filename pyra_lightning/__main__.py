@@ -51,7 +51,14 @@ COMMANDS: dict[str, Command] = {
 }
 
 # Exceptions whose message is the whole story: bad input the project checks and explains.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
 
 
 def usage() -> str:

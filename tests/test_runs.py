@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHORT, quickstart_args
+from helpers import QUICKSTART, SHORT, quickstart_args
 
 from pyra_lightning.__main__ import main
 from pyra_lightning.data.demo import DEMO_CLASSES
@@ -209,3 +209,35 @@ def test_auto_resume_false_never_shares_a_folder(
     monkeypatch.chdir(workdir)
     err = refused(["fit", *args_in(workdir, "--auto_resume=false")], capsys)
     assert "--auto_resume false, but runs/demo/pyra holds this run already" in err
+
+
+def test_evaluating_into_another_runs_folder_is_refused(
+    workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A test of one run's checkpoint must not overwrite the results.json of the run whose folder it names.
+    other = tmp_path / "other_run"
+    other.mkdir()
+    (other / "run.json").write_text(
+        json.dumps({"status": "finished", "fingerprint": "0" * 16, "settings": {}})
+    )
+    last = workdir / "runs" / "demo" / "pyra" / "checkpoints" / "last.ckpt"
+    err = refused(["test", *quickstart_args(other, workdir / "data", f"--ckpt_path={last}")], capsys)
+    assert f"is not the run in {other}" in err and "--trainer.default_root_dir" in err
+    assert sorted(p.name for p in other.iterdir()) == ["run.json"], "nothing written into the other run"
+
+
+def test_export_refuses_arguments_that_change_the_model_and_an_existing_folder(
+    workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    last = workdir / "runs" / "demo" / "pyra" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "model"
+    args = ["export", f"--ckpt_path={last}", f"--out_dir={out}"]
+    err = refused(
+        [*args, f"--config={QUICKSTART}", f"--data.root={workdir / 'data'}", "--model.prop_attn=false"],
+        capsys,
+    )
+    assert "model.prop_attn: true in" in err and "false now" in err
+    assert not out.exists()
+    out.mkdir()
+    err = refused(args, capsys)
+    assert "already exists" in err and "--overwrite" in err

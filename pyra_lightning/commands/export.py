@@ -193,13 +193,9 @@ def export_config(
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a Lightning checkpoint of ``PyraClassifier`` on the CPU, tensors and primitives only."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"checkpoint {str(file)!r} does not exist")
-    checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{file} is not a Lightning checkpoint (no 'state_dict')")
-    return checkpoint
+    from pyra_lightning.training.runs import load_checkpoint  # names a damaged file and the fix
+
+    return load_checkpoint(path)
 
 
 def load_trainable(module: PyraClassifier, checkpoint: dict[str, Any]) -> None:
@@ -238,13 +234,40 @@ def random_backbone(checkpoint: dict[str, Any]) -> bool:
 
 
 def recorded_seed(checkpoint: dict[str, Any]) -> int | None:
-    """The fit's ``seed_everything`` if the checkpoint records one."""
-    for holder in (checkpoint, checkpoint.get("hyper_parameters", {}), checkpoint.get("run", {})):
+    """The fit's ``seed_everything`` if the checkpoint records one (in its run identity)."""
+    from pyra_lightning.training.runs import checkpoint_identity
+
+    settings = (checkpoint_identity(checkpoint) or {}).get("settings", {})
+    for holder in (settings, checkpoint, checkpoint.get("hyper_parameters", {})):
         for key in ("seed_everything", "seed"):
             value = holder.get(key) if isinstance(holder, dict) else None
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
     return None
+
+
+def _refuse_other_settings(cli: Any, checkpoint: dict[str, Any], ckpt_path: str) -> None:
+    """Export only the model the checkpoint was trained as: any setting that changes what it predicts
+    (schedule, PYRA variant, LoRA scale, proportional attention, ...) given differently is refused."""
+    from pyra_lightning.training.runs import checkpoint_identity, refusal, run_settings, settings_differences
+
+    identity = checkpoint_identity(checkpoint)
+    if identity is None:
+        recorded = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+        differences = [
+            f"model.{key}: {value!r} in {ckpt_path} vs {cli.model.hparams.get(key)!r} now"
+            for key, value in recorded.items()
+            if key in cli.model.hparams and cli.model.hparams.get(key) != value
+        ]
+    else:
+        now = run_settings(cli.trainer, cli.model, cli.datamodule)
+        differences = settings_differences(identity["settings"], now, ckpt_path, evaluation=True)
+    if differences:
+        raise refusal(
+            f"export: {ckpt_path} was trained with other settings than these arguments",
+            differences,
+            "Export from the checkpoint alone (no other arguments), or pass the settings it was trained with.",
+        )
 
 
 def write_deployed(
@@ -433,6 +456,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Exporting logs nothing and starts no W&B run.
     cli = build_cli([*cli_args, "--trainer.logger=false"], run=False)
+    _refuse_other_settings(cli, checkpoint, args.ckpt_path)
     load_trainable(cli.model, checkpoint)
     out = export_model(
         cli.model,

@@ -277,9 +277,8 @@ class PyraCLI(LightningCLI):
         if self.finished_results is not None or self.trainer.interrupted:
             return
         settings = self._settings()
-        completed = (
-            self.trainer.max_epochs is not None and self.trainer.current_epoch >= self.trainer.max_epochs
-        )
+        # Done by max_epochs, max_steps or a stop request (EarlyStopping, Timer): nothing left to train.
+        completed = self.trainer.fit_loop.done
         if self.config.get(self.subcommand, {}).get("test_after_fit", True):
             results = self._results_callback()
             if results is not None:
@@ -301,6 +300,17 @@ class PyraCLI(LightningCLI):
             evaluation=True,
             strict=False,
         )
+        record = read_run_record(self.run_dir)
+        if (
+            identity is not None
+            and record is not None
+            and record.get("fingerprint") != identity["fingerprint"]
+        ):
+            raise ValueError(
+                f"{self.subcommand}: {ckpt_path} is not the run in {self.run_dir} (its run.json records other "
+                "settings), and evaluating it there would overwrite that run's results. Pass "
+                "--trainer.default_root_dir <the checkpoint's own run folder>."
+            )
         results = self._results_callback()
         if results is not None:
             results.identity, results.checkpoint = identity, str(ckpt_path)

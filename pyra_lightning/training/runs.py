@@ -20,7 +20,9 @@ import csv
 import hashlib
 import json
 import os
+import pickle
 import re
+import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -203,12 +205,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         FileNotFoundError: no such file.
         ValueError: the file is truncated, corrupt or not a checkpoint.
     """
+    if str(path) in ("last", "best", "hpc", "registry"):
+        raise ValueError(
+            f"ckpt_path={str(path)!r}: give the checkpoint's file (e.g. <run folder>/checkpoints/last.ckpt); "
+            "without --ckpt_path, test/validate/predict use the run's own last.ckpt"
+        )
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:  # a damaged file
         raise ValueError(
             f"checkpoint {path} cannot be read: it is truncated or corrupt ({type(error).__name__}). "
             f"Delete it to restart this run from scratch, or give --ckpt_path another checkpoint."
