@@ -277,8 +277,12 @@ class PyraCLI(LightningCLI):
         if self.finished_results is not None or self.trainer.interrupted:
             return
         settings = self._settings()
-        # Done by max_epochs, max_steps or a stop request (EarlyStopping, Timer): nothing left to train.
-        completed = self.trainer.fit_loop.done
+        # Finished: all epochs ran, or a callback stopped training (EarlyStopping, Timer). Stopping at
+        # max_steps is not: it is a stop criterion outside the run's settings, so a rerun continues.
+        trainer = self.trainer
+        epochs_done = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch
+        steps_done = trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step
+        completed = epochs_done or (trainer.should_stop and not steps_done)
         if self.config.get(self.subcommand, {}).get("test_after_fit", True):
             results = self._results_callback()
             if results is not None:
