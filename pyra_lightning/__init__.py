@@ -9,8 +9,9 @@ command line's ``--help`` stay fast; ``from pyra_lightning import apply_lora`` w
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from pyra_lightning._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from pyra_lightning.accounting import ParameterCount, count_flops, count_parameters
@@ -50,14 +51,4 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pyra_lightning' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
