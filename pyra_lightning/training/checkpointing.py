@@ -4,18 +4,35 @@ Lightning's own save moves a temporary file from ``$TMPDIR`` into place; across 
 move is a copy, and a kill during it leaves a truncated ``last.ckpt``. ``AtomicCheckpointIO``
 writes the temporary file next to the target, fsyncs it and renames it: a reader sees either the
 old checkpoint or the new one, never a partial one.
+
+``RunCheckpoint`` makes ``last.ckpt`` exist after every finished epoch. Lightning's
+``ModelCheckpoint`` (2.6) writes ``last`` at an epoch's end only when it also saved a top-k
+checkpoint in that step, so with ``save_top_k=0`` (no metric to rank by) nothing was written
+before training ended, and a preempted job started over.
+
+``RunStatus`` marks ``run.json`` when a fit ends early: ``interrupted`` (SIGINT, SIGTERM) with the
+one line that says how to resume, or ``failed`` with the error, so that a fixed rerun of a start
+that failed before its first checkpoint is not refused as "another run".
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pyra_lightning.files import atomic_write
+
+LAST = "last.ckpt"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -41,3 +58,76 @@ def find_resume_checkpoint(checkpoint_dir: _PATH, root_dir: _PATH | None = None)
         candidates += Path(root_dir).glob("hpc_ckpt_*.ckpt")
     existing = [path for path in candidates if path.is_file()]
     return max(existing, key=lambda path: path.stat().st_mtime, default=None)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` is written after every training epoch.
+
+    Everything else is Lightning's: ``every_n_train_steps`` also rewrites ``last.ckpt`` every N
+    steps, ``monitor``/``save_top_k`` keep the best checkpoints beside it. Only the end of an
+    epoch changes: when Lightning saved no top-k checkpoint there (``save_top_k=0``, or a monitor
+    that did not improve), ``last.ckpt`` is written anyway, so a kill at any later moment resumes
+    at the next epoch.
+    """
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        last = Path(self.dirpath or ".") / LAST
+        before = _mtime(last)
+        super().on_train_epoch_end(trainer, pl_module)
+        if not self.save_last or trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        # ModelCheckpoint has no public "write last now" hook: Lightning's own save already ran
+        # if the file changed during super(); otherwise save it through the trainer, which goes
+        # through the CheckpointIO plugin (atomic) and is collective under DDP.
+        if _mtime(last) == before:
+            trainer.save_checkpoint(last)
+            self.last_model_path = str(last)
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+class RunStatus(pl.Callback):
+    """Record in ``run.json`` how a fit that did not finish ended, and say how to continue.
+
+    Args:
+        mark: ``mark(trainer, pl_module, status, error)`` writes the run record; the CLI passes
+            one that knows the run folder and settings.
+        checkpoint_dir: Where ``last.ckpt`` is written.
+        run_dir: The run folder, where a SLURM requeue (SIGUSR1) saves ``hpc_ckpt_N.ckpt``.
+    """
+
+    def __init__(
+        self,
+        mark: Callable[[pl.Trainer, pl.LightningModule, str, str | None], None],
+        checkpoint_dir: Path,
+        run_dir: Path | None = None,
+    ) -> None:
+        self.mark = mark
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.run_dir = run_dir
+        self.message: str | None = None
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if trainer.state.fn != "fit":
+            return
+        if isinstance(exception, KeyboardInterrupt | SIGTERMException):
+            last = find_resume_checkpoint(self.checkpoint_dir, self.run_dir)
+            if last is not None:
+                resume = f"rerun the same command to resume from {last}"
+            else:
+                resume = "no epoch finished, so nothing was saved; rerun the same command to start again"
+            self.message = (
+                f"interrupted at epoch {trainer.current_epoch}, step {trainer.global_step}; {resume}"
+            )
+            self.mark(trainer, pl_module, "interrupted", None)
+            if rank_zero_only.rank == 0:
+                print(self.message, file=sys.stderr, flush=True)
+        else:
+            self.mark(trainer, pl_module, "failed", f"{type(exception).__name__}: {exception}")

@@ -14,9 +14,9 @@ from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pyra_lightning.data.backbone_config import resolve_img_size
 from pyra_lightning.data.vtab import VTABDataModule
@@ -27,7 +27,12 @@ from pyra_lightning.training.callbacks import (
     PredictionsCSV,
     ResultsJSON,
 )
-from pyra_lightning.training.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
+from pyra_lightning.training.checkpointing import (
+    AtomicCheckpointIO,
+    RunCheckpoint,
+    RunStatus,
+    find_resume_checkpoint,
+)
 from pyra_lightning.training.module import PyraClassifier
 from pyra_lightning.training.monitoring import (
     WANDB_ID_FILE,
@@ -118,7 +123,7 @@ class PyraCLI(LightningCLI):
         parser.add_lightning_class_args(ResultsJSON, "results")
         parser.add_lightning_class_args(TrainingThroughput, "train_throughput")
         parser.add_lightning_class_args(MergeVisualization, "merge_vis")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
         parser.add_argument(
             "--auto_resume",
@@ -143,9 +148,12 @@ class PyraCLI(LightningCLI):
         config.trainer.default_root_dir = str(self.run_dir)
         if config.get("checkpoint") is not None and not config.checkpoint.get("dirpath"):
             config.checkpoint.dirpath = str(self.run_dir / "checkpoints")
-        fresh = self.subcommand == "fit" and read_run_record(self.run_dir) is None
+        fresh = self.subcommand == "fit" and not self._holds_run(config.checkpoint.dirpath)
         if fresh and rank_zero_only.rank == 0:
-            (self.run_dir / WANDB_ID_FILE).unlink(missing_ok=True)  # a new run is a new W&B run
+            # A new run is a new W&B run, and a start that failed before its first checkpoint left
+            # nothing worth continuing: its metrics must not open the new run's metrics.csv.
+            for stale in (WANDB_ID_FILE, "metrics.csv", "hparams.yaml"):
+                (self.run_dir / stale).unlink(missing_ok=True)
         config.trainer.logger = self._run_loggers(config.trainer.get("logger"), self.subcommand or "fit")
         if self.subcommand in EVALUATIONS and not config.get("ckpt_path"):
             found = find_resume_checkpoint(config.checkpoint.dirpath, self.run_dir)
@@ -157,6 +165,20 @@ class PyraCLI(LightningCLI):
                 )
             rank_zero_info(f"{self.subcommand}: using {found}")
             config.ckpt_path = str(found)
+
+    def _holds_run(self, checkpoint_dir: str | Path) -> bool:
+        """Whether the run folder holds a run: a finished one, or one with a checkpoint to resume.
+
+        A start that failed or was killed before its first checkpoint holds nothing: the next
+        start takes the folder, whatever its settings.
+        """
+        record = read_run_record(self.run_dir)
+        if record is None:
+            return False
+        return (
+            record.get("status") == "finished"
+            or find_resume_checkpoint(checkpoint_dir, self.run_dir) is not None
+        )
 
     def _run_loggers(self, logger: Any, stage: str) -> Any:
         """Point every logger at the run folder, with a fixed version: no ``version_N`` folders."""
@@ -186,6 +208,12 @@ class PyraCLI(LightningCLI):
             kwargs["plugins"] = [AtomicCheckpointIO()]
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.extend([RunIdentity(), PredictionsCSV()])
+        if self.subcommand == "fit":
+            checkpoint_dir = next(
+                (cb.dirpath for cb in trainer.callbacks if isinstance(cb, RunCheckpoint) and cb.dirpath),
+                self.run_dir / "checkpoints",
+            )
+            trainer.callbacks.append(RunStatus(self._mark_run, Path(checkpoint_dir), self.run_dir))
         for callback in trainer.callbacks:
             if isinstance(callback, ResultsJSON | PredictionsCSV):
                 callback.dirpath = self.run_dir
@@ -211,6 +239,15 @@ class PyraCLI(LightningCLI):
             raise refusal(what, differences, fix)
         return identity
 
+    def _mark_run(self, trainer: Trainer, module: Any, status: str, error: str | None = None) -> None:
+        """Write ``run.json`` with ``status`` (``RunStatus`` calls this when a fit ends early)."""
+        if rank_zero_only.rank != 0:
+            return
+        try:
+            write_run_record(self.run_dir, run_settings(trainer, module, trainer.datamodule), status, error)
+        except Exception as problem:  # never hide the error that ended the fit behind this one
+            rank_zero_warn(f"could not mark {self.run_dir / 'run.json'} {status}: {problem}")
+
     def _results_callback(self) -> ResultsJSON | None:
         return next((cb for cb in self.trainer.callbacks if isinstance(cb, ResultsJSON)), None)
 
@@ -219,6 +256,12 @@ class PyraCLI(LightningCLI):
         settings = self._settings()
         fresh_fix = START_FRESH.format(run_dir=self.run_dir)
         record = read_run_record(self.run_dir)
+        if record is not None and not self._holds_run(config.checkpoint.dirpath):
+            rank_zero_info(
+                f"{self.run_dir}: the previous start ({record.get('status')}) left no checkpoint; "
+                "this run takes the folder"
+            )
+            record = None
         if record is not None:
             differences = settings_differences(record["settings"], settings, self.run_dir / "run.json")
             if differences:
@@ -353,7 +396,12 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> PyraCLI:
 
 def main(argv: list[str] | None = None) -> None:
     """``pyra-lightning fit|validate|test|predict ...`` (argv starts with the subcommand)."""
-    cli = build_cli(argv)
+    try:
+        cli = build_cli(argv)
+    except SIGTERMException:
+        # Lightning ends a SIGTERMed fit with a bare SystemExit (status 0); a scheduler must see
+        # that the job did not finish. RunStatus has marked run.json and said how to resume.
+        raise SystemExit(128 + 15) from None
     finish_wandb(cli.trainer)  # Lightning leaves the W&B run open; a later run would reuse it
 
 

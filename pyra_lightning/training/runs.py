@@ -189,9 +189,15 @@ def read_run_record(run_dir: Path) -> dict[str, Any] | None:
     return record
 
 
-def write_run_record(run_dir: Path, settings: dict[str, Any], status: str) -> Path:
-    """Write ``run.json``: the run's settings, fingerprint and ``status`` (``running``/``finished``)."""
-    record = {"status": status, "fingerprint": fingerprint(settings), "settings": settings}
+def write_run_record(run_dir: Path, settings: dict[str, Any], status: str, error: str | None = None) -> Path:
+    """Write ``run.json``: the run's settings, fingerprint and ``status``.
+
+    ``status`` is ``running``, ``finished``, ``interrupted`` (SIGINT/SIGTERM) or ``failed`` (with
+    ``error``, the exception that ended the fit).
+    """
+    record: dict[str, Any] = {"status": status, "fingerprint": fingerprint(settings), "settings": settings}
+    if error is not None:
+        record["error"] = error
     path = Path(run_dir) / RUN_FILE
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     return path

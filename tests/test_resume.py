@@ -1,0 +1,147 @@
+"""A fit interrupted after a finished epoch (kill -9, SIGTERM, Ctrl-C) resumes where it stopped.
+
+These tests take the path a preempted cluster job takes: a real ``pyra-lightning fit`` process,
+no ``max_steps`` and no per-step checkpointing, stopped from outside once an epoch has finished,
+then the same command run again.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import quickstart_args
+from lightning.pytorch import Callback
+
+from pyra_lightning.__main__ import main
+from pyra_lightning.data import generate_demo
+
+EPOCHS = 4
+
+
+def fit_args(root: Path, data: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        *quickstart_args(
+            root,
+            data,
+            "--trainer.limit_train_batches=4",
+            "--trainer.limit_val_batches=1",
+            "--trainer.num_sanity_val_steps=0",
+            f"--trainer.max_epochs={EPOCHS}",
+            "--model.lora_dropout=0.1",  # randomness that a resume must reproduce
+            "--test_after_fit=false",
+            *extra,
+        ),
+    ]
+
+
+def epoch_of(last: Path) -> int | None:
+    """The epoch a ``last.ckpt`` was written after, or None while there is none."""
+    if not last.is_file():
+        return None
+    return int(torch.load(last, map_location="cpu", weights_only=True)["epoch"])
+
+
+def stop_after_epoch(command: list[str], last: Path, epoch: int, sig: signal.Signals) -> tuple[int, str]:
+    """Start ``command``, send ``sig`` once ``last.ckpt`` holds ``epoch``; its exit code and stderr."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline:
+        if last.is_file() and epoch_of(last) == epoch:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the fit ended before it could be stopped"
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=120)
+    return process.returncode, err
+
+
+def run_status(root: Path) -> dict:
+    return json.loads((root / "run.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_fit_stopped_after_finished_epochs_resumes_bit_identically(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    generate_demo(data)
+    main(fit_args(tmp_path / "straight", data))
+
+    root = tmp_path / "stopped"
+    last = root / "checkpoints" / "last.ckpt"
+    command = [sys.executable, "-m", "pyra_lightning", *fit_args(root, data)]
+
+    code, _ = stop_after_epoch(command, last, 0, signal.SIGKILL)  # a node lost, no warning
+    assert code == -signal.SIGKILL
+    assert epoch_of(last) in (0, 1), "the checkpoint of a finished epoch was on disk"
+
+    code, err = stop_after_epoch(command, last, 1, signal.SIGTERM)  # a scheduler's preemption
+    lines = [line for line in err.splitlines() if line.startswith("interrupted at epoch")]
+    assert code == 128 + signal.SIGTERM, err[-2000:]
+    assert "auto_resume: continuing from" in err
+    assert len(lines) == 1 and lines[0].endswith(f"rerun the same command to resume from {last}"), err[-2000:]
+    assert run_status(root)["status"] == "interrupted"
+
+    code, err = stop_after_epoch(command, last, 2, signal.SIGINT)  # Ctrl-C
+    assert code == 1, err[-2000:]
+    assert any(line.startswith("interrupted at epoch") for line in err.splitlines())
+    assert run_status(root)["status"] == "interrupted"
+
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert run_status(root)["status"] == "finished"
+
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    assert a["global_step"] == b["global_step"] == 4 * EPOCHS
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+
+
+class WatchLastCheckpoint(Callback):
+    """Notes, at the start of every epoch, which epoch the run's ``last.ckpt`` holds."""
+
+    seen: list[int | None] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        self.seen.append(epoch_of(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"))
+
+
+def test_last_ckpt_is_written_after_every_epoch_whatever_top_k_says(tmp_path: Path) -> None:
+    WatchLastCheckpoint.seen.clear()
+    args = fit_args(tmp_path / "run", tmp_path / "data", "--trainer.max_epochs=3")
+    main([*args, "--checkpoint.save_top_k=0", "--trainer.callbacks+=test_resume.WatchLastCheckpoint"])
+    assert WatchLastCheckpoint.seen == [None, 0, 1], "each epoch starts with the previous one saved"
+    final = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["global_step"] == 3 * 4
+
+
+def test_a_start_that_failed_before_its_first_checkpoint_does_not_block_a_changed_rerun(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    task = generate_demo(data)
+    image = task / "images" / "train" / "00003.png"
+    moved = image.with_suffix(".moved")
+    image.rename(moved)  # a missing image: the fit fails while loading its data
+    root = tmp_path / "run"
+    args = fit_args(root, data, "--trainer.max_epochs=1")
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "00003.png does not exist" in capsys.readouterr().err
+    record = run_status(root)
+    assert record["status"] == "failed" and record["error"], record
+    assert not (root / "checkpoints" / "last.ckpt").exists()
+
+    moved.rename(image)
+    main([*args, "--data.batch_size=16"])  # fixed, and with another setting: takes the folder
+    record = run_status(root)
+    assert record["status"] == "finished"
+    assert record["settings"]["data.batch_size"] == 16
