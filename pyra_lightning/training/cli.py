@@ -33,6 +33,7 @@ from pyra_lightning.training.checkpointing import (
     RunStatus,
     find_resume_checkpoint,
 )
+from pyra_lightning.training.lock import hold, release_all
 from pyra_lightning.training.module import PyraClassifier
 from pyra_lightning.training.monitoring import (
     WANDB_ID_FILE,
@@ -146,6 +147,8 @@ class PyraCLI(LightningCLI):
         model = config.model
         self.run_dir = Path(given) if given else default_run_dir(config.data.task, model.merge_r, model.pyra)
         config.trainer.default_root_dir = str(self.run_dir)
+        if rank_zero_only.rank == 0:  # DDP's other ranks run inside this command
+            hold(self.run_dir)
         if config.get("checkpoint") is not None and not config.checkpoint.get("dirpath"):
             config.checkpoint.dirpath = str(self.run_dir / "checkpoints")
         fresh = self.subcommand == "fit" and not self._holds_run(config.checkpoint.dirpath)
@@ -398,11 +401,13 @@ def main(argv: list[str] | None = None) -> None:
     """``pyra-lightning fit|validate|test|predict ...`` (argv starts with the subcommand)."""
     try:
         cli = build_cli(argv)
+        finish_wandb(cli.trainer)
     except SIGTERMException:
         # Lightning ends a SIGTERMed fit with a bare SystemExit (status 0); a scheduler must see
         # that the job did not finish. RunStatus has marked run.json and said how to resume.
         raise SystemExit(128 + 15) from None
-    finish_wandb(cli.trainer)  # Lightning leaves the W&B run open; a later run would reuse it
+    finally:
+        release_all()  # Lightning leaves the W&B run open; a later run would reuse it
 
 
 if __name__ == "__main__":
