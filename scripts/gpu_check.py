@@ -213,7 +213,7 @@ def _fit(args: argparse.Namespace, precision: str) -> dict[str, Any]:
         "fit",
         f"--config={REPO / 'configs' / 'quickstart.yaml'}",
         f"--data.root={Path(args.out).resolve() / 'data'}",
-        f"--trainer.default_root_dir={folder / 'runs'}",
+        f"--run_dir={folder / 'runs'}",
         f"--trainer.accelerator={'cuda' if args.device.startswith('cuda') else 'cpu'}",
         "--trainer.devices=1",
         f"--trainer.precision={precision}",

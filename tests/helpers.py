@@ -30,5 +30,5 @@ def quickstart_args(root: Path | None, data: Path, *extra: str) -> list[str]:
         "--throughput.warmup=1",
     ]
     if root is not None:
-        args.append(f"--trainer.default_root_dir={root}")
+        args.append(f"--run_dir={root}")
     return [*args, *extra]

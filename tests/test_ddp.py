@@ -84,8 +84,13 @@ def test_precision_options_train_and_test(tmp_path: Path, precision: str) -> Non
     )
     dtypes: set[torch.dtype] = set()
     qkv = cli.model.model.blocks[0].attn.qkv
-    # Deep copies carry the hook (FLOPs counting on the meta device): record real forwards only.
-    handle = qkv.register_forward_hook(lambda module, args, out: out.is_meta or dtypes.add(out.dtype))
+    def record(module: torch.nn.Module, args: object, out: torch.Tensor) -> None:
+        # Deep copies carry the hook (FLOPs counting on the meta device): record real forwards
+        # only, and return None so that the output is never replaced.
+        if not out.is_meta:
+            dtypes.add(out.dtype)
+
+    handle = qkv.register_forward_hook(record)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     handle.remove()
     assert dtypes == {torch.bfloat16 if precision == "bf16-mixed" else torch.float32}

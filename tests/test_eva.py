@@ -333,7 +333,7 @@ def test_one_epoch_fit_of_the_demo_with_a_tiny_rope_eva(tmp_path: Path) -> None:
             "--model.merge_r=[8, 6, 4, 2]",
             "--trainer.max_epochs=1",
             f"--data.root={tmp_path / 'data'}",
-            f"--trainer.default_root_dir={runs}",
+            f"--run_dir={runs}",
             "--trainer.enable_progress_bar=false",
             "--throughput.runs=2",
             "--throughput.warmup=1",

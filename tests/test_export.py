@@ -175,7 +175,7 @@ def cli_args(root: Path, *extra: str) -> list[str]:
     return [
         f"--config={QUICKSTART}",
         f"--data.root={root / 'data'}",
-        f"--trainer.default_root_dir={root / 'runs'}",
+        f"--run_dir={root / 'runs'}",
         *extra,
     ]
 

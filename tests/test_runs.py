@@ -109,11 +109,9 @@ def test_another_task_in_the_same_root_trains_from_scratch_in_its_own_folder(
     assert (demo_run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == demo_checkpoint
 
     # Forcing the second task into the first task's folder is refused, naming the tasks.
-    err = refused(
-        ["fit", *args_in(workdir, "--data.task=mytask", f"--trainer.default_root_dir={demo_run}")], capsys
-    )
+    err = refused(["fit", *args_in(workdir, "--data.task=mytask", f"--run_dir={demo_run}")], capsys)
     assert f'data.task: "demo" in {demo_run / "run.json"} vs "mytask" now' in err
-    assert "--trainer.default_root_dir" in err
+    assert "--run_dir" in err
 
 
 @pytest.mark.slow
@@ -136,6 +134,24 @@ def test_changed_settings_are_refused_listing_them(
     err = refused(["fit", *args_in(workdir, change)], capsys)
     assert listed in err and "runs/demo/pyra holds another run" in err
     assert "delete runs/demo/pyra" in err
+    suggested = err.split("--run_dir ", 1)[1].split(";")[0]
+    assert suggested.startswith("runs/demo/pyra-") and change.split("=")[0].split(".")[-1] in suggested
+
+
+@pytest.mark.slow
+def test_default_root_dir_is_a_root_and_ckpt_path_last_is_the_runs_own(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(workdir)
+    root = workdir / "elsewhere"
+    main(["fit", *args_in(workdir, f"--trainer.default_root_dir={root}")])
+    assert (root / "demo" / "pyra" / "results.json").is_file(), "ROOT/<task>/<method>, as in Lightning"
+    capsys.readouterr()
+    main(["test", *args_in(workdir, f"--trainer.default_root_dir={root}", "--ckpt_path=last")])
+    out = capsys.readouterr()
+    assert f"--ckpt_path last: {root / 'demo' / 'pyra' / 'checkpoints' / 'last.ckpt'}" in out.err + out.out
+    err = refused(["test", *args_in(workdir, "--ckpt_path=hpc")], capsys)
+    assert "--ckpt_path hpc: runs/demo/pyra has no hpc_ckpt_N.ckpt" in err
 
 
 def test_ckpt_path_with_a_conflicting_command_line_is_refused(
@@ -223,8 +239,10 @@ def test_evaluating_into_another_runs_folder_is_refused(
     )
     last = workdir / "runs" / "demo" / "pyra" / "checkpoints" / "last.ckpt"
     err = refused(["test", *quickstart_args(other, workdir / "data", f"--ckpt_path={last}")], capsys)
-    assert f"is not the run in {other}" in err and "--trainer.default_root_dir" in err
-    assert sorted(p.name for p in other.iterdir() if p.name != LOCK_FILE) == ["run.json"], "nothing written into the other run"
+    assert f"is not the run in {other}" in err and "--run_dir" in err
+    assert sorted(p.name for p in other.iterdir() if p.name != LOCK_FILE) == ["run.json"], (
+        "nothing written into the other run"
+    )
 
 
 def test_export_refuses_arguments_that_change_the_model_and_an_existing_folder(
@@ -242,3 +260,53 @@ def test_export_refuses_arguments_that_change_the_model_and_an_existing_folder(
     out.mkdir()
     err = refused(args, capsys)
     assert "already exists" in err and "--overwrite" in err
+
+
+@pytest.mark.slow
+def test_predict_on_your_own_images_writes_beside_them(
+    workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(workdir / "runs" / "demo" / "pyra", run)
+    main(["predict", *quickstart_args(run, workdir / "data", *SHORT)])
+    with open(run / "predictions.csv") as handle:
+        of_split = {Path(row["image"]).name: row for row in csv.DictReader(handle)}
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    test_images = sorted((workdir / "data" / "demo" / "images" / "test").glob("*.png"))[:5]
+    for image in test_images:
+        shutil.copy(image, photos / image.name)
+    before = (run / "predictions.csv").read_bytes()
+    main(["predict", *quickstart_args(run, workdir / "data", *SHORT), f"--images={photos}"])
+    with open(photos / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [Path(row["image"]).name for row in rows] == [image.name for image in test_images]
+    for row in rows:
+        assert row["label"] == "", "your own images have no known label"
+        assert row["predicted"] == of_split[Path(row["image"]).name]["predicted"], row["image"]
+        assert row["class_name"] == DEMO_CLASSES[int(row["predicted"])]
+    assert (run / "predictions.csv").read_bytes() == before, "the run's own file is untouched"
+
+    err = refused(
+        [
+            "predict",
+            *quickstart_args(run, workdir / "data", *SHORT),
+            f"--images={photos}/*.png",
+            f"--out={run / 'predictions.csv'}",
+        ],
+        capsys,
+    )
+    assert "the run's own predictions of its test split" in err
+    err = refused(
+        ["predict", *quickstart_args(run, workdir / "data"), f"--images={tmp_path}/none/*.jpg"], capsys
+    )
+    assert "no images found" in err
+    err = refused(["fit", *quickstart_args(run, workdir / "data"), f"--images={photos}"], capsys)
+    assert "--images is an option of `predict`" in err
+
+
+def test_predict_help_says_what_it_predicts(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    out = capsys.readouterr().out
+    assert "Predict the class of every image of the run's test split" in out and "--images" in out

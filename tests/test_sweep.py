@@ -163,7 +163,7 @@ def test_command_line_resolves_tasks_and_passes_fit_arguments(
         "[pending] oxford_iiit_pet",
     ]
     assert all(line.endswith("--trainer.max_epochs=2") for line in lines)
-    assert f"--trainer.default_root_dir={tmp_path / 'quickstart' / 'cifar'}" in lines[0]  # the run folder
+    assert f"--run_dir={tmp_path / 'quickstart' / 'cifar'}" in lines[0]  # the run folder
     assert "save_dir" not in lines[0] and "dirpath" not in lines[0], (
         "the CLI puts everything in the run folder"
     )

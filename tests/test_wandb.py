@@ -149,7 +149,7 @@ def test_wandb_piece_composes_with_every_trainer_config(tmp_path: Path) -> None:
                 f"--config={base}",
                 f"--config={WANDB_PIECE}",
                 "--model.pretrained=false",
-                f"--trainer.default_root_dir={root}",
+                f"--run_dir={root}",
             ],
             run=False,
         )

@@ -60,7 +60,7 @@ class TaskRun:
 
     Attributes:
         task: folder name of the task (the registry's name for known tasks, custom names as given).
-        run_dir: ``<out_dir>/<name>/<task>``: the trainer's ``default_root_dir`` and log folder.
+        run_dir: ``<out_dir>/<name>/<task>``: the fit's ``--run_dir``.
         status: ``pending``, ``running``, ``done`` (finished in this invocation), ``skipped`` (had
             finished before), ``failed`` or ``interrupted`` (the sweep itself was stopped).
         attempts: runs started in this invocation (1 + retries used).
@@ -187,7 +187,7 @@ def fit_command(config: Sequence[str], task: str, run_dir: Path, overrides: Sequ
     """
     command = [sys.executable, "-m", "pyra_lightning", "fit"]
     command += [f"--config={path}" for path in config]
-    command += [f"--data.task={task}", f"--trainer.default_root_dir={run_dir}"]
+    command += [f"--data.task={task}", f"--run_dir={run_dir}"]
     return command + list(overrides)
 
 

@@ -4,8 +4,6 @@ and ``predictions.csv``, and take the reference implementation's number (``Refer
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -13,15 +11,14 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Subset
+from torchmetrics.classification import MulticlassAccuracy
 
 from pyra_lightning.accounting import count_flops
-from pyra_lightning.files import atomic_write_text
 from pyra_lightning.patch import apply_merging, merge_schedule
 from pyra_lightning.results import RESULTS_FILENAME, RunResult
 from pyra_lightning.timing import images_per_second, time_forwards
 from pyra_lightning.training.runs import fingerprint, run_settings
-
-PREDICTIONS_FILENAME = "predictions.csv"
 
 
 class LoRAFolding(pl.Callback):
@@ -133,7 +130,7 @@ class ReferenceProtocol(pl.Callback):
     this is kept apart from our own ``test_acc`` (the final model): it is logged as
     ``test/acc_reference_protocol`` and written to ``results.json`` as
     ``test_acc_reference_protocol``. The training model is evaluated as it is (LoRA unfolded, eval
-    mode), as the reference does; each rank evaluates the whole test split.
+    mode), as the reference does; the ranks share the test split.
 
     Args:
         val_interval: Evaluate after every epoch divisible by this (the reference's
@@ -159,25 +156,38 @@ class ReferenceProtocol(pl.Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
-        """Top-1 accuracy of ``pl_module`` on the data module's test loader."""
+        """Top-1 accuracy of ``pl_module`` on the data module's test split.
+
+        Under DDP each rank evaluates every ``world_size``-th image (no padding, so no image
+        counts twice) and torchmetrics sums the counts over the ranks.
+        """
         datamodule = trainer.datamodule
         if datamodule is None:
             raise ValueError("ReferenceProtocol needs a LightningDataModule with a test_dataloader()")
+        loader = datamodule.test_dataloader()
+        shard = Subset(loader.dataset, range(trainer.global_rank, len(loader.dataset), trainer.world_size))
+        loader = DataLoader(
+            shard, batch_size=loader.batch_size, num_workers=loader.num_workers, collate_fn=loader.collate_fn
+        )
+        accuracy: MulticlassAccuracy | None = None
         modes = {module: module.training for module in pl_module.modules()}
         pl_module.eval()
-        correct, seen = 0, 0
         try:
-            for batch in datamodule.test_dataloader():
+            for batch in loader:
                 batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
                 images, labels = datamodule.on_after_batch_transfer(batch, 0)
                 with trainer.precision_plugin.forward_context():
                     logits = pl_module(images)  # (B, num_classes)
-                correct += int((logits.argmax(dim=-1) == labels).sum())
-                seen += labels.numel()
+                if accuracy is None:
+                    accuracy = MulticlassAccuracy(logits.shape[-1], average="micro").to(logits.device)
+                accuracy.update(logits.float(), labels)
         finally:
             for module, mode in modes.items():
                 module.train(mode)
-        return correct / max(seen, 1)
+        if accuracy is None:  # this rank's shard is empty (fewer test images than ranks)
+            accuracy = MulticlassAccuracy(int(pl_module.hparams.get("num_classes", 2)), average="micro")
+            accuracy = accuracy.to(pl_module.device)
+        return float(accuracy.compute())  # synchronised over the ranks
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -285,63 +295,3 @@ class ResultsJSON(pl.Callback):
         )
         self.path = result.write((self.dirpath or results_dir(trainer)) / self.filename)
         rank_zero_info(f"results written to {self.path}")
-
-
-class PredictionsCSV(pl.Callback):
-    """Write ``predictions.csv`` into the run folder after ``predict``.
-
-    One row per image of the predict split, in the split file's order: ``image`` (its path),
-    ``label`` (the true label from the split file, empty where unknown), ``predicted`` (class
-    index) and ``class_name`` (where the task has names: ``VTABDataModule.class_names``).
-
-    Args:
-        filename: Name of the file inside the run folder.
-    """
-
-    def __init__(self, filename: str = PREDICTIONS_FILENAME) -> None:
-        self.filename = filename
-        self.path: Path | None = None
-        self.dirpath: Path | None = None  # the run folder (set by the CLI); None: the logger's folder
-        self._predicted: list[int] = []
-
-    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.world_size > 1:
-            raise ValueError(
-                f"predict writes {self.filename} from one process; run it with --trainer.devices 1 "
-                f"(got {trainer.world_size} processes)"
-            )
-        self._predicted = []
-
-    def on_predict_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._predicted.extend(int(index) for index in torch.as_tensor(outputs).reshape(-1).tolist())
-
-    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loaders = trainer.predict_dataloaders
-        dataset = (loaders[0] if isinstance(loaders, list | tuple) else loaders).dataset
-        records = getattr(dataset, "records", None)
-        task_dir = Path(getattr(dataset, "task_dir", "."))
-        names = getattr(trainer.datamodule, "class_names", None)
-        lines = io.StringIO()
-        writer = csv.writer(lines)
-        writer.writerow(["image", "label", "predicted", "class_name"])
-        for index, predicted in enumerate(self._predicted):
-            record = records[index] if records is not None and index < len(records) else None
-            writer.writerow(
-                [
-                    str(task_dir / record.path) if record is not None else index,
-                    record.label if record is not None else "",
-                    predicted,
-                    names[predicted] if names is not None and 0 <= predicted < len(names) else "",
-                ]
-            )
-        self.path = (self.dirpath or results_dir(trainer)) / self.filename
-        atomic_write_text(self.path, lines.getvalue())
-        rank_zero_info(f"predictions written to {self.path}")

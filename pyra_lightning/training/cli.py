@@ -17,6 +17,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import DataLoader
 
 from pyra_lightning.data.backbone_config import resolve_img_size
 from pyra_lightning.data.vtab import VTABDataModule
@@ -24,7 +25,6 @@ from pyra_lightning.results import RESULTS_FILENAME, read_result
 from pyra_lightning.training.callbacks import (
     InferenceThroughput,
     LoRAFolding,
-    PredictionsCSV,
     ResultsJSON,
 )
 from pyra_lightning.training.checkpointing import (
@@ -43,7 +43,9 @@ from pyra_lightning.training.monitoring import (
     finish_wandb,
     stable_wandb_id,
 )
+from pyra_lightning.training.predict import PREDICTIONS_FILENAME, ImageFiles, PredictionsCSV, find_images
 from pyra_lightning.training.runs import (
+    RUNS_ROOT,
     START_FRESH,
     RunIdentity,
     checkpoint_identity,
@@ -57,6 +59,7 @@ from pyra_lightning.training.runs import (
     refusal,
     run_settings,
     settings_differences,
+    suggest_run_dir,
     write_run_record,
 )
 
@@ -67,7 +70,8 @@ CSV_LIKE = ("CSVLogger", "TensorBoardLogger")
 class PyraCLI(LightningCLI):
     """LightningCLI with the data -> model links, evaluation callbacks, run folders and checked resume.
 
-    - One run, one folder: ``--trainer.default_root_dir`` if given, else ``runs/<task>/<method>``.
+    - One run, one folder: ``--run_dir`` if given, else ``<root>/<task>/<method>`` where the root is
+      ``--trainer.default_root_dir`` (as in Lightning) or ``runs``.
       Checkpoints (``checkpoints/last.ckpt``, every epoch, atomic), logs, ``config.yaml``,
       ``run.json``, ``results.json``, ``predictions.csv`` and W&B files all go there; ``test``,
       ``validate`` and ``predict`` log into ``<run>/<command>/``.
@@ -82,27 +86,38 @@ class PyraCLI(LightningCLI):
     """
 
     run_dir: Path
+    run_dir_given: bool = False
     finished_results: Path | None = None
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then settle the run folder and ``--ckpt_path`` before LightningCLI reads the checkpoint.
+
+        LightningCLI (2.6) loads a checkpoint's hyperparameters over the parsed config right after
+        this method. Two things must happen first, and this is the last public hook before it:
+        ``--ckpt_path last``/``hpc`` become the run's own file, and a setting the user set
+        explicitly (command line or config file) that the checkpoint contradicts is refused,
+        since it would otherwise be replaced silently.
+        """
         self.raw_args = (
             [] if isinstance(args, dict | Namespace) else list(sys.argv[1:] if args is None else args)
         )
         super().parse_arguments(parser, args)
-
-    def _parse_ckpt_path(self) -> None:
-        """Refuse ``--ckpt_path`` when the command line sets model settings the checkpoint contradicts.
-
-        LightningCLI (2.6) loads the checkpoint's hyperparameters over the parsed config; for a
-        setting that the user set explicitly (command line or config file) that would silently
-        train or evaluate something else than was asked.
-        """
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        for option in ("images", "out"):
+            if config.get(option) and subcommand != "predict":
+                raise ValueError(f"--{option} is an option of `predict`, not of `{subcommand}`")
+        self.run_dir_given = bool(config.get("run_dir"))
+        self.run_dir = self._run_dir(config)
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path in ("last", "hpc"):
+            config.ckpt_path = ckpt_path = str(self._named_checkpoint(ckpt_path, config, subcommand))
         if ckpt_path:
             hparams = load_checkpoint(ckpt_path).get("hyper_parameters") or {}
             keys = explicit_keys(self.raw_args, "model", subcommand)
-            conflicts = conflicting_hparams(hparams, self.config[subcommand].model, keys, ckpt_path)
+            conflicts = conflicting_hparams(hparams, config.model, keys, ckpt_path)
             if conflicts:
                 raise refusal(
                     f"--ckpt_path {ckpt_path} was trained with other model settings than this command sets",
@@ -110,7 +125,41 @@ class PyraCLI(LightningCLI):
                     "Leave these arguments out to use the checkpoint as it was trained, or train a new "
                     "run without --ckpt_path.",
                 )
-        super()._parse_ckpt_path()
+
+    @staticmethod
+    def _run_dir(config: Namespace) -> Path:
+        """``--run_dir`` if given, else ``<default_root_dir or runs>/<task>/<method>``."""
+        if config.get("run_dir"):
+            return Path(config.run_dir)
+        root = config.trainer.get("default_root_dir") or RUNS_ROOT
+        return default_run_dir(config.data.task, config.model.merge_r, config.model.pyra, root)
+
+    def _checkpoint_dir(self, config: Namespace) -> Path:
+        given = config.checkpoint.get("dirpath") if config.get("checkpoint") is not None else None
+        return Path(given) if given else self.run_dir / "checkpoints"
+
+    def _named_checkpoint(self, name: str, config: Namespace, subcommand: str) -> Path:
+        """Lightning's ``ckpt_path="last"``/``"hpc"``, looked up in this run's folder.
+
+        ``last``: the newest of ``checkpoints/last.ckpt`` and SLURM's ``hpc_ckpt_N.ckpt``;
+        ``hpc``: the newest ``hpc_ckpt_N.ckpt``. The identity check applies as to any file.
+        """
+        if name == "last":
+            found = find_resume_checkpoint(self._checkpoint_dir(config), self.run_dir)
+        else:
+            found = max(
+                self.run_dir.glob("hpc_ckpt_*.ckpt"),
+                key=lambda path: int(path.stem.rsplit("_", 1)[-1]),
+                default=None,
+            )
+        if found is None:
+            looked = "checkpoints/last.ckpt or hpc_ckpt_N.ckpt" if name == "last" else "hpc_ckpt_N.ckpt"
+            raise FileNotFoundError(
+                f"{subcommand} --ckpt_path {name}: {self.run_dir} has no {looked} (the run folder comes "
+                "from --run_dir, or --trainer.default_root_dir/<task>/<method>)"
+            )
+        rank_zero_info(f"--ckpt_path {name}: {found}")
+        return found
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -126,6 +175,27 @@ class PyraCLI(LightningCLI):
         parser.add_lightning_class_args(MergeVisualization, "merge_vis")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        parser.add_argument(
+            "--run_dir",
+            type=str | None,
+            default=None,
+            help="The run's folder, exactly. Default: <trainer.default_root_dir or runs>/<task>/<method>, "
+            "e.g. runs/demo/pyra.",
+        )
+        parser.add_argument(
+            "--images",
+            type=str | None,
+            default=None,
+            help="predict: classify these images instead of the task's test split: a folder, a glob "
+            "('photos/*.jpg') or a text file of image paths. The CSV goes beside them, or to --out.",
+        )
+        parser.add_argument(
+            "--out",
+            type=str | None,
+            default=None,
+            help="predict: where to write the CSV (default: the run folder's predictions.csv, or "
+            "beside the --images).",
+        )
         parser.add_argument(
             "--auto_resume",
             type=bool,
@@ -143,14 +213,13 @@ class PyraCLI(LightningCLI):
     # ------------------------------------------------------------------------- the run folder
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        given = config.trainer.get("default_root_dir")
-        model = config.model
-        self.run_dir = Path(given) if given else default_run_dir(config.data.task, model.merge_r, model.pyra)
-        config.trainer.default_root_dir = str(self.run_dir)
+        self.run_dir = self._run_dir(config)
+        # The saved config.yaml names the folder exactly: `--config <run>/config.yaml` comes back here.
+        config.run_dir = config.trainer.default_root_dir = str(self.run_dir)
         if rank_zero_only.rank == 0:  # DDP's other ranks run inside this command
             hold(self.run_dir)
-        if config.get("checkpoint") is not None and not config.checkpoint.get("dirpath"):
-            config.checkpoint.dirpath = str(self.run_dir / "checkpoints")
+        if config.get("checkpoint") is not None:
+            config.checkpoint.dirpath = str(self._checkpoint_dir(config))
         fresh = self.subcommand == "fit" and not self._holds_run(config.checkpoint.dirpath)
         if fresh and rank_zero_only.rank == 0:
             # A new run is a new W&B run, and a start that failed before its first checkpoint left
@@ -268,7 +337,14 @@ class PyraCLI(LightningCLI):
         if record is not None:
             differences = settings_differences(record["settings"], settings, self.run_dir / "run.json")
             if differences:
-                raise refusal(f"{self.run_dir} holds another run", differences, fresh_fix)
+                fix = fresh_fix
+                if not self.run_dir_given:  # the default folder: propose one named by the change
+                    other = suggest_run_dir(self.run_dir, record["settings"], settings)
+                    fix = (
+                        f"To keep both runs, rerun this command with --run_dir {other}; or delete "
+                        f"{self.run_dir} to replace the old run."
+                    )
+                raise refusal(f"{self.run_dir} holds another run", differences, fix)
             if not config.get("auto_resume", True) and not config.get("ckpt_path"):
                 raise ValueError(
                     f"--auto_resume false, but {self.run_dir} holds this run already. {fresh_fix}"
@@ -314,7 +390,7 @@ class PyraCLI(LightningCLI):
             print(
                 f"fit: {self.run_dir} holds a finished run of these settings; its results: "
                 f"{self.finished_results}. Nothing to do (`test` evaluates it again; to train again, "
-                "delete the folder or choose another --trainer.default_root_dir)."
+                "delete the folder or choose another --run_dir)."
             )
             return
         self.trainer.fit(**kwargs)
@@ -359,7 +435,7 @@ class PyraCLI(LightningCLI):
             raise ValueError(
                 f"{self.subcommand}: {ckpt_path} is not the run in {self.run_dir} (its run.json records other "
                 "settings), and evaluating it there would overwrite that run's results. Pass "
-                "--trainer.default_root_dir <the checkpoint's own run folder>."
+                "--run_dir <the checkpoint's own run folder>."
             )
         results = self._results_callback()
         if results is not None:
@@ -374,6 +450,30 @@ class PyraCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._before_evaluation()
+
+    def predict(self, **kwargs: Any) -> None:
+        """Predict the test split, or ``--images``, and write one CSV (``training.predict``)."""
+        config = self.config_init[self.subcommand]
+        writer = next(cb for cb in self.trainer.callbacks if isinstance(cb, PredictionsCSV))
+        own = (self.run_dir / PREDICTIONS_FILENAME).resolve()
+        out = Path(config["out"]) if config.get("out") else None
+        if config.get("images"):
+            paths, home = find_images(config["images"])
+            out = out or home / PREDICTIONS_FILENAME
+            if out.resolve() == own:
+                raise ValueError(
+                    f"predict --images would write {out}, the run's own predictions of its test split; "
+                    "give --out FILE"
+                )
+            datamodule = kwargs.pop("datamodule")
+            dataset = ImageFiles(paths, datamodule.img_size, datamodule.mean, datamodule.std)
+            kwargs["dataloaders"] = DataLoader(
+                dataset, batch_size=datamodule.eval_batch_size, num_workers=datamodule.num_workers
+            )
+            writer.class_names = datamodule.class_names
+            rank_zero_info(f"predict: {len(paths)} images from {config['images']}")
+        writer.out = out
+        self.trainer.predict(**kwargs)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> PyraCLI:
@@ -390,6 +490,11 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> PyraCLI:
             save_config_callback=LoggerSaveConfigCallback,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={
+                "predict": {
+                    "description": "Predict the class of every image of the run's test split (or of "
+                    "--images DIR_OR_GLOB) with the run's LoRA-folded model, and write a CSV: image, "
+                    "label, predicted class index, class name."
+                },
                 "prog": "pyra-lightning",
                 "description": "pyra-lightning: LoRA + token merging + PYRA on timm ViTs "
                 "(`pyra-lightning --help` lists the other commands).",

@@ -3,7 +3,8 @@
 A run folder holds everything one run writes (``run.json``, ``checkpoints/``, ``config.yaml``,
 ``metrics.csv``, ``results.json``, ``predictions.csv``, merge images, ``wandb/``). By default it is
 ``runs/<task>/<method>`` (``runs/demo/pyra``), so runs on different tasks or methods never share
-a folder; ``--trainer.default_root_dir DIR`` makes ``DIR`` itself the run folder.
+a folder; ``--trainer.default_root_dir ROOT`` puts it under ``ROOT`` instead of ``runs`` (it is a
+root, as in Lightning) and ``--run_dir DIR`` makes ``DIR`` itself the run folder.
 
 A run's *settings* are everything that shapes training: the module's and the data module's
 hyperparameters (minus paths, worker counts and other settings that change no number), the
@@ -85,9 +86,7 @@ TRAINING_ONLY: frozenset[str] = frozenset(
         "seed_everything",
     }
 )
-START_FRESH = (
-    "To start a new run, choose another folder (--trainer.default_root_dir DIR) or delete {run_dir}."
-)
+START_FRESH = "To start a new run, choose another folder (--run_dir DIR) or delete {run_dir}."
 
 
 # ------------------------------------------------------------------------------------- settings
@@ -169,6 +168,23 @@ def default_run_dir(task: str, merge_r: Any, pyra: Any, root: str | Path = RUNS_
     """``<root>/<task>/<method>``: runs on different tasks or methods never share a folder."""
     parts = [re.sub(r"[^\w.+-]", "_", part) for part in (task_name(task), method_name(merge_r, pyra))]
     return Path(root) / parts[0] / parts[1]
+
+
+def suggest_run_dir(run_dir: Path, recorded: dict[str, Any], now: dict[str, Any], limit: int = 3) -> Path:
+    """A sibling folder whose name shows what differs: ``runs/demo/pyra`` -> ``runs/demo/pyra-lora_rank8``.
+
+    A rerun of the default folder with a changed setting is refused (the folder holds the other
+    run); this is the ``--run_dir`` the refusal proposes, so that both runs keep their folder.
+    """
+    changed = [key for key in sorted(now) if key not in recorded or _plain(recorded[key]) != _plain(now[key])]
+    parts = []
+    for key in changed[:limit]:
+        value = now[key]
+        text = "-".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+        parts.append(re.sub(r"[^\w.+-]", "_", f"{key.split('.')[-1]}{text}")[:40])
+    if len(changed) > limit:
+        parts.append(f"and{len(changed) - limit}more")
+    return run_dir.with_name("-".join([run_dir.name, *parts]))
 
 
 def read_run_record(run_dir: Path) -> dict[str, Any] | None:
