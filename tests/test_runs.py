@@ -140,16 +140,19 @@ def test_changed_settings_are_refused_listing_them(
 
 @pytest.mark.slow
 def test_default_root_dir_is_a_root_and_ckpt_path_last_is_the_runs_own(
-    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    workdir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.chdir(workdir)
     root = workdir / "elsewhere"
     main(["fit", *args_in(workdir, f"--trainer.default_root_dir={root}")])
     assert (root / "demo" / "pyra" / "results.json").is_file(), "ROOT/<task>/<method>, as in Lightning"
-    capsys.readouterr()
-    main(["test", *args_in(workdir, f"--trainer.default_root_dir={root}", "--ckpt_path=last")])
-    out = capsys.readouterr()
-    assert f"--ckpt_path last: {root / 'demo' / 'pyra' / 'checkpoints' / 'last.ckpt'}" in out.err + out.out
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        main(["test", *args_in(workdir, f"--trainer.default_root_dir={root}", "--ckpt_path=last")])
+    assert f"--ckpt_path last: {root / 'demo' / 'pyra' / 'checkpoints' / 'last.ckpt'}" in caplog.text
     err = refused(["test", *args_in(workdir, "--ckpt_path=hpc")], capsys)
     assert "--ckpt_path hpc: runs/demo/pyra has no hpc_ckpt_N.ckpt" in err
 

@@ -50,7 +50,6 @@ from pyra_lightning.training.runs import (
     RunIdentity,
     checkpoint_identity,
     conflicting_hparams,
-    continue_csv_logs,
     default_run_dir,
     explicit_keys,
     fingerprint,
@@ -64,7 +63,8 @@ from pyra_lightning.training.runs import (
 )
 
 EVALUATIONS = ("validate", "test", "predict")
-CSV_LIKE = ("CSVLogger", "TensorBoardLogger")
+CSV_LIKE = ("CSVLogger", "RunCSVLogger", "TensorBoardLogger")
+RUN_CSV_LOGGER = "pyra_lightning.training.runs.RunCSVLogger"
 
 
 class PyraCLI(LightningCLI):
@@ -257,7 +257,7 @@ class PyraCLI(LightningCLI):
         if logger is False:
             return False
         if logger is None or logger is True:
-            logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace())
+            logger = Namespace(class_path=RUN_CSV_LOGGER, init_args=Namespace())
         for item in logger if isinstance(logger, list) else [logger]:
             if not isinstance(item, Namespace):
                 continue
@@ -267,6 +267,8 @@ class PyraCLI(LightningCLI):
             if given not in (None, "", ".") and Path(given).resolve() != self.run_dir.resolve():
                 rank_zero_warn(f"{kind} save_dir {given} is replaced by the run folder {self.run_dir}")
             init.save_dir = str(self.run_dir)
+            if kind == "CSVLogger":  # continues metrics.csv on a resume
+                item.class_path = RUN_CSV_LOGGER
             if kind in CSV_LIKE:
                 init.name, init.version = "", ("" if stage == "fit" else stage)
             elif kind == "WandbLogger":
@@ -276,7 +278,10 @@ class PyraCLI(LightningCLI):
         return logger
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        if not self._get(self.config_init, "trainer", default={}).get("plugins"):
+        config = (
+            self.config_init.get(self.subcommand, self.config_init) if self.subcommand else self.config_init
+        )
+        if not (config.get("trainer") or {}).get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.extend([RunIdentity(), PredictionsCSV()])
@@ -372,7 +377,6 @@ class PyraCLI(LightningCLI):
                 config["ckpt_path"] = str(found)
         if rank_zero_only.rank == 0:
             write_run_record(self.run_dir, settings, "running")
-        continue_csv_logs(self.trainer)
 
     def _finished(self, record: dict[str, Any], settings: dict[str, Any]) -> Path | None:
         """The run's ``results.json`` if the run finished and its result is of these settings."""
@@ -440,7 +444,6 @@ class PyraCLI(LightningCLI):
         results = self._results_callback()
         if results is not None:
             results.identity, results.checkpoint = identity, str(ckpt_path)
-        continue_csv_logs(self.trainer)
 
     def before_validate(self) -> None:
         self._before_evaluation()

@@ -222,7 +222,10 @@ class PyraClassifier(pl.LightningModule):
             for (owner, decay), params in sorted(groups.items())
         ]
         optimizer = torch.optim.AdamW(param_groups)
-        trainer = self._trainer
+        try:
+            trainer: pl.Trainer | None = self.trainer
+        except RuntimeError:  # configured outside a Trainer (the export, the tests)
+            trainer = None
         # max_epochs is -1 when a run is bounded by max_steps only; fall back to the paper's 100.
         max_epochs = trainer.max_epochs if trainer is not None and (trainer.max_epochs or 0) > 0 else 100
         scheduler = CosineLRScheduler(

@@ -315,6 +315,8 @@ class _ContinuingWriter(ExperimentWriter):
 
     A run folder always holds more than logs (``run.json``, checkpoints), and a resumed run must
     add to its ``metrics.csv``, not replace it; the existing header is kept as the known columns.
+    Lightning (2.6) has no public "append" option for its CSV writer: this override of the one
+    method that deletes the file is the smallest change that gives one.
     """
 
     def _check_log_dir_exists(self) -> None:
@@ -323,13 +325,18 @@ class _ContinuingWriter(ExperimentWriter):
                 self.metrics_keys = sorted(next(csv.reader(handle), []))
 
 
-def continue_csv_logs(trainer: pl.Trainer) -> None:
-    """Make every ``CSVLogger`` of ``trainer`` append to the ``metrics.csv`` of its run folder."""
-    if rank_zero_only.rank != 0:
-        return
-    for logger in trainer.loggers:
-        if isinstance(logger, CSVLogger) and logger._experiment is None:
-            logger._experiment = _ContinuingWriter(logger.log_dir)
+class RunCSVLogger(CSVLogger):
+    """Lightning's ``CSVLogger`` that continues the run folder's ``metrics.csv`` on a resume.
+
+    The CLI uses it wherever a config names ``CSVLogger``.
+    """
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None and rank_zero_only.rank == 0:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
+        return super().experiment
 
 
 def refusal(what: str, differences: Sequence[str], fix: str) -> ValueError:
