@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from pyra_lightning.patch import head_parameter_names, parameter_group
+from pyra_lightning.peft import head_parameter_names, parameter_group
 
 
 @dataclass(frozen=True)

@@ -51,10 +51,11 @@ _ONNX_EXTRA = "pip install 'pyra-lightning[onnx]' (onnx, onnxruntime, onnxscript
 
 
 def check_folded(model: nn.Module) -> None:
-    """Refuse a model that still has LoRA branches: deploy the folded model (``fold_lora``)."""
-    from pyra_lightning.lora import LoRAQKV
+    """Refuse a model that still has PEFT layers (LoRA, DoRA): deploy the folded model (``fold_lora``)."""
+    from pyra_lightning.peft import peft_layers
 
-    unfolded = [name for name, module in model.named_modules() if isinstance(module, LoRAQKV)]
+    layers = peft_layers()
+    unfolded = [name for name, module in model.named_modules() if isinstance(module, layers)]
     if unfolded:
         raise ValueError(
             f"{len(unfolded)} LoRA layers are not folded (first: {unfolded[0]}); call "

@@ -17,7 +17,7 @@ from conftest import randomize_
 from timm.layers import apply_rot_embed_cat
 
 from pyra_lightning import apply_lora, apply_merging, count_flops, count_parameters, fold_lora, mark_trainable
-from pyra_lightning.lora import LoRAQKV
+from pyra_lightning.lora import LoRALinear
 from pyra_lightning.patch import TokenState, merge_schedule, model_shape
 from pyra_lightning.schedules import flops_fraction, resolve_schedule
 
@@ -93,7 +93,7 @@ def test_fold_is_exact_and_loads_into_stock_timm(family: str, x: torch.Tensor) -
         fold_lora(model)
         after = model(x)
     assert (before - after).abs().max().item() <= 1e-5
-    assert not any(isinstance(m, LoRAQKV) for m in model.modules())
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
     # Without merging, the folded weights are a stock timm model's.
     unmerged = randomize_(apply_lora(tiny(family), 4)).eval()
     with torch.no_grad():

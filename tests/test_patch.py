@@ -9,7 +9,7 @@ from conftest import randomize_, tiny_vit
 from timm.models.vision_transformer import VisionTransformer
 
 from pyra_lightning import apply_lora, apply_merging, count_flops, fold_lora, mark_trainable
-from pyra_lightning.lora import LoRAQKV
+from pyra_lightning.lora import LoRALinear
 from pyra_lightning.modulation import VARIANTS
 from pyra_lightning.patch import PyraAttention, merge_schedule
 
@@ -47,7 +47,7 @@ def test_fold_is_exact_removes_lora_and_is_idempotent(lora_alpha, merge, x) -> N
         again = model(x)
     assert (before - after).abs().max().item() <= 1e-5
     assert torch.equal(after, again)
-    assert not any(isinstance(m, LoRAQKV) for m in model.modules())
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert not any("lora" in k for k in model.state_dict())
     assert type(model.blocks[0].attn.qkv) is torch.nn.Linear
     plain = tiny_vit()

@@ -68,7 +68,7 @@ class PyraClassifier(pl.LightningModule):
             ``lr(e - 1)``: the whole schedule one epoch late.
         lora_init: ``"kaiming"`` (A kaiming-uniform, B = 0: training starts from the pretrained
             model) or ``"reference"`` (A and B ``trunc_normal(std=0.02)``, B·A != 0 at step 0, as
-            the reference's ``init_weights`` leaves them); see ``LoRAQKV.reset_lora_parameters``.
+            the reference's ``init_weights`` leaves them); see ``LoRALinear.reset_lora_parameters``.
         distilled_training: For distilled DeiT (two heads). ``"average"``: the loss is taken on
             the mean of ``head`` and ``head_dist``, the same output that is evaluated.
             ``"class_head"``: as the reference trains, the loss uses ``head`` only; ``head_dist``
