@@ -22,7 +22,7 @@ the device, ``warmup`` untimed forwards, then the median of ``runs`` timed forwa
 *interleaved*, one forward of each per round, so that a burst of load on a shared machine slows
 all of them alike instead of biasing one ratio.
 
-Deployment (issue 12): ``--engine eager,compile,onnxruntime,aoti`` times the same models on
+Deployment: ``--engine eager,compile,onnxruntime,aoti`` times the same models on
 several engines, interleaved, at every ``--batch_sizes``; speed-up and efficiency compare each
 engine with its own uncompressed model. ``--target_speedup S`` finds the schedule that reaches a
 measured speed-up instead (``commands/engines.py``).
@@ -55,10 +55,8 @@ from pyra_lightning.commands.engines import (
     parse_engines,
     search_speed_target,
 )
-
-# Re-exported: the notebooks and older scripts import the timing functions from here.
-from pyra_lightning.commands.training_speed import measure_training_step, time_training_steps  # noqa: F401
-from pyra_lightning.timing import Precision, measure_throughput, num_threads, time_forwards, time_interleaved  # noqa: F401
+from pyra_lightning.commands.training_speed import time_training_steps
+from pyra_lightning.timing import Precision, num_threads, time_interleaved
 
 # One schedule as ``apply_merging`` takes it; ``(r, inflection)`` tuples are left out because a
 # command line cannot tell them from per-layer lists.
