@@ -31,7 +31,9 @@ TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_c
 
 def tiny(name: str = "vit_tiny_patch16_224", seed: int = 0, **kwargs: Any) -> nn.Module:
     torch.manual_seed(seed)
-    return timm.create_model(name, pretrained=False, **{**TINY, **kwargs})
+    model = timm.create_model(name, pretrained=False, **{**TINY, **kwargs})
+    nn.init.normal_(model.get_classifier().weight, std=0.2)  # logits large enough to compare
+    return model
 
 
 def randomize_peft_(model: nn.Module, std: float = 0.2, seed: int = 1) -> nn.Module:
