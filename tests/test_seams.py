@@ -14,17 +14,26 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from pyra_lightning import apply_lora, apply_merging, count_parameters, fold_lora, mark_trainable
+from pyra_lightning import (
+    apply_lora,
+    apply_merging,
+    count_parameters,
+    fold_lora,
+    mark_trainable,
+    register_family,
+    register_matcher,
+    register_peft_method,
+)
 from pyra_lightning.deploy import FORMATS, load_exported
 from pyra_lightning.dora import DoRALinear
-from pyra_lightning.families import FAMILIES, register_family
+from pyra_lightning.families import FAMILIES
 from pyra_lightning.lora import LoRALinear
 from pyra_lightning.merge import bipartite_soft_matching, max_merge_r, merge_wavg
 from pyra_lightning.merge_reference import bipartite_soft_matching_reference
-from pyra_lightning.merge_rules import MATCHERS, register_matcher
+from pyra_lightning.merge_rules import MATCHERS
 from pyra_lightning.patch import merge_rule
 from pyra_lightning.patch_vit import FAMILY as VIT
-from pyra_lightning.peft import PEFT_METHODS, PeftMethod, register_peft_method
+from pyra_lightning.peft import PEFT_METHODS, PeftMethod
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=5)
 
@@ -126,9 +135,10 @@ def test_a_toy_family_and_a_toy_matcher_plug_in_from_outside(
         checked.append(name)
         VIT.check(name, model)
 
-    monkeypatch.setitem(FAMILIES, RenamedViT, dataclasses.replace(VIT, name="renamed", check=check))
+    family = dataclasses.replace(VIT, name="renamed", check=check)
+    monkeypatch.setitem(FAMILIES, RenamedViT, family)  # so that the registrations are undone after
     monkeypatch.setitem(MATCHERS, "first_into_last", FirstIntoLast)
-    register_family(RenamedViT, FAMILIES[RenamedViT])  # the public line a contributor writes
+    register_family(RenamedViT, family)  # the public lines a contributor writes
     register_matcher("first_into_last", FirstIntoLast)
 
     torch.manual_seed(0)
