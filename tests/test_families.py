@@ -51,6 +51,12 @@ def tiny(backbone: str, seed: int = 0, **kwargs) -> nn.Module:
     return model
 
 
+def pooled_over_tokens(backbone: str) -> dict:
+    """Average pooling, so that the last block's merge reaches the loss; distilled DeiT's two heads
+    read the class and distillation tokens only (timm refuses another pool)."""
+    return {} if backbone == "deit_distilled" else {"global_pool": "avg"}
+
+
 def randomize_(module: nn.Module, std: float = 0.2, seed: int = 1) -> nn.Module:
     """Give every parameter that starts at zero (LoRA B, PYRA W_D, ...) a random value."""
     generator = torch.Generator().manual_seed(seed)
@@ -143,7 +149,9 @@ def test_prefix_tokens_never_merge_and_sizes_sum_to_patches(backbone: str, x: to
 
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_gradients_reach_only_lora_pyra_and_head(backbone: str, x: torch.Tensor) -> None:
-    model = apply_merging(apply_lora(tiny(backbone, global_pool="avg"), 4, lora_dropout=0.1), SCHEDULE)
+    model = apply_merging(
+        apply_lora(tiny(backbone, **pooled_over_tokens(backbone)), 4, lora_dropout=0.1), SCHEDULE
+    )
     groups = mark_trainable(model)
     assert groups["head"] and groups["head"] == [
         n for n, _ in model.named_parameters() if n.startswith("head")
@@ -155,8 +163,7 @@ def test_gradients_reach_only_lora_pyra_and_head(backbone: str, x: torch.Tensor)
     assert all(".lora_" in n or ".pyra." in n or n.startswith("head") for n in with_grad)
     # W_D starts at zero, so only it moves at first (eq. 7). A head that reads prefix tokens only
     # (distilled DeiT) never sees the last block's merge.
-    pools_tokens = getattr(model, "global_pool", None) == "avg" and backbone != "deit_distilled"
-    for block in model.blocks if pools_tokens else model.blocks[:-1]:
+    for block in model.blocks if pooled_over_tokens(backbone) else model.blocks[:-1]:
         assert any(p.grad.abs().sum() > 0 for p in block.pyra.parameters())
     counts = count_parameters(model)
     assert counts.trainable == counts.lora + counts.pyra + counts.head and counts.other_trainable == 0
@@ -186,7 +193,9 @@ def test_activation_checkpointing_recomputes_blocks_and_matches_plain_backward(
     backbone: str, x: torch.Tensor
 ) -> None:
     def grads(checkpointing: bool) -> tuple[list[torch.Tensor], int]:
-        model = randomize_(apply_merging(apply_lora(tiny(backbone, global_pool="avg"), 4), SCHEDULE))
+        model = randomize_(
+            apply_merging(apply_lora(tiny(backbone, **pooled_over_tokens(backbone)), 4), SCHEDULE)
+        )
         mark_trainable(model)
         model.set_grad_checkpointing(checkpointing)
         calls = [0]
