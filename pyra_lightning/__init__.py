@@ -16,8 +16,11 @@ from pyra_lightning._lazy import lazy_exports
 if TYPE_CHECKING:
     from pyra_lightning.accounting import ParameterCount, count_flops, count_parameters
     from pyra_lightning.deploy import ExportedModel, load_exported, to_onnx
+    from pyra_lightning.families import register_family
     from pyra_lightning.interop import import_reference
+    from pyra_lightning.merge_rules import register_matcher, register_merger
     from pyra_lightning.patch import TokenState, apply_lora, apply_merging, fold_lora, mark_trainable
+    from pyra_lightning.peft import register_peft_method
 
 _EXPORTS: dict[str, str] = {
     "ParameterCount": "pyra_lightning.accounting",
@@ -32,6 +35,10 @@ _EXPORTS: dict[str, str] = {
     "apply_merging": "pyra_lightning.patch",
     "fold_lora": "pyra_lightning.patch",
     "mark_trainable": "pyra_lightning.patch",
+    "register_family": "pyra_lightning.families",
+    "register_matcher": "pyra_lightning.merge_rules",
+    "register_merger": "pyra_lightning.merge_rules",
+    "register_peft_method": "pyra_lightning.peft",
 }
 
 __all__ = [
@@ -46,6 +53,10 @@ __all__ = [
     "import_reference",
     "load_exported",
     "mark_trainable",
+    "register_family",
+    "register_matcher",
+    "register_merger",
+    "register_peft_method",
     "to_onnx",
 ]
 __version__ = "0.1.0"

@@ -10,12 +10,16 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from pyra_lightning.patch import head_parameter_names, parameter_group
+from pyra_lightning.peft import head_parameter_names, parameter_group
 
 
 @dataclass(frozen=True)
 class ParameterCount:
     """Trainable parameters by group and the model total.
+
+    Groups come from ``peft.parameter_group``: ``lora`` holds every registered PEFT method's
+    tensors (by their registered prefix: LoRA's A and B, DoRA's magnitude too), ``pyra`` the
+    modulation's, ``head`` the task head(s), ``other_trainable`` anything else left trainable.
 
     ``trainable_pct`` is the trainable share of all parameters in percent, the "# params" column
     of Tables 2-5 (e.g. 0.29M LoRA parameters are 0.34% of ViT-B/16's 86M).

@@ -13,8 +13,11 @@ visualisation. Token counts are static (they follow from the schedule), the batc
 - ``to_pt2``: a ``torch.export.ExportedProgram`` saved with ``torch.export.save``.
 - ``to_aoti``: an AOTInductor package (``torch._inductor.aoti_compile_and_package``), a compiled
   shared library that ``load_aoti`` runs with torch alone; it needs a C++ compiler.
-- ``load_exported``: the safetensors artifact of ``pyra-lightning export`` rebuilt as an
-  ``ExportedModel``: the model plus the preprocessing it was trained with.
+- ``load_exported`` (``serving.py``): the safetensors artifact of ``pyra-lightning export``
+  rebuilt as an ``ExportedModel``: the model plus the preprocessing it was trained with.
+- ``FORMATS``: the table of these forms, one ``Format(name, file, extra, write, load, verify)``
+  row each, which ``pyra-lightning export`` and the benchmark's engines iterate; a new form (a
+  TensorRT engine, say) is one more row, not a branch in either command.
 
 None of these import Lightning; the loaders need neither this package's training code nor timm
 (``load_exported`` excepted, which rebuilds the timm model).
@@ -22,39 +25,53 @@ None of these import Lightning; the loaders need neither this package's training
 
 from __future__ import annotations
 
-import json
+import copy
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
+from pyra_lightning.serving import (  # noqa: F401  (the artifact's names; deploy is where users find them)
+    CONFIG_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    ExportedModel,
+    load_exported,
+    read_export_config,
+)
+
 if TYPE_CHECKING:
     import onnxruntime
 
-FORMAT = "pyra-lightning-export"
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 ONNX_FILE = "model.onnx"
 PT2_FILE = "model.pt2"
 AOTI_FILE = "model_aoti.pt2"
 Engine = Literal["eager", "compile", "onnxruntime", "aoti"]
-ENGINES: tuple[str, ...] = ("eager", "compile", "onnxruntime", "aoti")
 MAX_BATCH = 4096  # the upper bound of the dynamic batch axis
 _ONNX_SINGLE_FILE_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with room for the graph
 _ONNX_EXTRA = "pip install 'pyra-lightning[onnx]' (onnx, onnxruntime, onnxscript)"
+# Largest |logit difference| accepted between a deployed form and eager PyTorch. Measured on
+# random-weight ViT-B/16 fp32: ONNX Runtime 2.5e-6, torch.export 0 (BENCHMARKS.md, "Deployment").
+DEPLOY_TOLERANCE = 1e-3
+SAFETENSORS_TOLERANCE = 1e-4  # the rebuilt safetensors model runs the same PyTorch code
+
+
+class EngineUnavailable(RuntimeError):
+    """A format or engine cannot run here (package missing, no compiler, unsupported precision)."""
 
 
 def check_folded(model: nn.Module) -> None:
-    """Refuse a model that still has LoRA branches: deploy the folded model (``fold_lora``)."""
-    from pyra_lightning.lora import LoRAQKV
+    """Refuse a model that still has PEFT layers (LoRA, DoRA): deploy the folded model (``fold_lora``)."""
+    from pyra_lightning.peft import peft_layers
 
-    unfolded = [name for name, module in model.named_modules() if isinstance(module, LoRAQKV)]
+    layers = peft_layers()
+    unfolded = [name for name, module in model.named_modules() if isinstance(module, layers)]
     if unfolded:
         raise ValueError(
             f"{len(unfolded)} LoRA layers are not folded (first: {unfolded[0]}); call "
@@ -238,133 +255,166 @@ def max_abs_diff(expected: torch.Tensor, got: torch.Tensor | Sequence[torch.Tens
     return float((expected.detach().float() - torch.as_tensor(got).detach().float()).abs().max())
 
 
-# ------------------------------------------------------------------------------------- serving
-@dataclass
-class ExportedModel:
-    """An exported classifier with the preprocessing it was trained with.
+# --------------------------------------------------------------------------------- format table
+Model = nn.Module | torch.export.ExportedProgram
+Loaded = Callable[[torch.Tensor], Any]
+
+
+@dataclass(frozen=True)
+class Format:
+    """One deployed form of a folded model: a row of the table that ``export`` and the engines iterate.
 
     Attributes:
-        model: The LoRA-folded timm ViT (with merging and PYRA, if trained so), in eval mode.
-        transform: timm's eval transform for one PIL image: bicubic resize straight to
-            ``img_size`` x ``img_size`` (no crop), to tensor, normalise with the training mean/std.
-        config: The artifact's ``config.json``.
+        name: The ``--format`` value.
+        file: Its file in an export folder.
+        extra: What this machine lacks to write and run it (one line, e.g. the pip extra to
+            install), or ``None`` when nothing is missing.
+        write: ``write(model_or_program, path, example)``: a folded model or its
+            ``export_program`` (shared by the formats exported from one graph), the file to write
+            and a (B >= 2, 3, H, W) example batch (``None`` for safetensors, which traces nothing).
+        load: ``load(path, device, threads)``: a callable giving the logits of a (B, 3, H, W) batch.
+        verify: ``verify(folded, path, img_size)``: max |logit diff| of the written file against
+            the folded model; raises ``ValueError`` when it exceeds the format's tolerance.
+        engine: The benchmark engine that runs this format (``--engine``), if any.
     """
 
-    model: nn.Module
-    transform: Callable[[Any], torch.Tensor]
-    config: dict[str, Any] = field(repr=False)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of an already preprocessed (B, 3, H, W) batch."""
-        return self.model(x)
-
-    def preprocess(self, images: Sequence[Any] | Any) -> torch.Tensor:
-        """A batch (B, 3, H, W) from PIL images, or from image tensors as the data module yields them.
-
-        Accepted: one PIL image or a list of them; a ``uint8`` (3, H, W) or (B, 3, H, W) tensor
-        (resized, scaled to [0, 1] and normalised); a float tensor is taken as already normalised.
-        """
-        if isinstance(images, torch.Tensor):
-            batch = images[None] if images.dim() == 3 else images
-            if batch.dtype != torch.uint8:
-                return batch.float()
-            size = self.config["preprocess"]["img_size"]
-            if batch.shape[-2:] != (size, size):
-                batch = torch.nn.functional.interpolate(
-                    batch.float(), size=(size, size), mode="bicubic", antialias=True
-                ).clamp(0, 255)
-            mean = torch.tensor(self.config["preprocess"]["mean"]).view(1, 3, 1, 1)
-            std = torch.tensor(self.config["preprocess"]["std"]).view(1, 3, 1, 1)
-            return (batch.float() / 255 - mean) / std
-        if not isinstance(images, list | tuple):
-            images = [images]
-        return torch.stack([self.transform(image.convert("RGB")) for image in images])
-
-    @torch.inference_mode()
-    def predict(self, images: Sequence[Any] | Any, top_k: int = 1) -> list[list[tuple[int, float]]]:
-        """Top-``k`` (class index, probability) per image, preprocessing included.
-
-        Args:
-            images: PIL images or image tensors (see ``preprocess``).
-            top_k: How many classes to return per image.
-        """
-        logits = self.model(self.preprocess(images).to(self.device))
-        probs = logits.float().softmax(dim=-1)
-        values, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-        return [
-            [(int(i), float(v)) for i, v in zip(row_i, row_v, strict=True)]
-            for row_i, row_v in zip(indices.tolist(), values.tolist(), strict=True)
-        ]
+    name: str
+    file: str
+    extra: Callable[[], str | None]
+    write: Callable[[Model, Path, torch.Tensor | None], None]
+    load: Callable[[Path, torch.device, int | None], Loaded]
+    verify: Callable[[nn.Module, Path, int], float]
+    engine: str | None = None
 
 
-def eval_transform(preprocess: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
-    """timm's eval transform matching the training data pipeline (``data/vtab.py``).
-
-    ``crop_mode="squash"`` with ``crop_pct=1`` resizes straight to ``img_size`` x ``img_size``
-    with PIL's antialiased bicubic filter, as the data module does, so no centre crop is taken.
-    """
-    from timm.data import create_transform
-
-    size = int(preprocess["img_size"])
-    return create_transform(
-        input_size=(3, size, size),
-        is_training=False,
-        interpolation="bicubic",
-        mean=tuple(preprocess["mean"]),
-        std=tuple(preprocess["std"]),
-        crop_pct=1.0,
-        crop_mode="squash",
-    )
+def _nothing_missing() -> str | None:
+    return None
 
 
-def read_export_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``config.json`` of an exported folder, checked for format and version."""
-    folder = Path(path)
-    file = folder / CONFIG_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"{folder} is not an exported model: {CONFIG_FILE} is missing")
-    config = json.loads(file.read_text())
-    if config.get("format") != FORMAT or int(config.get("format_version", -1)) > FORMAT_VERSION:
+def _onnx_missing() -> str | None:
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        return f"the onnx extra: pip install 'pyra-lightning[onnx]' ({error})"
+    return None
+
+
+def _compiler_missing() -> str | None:
+    return None if cxx_compiler() else "a C++ compiler (g++ or clang++) on PATH, or $CXX; none was found"
+
+
+def _write_safetensors(model: Model, path: Path, example: torch.Tensor | None) -> None:
+    from safetensors.torch import save_file
+
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def _write_onnx(model: Model, path: Path, example: torch.Tensor | None) -> None:
+    if isinstance(model, nn.Module):  # exported on the CPU; the caller's model stays where it is
+        model = copy.deepcopy(model).cpu()
+    to_onnx(model, path, example.cpu())
+
+
+def _write_pt2(model: Model, path: Path, example: torch.Tensor | None) -> None:
+    program = model if isinstance(model, torch.export.ExportedProgram) else export_program(model, example)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, str(path))
+
+
+def _write_aoti(model: Model, path: Path, example: torch.Tensor | None) -> None:
+    to_aoti(model, path, example)
+
+
+def _load_safetensors(path: Path, device: torch.device, threads: int | None) -> Loaded:
+    return load_exported(Path(path).parent, map_location=device).model
+
+
+def _load_onnx(path: Path, device: torch.device, threads: int | None) -> Loaded:
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise EngineUnavailable("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+        providers.insert(0, "CUDAExecutionProvider")
+    session = onnx_session(path, threads=threads, providers=providers)
+    return lambda x: run_onnx(session, x)
+
+
+def _load_pt2(path: Path, device: torch.device, threads: int | None) -> Loaded:
+    return load_pt2(path)
+
+
+def _load_aoti(path: Path, device: torch.device, threads: int | None) -> Loaded:
+    return load_aoti(path)
+
+
+def _verify_safetensors(folded: nn.Module, path: Path, img_size: int) -> float:
+    """The rebuilt model (``load_exported``) against the folded one, at batch 2."""
+    x = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    loaded = _load_safetensors(path, torch.device("cpu"), None)
+    with torch.no_grad():
+        diff = (folded(x) - loaded(x)).abs().max().item()
+    if not diff <= SAFETENSORS_TOLERANCE:
         raise ValueError(
-            f"{file}: format {config.get('format')!r} version {config.get('format_version')!r}; this "
-            f"pyra-lightning reads {FORMAT!r} up to version {FORMAT_VERSION}"
+            f"the exported model does not reproduce the folded model (max |logit diff| {diff:.3g}); "
+            "a timm create argument may be missing from model_kwargs"
         )
-    return config
+    return diff
 
 
-def load_exported(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> ExportedModel:
-    """Rebuild an exported model with its preprocessing: ``timm.create_model`` + ``apply_merging`` + a strict load.
+def example_batches(img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The export's example batch (2, 3, H, W) and the check batch (3, 3, H, W), seeded.
 
-    Needs only torch, timm, safetensors and ``pyra_lightning.patch`` (never Lightning)::
-
-        served = load_exported("model/")
-        served.predict([Image.open("cat.jpg")])  # [[(class index, probability)]]
-        served.model(batch)                      # logits of a preprocessed batch
-
-    Args:
-        path: A folder written by ``pyra-lightning export`` (``export_model``).
-        map_location: Device to load the weights onto.
-
-    Raises:
-        FileNotFoundError: if the folder or one of its two files is missing.
-        ValueError: for a folder of another format or a newer format version.
+    Exported at batch 2, checked at batch 3, so a batch size baked into the graph fails the check.
     """
-    import timm
-    from safetensors.torch import load_file
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(2, 3, img_size, img_size, generator=generator)
+    return example, torch.randn(3, 3, img_size, img_size, generator=generator)
 
-    from pyra_lightning.patch import apply_merging
 
-    folder = Path(path)
-    config = read_export_config(folder)
-    if not (folder / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{folder} is not an exported model: {WEIGHTS_FILE} is missing")
-    model = timm.create_model(config["model_name"], pretrained=False, **config["create_kwargs"])
-    if config["merge_r"] is not None:
-        apply_merging(model, list(config["merge_r"]), pyra=config["pyra"], prop_attn=config["prop_attn"])
-    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=str(map_location)), strict=True)
-    model = model.to(map_location).eval()
-    return ExportedModel(model=model, transform=eval_transform(config["preprocess"]), config=config)
+def _verify_deployed(name: str) -> Callable[[nn.Module, Path, int], float]:
+    def verify(folded: nn.Module, path: Path, img_size: int) -> float:
+        _, check = example_batches(img_size)
+        with torch.no_grad():
+            expected = folded(check)
+            got = FORMATS[name].load(path, torch.device("cpu"), None)(check)
+        diff = max_abs_diff(expected, got)
+        if not diff <= DEPLOY_TOLERANCE:
+            raise ValueError(
+                f"{name} export does not reproduce the folded model: max |logit diff| {diff:.3g} at batch 3 "
+                f"(tolerance {DEPLOY_TOLERANCE})"
+            )
+        return diff
+
+    return verify
+
+
+FORMATS: dict[str, Format] = {
+    fmt.name: fmt
+    for fmt in (
+        Format(
+            "safetensors",
+            WEIGHTS_FILE,
+            _nothing_missing,
+            _write_safetensors,
+            _load_safetensors,
+            _verify_safetensors,
+        ),
+        Format(
+            "onnx", ONNX_FILE, _onnx_missing, _write_onnx, _load_onnx, _verify_deployed("onnx"), "onnxruntime"
+        ),
+        Format("pt2", PT2_FILE, _nothing_missing, _write_pt2, _load_pt2, _verify_deployed("pt2")),
+        Format(
+            "aoti", AOTI_FILE, _compiler_missing, _write_aoti, _load_aoti, _verify_deployed("aoti"), "aoti"
+        ),
+    )
+}
+ENGINES: tuple[str, ...] = ("eager", "compile", *(f.engine for f in FORMATS.values() if f.engine))
+
+
+def engine_format(engine: str) -> Format | None:
+    """The format an exported engine runs (``onnxruntime`` -> ``onnx``), ``None`` for eager/compile."""
+    return next((f for f in FORMATS.values() if f.engine == engine), None)

@@ -1,6 +1,6 @@
 """LoRA on the attention's projections (Hu et al. 2021; PYRA paper eq. 1).
 
-``LoRAQKV`` subclasses ``nn.Linear`` so that the frozen weight and bias keep timm's checkpoint
+``LoRALinear`` subclasses ``nn.Linear`` so that the frozen weight and bias keep timm's checkpoint
 keys (``blocks.N.attn.qkv.weight``); the low-rank factors sit beside them as
 ``blocks.N.attn.qkv.lora_a`` / ``lora_b``. The same layer adapts each of the separate
 ``q_proj``/``k_proj``/``v_proj`` projections of EVA-02-style attention, grouped-query attention
@@ -10,6 +10,12 @@ Worked shapes for ViT-B/16 at rank 8 (fused qkv): ``weight`` (2304, 768), ``lora
 ``lora_b`` (2304, 8): 24,576 trainable numbers per block, 294,912 (0.29M) in 12 blocks (Table 1).
 EVA-02-B at rank 8 (separate q/k/v): three ``lora_a`` (8, 768) and three ``lora_b`` (768, 8):
 36,864 per block, 442,368 in 12 blocks. ``fold_lora`` folds each into its own weight.
+
+The layer contract every PEFT method of ``peft.py`` follows (DoRA in ``dora.py`` is a variant of
+this layer): an ``nn.Linear`` subclass with ``from_linear`` (wrap a frozen projection, sharing its
+tensors), ``forward_with_bias`` (the same output with another bias, for Eva's q/k/v biases),
+``to_linear`` (fold into a plain ``nn.Linear``) and trainable tensors whose names start with the
+method's registered prefix (``lora_``).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from torch import nn
 LoRAInit = Literal["kaiming", "reference"]
 
 
-class LoRAQKV(nn.Linear):
+class LoRALinear(nn.Linear):
     """``y = x W0ᵀ + b + scaling · dropout(x) Aᵀ Bᵀ`` with ``scaling = lora_alpha / lora_rank``.
 
     ``B`` starts at zero so the adapted layer starts as the pretrained one. ``A`` uses
@@ -88,7 +94,7 @@ class LoRAQKV(nn.Linear):
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, lora_rank: int, lora_alpha: float | None = None, lora_dropout: float = 0.0
-    ) -> LoRAQKV:
+    ) -> LoRALinear:
         """Wrap an existing projection, sharing (not copying) its weight and bias tensors."""
         layer = cls(
             linear.in_features,
@@ -102,7 +108,11 @@ class LoRAQKV(nn.Linear):
         )
         layer.weight = linear.weight
         layer.bias = linear.bias
+        layer.base_weight_changed()
         return layer
+
+    def base_weight_changed(self) -> None:
+        """Called once the frozen weight is the wrapped projection's; variants derive state from it."""
 
     def delta_weight(self) -> torch.Tensor:
         """The folded update ``scaling · B A``, (out_features, in_features)."""
@@ -113,12 +123,20 @@ class LoRAQKV(nn.Linear):
         update = (self.lora_dropout(x) @ self.lora_a.transpose(0, 1)) @ self.lora_b.transpose(0, 1)
         return update * self.scaling
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)  # (B, N, out_features)
+    def forward_with_bias(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x W0ᵀ + bias`` plus the update: the layer with another bias (Eva's ``q_bias``/``v_bias``)."""
+        out = F.linear(x, self.weight, bias)  # (B, N, out_features)
         return out + self.lora_update(x)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_bias(x, self.bias)
+
+    def folded_weight(self) -> torch.Tensor:
+        """``W0 + scaling · B A`` in float32, the weight ``to_linear`` writes."""
+        return self.weight.to(torch.float32) + self.delta_weight().to(torch.float32)
+
     def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` whose weight is ``W0 + scaling · B A`` (exact up to rounding)."""
+        """A plain ``nn.Linear`` whose weight is ``folded_weight()`` (exact up to rounding)."""
         linear = nn.Linear(
             self.in_features,
             self.out_features,
@@ -127,8 +145,7 @@ class LoRAQKV(nn.Linear):
             dtype=self.weight.dtype,
         )
         with torch.no_grad():
-            delta = self.delta_weight().to(torch.float32)
-            linear.weight.copy_((self.weight.to(torch.float32) + delta).to(self.weight.dtype))
+            linear.weight.copy_(self.folded_weight().to(self.weight.dtype))
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         linear.weight.requires_grad_(self.weight.requires_grad)

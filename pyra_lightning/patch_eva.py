@@ -1,4 +1,4 @@
-"""Token merging, PYRA and LoRA inside timm's ``Eva``: EVA-02, DINOv3, Perception Encoder, RoPE ViTs.
+"""Token merging and PYRA inside timm's ``Eva``: EVA-02, DINOv3, Perception Encoder, RoPE ViTs.
 
 The patch mirrors the ViT path (``patch_vit``): classes are swapped, timm's submodules are reused
 as they are (GluMlp/SwiGLU, scale norms, ``gamma_1``/``gamma_2`` layer scale, post-norm
@@ -36,10 +36,19 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pyra_lightning.lora import LoRAQKV
-from pyra_lightning.merge import bipartite_soft_matching, merge_source, merge_wavg
+from pyra_lightning.merge import merge_source
+from pyra_lightning.merge_rules import Matcher, Merger
 from pyra_lightning.modulation import PyraModulation
-from pyra_lightning.patch_vit import _POOLS, TokenState, check_attn_pool, model_shape, pool_tokens, size_bias
+from pyra_lightning.patch_common import (
+    Family,
+    TokenState,
+    check_pooling,
+    fused_or_separate_qkv,
+    linear,
+    pool_tokens,
+    shape_from_modules,
+    size_bias,
+)
 from pyra_lightning.schedules import ViTShape
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj")
@@ -49,8 +58,9 @@ class _MetricAttention:
     """Forward shared by ``EvaAttention`` and ``AttentionRope``, returning the merge metric too.
 
     Modifications relative to timm:
-     - the fused ``qkv`` is called as a module (timm calls ``F.linear`` on its weight when
-       ``q_bias``/``v_bias`` exist), so a LoRA on it takes effect;
+     - the fused ``qkv`` goes through ``patch_common.linear`` (timm calls ``F.linear`` on its
+       weight when ``q_bias``/``v_bias`` exist), so a PEFT layer on it takes effect, with the
+       same arithmetic as timm's for the frozen part;
      - ``forward_metric(x, rope, size)`` adds ``log(size)`` over keys (proportional attention) and
        returns ``(out, k.mean(heads))``, the keys after LoRA and k-norm and before rotation,
        averaged over (key/value) heads: the similarity metric of eq. 3. The keys are taken before
@@ -75,12 +85,9 @@ class _MetricAttention:
                 qkv = self.qkv(x)
             else:
                 qkv_bias = torch.cat((q_bias, self.k_bias, self.v_bias))
-                if self.qkv_bias_separate:
-                    qkv = self.qkv(x) + qkv_bias
-                else:  # timm's own arithmetic, plus the LoRA update when there is one
-                    qkv = F.linear(x, self.qkv.weight, qkv_bias)
-                    if isinstance(self.qkv, LoRAQKV):
-                        qkv = qkv + self.qkv.lora_update(x)
+                # timm's own arithmetic either way (plus a PEFT layer's update, if any)
+                separate = self.qkv_bias_separate
+                qkv = self.qkv(x) + qkv_bias if separate else linear(self.qkv, x, qkv_bias)
             q, k, v = qkv.reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
         else:
             q = self.q_proj(x).reshape(B, N, heads, -1).transpose(1, 2)  # (B, H, N, hd)
@@ -163,6 +170,8 @@ def _rows_to_rope(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class _MergingBlock:
     """Merge step shared by ``PyraEvaBlock`` and ``PyraEvaBlockPostNorm``."""
 
+    matcher: Matcher
+    merger: Merger
     merge_r: int
     prop_attn: bool
     trace_source: bool
@@ -176,14 +185,14 @@ class _MergingBlock:
         if self.merge_r == 0:
             return x, state
         npt = self.num_prefix_tokens
-        merge, _ = bipartite_soft_matching(metric, self.merge_r, npt)
+        merge, _ = self.matcher(metric, self.merge_r, npt)
         source = merge_source(merge, x, state.source) if self.trace_source else None
         rope_sum = None
         if self.rope_mode == "shared" and rope is not None:
             rows = state.rope if state.rope is not None else _rope_rows(rope, x.shape[0], npt)
             weight = state.size if state.size is not None else torch.ones_like(rows[..., :1])
             rope_sum = merge((rows * weight).to(rows.dtype), mode="sum")  # (B, N - merge_r, R)
-        x, size = merge_wavg(merge, x, state.size, modulate=self.pyra)  # (B, N - merge_r, C)
+        x, size = self.merger(merge, x, state.size, modulate=self.pyra)  # (B, N - merge_r, C)
         merged_rope = None if rope_sum is None else rope_sum / size.to(rope_sum.dtype)
         return x, TokenState(size=size, source=source, rope=merged_rope)
 
@@ -194,8 +203,9 @@ class PyraEvaBlock(_MergingBlock, EvaBlock):  # type: ignore[misc]
     Modifications relative to timm:
      - ``forward(x, state, rope) -> (x, state)`` carries token sizes, sources and merged rotary
        embeddings explicitly; ``rope`` is this layer's embedding for the current tokens;
-     - after ``x + drop_path1(gamma_1 * attn)``, merges ``merge_r`` tokens by a size-weighted
-       average (eqs. 2-3) with PYRA (eqs. 4-7) when ``self.pyra`` is set.
+     - after ``x + drop_path1(gamma_1 * attn)``, merges ``merge_r`` tokens with the block's
+       ``matcher`` and ``merger`` (by default bipartite matching and the size-weighted average,
+       eqs. 2-3) and PYRA (eqs. 4-7) when ``self.pyra`` is set.
     """
 
     def forward(  # type: ignore[override]
@@ -233,7 +243,7 @@ class MergingEva(Eva):
      - ``forward_tokens(x) -> (tokens, TokenState)`` runs the blocks with explicit state and
        gives every block its layer's rotary embedding for the current (merged) tokens;
        ``forward_features`` returns its tokens, so timm's API keeps working;
-     - ``forward_head(x, size=...)`` pools with token sizes (``patch_vit.pool_tokens``);
+     - ``forward_head(x, size=...)`` pools with token sizes (``patch_common.pool_tokens``);
      - activation checkpointing checkpoints each block with its state.
     """
 
@@ -283,9 +293,7 @@ class MergingEva(Eva):
 
 def check_eva(name: str, model: Eva) -> None:
     """Assert the structure the Eva patch relies on; raise ``ValueError`` naming what differs."""
-    check_attn_pool(name, model)
-    if model.global_pool not in _POOLS:
-        raise ValueError(f"{name} uses global_pool={model.global_pool!r}; supported: {_POOLS}")
+    check_pooling(name, model)
     if model.rope is not None and not hasattr(model.rope, "get_embed"):
         raise ValueError(
             f"{name}: rope is {type(model.rope).__name__}, expected one of timm's rotary embeddings"
@@ -316,7 +324,8 @@ def check_eva(name: str, model: Eva) -> None:
 
 
 def patch_attention(model: Eva) -> None:
-    """Give every attention ``forward_metric`` and a LoRA-aware fused qkv (timm's signature kept)."""
+    """Give every attention ``forward_metric`` and a fused qkv called as a module (timm's signature
+    kept), so a PEFT layer on ``qkv`` takes effect next to ``q_bias``/``v_bias``."""
     for block in model.blocks:
         if isinstance(block.attn, AttentionRope):
             block.attn.__class__ = PyraAttentionRope
@@ -339,4 +348,15 @@ def patch_eva(model: Eva) -> None:
 def eva_shape(model: Eva) -> ViTShape:
     """``model_shape`` of a timm Eva."""
     attn = model.blocks[0].attn
-    return model_shape(model, attn_dim=attn.num_heads * attn.head_dim)
+    return shape_from_modules(model, attn_dim=attn.num_heads * attn.head_dim)
+
+
+FAMILY = Family(
+    name="eva",
+    check=check_eva,
+    shape=eva_shape,
+    patch=patch_eva,
+    peft_targets=fused_or_separate_qkv,
+    prepare_peft=patch_attention,
+    traces_source=lambda model: model.rope is not None and model.rope_mixed,
+)

@@ -8,115 +8,31 @@ Per-forward state (token sizes, sources, merged rotary embeddings) travels throu
 an immutable ``TokenState`` argument, not as a list on the model: a block can run twice
 (activation checkpointing recomputes it) and still see the same inputs.
 
-This module also holds what the Eva family (``patch_eva``) shares with the ViT path: the state,
-size-aware pooling (average and attention pooling) and the shape read off a model for schedules.
+``FAMILY`` is what ``families.py`` registers for ``VisionTransformer`` and its subclasses; what
+the families share lives in ``patch_common``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention, AttentionPoolLatent
+from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pyra_lightning.merge import bipartite_soft_matching, merge_source, merge_wavg, weighted_mean
+from pyra_lightning.merge import merge_source
+from pyra_lightning.merge_rules import Matcher, Merger
 from pyra_lightning.modulation import PyraModulation
+from pyra_lightning.patch_common import (
+    Family,
+    TokenState,
+    check_pooling,
+    pool_tokens,
+    shape_from_modules,
+    size_bias,
+)
 from pyra_lightning.schedules import ViTShape
-
-_POOLS = ("token", "avg", "max", "avgmax", "", "map")
-
-
-@dataclass(frozen=True)
-class TokenState:
-    """What one forward pass carries from block to block besides the tokens.
-
-    Attributes:
-        size: (B, N, 1) number of input patches each token stands for; ``None`` before any merge.
-        source: (B, N, N0) 0/1 membership over the N0 input tokens, with ``trace_source`` (and
-            always for per-layer rotary embeddings, which are rebuilt from it; see ``patch_eva``).
-        rope: (B, N, R) size-weighted mean of the members' rotary embeddings (sin, cos) for
-            rotary embeddings shared by all layers; zero rows for prefix tokens. ``None`` before
-            any merge or without such embeddings.
-    """
-
-    size: torch.Tensor | None = None
-    source: torch.Tensor | None = None
-    rope: torch.Tensor | None = None
-
-
-def size_bias(size: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """Proportional attention: ``log(size)`` over keys as an additive SDPA mask, (B, 1, 1, N)."""
-    if size is None:
-        return None
-    return size.log().to(dtype).view(size.shape[0], 1, 1, size.shape[1])
-
-
-def _mask_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype attention logits have: the autocast dtype inside autocast, else ``x``'s."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
-def pool_tokens(
-    model: nn.Module,
-    x: torch.Tensor,
-    size: torch.Tensor,
-    include_prefix_avg: bool = False,
-    include_prefix_attn: bool = False,
-) -> torch.Tensor:
-    """timm's pooling (``model.global_pool`` / ``model.attn_pool``) with token sizes: (B, N, C) -> (B, C).
-
-    - ``token``: the class token, as timm;
-    - ``avg``/``avgmax``: the mean is weighted by size, so it equals the unmerged model's mean
-      when merging is exact; ``max`` is unchanged;
-    - ``map`` (``AttentionPoolLatent``): ``log(size)`` is added to the pool's logits over keys, so
-      a merged token weighs as much as its members together (proportional attention).
-
-    Args:
-        model: A patched ``VisionTransformer`` or ``Eva``.
-        x: Final tokens (after the final norm), (B, N, C).
-        size: Their sizes, (B, N, 1).
-        include_prefix_avg: Whether prefix tokens take part in avg/max pooling.
-        include_prefix_attn: Whether prefix tokens are keys of the attention pool.
-    """
-    npt = model.num_prefix_tokens
-    if model.attn_pool is not None:
-        if not include_prefix_attn:
-            x, size = x[:, npt:], size[:, npt:]
-        return model.attn_pool(x, attn_mask=size_bias(size, _mask_dtype(x)))
-    pool = model.global_pool
-    if pool == "token":
-        return x[:, 0]
-    if pool in ("avg", "avgmax", "max"):
-        if not include_prefix_avg:
-            x, size = x[:, npt:], size[:, npt:]
-        if pool == "max":
-            return x.amax(dim=1)
-        pooled = weighted_mean(x, size)  # (B, C)
-        return 0.5 * (pooled + x.amax(dim=1)) if pool == "avgmax" else pooled
-    return x  # global_pool "": no pooling
-
-
-def check_attn_pool(name: str, model: nn.Module) -> None:
-    """Attention pooling is supported for timm's ``AttentionPoolLatent`` without its own position table."""
-    pool = getattr(model, "attn_pool", None)
-    if pool is None:
-        return
-    if not isinstance(pool, AttentionPoolLatent):
-        raise ValueError(
-            f"{name} pools with {type(pool).__name__}; token merging supports attention pooling "
-            "through timm's AttentionPoolLatent (global_pool='map') only"
-        )
-    if pool.pos_embed is not None:
-        raise ValueError(
-            f"{name}: its AttentionPoolLatent adds a position table (pos_embed='abs') to a fixed "
-            "number of tokens, which merged tokens no longer match"
-        )
 
 
 class PyraAttention(Attention):
@@ -162,11 +78,15 @@ class PyraBlock(Block):
 
     Modifications relative to timm:
      - ``forward(x, state) -> (x, state)`` carries token sizes (and sources) explicitly;
-     - after ``x + drop_path1(ls1(attn))``, merges ``merge_r`` tokens by a size-weighted average
-       (eqs. 2-3), modulating the sources with ``self.pyra`` (eqs. 4-7) when present;
-     - holds ``merge_r``, ``prop_attn``, ``trace_source``, ``num_prefix_tokens`` and ``pyra``.
+     - after ``x + drop_path1(ls1(attn))``, merges ``merge_r`` tokens: ``self.matcher`` picks
+       them (bipartite soft matching, eqs. 2-3, by default) and ``self.merger`` combines them
+       (the size-weighted average), modulating the sources with ``self.pyra`` (eqs. 4-7);
+     - holds ``merge_r``, ``prop_attn``, ``trace_source``, ``num_prefix_tokens``, ``matcher``,
+       ``merger`` and ``pyra``.
     """
 
+    matcher: Matcher
+    merger: Merger
     merge_r: int
     prop_attn: bool
     trace_source: bool
@@ -180,9 +100,9 @@ class PyraBlock(Block):
         x_attn, metric = self.attn(self.norm1(x), size=state.size if self.prop_attn else None)
         x = x + self.drop_path1(self.ls1(x_attn))  # (B, N, C)
         if self.merge_r > 0:
-            merge, _ = bipartite_soft_matching(metric, self.merge_r, self.num_prefix_tokens)
+            merge, _ = self.matcher(metric, self.merge_r, self.num_prefix_tokens)
             source = merge_source(merge, x, state.source) if self.trace_source else None
-            x, size = merge_wavg(merge, x, state.size, modulate=self.pyra)  # (B, N - merge_r, C)
+            x, size = self.merger(merge, x, state.size, modulate=self.pyra)  # (B, N - merge_r, C)
             state = TokenState(size=size, source=source)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, state
@@ -232,9 +152,7 @@ class MergingVisionTransformer(VisionTransformer):
 
 def check_vit(name: str, model: VisionTransformer) -> None:
     """Assert the structure the ViT patch relies on; raise ``ValueError`` naming what differs."""
-    check_attn_pool(name, model)
-    if model.global_pool not in _POOLS:
-        raise ValueError(f"{name} uses global_pool={model.global_pool!r}; supported: {_POOLS}")
+    check_pooling(name, model)
     for index, block in enumerate(model.blocks):
         if not isinstance(block, Block):
             raise ValueError(
@@ -262,46 +180,15 @@ def patch_vit(model: VisionTransformer) -> None:
         block.attn.__class__ = PyraAttention
 
 
-def _macs(module: nn.Module | None) -> int:
-    """Multiply-adds per token of every ``nn.Linear`` inside ``module`` (0 for ``None``)."""
-    if module is None:
-        return 0
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
-
-
-def model_shape(model: nn.Module, attn_dim: int) -> ViTShape:
-    """Depth, widths, token counts and per-token costs of a ViT or Eva at its configured size.
-
-    Per-token costs are read off the modules (every ``nn.Linear`` in each block's attention
-    and MLP), so fused or separate q/k/v, grouped-query attention, GluMlp/SwiGLU and gates all
-    count what they compute. ``fixed_flops`` is what merging does not change: the patch
-    embedding, the attention pool's latent side and the head.
-    """
-    embed = model.patch_embed.proj
-    num_patches = model.patch_embed.num_patches
-    fixed = (
-        2 * num_patches * embed.in_channels * embed.out_channels * embed.kernel_size[0] * embed.kernel_size[1]
-    )
-    pool = getattr(model, "attn_pool", None)
-    pool_token_flops = 0
-    if pool is not None:  # kv projection and q kᵀ, attn v over the tokens that reach the pool
-        pool_token_flops = 2 * _macs(pool.kv) + 2 * 2 * pool.latent_len * pool.kv.out_features // 2
-        fixed += 2 * pool.latent_len * (_macs(pool.q) + _macs(pool.proj) + _macs(pool.mlp))
-    head = model.get_classifier()
-    fixed += sum(2 * _macs(h) for h in (head if isinstance(head, tuple) else (head,)))
-    return ViTShape(
-        depth=len(model.blocks),
-        embed_dim=model.embed_dim,
-        num_patches=num_patches,
-        num_prefix_tokens=model.num_prefix_tokens,
-        attn_dim=attn_dim,
-        attn_macs=tuple(_macs(block.attn) for block in model.blocks),
-        mlp_macs=tuple(_macs(block.mlp) for block in model.blocks),
-        fixed_flops=fixed,
-        pool_token_flops=pool_token_flops,
-    )
-
-
 def vit_shape(model: VisionTransformer) -> ViTShape:
     """``model_shape`` of a timm ViT."""
-    return model_shape(model, attn_dim=model.blocks[0].attn.qkv.out_features // 3)
+    return shape_from_modules(model, attn_dim=model.blocks[0].attn.qkv.out_features // 3)
+
+
+FAMILY = Family(
+    name="vit",
+    check=check_vit,
+    shape=vit_shape,
+    patch=patch_vit,
+    peft_targets=lambda attn: ("qkv",),
+)

@@ -45,7 +45,7 @@ class ViTShape:
     """What a schedule depends on: depth, token counts and what each token costs.
 
     Per-token costs are multiply-adds of the linear layers, read off the model's modules (see
-    ``patch_vit.model_shape``), so GluMlp/SwiGLU MLPs, separate or grouped-query q/k/v
+    ``patch_common.shape_from_modules``), so GluMlp/SwiGLU MLPs, separate or grouped-query q/k/v
     projections and attention gates count what they compute.
 
     Attributes:

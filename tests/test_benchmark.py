@@ -13,17 +13,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyra_lightning.accounting import count_flops
 from pyra_lightning.commands import benchmark
-from pyra_lightning.commands.benchmark import (
-    build_model,
-    main,
-    measure_throughput,
-    measure_training_step,
-    run_benchmark,
-)
+from pyra_lightning.commands.benchmark import build_model, main, run_benchmark
 from pyra_lightning.commands.engines import search_speed_target
+from pyra_lightning.commands.training_speed import measure_training_step
 from pyra_lightning.patch import vit_shape
 from pyra_lightning.schedules import ViTShape, flops_fraction, schedule_flops, solve_flops_schedule
-from pyra_lightning.timing import round_robin, time_interleaved
+from pyra_lightning.timing import measure_throughput, round_robin, time_interleaved
 
 # vit_tiny at 224 px: 197 tokens, so merging removes real work, as it does in ViT-B/16.
 SPEED_MODEL = dict(model_name="vit_tiny_patch16_224", num_classes=10, model_kwargs={"depth": 4})

@@ -67,7 +67,7 @@ def test_quickstart_config_instantiates() -> None:
 )
 def test_reference_recipe_composes_with_each_backbone(piece: str) -> None:
     model = CONFIGS / f"model/{piece}.yaml"
-    from pyra_lightning.lora import LoRAQKV
+    from pyra_lightning.lora import LoRALinear
     from pyra_lightning.training.callbacks import ReferenceProtocol
 
     cli = instantiate(
@@ -86,7 +86,9 @@ def test_reference_recipe_composes_with_each_backbone(piece: str) -> None:
         "class_head",
     )
     assert hp.pyra_lr is None and cli.model.method == "pyra"
-    assert all(torch.count_nonzero(m.lora_b) > 0 for m in cli.model.model.modules() if isinstance(m, LoRAQKV))
+    assert all(
+        torch.count_nonzero(m.lora_b) > 0 for m in cli.model.model.modules() if isinstance(m, LoRALinear)
+    )
     head_dist = getattr(cli.model.model, "head_dist", None)
     assert head_dist is None or not head_dist.weight.requires_grad
     assert cli.datamodule.drop_last and cli.datamodule.batch_size == 32

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pyra_lightning.commands.report import report
 from pyra_lightning.data.vtab import VTABDataModule
-from pyra_lightning.lora import LoRAQKV, init_lora_
+from pyra_lightning.lora import LoRALinear, init_lora_
 from pyra_lightning.training.callbacks import ReferenceProtocol, ResultsJSON
 from pyra_lightning.training.module import PyraClassifier
 
@@ -110,13 +110,13 @@ def test_recipe_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="distilled_training must be one of"):
         tiny_module(distilled_training="both")
     with pytest.raises(ValueError, match="lora_init must be 'kaiming' or 'reference'"):
-        LoRAQKV(8, 24, lora_rank=2).reset_lora_parameters("zeros")  # type: ignore[arg-type]
+        LoRALinear(8, 24, lora_rank=2).reset_lora_parameters("zeros")  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------- 2. LoRA init
 def test_reference_lora_init_is_trunc_normal_on_both_factors() -> None:
     torch.manual_seed(0)
-    layer = LoRAQKV(256, 768, lora_rank=8)
+    layer = LoRALinear(256, 768, lora_rank=8)
     assert torch.count_nonzero(layer.lora_b) == 0  # default: B = 0, the pretrained model at step 0
     layer.reset_lora_parameters("reference")
     assert layer.delta_weight().abs().max() > 0  # B·A != 0 at step 0
@@ -125,7 +125,7 @@ def test_reference_lora_init_is_trunc_normal_on_both_factors() -> None:
         assert factor.mean().abs().item() < 0.002
 
     module = tiny_module(lora_init=RECIPE["model"]["lora_init"])
-    lora_layers = [m for m in module.model.modules() if isinstance(m, LoRAQKV)]
+    lora_layers = [m for m in module.model.modules() if isinstance(m, LoRALinear)]
     assert len(lora_layers) == 2 and all(torch.count_nonzero(m.lora_b) > 0 for m in lora_layers)
     assert init_lora_(module.model, "kaiming") == 2
     assert all(torch.count_nonzero(m.lora_b) == 0 for m in lora_layers)

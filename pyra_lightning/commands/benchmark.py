@@ -22,10 +22,10 @@ the device, ``warmup`` untimed forwards, then the median of ``runs`` timed forwa
 *interleaved*, one forward of each per round, so that a burst of load on a shared machine slows
 all of them alike instead of biasing one ratio.
 
-Deployment (issue 12): ``--engine eager,compile,onnxruntime,aoti`` times the same models on
-several engines, interleaved, at every ``--batch_sizes``; speed-up and efficiency compare each
-engine with its own uncompressed model. ``--target_speedup S`` finds the schedule that reaches a
-measured speed-up instead (``commands/engines.py``).
+Deployment: ``--engine eager,compile,onnxruntime,aoti`` times the same models on several engines
+(the exported ones are rows of ``deploy.FORMATS``), interleaved, at every ``--batch_sizes``;
+speed-up and efficiency compare each engine with its own uncompressed model. ``--target_speedup
+S`` finds the schedule that reaches a measured speed-up instead (``commands/engines.py``).
 
 Run as ``pyra-lightning benchmark --merge_r '[low, high]' --engine eager,onnxruntime
 --batch_sizes 1,8,32 --output bench.json``.
@@ -49,16 +49,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from pyra_lightning.commands.engines import (
-    build_runner,
-    parse_batch_sizes,
-    parse_engines,
-    search_speed_target,
-)
-
-# Re-exported: the notebooks and older scripts import the timing functions from here.
-from pyra_lightning.commands.training_speed import measure_training_step, time_training_steps  # noqa: F401
-from pyra_lightning.timing import Precision, measure_throughput, num_threads, time_forwards, time_interleaved  # noqa: F401
+from pyra_lightning.commands.engines import build_runner, parse_batch_sizes, parse_engines
+from pyra_lightning.commands.training_speed import time_training_steps
+from pyra_lightning.timing import Precision, num_threads, time_interleaved
 
 # One schedule as ``apply_merging`` takes it; ``(r, inflection)`` tuples are left out because a
 # command line cannot tell them from per-layer lists.
@@ -359,6 +352,7 @@ def _table_rows(
 
 def _run_target(args: dict[str, Any]) -> dict[str, Any]:
     """``--target_speedup``: the measured bisection of ``engines.search_speed_target``."""
+    from pyra_lightning.commands.engines import search_speed_target
     from pyra_lightning.patch import vit_shape
 
     dev = torch.device(args["device"])

@@ -15,7 +15,6 @@ reaches S, as a per-layer list for ``model.merge_r``. Training then needs no tim
 
 from __future__ import annotations
 
-import copy
 import statistics
 import tempfile
 import time
@@ -28,14 +27,11 @@ import torch
 from torch import nn
 
 import pyra_lightning.deploy as deploy
+from pyra_lightning.deploy import EngineUnavailable
 from pyra_lightning.schedules import ViTShape, flops_fraction, proportional_schedule
 from pyra_lightning.timing import Clock, Precision, autocast, random_images, time_interleaved
 
 Runner = Callable[[], object]
-
-
-class EngineUnavailable(RuntimeError):
-    """An engine cannot run here (package missing, no compiler, unsupported precision)."""
 
 
 @dataclass
@@ -87,43 +83,25 @@ def build_runner(
         if engine == "compile":
             run()  # compiles for this shape; timed here, not in the throughput
         return BuiltRunner(run, time.perf_counter() - start)
+    fmt = deploy.engine_format(engine)
+    if fmt is None:
+        raise ValueError(f"engine={engine!r}: expected one of {', '.join(deploy.ENGINES)}")
     if precision != "32":
         raise EngineUnavailable(f"{engine} runs the exported fp32 graph only, not precision {precision!r}")
+    missing = fmt.extra()
+    if missing is not None:
+        raise EngineUnavailable(f"{engine} needs {missing}")
     folder = Path(workdir or tempfile.mkdtemp(prefix="pyra-engines-"))
-    example = random_images(2, img_size, device)
-    name = f"{id(model):x}"
-    if engine == "onnxruntime":
-        try:
-            import onnxruntime as ort
-        except ImportError as error:
-            raise EngineUnavailable(
-                "onnxruntime is not installed (pip install 'pyra-lightning[onnx]')"
-            ) from error
-        providers = ["CPUExecutionProvider"]
-        if device.type == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise EngineUnavailable("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
-            providers.insert(0, "CUDAExecutionProvider")
-        path = folder / f"{name}.onnx"
-        if not path.exists():  # exported once per model, whatever the batch size (dynamic axis)
-            deploy.to_onnx(copy.deepcopy(model).cpu(), path, example.cpu())
-        session = deploy.onnx_session(path, threads=threads, providers=providers)
-        feed = {session.get_inputs()[0].name: x.cpu().numpy()}
-        return BuiltRunner(lambda: session.run(None, feed), time.perf_counter() - start)
-    if engine == "aoti":
-        if deploy.cxx_compiler() is None:
-            raise EngineUnavailable("AOTInductor needs a C++ compiler (g++ / clang++) and none is on PATH")
-        path = folder / f"{name}_aoti.pt2"
-        if not path.exists():
-            deploy.to_aoti(model, path, example)
-        package = deploy.load_aoti(path)
+    path = folder / f"{id(model):x}_{fmt.file}"
+    if not path.exists():  # exported once per model, whatever the batch size (dynamic axis)
+        fmt.write(model, path, random_images(2, img_size, device))
+    loaded = fmt.load(path, device, threads)
 
-        def run_aoti() -> object:
-            with torch.inference_mode():
-                return package(x)
+    def run_exported() -> object:
+        with torch.inference_mode():
+            return loaded(x)
 
-        return BuiltRunner(run_aoti, time.perf_counter() - start)
-    raise ValueError(f"engine={engine!r}: expected one of {', '.join(deploy.ENGINES)}")
+    return BuiltRunner(run_exported, time.perf_counter() - start)
 
 
 def parse_engines(engine: str | list[str]) -> list[str]:

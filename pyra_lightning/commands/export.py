@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 import pyra_lightning.deploy as deploy
 from pyra_lightning.deploy import (  # noqa: F401  (re-exported: the artifact's names live in deploy)
     AOTI_FILE,
     CONFIG_FILE,
+    DEPLOY_TOLERANCE,
     FORMAT,
     FORMAT_VERSION,
     ONNX_FILE,
@@ -54,11 +54,7 @@ from pyra_lightning.modulation import resolve_variant
 if TYPE_CHECKING:
     from pyra_lightning.training.module import PyraClassifier
 
-FORMATS: tuple[str, ...] = ("safetensors", "onnx", "pt2", "aoti")
-_FILES = {"onnx": ONNX_FILE, "pt2": PT2_FILE, "aoti": AOTI_FILE}
-# Largest |logit difference| accepted between a deployed form and eager PyTorch. Measured on
-# random-weight ViT-B/16 fp32: ONNX Runtime 2.5e-6, torch.export 0 (BENCHMARKS.md, "Deployment").
-DEPLOY_TOLERANCE = 1e-3
+FORMATS: tuple[str, ...] = tuple(deploy.FORMATS)  # the rows of deploy's format table
 
 
 def export_model(
@@ -123,18 +119,18 @@ def export_model(
 
     folded = module.folded_copy().cpu()  # (LoRA folded, eval mode) the model LoRAFolding tests
     config = export_config(module, folded, mean, std, source)
-    state = {name: tensor.detach().contiguous() for name, tensor in folded.state_dict().items()}
+    weights = deploy.FORMATS["safetensors"]  # always written: config.json and load_exported rest on it
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     os.chmod(staging, plain_dir_mode())  # mkdtemp makes 0700; the folder is shared like any other
     try:
-        save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        weights.write(folded, staging / weights.file, None)
         _write_json(staging / CONFIG_FILE, config)
-        _fsync(staging / WEIGHTS_FILE)
+        _fsync(staging / weights.file)
         if verify:
-            _verify(folded, load_exported(staging).model, config["preprocess"]["img_size"])
-        config["artifacts"] = {"safetensors": {"file": WEIGHTS_FILE}}
+            weights.verify(folded, staging / weights.file, config["preprocess"]["img_size"])
+        config["artifacts"] = {"safetensors": {"file": weights.file}}
         config["artifacts"].update(write_deployed(folded, staging, formats, config["preprocess"]["img_size"]))
         _write_json(staging / CONFIG_FILE, config)
         _swap_in(staging, out)
@@ -154,7 +150,7 @@ def export_config(
     """The JSON recipe that ``load_exported`` rebuilds ``folded`` from (see the module docstring)."""
     import timm
 
-    from pyra_lightning.patch import merge_schedule
+    from pyra_lightning.patch import merge_rule, merge_schedule
 
     hp = module.hparams
     merging = hasattr(folded, "forward_tokens")  # patched by apply_merging
@@ -164,6 +160,7 @@ def export_config(
         "img_size": int(hp.img_size),
     }
     pyra = hp.pyra
+    matcher, merger = merge_rule(folded) if merging else (None, None)
     config: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -172,6 +169,8 @@ def export_config(
         "merge_r": merge_schedule(folded) if merging else None,
         "pyra": (resolve_variant(pyra) or False) if merging else False,
         "prop_attn": bool(hp.prop_attn),
+        "matcher": matcher,
+        "merger": merger,
         "preprocess": {
             "img_size": int(hp.img_size),
             "resize": "bicubic, antialiased, straight to img_size x img_size (no crop)",
@@ -273,53 +272,30 @@ def _refuse_other_settings(cli: Any, checkpoint: dict[str, Any], ckpt_path: str)
 def write_deployed(
     folded: nn.Module, folder: Path, formats: Sequence[str], img_size: int
 ) -> dict[str, dict[str, Any]]:
-    """Write the ONNX / pt2 / AOTInductor forms of ``folded`` and check each against it.
+    """Write the deployed forms of ``folded`` (the rows of ``deploy.FORMATS`` after safetensors) and
+    check each against it.
 
     Exported at batch 2, checked at batch 3, so a batch size baked into the graph fails here.
 
     Raises:
-        ValueError: if a form's logits differ from the folded model's by more than
-            ``DEPLOY_TOLERANCE``, or this machine cannot write it (no onnx extra, no C++ compiler).
+        ValueError: if a form's logits differ from the folded model's by more than its tolerance
+            (``DEPLOY_TOLERANCE``), or this machine cannot write it (no onnx extra, no C++ compiler).
     """
-    if "aoti" in formats and deploy.cxx_compiler() is None:
-        raise ValueError(
-            "--format aoti needs a C++ compiler (g++ or clang++) on PATH, or $CXX; none was found"
-        )
-    if "onnx" in formats:
-        try:
-            import onnxruntime  # noqa: F401
-            import onnxscript  # noqa: F401
-        except ImportError as error:
-            raise ValueError(
-                f"--format onnx needs the onnx extra: pip install 'pyra-lightning[onnx]' ({error})"
-            ) from error
-    generator = torch.Generator().manual_seed(0)
-    example = torch.randn(2, 3, img_size, img_size, generator=generator)  # (2, 3, H, W)
-    check = torch.randn(3, 3, img_size, img_size, generator=generator)
-    with torch.no_grad():
-        expected = folded(check)
+    rows = [fmt for name, fmt in deploy.FORMATS.items() if name in formats and name != "safetensors"]
+    for fmt in rows:  # refuse before anything is exported
+        missing = fmt.extra()
+        if missing is not None:
+            raise ValueError(f"--format {fmt.name} needs {missing}")
+    if not rows:
+        return {}
+    example, _ = deploy.example_batches(img_size)
+    program = deploy.export_program(folded, example)  # one graph for every form
     written: dict[str, dict[str, Any]] = {}
-    program = deploy.export_program(folded, example) if set(formats) & set(_FILES) else None
-    for fmt in [f for f in ("onnx", "pt2", "aoti") if f in formats]:
-        path = folder / _FILES[fmt]
-        if fmt == "onnx":
-            deploy.to_onnx(program, path, example)
-            got = deploy.run_onnx(deploy.onnx_session(path), check)
-        elif fmt == "pt2":
-            torch.export.save(program, str(path))
-            with torch.no_grad():
-                got = deploy.load_pt2(path)(check)
-        else:
-            deploy.to_aoti(program, path, example)
-            with torch.no_grad():
-                got = deploy.load_aoti(path)(check)
-        diff = deploy.max_abs_diff(expected, got)
-        if not diff <= DEPLOY_TOLERANCE:
-            raise ValueError(
-                f"{fmt} export does not reproduce the folded model: max |logit diff| {diff:.3g} at batch 3 "
-                f"(tolerance {DEPLOY_TOLERANCE})"
-            )
-        written[fmt] = {"file": path.name, "max_abs_diff": diff, "checked_batch_size": 3}
+    for fmt in rows:
+        path = folder / fmt.file
+        fmt.write(program, path, example)
+        diff = fmt.verify(folded, path, img_size)
+        written[fmt.name] = {"file": path.name, "max_abs_diff": diff, "checked_batch_size": 3}
     return written
 
 
@@ -350,18 +326,6 @@ def _normalization(
         "cannot tell the input normalization: pass mean and std, or a module attached to a trainer "
         "with a data module that has them"
     )
-
-
-@torch.no_grad()
-def _verify(folded: nn.Module, loaded: nn.Module, img_size: int, tolerance: float = 1e-4) -> None:
-    x = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
-    expected, got = folded(x), loaded(x)
-    diff = (expected - got).abs().max().item()
-    if not diff <= tolerance:
-        raise ValueError(
-            f"the exported model does not reproduce the folded model (max |logit diff| {diff:.3g}); "
-            "a timm create argument may be missing from model_kwargs"
-        )
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -33,10 +33,8 @@ from pyra_lightning.data.backbone_config import (
     resolve_img_size,
 )
 from pyra_lightning.data.demo import DEMO_TASK_NAME, generate_demo
-from pyra_lightning.data.tasks import (  # noqa: F401  (re-exported: the registry's old home)
+from pyra_lightning.data.tasks import (
     DEMO_TASK,
-    GROUPS,
-    VTAB_TASKS,
     VTABTask,
     _known_names,
     _normalize_name,

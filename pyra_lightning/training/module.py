@@ -18,6 +18,7 @@ from pyra_lightning.backbone import create_backbone, fingerprint
 from pyra_lightning.lora import LoRAInit, init_lora_
 from pyra_lightning.modulation import Variant, method_name
 from pyra_lightning.patch import apply_lora, apply_merging, fold_lora, mark_trainable, merge_schedule
+from pyra_lightning.peft import parameter_group, peft_method
 from pyra_lightning.schedules import MergeArg
 
 SchedulerStep = Literal["paper", "reference"]
@@ -46,10 +47,14 @@ class PyraClassifier(pl.LightningModule):
         lora_rank: LoRA rank (8 for ViT-B and 12 for ViT-L in the paper); 0 trains no LoRA.
         lora_alpha: LoRA scale numerator; ``None`` is a scale of 1, as the reference trains.
         lora_dropout: Dropout on the LoRA branch input.
+        peft: The PEFT method of the projections, a name registered in ``pyra_lightning.peft``:
+            ``"lora"`` (eq. 1) or ``"dora"`` (weight-decomposed LoRA); both fold into the weight.
         merge_r: Token merging schedule (``"low"``, ``"high"``, int, per-layer list, FLOPs
             fraction); ``None`` disables merging (the PEFT baseline).
         pyra: PYRA modulation (``True``), plain ToMe (``False``) or an ablation variant name.
         prop_attn: Proportional attention (``log(size)`` added to attention logits).
+        matcher: Which tokens merge, a name registered in ``pyra_lightning.merge_rules``
+            (``"bipartite"``: ToMe's bipartite soft matching, eqs. 2-3).
         lr: Learning rate of LoRA and head.
         pyra_lr: Learning rate of PYRA's parameters; ``None`` uses ``lr``. The reference script
             has a ``--pyra_lr`` flag (1e-4 in its scripts), but its optimizer factory gives that
@@ -68,7 +73,7 @@ class PyraClassifier(pl.LightningModule):
             ``lr(e - 1)``: the whole schedule one epoch late.
         lora_init: ``"kaiming"`` (A kaiming-uniform, B = 0: training starts from the pretrained
             model) or ``"reference"`` (A and B ``trunc_normal(std=0.02)``, B·A != 0 at step 0, as
-            the reference's ``init_weights`` leaves them); see ``LoRAQKV.reset_lora_parameters``.
+            the reference's ``init_weights`` leaves them); see ``LoRALinear.reset_lora_parameters``.
         distilled_training: For distilled DeiT (two heads). ``"average"``: the loss is taken on
             the mean of ``head`` and ``head_dist``, the same output that is evaluated.
             ``"class_head"``: as the reference trains, the loss uses ``head`` only; ``head_dist``
@@ -90,9 +95,11 @@ class PyraClassifier(pl.LightningModule):
         lora_rank: int = 8,
         lora_alpha: float | None = None,
         lora_dropout: float = 0.1,
+        peft: str = "lora",
         merge_r: MergeArg = "low",
         pyra: bool | Variant = True,
         prop_attn: bool = True,
+        matcher: str = "bipartite",
         lr: float = 1e-3,
         pyra_lr: float | None = None,
         weight_decay: float = 1e-4,
@@ -112,6 +119,7 @@ class PyraClassifier(pl.LightningModule):
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        peft_method(peft)  # an unregistered name fails here, naming the registered ones
         self.save_hyperparameters()
         self.model = create_backbone(
             model_name, num_classes, pretrained, pretrained_file, img_size, drop_path_rate, model_kwargs
@@ -119,10 +127,10 @@ class PyraClassifier(pl.LightningModule):
         for param in self.model.parameters():
             param.requires_grad_(False)
         if lora_rank:
-            apply_lora(self.model, lora_rank, lora_alpha, lora_dropout)
+            apply_lora(self.model, lora_rank, lora_alpha, lora_dropout, method=peft)
             init_lora_(self.model, lora_init)
         if merge_r is not None:
-            apply_merging(self.model, merge_r, pyra=pyra, prop_attn=prop_attn)
+            apply_merging(self.model, merge_r, pyra=pyra, prop_attn=prop_attn, matcher=matcher)
         mark_trainable(self.model, head=True)
         # Saved like trainable tensors although it never trains (distilled_training="class_head").
         self._untrained_saved: set[str] = set()
@@ -209,7 +217,7 @@ class PyraClassifier(pl.LightningModule):
         for name, param in self.model.named_parameters():
             if not param.requires_grad:
                 continue
-            owner = "pyra" if ".pyra." in name else "main"
+            owner = "pyra" if parameter_group(name, set()) == "pyra" else "main"
             decay = param.ndim > 1 and not name.endswith(".bias")
             groups.setdefault((owner, decay), []).append(param)
         param_groups = [

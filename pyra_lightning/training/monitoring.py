@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import default_collate
 
-from pyra_lightning.patch import apply_merging, merge_schedule
+from pyra_lightning.patch import apply_merging, merge_rule, merge_schedule
 from pyra_lightning.visualize import layer_sources, merge_overlay
 
 
@@ -264,7 +264,16 @@ class MergeVisualization(pl.Callback):
         traced = copy.deepcopy(model).eval()
         variant = next((b.pyra.variant for b in traced.blocks if getattr(b, "pyra", None) is not None), False)
         prop_attn = bool(getattr(traced.blocks[0], "prop_attn", True))
-        apply_merging(traced, merge_schedule(traced), pyra=variant, prop_attn=prop_attn, trace_source=True)
+        matcher, merger = merge_rule(traced)  # the model's own rule, not the default
+        apply_merging(
+            traced,
+            merge_schedule(traced),
+            pyra=variant,
+            prop_attn=prop_attn,
+            trace_source=True,
+            matcher=matcher,
+            merger=merger,
+        )
         sources = layer_sources(traced, images)  # per block: (B, N_l, N0)
         patch_size = tuple(traced.patch_embed.patch_size)
         layers = range(len(sources)) if self.layers is None else self.layers

@@ -1,0 +1,128 @@
+"""The merge rule as parts of the block: a matcher decides which tokens merge, a merger combines them.
+
+Every merging block holds one ``Matcher`` and one ``Merger`` (``block.matcher``,
+``block.merger``), chosen by name in ``apply_merging(..., matcher=..., merger=...)``; the
+block forward calls them and nothing else, so another rule (a fused GPU kernel, an elastic
+schedule, another published matching) is one class and one ``register_matcher`` line::
+
+    merge, unmerge = block.matcher(metric, block.merge_r, block.num_prefix_tokens)
+    x, size = block.merger(merge, x, size, modulate=block.pyra)
+
+The defaults are ToMe's and PYRA's (paper §3.1, eqs. 2-3): bipartite soft matching
+(``merge.bipartite_soft_matching``) and the size-weighted average (``merge.merge_wavg``).
+``"bipartite_reference"`` is the same matching in ToMe's plain gather/scatter/cat form
+(``merge_reference``), slower but easy to read and compare against.
+
+A matcher returns ``merge``/``unmerge`` closures with the contract of ``merge.MergeFn``: modes
+``"sum"``, ``"mean"`` and ``"amax"``, an optional PYRA ``modulate`` of the sources, and the
+token order the next layer's alternating split expects (prefix tokens first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from pyra_lightning.merge import MergeFn, Modulate, UnmergeFn, bipartite_soft_matching, merge_wavg
+from pyra_lightning.merge_reference import bipartite_soft_matching_reference
+
+
+@runtime_checkable
+class Matcher(Protocol):
+    """Decides which ``merge_r`` tokens merge into which, from the similarity ``metric`` (B, N, C')."""
+
+    name: str
+
+    def __call__(
+        self, metric: torch.Tensor, merge_r: int, num_prefix_tokens: int
+    ) -> tuple[MergeFn, UnmergeFn]: ...
+
+
+@runtime_checkable
+class Merger(Protocol):
+    """Combines tokens with a matcher's ``merge``: (B, N, C) tokens and (B, N, 1) sizes to N - merge_r."""
+
+    name: str
+
+    def __call__(
+        self,
+        merge: MergeFn,
+        x: torch.Tensor,
+        size: torch.Tensor | None = None,
+        modulate: Modulate | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class BipartiteMatcher:
+    """ToMe's bipartite soft matching (eqs. 2-3), in ``merge.py``'s fast form."""
+
+    name = "bipartite"
+
+    def __call__(
+        self, metric: torch.Tensor, merge_r: int, num_prefix_tokens: int
+    ) -> tuple[MergeFn, UnmergeFn]:
+        return bipartite_soft_matching(metric, merge_r, num_prefix_tokens)
+
+
+class ReferenceBipartiteMatcher:
+    """The same matching in ToMe's plain gather/scatter/cat form (``merge_reference``)."""
+
+    name = "bipartite_reference"
+
+    def __call__(
+        self, metric: torch.Tensor, merge_r: int, num_prefix_tokens: int
+    ) -> tuple[MergeFn, UnmergeFn]:
+        return bipartite_soft_matching_reference(metric, merge_r, num_prefix_tokens)
+
+
+class WeightedAverage:
+    """The size-weighted average of ToMe and PYRA (``merge.merge_wavg``); PYRA modulates the sources."""
+
+    name = "wavg"
+
+    def __call__(
+        self,
+        merge: MergeFn,
+        x: torch.Tensor,
+        size: torch.Tensor | None = None,
+        modulate: Modulate | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return merge_wavg(merge, x, size, modulate=modulate)
+
+
+MATCHERS: dict[str, Callable[[], Matcher]] = {
+    "bipartite": BipartiteMatcher,
+    "bipartite_reference": ReferenceBipartiteMatcher,
+}
+MERGERS: dict[str, Callable[[], Merger]] = {"wavg": WeightedAverage}
+
+
+def register_matcher(name: str, factory: Callable[[], Matcher]) -> None:
+    """Make ``apply_merging(..., matcher=name)`` build its blocks' matcher with ``factory()``."""
+    MATCHERS[name] = factory
+
+
+def register_merger(name: str, factory: Callable[[], Merger]) -> None:
+    """Make ``apply_merging(..., merger=name)`` build its blocks' merger with ``factory()``."""
+    MERGERS[name] = factory
+
+
+def _build(kind: str, registry: dict[str, Callable[[], object]], name: str) -> object:
+    if name not in registry:
+        raise ValueError(f"{kind}={name!r} is not registered; expected one of {', '.join(sorted(registry))}")
+    built = registry[name]()
+    if getattr(built, "name", None) != name:
+        built.name = name  # type: ignore[attr-defined]  (the name export records)
+    return built
+
+
+def build_matcher(name: str) -> Matcher:
+    """A fresh matcher registered as ``name``; ``ValueError`` naming the registered ones otherwise."""
+    return _build("matcher", MATCHERS, name)  # type: ignore[return-value]
+
+
+def build_merger(name: str) -> Merger:
+    """A fresh merger registered as ``name``; ``ValueError`` naming the registered ones otherwise."""
+    return _build("merger", MERGERS, name)  # type: ignore[return-value]
