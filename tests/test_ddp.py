@@ -84,6 +84,7 @@ def test_precision_options_train_and_test(tmp_path: Path, precision: str) -> Non
     )
     dtypes: set[torch.dtype] = set()
     qkv = cli.model.model.blocks[0].attn.qkv
+
     def record(module: torch.nn.Module, args: object, out: torch.Tensor) -> None:
         # Deep copies carry the hook (FLOPs counting on the meta device): record real forwards
         # only, and return None so that the output is never replaced.
