@@ -211,6 +211,9 @@ class BipartiteMerge:
             src = src if src.dtype == out.dtype else src.to(out.dtype)
         out = _accumulate(out, (_batch_rows(n, x), self.dst_out), src)
         total, size = out.split([c, 1], dim=-1)
+        # Contiguous sizes: their log is the next layer's SDPA mask, whose last dimension the
+        # fused attention kernels (and torch.export's decompositions) need at stride 1.
+        size = size.contiguous()
         return total / size, size
 
     def unmerge(self, x: torch.Tensor) -> torch.Tensor:
