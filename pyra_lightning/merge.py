@@ -237,9 +237,11 @@ class BipartiteMerge:
 def _accumulate(
     out: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor], src: torch.Tensor
 ) -> torch.Tensor:
-    """``out[index] += src``: in place at inference; out of place where autograd records it, because
-    ``out`` is one of several views ``split`` returned, which autograd forbids writing in place."""
-    if torch.is_grad_enabled() and (out.requires_grad or src.requires_grad):
+    """``out[index] += src``: in place in eager inference; out of place where autograd records it,
+    because ``out`` is one of several views ``split`` returned, which autograd forbids writing in
+    place, and while a graph is traced (the ONNX exporter's decompositions mis-track the strides
+    of a view written in place; compilers remove the copy)."""
+    if _tracing(out) or (torch.is_grad_enabled() and (out.requires_grad or src.requires_grad)):
         return out.index_put(index, src, accumulate=True)
     return out.index_put_(index, src, accumulate=True)
 
@@ -354,7 +356,10 @@ def merge_wavg(
     Returns:
         Merged tokens (B, N - merge_r, C) and their sizes (B, N - merge_r, 1).
     """
-    if isinstance(merge, BipartiteMerge):
+    if isinstance(merge, BipartiteMerge) and not _tracing(x):
+        # The one-gather plan, in eager only: the ONNX exporter's decomposition pass mis-tracks
+        # the layout of the next attention when the sizes come out of the shared gather (a
+        # ``view`` of its output fails); a traced graph is fused by its compiler anyway.
         return merge.wavg(x, size, modulate)
     if size is None:
         size = torch.ones_like(x[..., 0, None])
