@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import randomize_, tiny_vit
@@ -78,7 +80,7 @@ def test_graph_engines_match_eager_on_cuda(engine: str) -> None:
     model = _model().cuda().eval()
     x = torch.randn(4, 3, 32, 32, device="cuda")
     with torch.no_grad():
-        expected = pyra_lightning.fold_lora(__import__("copy").deepcopy(model))(x)
+        expected = pyra_lightning.fold_lora(copy.deepcopy(model))(x)
     compiled = pyra_lightning.compile_for_inference(model, x, engine=engine)
     first = compiled(x)
     second = compiled(torch.randn_like(x))
