@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from pyra_lightning.accounting import ParameterCount, count_flops, count_parameters
     from pyra_lightning.deploy import ExportedModel, load_exported, to_onnx
     from pyra_lightning.families import register_family
+    from pyra_lightning.inference import InferenceModel, compile_for_inference
     from pyra_lightning.interop import import_reference
     from pyra_lightning.merge_rules import register_matcher, register_merger
     from pyra_lightning.patch import TokenState, apply_lora, apply_merging, fold_lora, mark_trainable
@@ -27,6 +28,8 @@ _EXPORTS: dict[str, str] = {
     "count_flops": "pyra_lightning.accounting",
     "count_parameters": "pyra_lightning.accounting",
     "import_reference": "pyra_lightning.interop",
+    "InferenceModel": "pyra_lightning.inference",
+    "compile_for_inference": "pyra_lightning.inference",
     "ExportedModel": "pyra_lightning.deploy",
     "load_exported": "pyra_lightning.deploy",
     "to_onnx": "pyra_lightning.deploy",
@@ -43,10 +46,12 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "ExportedModel",
+    "InferenceModel",
     "ParameterCount",
     "TokenState",
     "apply_lora",
     "apply_merging",
+    "compile_for_inference",
     "count_flops",
     "count_parameters",
     "fold_lora",

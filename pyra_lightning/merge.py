@@ -1,25 +1,47 @@
 """Bipartite soft matching and size-weighted token merging (ToMe; PYRA paper §3.1, eqs. 2-3).
 
 Everything here is a pure function of its tensors. Matching runs under ``no_grad`` once per
-layer and returns ``merge``/``unmerge`` closures that reuse the same indices for every
+layer and returns ``merge``/``unmerge`` callables that reuse the same indices for every
 tensor that must follow the merge (features, token sizes, sources).
 
 Token order after a merge follows the reference implementation exactly, because the next
 layer's alternating split (eq. 2) depends on it: prefix tokens first in their original order,
-then the unmerged tokens of the first set (sorted by index when prefix tokens exist), then the
-tokens of the second set.
+then the unmerged tokens of the first set (sorted by index when prefix tokens exist, else in
+descending score order), then the tokens of the second set.
+
+Few operators per layer. On a GPU at small batches the merged model is bound by how fast the
+host issues operators (BENCHMARKS.md, "GPU"), so the plan is built to need few of them:
+
+- one gather (``x[batch, perm]``) copies the kept tokens straight into output order together
+  with the sources (and, for PYRA, their destinations); one ``index_put_`` with
+  ``accumulate=True`` sums the sources into their destinations;
+- ``merge_wavg`` moves the features and the token sizes in that one gather and one sum, the
+  size riding along as an extra channel ``[x * size, size]`` that is split off at the end;
+- the constant index tensors (batch rows, the offsets of set B, the prefix mask) are built once
+  per shape and device and cached (``_constant``), except while a graph is being traced
+  (``torch.compile``, ``torch.export``, ONNX export, CUDA graph capture), where they are built
+  inline and become constants of the graph;
+- the prefix mask is an additive (Na, Nb) matrix of 0/-inf fused into the score matmul
+  (``baddbmm``); the order of sources is ``torch.sort(descending=True)``, the very call the
+  reference's ``argsort`` makes, so ties resolve as in the reference.
+
+``tools/count_ops.py`` counts the result: BENCHMARKS.md, "Operators per forward".
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 
 # A PYRA modulation (eqs. 4-7): maps (sources, their destinations), both (B, merge_r, C) and
 # size-weighted, to modulated sources of the same shape.
 Modulate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+_CACHE: dict[tuple[Any, ...], torch.Tensor] = {}
+_CACHE_LIMIT = 1024  # entries; one model at one batch size needs about 4 per merging layer
 
 
 class MergeFn(Protocol):
@@ -45,6 +67,213 @@ def max_merge_r(num_tokens: int, num_prefix_tokens: int) -> int:
     return (num_tokens - num_prefix_tokens) // 2
 
 
+def _tracing(ref: torch.Tensor) -> bool:
+    """Whether a graph is being built: then constants are made inline, never cached."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(ref) is not torch.Tensor:
+        return True  # fake and functional tensors (torch.export, ONNX export) are subclasses
+    return ref.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _constant(key: tuple[Any, ...], ref: torch.Tensor, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``build()`` once per ``key`` and ``ref``'s device; never to be written in place."""
+    if _tracing(ref):
+        return build()
+    key = (*key, ref.device)
+    hit = _CACHE.get(key)
+    if hit is None:
+        if len(_CACHE) >= _CACHE_LIMIT:
+            _CACHE.clear()
+        # Normal tensors even inside inference_mode, so a cached index may be saved for backward.
+        with torch.inference_mode(False), torch.no_grad():
+            hit = build()
+        _CACHE[key] = hit
+    return hit
+
+
+def _batch_rows(n: int, ref: torch.Tensor) -> torch.Tensor:
+    return _constant(("rows", n), ref, lambda: torch.arange(n, device=ref.device)[:, None])  # (B, 1)
+
+
+def _prefix_mask(na: int, nb: int, prefix_a: int, prefix_b: int, ref: torch.Tensor) -> torch.Tensor:
+    """Additive (Na, Nb) mask, -inf on rows of A's and columns of B's prefix tokens."""
+
+    def build() -> torch.Tensor:
+        rows = torch.arange(na, device=ref.device)[:, None] < prefix_a
+        cols = torch.arange(nb, device=ref.device)[None, :] < prefix_b
+        return torch.zeros(na, nb, device=ref.device, dtype=ref.dtype).masked_fill(rows | cols, -torch.inf)
+
+    return _constant(("mask", na, nb, prefix_a, prefix_b, ref.dtype), ref, build)
+
+
+def _zeros(n: int, width: int, ref: torch.Tensor) -> torch.Tensor:
+    return _constant(
+        ("zeros", n, width), ref, lambda: torch.zeros(n, width, dtype=torch.long, device=ref.device)
+    )
+
+
+class BipartiteMerge:
+    """The plan of one matching: which tokens stay, which merge into which (all (B, k) indices).
+
+    ``perm(with_dst)`` lists, per batch row, the token positions to gather: the N - merge_r
+    kept tokens in output order, then the merge_r sources in descending score order, then
+    (``with_dst``) their destinations. ``dst_out`` is where each source's destination sits in
+    the output. Calling the object is ToMe's ``merge(x, mode, modulate)``.
+    """
+
+    def __init__(
+        self,
+        num_tokens: int,
+        num_prefix_tokens: int,
+        unm: torch.Tensor,
+        src: torch.Tensor,
+        dst: torch.Tensor,
+    ) -> None:
+        self.num_tokens = num_tokens
+        self.num_prefix_tokens = num_prefix_tokens
+        self.unm, self.src, self.dst = unm, src, dst  # (B, Na - r), (B, r), (B, r): indices into A / B
+        self.merge_r = src.shape[1]
+        self.prefix_a = (num_prefix_tokens + 1) // 2
+        self.prefix_b = num_prefix_tokens // 2
+        self.dst_out = dst + unm.shape[1]  # (B, r): B token j lands at output position unm_len + j
+
+    def perm(self, with_dst: bool) -> torch.Tensor:
+        """(B, N [+ merge_r]) positions: 2 * (A index) + offset, assembled by one cat and one add."""
+        n, unm_len, r = self.unm.shape[0], self.unm.shape[1], self.merge_r
+        nb, pb = self.num_tokens // 2, self.prefix_b
+        parts = ([_zeros(n, pb, self.unm)] if pb else []) + [self.unm, _zeros(n, nb - pb, self.unm), self.src]
+        parts += [self.dst] if with_dst else []
+
+        def base() -> torch.Tensor:
+            # Output slot s < P holds token s (prefix tokens in their order): slots < prefix_b get
+            # s from the offset, the next prefix_a slots get 2 * (A index) + offset with A index
+            # s - prefix_b (sorted unm starts with A's prefix tokens 0..prefix_a-1).
+            slots = torch.arange(pb + self.prefix_a, device=self.unm.device)
+            head = torch.where(slots < pb, slots, 2 * pb - slots)
+            rest = unm_len - self.prefix_a
+            odd = torch.arange(2 * pb + 1, self.num_tokens, 2, device=self.unm.device)
+            zeros = torch.zeros(rest, dtype=torch.long, device=self.unm.device)
+            tail = [torch.zeros(r, dtype=torch.long, device=self.unm.device)]
+            tail += [torch.ones(r, dtype=torch.long, device=self.unm.device)] if with_dst else []
+            return torch.cat([head, zeros, odd, *tail])[None]  # (1, N [+ r])
+
+        key = ("perm", self.num_tokens, self.num_prefix_tokens, r, with_dst)
+        return torch.add(_constant(key, self.unm, base), torch.cat(parts, dim=1), alpha=2)
+
+    def _gather(self, x: torch.Tensor, with_dst: bool) -> list[torch.Tensor]:
+        n, t, _ = x.shape  # (B, N, C)
+        if t != self.num_tokens:
+            raise ValueError(f"merge was matched on {self.num_tokens} tokens but got a tensor of {t}")
+        gathered = x[_batch_rows(n, x), self.perm(with_dst)]  # (B, N [+ r], C)
+        sizes = [t - self.merge_r, self.merge_r] + ([self.merge_r] if with_dst else [])
+        return list(gathered.split(sizes, dim=1))
+
+    def __call__(self, x: torch.Tensor, mode: str = "mean", modulate: Modulate | None = None) -> torch.Tensor:
+        if mode not in ("sum", "mean", "amax"):
+            raise ValueError(f"merge mode={mode!r}: expected 'sum', 'mean' or 'amax'")
+        parts = self._gather(x, with_dst=modulate is not None)
+        out, src = parts[0], parts[1]  # (B, N - r, C), (B, r, C)
+        if modulate is not None:
+            src = modulate(src, parts[2])
+            src = src if src.dtype == out.dtype else src.to(out.dtype)
+        rows = _batch_rows(x.shape[0], x)
+        if mode == "amax":  # 0/1 source tracking for visualisation; never in a deployed model
+            index = self.dst_out[..., None].expand(-1, -1, x.shape[-1])
+            return out.scatter_reduce(1, index, src, reduce="amax")
+        # ``index_put_(accumulate=True)`` exports to ONNX (ScatterND, reduction "add") and to
+        # torch.export; scatter_reduce does not export to ONNX, so the inference path avoids it.
+        out = _accumulate(out, (rows, self.dst_out), src)
+        if mode == "mean":  # the destination counts as one member, as in ToMe
+            count = torch.ones_like(
+                out[..., :1]
+            ).index_put_(  # (B, N - r, 1)
+                (rows, self.dst_out), torch.ones_like(src[..., :1]), accumulate=True
+            )
+            out = out / count
+        return out
+
+    def wavg(
+        self, x: torch.Tensor, size: torch.Tensor | None, modulate: Modulate | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``merge_wavg`` in one gather and one sum: size travels as channel C of ``[x * size, size]``."""
+        n, t, c = x.shape
+        if size is None:
+            ones = _constant(
+                ("ones", n, t, x.dtype), x, lambda: torch.ones(n, t, 1, dtype=x.dtype, device=x.device)
+            )
+            weighted = torch.cat([x, ones], dim=-1)  # (B, N, C + 1)
+        else:
+            size = size if size.dtype == x.dtype else size.to(x.dtype)
+            weighted = torch.cat([x * size, size], dim=-1)
+        parts = self._gather(weighted, with_dst=modulate is not None)
+        out, src = parts[0], parts[1]  # (B, N - r, C + 1), (B, r, C + 1)
+        if modulate is not None:
+            src = _modulate_with_size(modulate, src, parts[2], c)
+            src = src if src.dtype == out.dtype else src.to(out.dtype)
+        out = _accumulate(out, (_batch_rows(n, x), self.dst_out), src)
+        total, size = out.split([c, 1], dim=-1)
+        # Contiguous sizes: their log is the next layer's SDPA mask, whose last dimension the
+        # fused attention kernels (and torch.export's decompositions) need at stride 1.
+        size = size.contiguous()
+        return total / size, size
+
+    def unmerge(self, x: torch.Tensor) -> torch.Tensor:
+        unm_idx, src_idx, dst_idx = self.unm[..., None], self.src[..., None], self.dst[..., None]
+        unm_len, npt, merge_r = unm_idx.shape[1], self.num_prefix_tokens, self.merge_r
+        n, _, c = x.shape
+        if npt <= 1:
+            unm, dst = x[:, :unm_len], x[:, unm_len:]
+        else:
+            head, rest = x[:, :npt], x[:, npt:]
+            unm = torch.cat([head[:, 0::2], rest[:, : unm_len - self.prefix_a]], dim=1)
+            dst = torch.cat([head[:, 1::2], rest[:, unm_len - self.prefix_a :]], dim=1)
+        src = dst.gather(dim=-2, index=dst_idx.expand(n, merge_r, c))
+        out = x.new_zeros(n, self.num_tokens, c)
+        out[:, 1::2] = dst
+        out.scatter_(dim=-2, index=(2 * unm_idx).expand(n, unm_len, c), src=unm)
+        out.scatter_(dim=-2, index=(2 * src_idx).expand(n, merge_r, c), src=src)
+        return out
+
+
+def _accumulate(
+    out: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor], src: torch.Tensor
+) -> torch.Tensor:
+    """``out[index] += src``: in place in eager inference; out of place where autograd records it,
+    because ``out`` is one of several views ``split`` returned, which autograd forbids writing in
+    place, and while a graph is traced (the ONNX exporter's decompositions mis-track the strides
+    of a view written in place; compilers remove the copy)."""
+    if _tracing(out) or (torch.is_grad_enabled() and (out.requires_grad or src.requires_grad)):
+        return out.index_put(index, src, accumulate=True)
+    return out.index_put_(index, src, accumulate=True)
+
+
+def _modulate_with_size(modulate: Modulate, src: torch.Tensor, dst: torch.Tensor, c: int) -> torch.Tensor:
+    """Apply ``modulate`` to channels ``:c`` of (B, r, C + 1) pairs; the size channel passes through."""
+    fused = fused_pyra(modulate, src, dst, c)
+    if fused is not None:
+        return fused
+    src_x, src_size = src.split([c, 1], dim=-1)
+    return torch.cat([modulate(src_x, dst[..., :c]), src_size], dim=-1)
+
+
+def fused_pyra(modulate: Any, src: torch.Tensor, dst: torch.Tensor, c: int) -> torch.Tensor | None:
+    """PYRA's eqs. 4-7 in 11 operators on (B, r, C + 1) pairs whose channel C is the size.
+
+    The same function as ``PyraModulation`` with variant ``"pyra"`` (tests/test_merge.py checks
+    it), written to need few operators, with ``2σ(δ_r) - 1 = tanh(δ_r / 2)``:
+    ``M_s + 2 (M_s ⊙ σ(δ_D)) ⊙ tanh(δ_r / 2)``, where ``σ(δ_D)`` is padded with a 0 for the
+    size channel so that the size passes through unchanged. ``None`` for every other
+    modulation (ablation variants, user callables): they run as themselves.
+    """
+    if getattr(modulate, "variant", None) != "pyra" or src.shape[-2] != getattr(modulate, "merge_r", -1):
+        return None
+    norm = modulate.norm
+    info = F.layer_norm((src + dst)[..., :c], (c,), norm.weight, norm.bias, norm.eps)  # M_info, eq. 4
+    delta_d = modulate.weight_r.mT @ info  # δ_D = M_info W_r, eq. 5: (B, 1, C)
+    delta_r = F.linear(info, modulate.weight_d)  # δ_r = W_D M_info, eq. 5: (B, r, 1)
+    gate_d = F.pad(torch.sigmoid(delta_d), (0, 1))  # σ(δ_D), 0 on the size channel: (B, 1, C + 1)
+    return torch.addcmul(src, src * gate_d, torch.tanh(0.5 * delta_r), value=2)  # eqs. 6-7
+
+
 def bipartite_soft_matching(
     metric: torch.Tensor, merge_r: int, num_prefix_tokens: int = 1
 ) -> tuple[MergeFn, UnmergeFn]:
@@ -55,14 +284,19 @@ def bipartite_soft_matching(
     (class, distillation, registers) sit at positions ``< num_prefix_tokens``: the even ones can
     never be a source and the odd ones never a destination, so they pass through untouched.
 
+    Ties: sources are ordered by ``torch.sort(descending=True)`` of each A token's best score,
+    the call the reference's ``argsort`` makes, and each A token's partner is
+    ``max(dim=-1)``'s index; equal scores resolve as they do in the reference on the same device.
+
     Args:
         metric: Similarity features, (B, N, C'); PYRA/ToMe use the keys averaged over heads.
         merge_r: Number of tokens to remove. Must not exceed ``max_merge_r``.
         num_prefix_tokens: Leading tokens that are never merged.
 
     Returns:
-        ``merge(x, mode, modulate)`` mapping (B, N, C) to (B, N - merge_r, C), and ``unmerge``
-        mapping merged tokens back to (B, N, C) by copying each merged token to its members.
+        ``merge(x, mode, modulate)`` mapping (B, N, C) to (B, N - merge_r, C) (a
+        ``BipartiteMerge``), and ``unmerge`` mapping merged tokens back to (B, N, C) by copying
+        each merged token to its members.
     """
     num_tokens = metric.shape[1]
     if merge_r < 0 or merge_r > max_merge_r(num_tokens, num_prefix_tokens):
@@ -72,91 +306,33 @@ def bipartite_soft_matching(
         )
     if merge_r == 0:
         return _identity, _identity_unmerge
-
-    prefix_a = (num_prefix_tokens + 1) // 2  # prefix tokens in set A (positions 0, 2, ...)
-    prefix_b = num_prefix_tokens // 2  # prefix tokens in set B (positions 1, 3, ...)
-
     with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = metric[..., ::2, :], metric[..., 1::2, :]
-        scores = a @ b.transpose(-1, -2)  # (B, Na, Nb)
-        if num_prefix_tokens:
-            # A constant (Na, Nb) mask rather than in-place writes: an exported graph gets one
-            # ``Where`` instead of a ScatterND per prefix set.
-            rows = torch.arange(scores.shape[-2], device=scores.device)[:, None] < prefix_a
-            cols = torch.arange(scores.shape[-1], device=scores.device)[None, :] < prefix_b
-            scores = scores.masked_fill(rows | cols, -torch.inf)
+        src, dst, unm = match(metric, merge_r, num_prefix_tokens)
+    plan = BipartiteMerge(num_tokens, num_prefix_tokens, unm, src, dst)
+    return plan, plan.unmerge
 
-        node_max, node_idx = scores.max(dim=-1)  # best B partner of every A token
-        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]  # (B, Na, 1)
-        unm_idx = edge_idx[..., merge_r:, :]  # A tokens that stay
-        src_idx = edge_idx[..., :merge_r, :]  # A tokens merged away
-        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)  # their B partners
-        if num_prefix_tokens:
-            unm_idx = unm_idx.sort(dim=-2)[0]  # keeps A's prefix tokens in front
-        device, n, unm_len, out_len = metric.device, metric.shape[0], unm_idx.shape[1], num_tokens - merge_r
-        # Everything ``merge`` moves, as row numbers of the batch flattened to (B * N, C): one
-        # ``index_select`` copies the kept tokens straight into output order and one
-        # ``index_add_`` sums the sources into their destinations, instead of gathering set A,
-        # scattering into a copy of set B and concatenating the two (2x faster for ViT-B on CPU).
-        row0 = torch.arange(0, n * num_tokens, num_tokens, device=device)[:, None]  # (B, 1)
-        if num_prefix_tokens <= 1:
-            first = torch.add(row0, unm_idx[..., 0], alpha=2)  # unmerged A tokens, class token first
-            odd_start = 1
-        else:  # all prefix tokens in their original order, then the other unmerged A tokens
-            prefix = torch.arange(num_prefix_tokens, device=device) + row0
-            first = torch.cat([prefix, torch.add(row0, unm_idx[:, prefix_a:, 0], alpha=2)], dim=1)
-            odd_start = 2 * prefix_b + 1
-        odd = torch.arange(odd_start, num_tokens, 2, device=device) + row0  # the rest of set B
-        keep_rows = torch.cat([first, odd], dim=1).flatten()  # B * (N - merge_r)
-        src_rows = torch.add(row0, src_idx[..., 0], alpha=2).flatten()  # B * merge_r
-        # Set B token j lands at output position unm_len + j (prefix B tokens come earlier, but
-        # they are never destinations).
-        out_row0 = torch.arange(unm_len, n * out_len, out_len, device=device)[:, None]
-        dst_out_rows = (out_row0 + dst_idx[..., 0]).flatten()  # B * merge_r
 
-    def merge(x: torch.Tensor, mode: str = "mean", modulate: Modulate | None = None) -> torch.Tensor:
-        n, t, c = x.shape  # (B, N, C)
-        if t != num_tokens:
-            raise ValueError(f"merge was matched on {num_tokens} tokens but got a tensor of {t}")
-        rows = x.reshape(n * t, c)
-        out = rows.index_select(0, keep_rows)  # (B * (N - merge_r), C)
-        src = rows.index_select(0, src_rows)  # (B * merge_r, C)
-        if modulate is not None:
-            dst = rows.index_select(0, torch.add(row0 + 1, dst_idx[..., 0], alpha=2).flatten())
-            src = modulate(src.view(n, merge_r, c), dst.view(n, merge_r, c)).reshape(n * merge_r, c)
-        src = src.to(out.dtype)
-        if mode == "amax":  # 0/1 source tracking for visualisation; never in a deployed model
-            out.scatter_reduce_(0, dst_out_rows[:, None].expand(-1, c), src, reduce="amax")
-        elif mode in ("sum", "mean"):
-            # ``index_add_`` exports to ONNX (ScatterND, reduction "add") and torch.export;
-            # scatter_reduce does not export to ONNX, so the inference path never uses it.
-            out.index_add_(0, dst_out_rows, src)
-            if mode == "mean":  # the destination counts as one member, as in ToMe
-                count = torch.ones_like(out[:, :1]).index_add_(0, dst_out_rows, torch.ones_like(src[:, :1]))
-                out = out / count
-        else:
-            raise ValueError(f"merge mode={mode!r}: expected 'sum', 'mean' or 'amax'")
-        return out.view(n, t - merge_r, c)
+def match(metric: torch.Tensor, merge_r: int, num_prefix_tokens: int) -> tuple[torch.Tensor, ...]:
+    """The torch matcher: ``(src, dst, unm)`` indices, (B, r) into A, (B, r) into B, (B, Na - r) into A.
 
-    def unmerge(x: torch.Tensor) -> torch.Tensor:
-        unm_len = unm_idx.shape[1]
-        n, _, c = x.shape
-        if num_prefix_tokens <= 1:
-            unm, dst = x[:, :unm_len], x[:, unm_len:]
-        else:
-            head = x[:, :num_prefix_tokens]
-            rest = x[:, num_prefix_tokens:]
-            unm = torch.cat([head[:, 0::2], rest[:, : unm_len - prefix_a]], dim=1)
-            dst = torch.cat([head[:, 1::2], rest[:, unm_len - prefix_a :]], dim=1)
-        src = dst.gather(dim=-2, index=dst_idx.expand(n, merge_r, c))
-        out = x.new_zeros(n, num_tokens, c)
-        out[:, 1::2] = dst
-        out.scatter_(dim=-2, index=(2 * unm_idx).expand(n, unm_len, c), src=unm)
-        out.scatter_(dim=-2, index=(2 * src_idx).expand(n, merge_r, c), src=src)
-        return out
-
-    return merge, unmerge
+    ``unm`` is sorted by index when prefix tokens exist (they must stay in front), else in
+    descending score order, as in the reference.
+    """
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[:, ::2], metric[:, 1::2]  # (B, Na, C'), (B, Nb, C')
+    prefix_a, prefix_b = (num_prefix_tokens + 1) // 2, num_prefix_tokens // 2
+    if num_prefix_tokens:
+        mask = _prefix_mask(a.shape[1], b.shape[1], prefix_a, prefix_b, a)  # in a's dtype
+        scores = torch.baddbmm(mask, a, b.mT)  # (B, Na, Nb), prefix rows/columns -inf
+    else:
+        scores = a @ b.mT
+    node_max, node_idx = scores.max(dim=-1)  # best B partner of every A token
+    edge_idx = torch.sort(node_max, dim=-1, descending=True).indices  # (B, Na)
+    src, unm = edge_idx.split([merge_r, edge_idx.shape[1] - merge_r], dim=1)
+    dst = node_idx.gather(1, src)  # (B, r)
+    if num_prefix_tokens:
+        unm = torch.sort(unm, dim=1).values  # keeps A's prefix tokens in front
+    return src, dst, unm
 
 
 def merge_wavg(
@@ -180,6 +356,11 @@ def merge_wavg(
     Returns:
         Merged tokens (B, N - merge_r, C) and their sizes (B, N - merge_r, 1).
     """
+    if isinstance(merge, BipartiteMerge) and not _tracing(x):
+        # The one-gather plan, in eager only: the ONNX exporter's decomposition pass mis-tracks
+        # the layout of the next attention when the sizes come out of the shared gather (a
+        # ``view`` of its output fails); a traced graph is fused by its compiler anyway.
+        return merge.wavg(x, size, modulate)
     if size is None:
         size = torch.ones_like(x[..., 0, None])
     x = merge(x * size, mode="sum", modulate=modulate)

@@ -159,41 +159,78 @@ def flops_fraction(schedule: list[int], shape: ViTShape) -> float:
     return schedule_flops(schedule, shape) / schedule_flops([0] * shape.depth, shape)
 
 
-def _proportional(rho: float, shape: ViTShape) -> list[int]:
+def _aligned(merge_r: int, tokens: int, num_prefix_tokens: int, align: int) -> int:
+    """The ``merge_r`` nearest below (or, where it must, above) that leaves a multiple of ``align``.
+
+    The token count after the merge is rounded up to a multiple of ``align`` (fewer tokens
+    merged); where that would exceed the tokens there are (the first layer, 197 tokens at
+    align 8), it is rounded down instead, within the layer's ``max_merge_r``.
+    """
+    if align == 1:
+        return merge_r
+    count = tokens - merge_r
+    up = -(-count // align) * align
+    count = up if up <= tokens else count // align * align
+    if tokens - count > max_merge_r(tokens, num_prefix_tokens) or count <= num_prefix_tokens:
+        raise ValueError(
+            f"align={align}: a block receiving {tokens} tokens ({num_prefix_tokens} prefix) cannot "
+            f"keep a multiple of {align} tokens within its max_merge_r of {max_merge_r(tokens, num_prefix_tokens)}"
+        )
+    return tokens - count
+
+
+def _proportional(rho: float, shape: ViTShape, align: int = 1) -> list[int]:
     schedule, tokens = [], shape.num_tokens
     for _ in range(shape.depth):
         merge_r = math.floor(rho * max_merge_r(tokens, shape.num_prefix_tokens) + 1e-9)
+        merge_r = _aligned(merge_r, tokens, shape.num_prefix_tokens, align)
         schedule.append(merge_r)
         tokens -= merge_r
     return schedule
 
 
-def proportional_schedule(rho: float, shape: ViTShape) -> list[int]:
+def _check_align(align: int) -> None:
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+        raise ValueError(f"align must be a positive integer (1: no alignment), got {align!r}")
+
+
+def proportional_schedule(rho: float, shape: ViTShape, align: int = 1) -> list[int]:
     """The solvers' one-parameter family: layer l merges ``floor(rho * max_l)`` tokens, rho in [0, 1].
 
-    Shared by the FLOPs solver (below) and the benchmark's measured speed-target search.
+    Shared by the FLOPs solver (below) and the benchmark's measured speed-target search. With
+    ``align`` > 1 each layer's ``merge_r`` is adjusted (``_aligned``) so that every block after
+    the first receives a multiple of ``align`` tokens, prefix tokens included: tensor cores and
+    fused attention kernels tile the token axis by 8 or 16 (issue 17).
     """
-    return _proportional(rho, shape)
+    _check_align(align)
+    return _proportional(rho, shape, align)
 
 
-def solve_flops_schedule(target: float, shape: ViTShape) -> list[int]:
-    """The gentlest proportional schedule whose block FLOPs are at most ``target`` of the original."""
+def solve_flops_schedule(target: float, shape: ViTShape, align: int = 1) -> list[int]:
+    """The gentlest proportional schedule whose block FLOPs are at most ``target`` of the original.
+
+    Args:
+        target: FLOPs fraction in (0, 1).
+        shape: The model's ``ViTShape``.
+        align: Keep every token count after a merge a multiple of this (1: no constraint).
+    """
     if not 0.0 < target < 1.0:
         raise ValueError(f"a FLOPs target must lie strictly between 0 and 1, got {target}")
-    floor = flops_fraction(_proportional(1.0, shape), shape)
+    _check_align(align)
+    floor = flops_fraction(_proportional(1.0, shape, align), shape)
     if target < floor:
         raise ValueError(
             f"FLOPs target {target:.3f} is unreachable: halving the tokens in every block "
-            f"already leaves {floor:.3f} of the FLOPs"
+            f"{f'(counts aligned to {align}) ' if align > 1 else ''}already leaves {floor:.3f} of the FLOPs"
         )
     low, high = 0.0, 1.0  # fraction(low) > target >= fraction(high)
     for _ in range(50):
         mid = (low + high) / 2
-        if flops_fraction(_proportional(mid, shape), shape) <= target:
+        if flops_fraction(_proportional(mid, shape, align), shape) <= target:
             high = mid
         else:
             low = mid
-    return _proportional(high, shape)
+    return _proportional(high, shape, align)
 
 
 def paper_schedule(name: str, shape: ViTShape) -> list[int]:

@@ -34,6 +34,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 # name -> (time limit in seconds on a GPU, what it measures)
 PARTS: dict[str, tuple[int, str]] = {
+    "speed": (360, "issue 17: engines x models x batch 1/64/256, kernels, memory, attention, matcher"),
+    "ddp_fit": (150, "2-process DDP (gloo) on one GPU, bf16 autocast: trains, throughput over ranks"),
     "env": (60, "versions and device"),
     "throughput": (120, "ViT-B/16 eager bf16 throughput, efficiency, peak memory"),
     "fit_bf16": (120, "1-epoch quickstart fit + test, bf16-mixed"),
@@ -71,6 +73,20 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- parts
+def part_speed(args: argparse.Namespace) -> dict[str, Any]:
+    sys.path.insert(0, str(REPO / "scripts"))
+    from gpu_speed import part_speed as speed
+
+    return speed(args, lambda result: _save_partial(args, result))
+
+
+def part_ddp_fit(args: argparse.Namespace) -> dict[str, Any]:
+    sys.path.insert(0, str(REPO / "scripts"))
+    from gpu_speed import part_ddp_fit as ddp_fit
+
+    return ddp_fit(args)
+
+
 def part_env(args: argparse.Namespace) -> dict[str, Any]:
     import lightning
     import timm
@@ -262,7 +278,13 @@ def part_pytest_gpu(args: argparse.Namespace) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ driver
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # One inductor cache for every part, so a model compiled once is not compiled again.
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(REPO / "gpu_check" / "inductor_cache")
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "TORCHINDUCTOR_CACHE_DIR": cache,
+    }
 
 
 def run_part(name: str, args: argparse.Namespace) -> None:
@@ -315,7 +337,7 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
                     entry.update(status="partial", result=json.loads(partial.read_text()))
                 entry.setdefault("status", "skipped")
                 entry["reason"] = f"timed out after {timeout:.0f} s" + (
-                    "; the batch sizes it finished are kept" if partial.exists() else ""
+                    "; the measurements it finished are kept" if partial.exists() else ""
                 )
             entry["seconds"] = round(time.monotonic() - tic, 1)
             print(
@@ -365,6 +387,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {entry['status']} | {entry.get('seconds', '-')} | {entry.get('reason', '')} |"
         )
+    lines += _speed_lines(parts.get("speed", {}))
     table = []
     for name in ("throughput", "compile", "compile_cudagraphs", "onnxruntime_cuda"):
         if parts.get(name, {}).get("status") in ("ok", "partial"):
@@ -406,6 +429,34 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _speed_lines(entry: dict[str, Any]) -> list[str]:
+    """The speed part's tables: img/s and speed-up per engine, then what was skipped."""
+    result = entry.get("result")
+    if not result:
+        return []
+    lines = [
+        "",
+        "Speed (issue 17; bf16 autocast on CUDA; speed-up over the uncompressed model on the same engine):",
+        "",
+    ]
+    lines += ["| engine | batch | model | img/s | speedup | build s |", "|---|---:|---|---:|---:|---:|"]
+    for row in result.get("rows", []):
+        speedup = row.get("speedup")
+        lines.append(
+            f"| {row['engine']} | {row['batch_size']} | {row['model']} | {row['images_per_s']:.1f} | "
+            f"{'-' if speedup is None else f'{speedup:.2f}x'} | {row['build_s']} |"
+        )
+    if result.get("kernels"):
+        lines += ["", "Kernels per forward (torch.profiler; CPU: ATen operators): "]
+        lines.append(", ".join(f"{k} {v}" for k, v in result["kernels"].items()))
+    for key in ("peak_memory_mib", "attention", "matcher"):
+        if result.get(key):
+            lines += ["", f"{key}: {json.dumps(result[key], default=str)}"]
+    if result.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(result["skipped"])]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="scripts/gpu_check.sh", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu with --dry_run")
@@ -413,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="gpu_check", help="folder for the JSON, the Markdown and logs")
     parser.add_argument("--parts", default="", help=f"comma-separated subset of: {', '.join(PARTS)}")
     parser.add_argument(
-        "--budget_s", type=float, default=420, help="seconds; no part starts once they are spent"
+        "--budget_s", type=float, default=570, help="seconds; no part starts once they are spent"
     )
     parser.add_argument("--part", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -62,3 +62,38 @@ def test_a_failing_part_is_recorded_and_the_rest_still_runs(tmp_path: Path) -> N
     parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
     assert parts["env"]["status"] == "failed" and "no usable GPU" in parts["env"]["reason"]
     assert parts["pytest_gpu"]["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_speed_and_ddp_parts_dry_run(tmp_path: Path) -> None:
+    """The speed part (first in the check) and the 2-process DDP fit, on a CPU, tiny ViT: each
+    measurement recorded, the graph engines skipped with their reason, the ranks in agreement."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--device", "cpu", "--dry_run"]
+        + ["--out", str(tmp_path), "--parts", "speed,ddp_fit"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
+    assert list(parts) == ["speed", "ddp_fit"]
+    speed = parts["speed"]["result"]
+    assert {(r["model"], r["batch_size"]) for r in speed["rows"]} == {
+        (m, b) for m in ("uncompressed", "tome/8", "pyra/8") for b in (1, 2)
+    }
+    assert all(r["images_per_s"] > 0 and r["speedup"] > 0 for r in speed["rows"])
+    assert speed["skipped"] == ["cudagraph, inductor-cudagraph: need CUDA"]
+    assert speed["attention"]["flex_max_abs_diff"] < 1e-4
+    assert (tmp_path / "part_speed.partial.json").exists(), "measurements are saved as they finish"
+    ddp = parts["ddp_fit"]["result"]
+    assert ddp["world_size"] == 2 and ddp["ranks_agree"] and ddp["images_per_s_all_ranks"] > 0
+    assert "| eager | 2 | pyra/8 |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_speed_part_runs_first() -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    from gpu_check import PARTS
+
+    assert list(PARTS)[:2] == ["speed", "ddp_fit"] and PARTS["speed"][0] <= 360

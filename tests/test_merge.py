@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from pyra_lightning import apply_merging
 from pyra_lightning.merge import bipartite_soft_matching, max_merge_r, merge_source, merge_wavg, weighted_mean
+from pyra_lightning.modulation import PyraModulation
 
 
 @pytest.mark.parametrize("num_prefix", [0, 1, 2, 4])
@@ -88,3 +92,83 @@ def test_merge_refuses_tensors_of_another_token_count() -> None:
     merge, _ = bipartite_soft_matching(torch.randn(2, 17, 4), 3, 1)
     with pytest.raises(ValueError, match="merge was matched on 17 tokens but got a tensor of 15"):
         merge(torch.randn(2, 15, 4))
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count(fn) -> int:  # type: ignore[no-untyped-def]
+    """Operators of ``fn()`` as issue 17 counts them: under inference_mode, after a warm-up."""
+    with torch.inference_mode():
+        fn()  # fills the cache of constant index tensors
+        counter = _Count()
+        with counter:
+            fn()
+    return counter.calls
+
+
+@pytest.mark.parametrize(("pyra", "most"), [(False, 22), (True, 34)])
+def test_one_merge_issues_few_operators(pyra: bool, most: int) -> None:
+    """Matching and the size-weighted merge of one ViT-B/16 layer (197 tokens, merge_r 40): 22
+    operators for ToMe and 34 with PYRA (56 and 78 before issue 17), at any batch size."""
+    metric, x, size = torch.randn(2, 197, 16), torch.randn(2, 197, 16), torch.rand(2, 197, 1) + 1
+    modulate = PyraModulation(40, 16) if pyra else None
+
+    def layer() -> None:
+        merge, _ = bipartite_soft_matching(metric, 40, 1)
+        merge_wavg(merge, x, size, modulate=modulate)
+
+    assert _count(layer) <= most
+
+
+@pytest.mark.parametrize(("pyra", "most"), [(False, 535), (True, 679)])
+def test_vit_b_forward_operator_count(pyra: bool, most: int) -> None:
+    """Eager operators per ViT-B/16 forward at 'high' (counted on the meta device: the count does
+    not depend on the machine): 535 ToMe / 679 PYRA, from 899 / 1163; uncompressed 227."""
+    with torch.device("meta"):
+        model = timm.create_model("vit_base_patch16_224", pretrained=False)
+        apply_merging(model, "high", pyra=pyra)
+        x = torch.randn(1, 3, 224, 224)
+    assert _count(lambda: model.eval()(x)) <= most
+
+
+@pytest.mark.parametrize("num_prefix", [0, 1, 2, 3])
+def test_fused_pyra_equals_the_modulation_module(num_prefix: int) -> None:
+    """merge_wavg's PYRA path (eqs. 4-7 on the size-weighted pairs, ``fused_pyra``) computes what
+    ``PyraModulation.forward`` computes, values and gradients, with random parameters."""
+    from pyra_lightning.merge import _modulate_with_size
+
+    torch.manual_seed(num_prefix)
+    pyra = PyraModulation(6, 10)
+    with torch.no_grad():
+        for param in pyra.parameters():
+            param.normal_()
+    src, dst = torch.randn(3, 6, 11, requires_grad=True), torch.randn(3, 6, 11)
+    fused = _modulate_with_size(pyra, src, dst, 10)
+    expected = torch.cat([pyra(src[..., :10], dst[..., :10]), src[..., 10:]], dim=-1)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(fused.square().sum(), [src, *pyra.parameters()])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [src, *pyra.parameters()])
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_constants_cached_under_inference_mode_still_train() -> None:
+    """Index tensors cached inside inference_mode are normal tensors: a later training step may
+    save them for backward."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 23, 8, requires_grad=True)
+    with torch.inference_mode():
+        merge, _ = bipartite_soft_matching(x, 5, 2)
+        merge_wavg(merge, x, None)
+    merge, _ = bipartite_soft_matching(x, 5, 2)
+    merged, size = merge_wavg(merge, x, None, modulate=PyraModulation(5, 8))
+    merged.sum().backward()
+    assert x.grad is not None and size.is_contiguous()

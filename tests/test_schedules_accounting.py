@@ -136,3 +136,29 @@ def test_one_spelling_per_setting_merge_r_and_pyra() -> None:
     ]
     with pytest.raises(ValueError, match="pyra='fancy': expected True, False or a variant name"):
         resolve_variant("fancy")
+
+
+@pytest.mark.parametrize(
+    "name", ["vit_base_patch16_224", "vit_small_patch14_dinov2", "vit_large_patch16_224"]
+)
+@pytest.mark.parametrize("target", [0.7, 0.5, 0.289])
+def test_aligned_flops_schedules_keep_token_counts_at_multiples_of_8(name: str, target: float) -> None:
+    """align=8: every block after the first receives a multiple of 8 tokens, prefix included, and
+    the FLOPs stay at most the target; the coarser steps cost at most 0.02 of the FLOPs below it."""
+    from pyra_lightning.schedules import solve_flops_schedule
+
+    shape = vit_shape(meta_model(name))
+    schedule = solve_flops_schedule(target, shape, align=8)
+    counts = token_counts(schedule, shape)
+    assert all(count % 8 == 0 for count in counts[1:]), counts
+    assert target - 0.02 <= flops_fraction(schedule, shape) <= target
+    assert solve_flops_schedule(target, shape) != schedule, "alignment changes the schedule"
+    assert solve_flops_schedule(target, shape, align=1) == solve_flops_schedule(target, shape)
+
+
+def test_bad_align_is_a_clear_error() -> None:
+    from pyra_lightning.schedules import solve_flops_schedule
+
+    shape = vit_shape(meta_model("vit_base_patch16_224"))
+    with pytest.raises(ValueError, match="align must be a positive integer"):
+        solve_flops_schedule(0.5, shape, align=0)

@@ -1,0 +1,222 @@
+"""``compile_for_inference``: the merged model without host overhead, at one input shape.
+
+Why. On an H200 the merged ViT-B/16 is launch-bound below batch ~128: its kernels finish faster
+than Python issues them (BENCHMARKS.md, "GPU"). Token merging fixes every token count from the
+schedule, so at a fixed batch size the whole forward has static shapes and can be captured
+once and replayed, which removes the host from the loop.
+
+Engines (``ENGINES``):
+
+- ``eager``: the model itself under ``torch.no_grad`` (and autocast, if asked);
+- ``inductor``: ``torch.compile(fullgraph=True, dynamic=False)``, compiled at construction;
+- ``cudagraph``: the eager model captured whole into one CUDA graph with a static input and
+  output buffer (warm-up on a side stream, then ``torch.cuda.graph``, as the CUDA-graph
+  section of the torch docs prescribes); capture costs seconds, not a compile;
+- ``inductor-cudagraph``: the inductor-compiled model (default mode) captured the same way.
+  We capture it ourselves rather than use ``mode="reduce-overhead"``: one graph with the same
+  static-buffer contract as ``cudagraph``, no CUDA-graph-tree bookkeeping on every call (host
+  work again), and one code path for both graph engines.
+- ``auto``: on CUDA the faster of ``eager`` and ``cudagraph``, measured at construction with
+  CUDA events (a few replays each: the inductor engines cost a compile, so they run only when
+  named); on CPU ``eager``: there is no launch overhead to remove, the eager CPU path already
+  runs at 0.95-1.0 of its FLOPs-proportional ideal (BENCHMARKS.md, "CPU"), and an inductor
+  compile costs tens of seconds per model and shape.
+
+The contract. The returned ``InferenceModel`` runs the model at the example's shape, dtype and
+device only; any other input is refused with a ``ValueError`` naming both (no silent recompile,
+no second graph). Outputs are fresh tensors: the graph engines copy the input into their
+static buffer, replay, and return a ``clone()`` of the static output (a (B, classes) copy, so a
+later call never overwrites a result the caller holds).
+
+The model. A model with LoRA is deep-copied and the copy folded (``fold_lora``), so the caller's
+model keeps its LoRA and stays trainable; a model without LoRA is used as is (no copy) and put
+in eval mode. The graph engines read the parameters' memory at replay, so compile a finished
+model: replacing parameters afterwards is not seen by a captured graph.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+ENGINES: tuple[str, ...] = ("eager", "inductor", "cudagraph", "inductor-cudagraph")
+_GRAPH_WARMUP = 3  # forwards on the side stream before capture (the torch docs use 3)
+
+
+class InferenceModel:
+    """A model bound to one input shape, dtype and device, run by one engine.
+
+    Attributes:
+        engine: The engine that runs it (``auto`` resolved).
+        input_shape: The only accepted input shape, e.g. (64, 3, 224, 224).
+        dtype: The only accepted input dtype.
+        device: The only accepted input device.
+        autocast_dtype: Autocast precision of the forward, or ``None``.
+        timings_ms: With ``engine="auto"`` on CUDA, the measured ms per forward of each candidate.
+        model: The module the engine runs (the folded copy when the model had LoRA).
+    """
+
+    def __init__(
+        self,
+        run: Callable[[torch.Tensor], torch.Tensor],
+        model: nn.Module,
+        engine: str,
+        example: torch.Tensor,
+        autocast_dtype: torch.dtype | None,
+        timings_ms: dict[str, float] | None = None,
+    ) -> None:
+        self._run = run
+        self.model = model
+        self.engine = engine
+        self.input_shape = tuple(example.shape)
+        self.dtype = example.dtype
+        self.device = example.device
+        self.autocast_dtype = autocast_dtype
+        self.timings_ms = timings_ms or {}
+
+    def check(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` has the shape, dtype and device this was built for."""
+        if tuple(x.shape) != self.input_shape or x.dtype != self.dtype or x.device != self.device:
+            raise ValueError(
+                f"this {self.engine} model was built for input {self.input_shape} {self.dtype} on "
+                f"{self.device}, got {tuple(x.shape)} {x.dtype} on {x.device}; build one per input "
+                "shape with compile_for_inference(model, example_of_that_shape)"
+            )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.check(x)
+        return self._run(x)
+
+    def __repr__(self) -> str:
+        return f"InferenceModel(engine={self.engine!r}, input={self.input_shape}, dtype={self.dtype}, device={self.device})"
+
+
+def prepare_model(model: nn.Module) -> nn.Module:
+    """The model an engine runs: LoRA folded into a deep copy if present, in eval mode."""
+    from pyra_lightning.lora import LoRAQKV
+    from pyra_lightning.patch import fold_lora
+
+    if any(isinstance(m, LoRAQKV) for m in model.modules()):
+        model = fold_lora(copy.deepcopy(model))
+    return model.eval()
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True) -> Any:
+    if dtype is None:
+        return nullcontext()
+    # Graph capture needs the autocast weight cache off (torch docs, "CUDA Graphs").
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
+
+
+def _forward(fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device, dtype: torch.dtype | None):
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), _autocast(device, dtype):
+            return fn(x)
+
+    return run
+
+
+def _compiled(
+    model: nn.Module, example: torch.Tensor, dtype: torch.dtype | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.compile``d now, on ``example``; afterwards any recompile is an error."""
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    with torch.no_grad(), _autocast(example.device, dtype):
+        compiled(example)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        # A guard that no longer holds (shapes are checked before this is reached) raises
+        # instead of compiling a second graph silently.
+        with torch.compiler.set_stance("fail_on_recompile"):
+            return compiled(x)
+
+    return run
+
+
+def _capture(
+    fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, dtype: torch.dtype | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` captured into one CUDA graph with a static input and output; returns ``run(x)``."""
+    static_in = example.detach().clone()
+    stream = torch.cuda.Stream(device=example.device)
+    stream.wait_stream(torch.cuda.current_stream(example.device))
+    with torch.cuda.stream(stream), torch.no_grad(), _autocast(example.device, dtype, cache=False):
+        for _ in range(_GRAPH_WARMUP):
+            fn(static_in)  # compiles (inductor), fills allocator pools and merge.py's constant cache
+    torch.cuda.current_stream(example.device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), _autocast(example.device, dtype, cache=False), torch.cuda.graph(graph):
+        static_out = fn(static_in)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone()
+
+    return run
+
+
+def _ms_per_forward(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, runs: int = 10) -> float:
+    for _ in range(2):
+        run(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(runs):
+        run(x)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / runs
+
+
+def compile_for_inference(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    engine: str = "auto",
+    autocast_dtype: torch.dtype | None = None,
+) -> InferenceModel:
+    """Bind a (merged, LoRA-folded) model to ``example_input``'s shape, dtype and device.
+
+    Args:
+        model: A timm ViT/Eva, patched or not, with or without LoRA (see the module docstring
+            for what happens to it).
+        example_input: A batch of the shape, dtype and device every later call will have.
+        engine: ``auto``, ``eager``, ``inductor``, ``cudagraph`` or ``inductor-cudagraph``.
+        autocast_dtype: Run the forward under autocast in this dtype (e.g. ``torch.bfloat16``).
+
+    Returns:
+        An ``InferenceModel``: call it with a batch like ``example_input``.
+    """
+    if engine not in ("auto", *ENGINES):
+        raise ValueError(f"engine={engine!r}: expected one of auto, {', '.join(ENGINES)}")
+    device = example_input.device
+    if "cudagraph" in engine and device.type != "cuda":
+        raise ValueError(
+            f"engine {engine!r} captures a CUDA graph and needs a CUDA input; example_input is on {device}"
+        )
+    model = prepare_model(model)
+    eager = _forward(model, device, autocast_dtype)
+    timings: dict[str, float] = {}
+    if engine == "auto":
+        if device.type != "cuda":
+            return InferenceModel(eager, model, "eager", example_input, autocast_dtype)
+        graph = _capture(model, example_input, autocast_dtype)
+        timings = {
+            name: _ms_per_forward(fn, example_input) for name, fn in (("eager", eager), ("cudagraph", graph))
+        }
+        engine = min(timings, key=timings.__getitem__)
+        run = eager if engine == "eager" else graph
+    elif engine == "eager":
+        run = eager
+    elif engine == "inductor":
+        run = _forward(_compiled(model, example_input, autocast_dtype), device, autocast_dtype)
+    elif engine == "cudagraph":
+        run = _capture(model, example_input, autocast_dtype)
+    else:  # inductor-cudagraph
+        compiled = torch.compile(model, fullgraph=True, dynamic=False)
+        run = _capture(compiled, example_input, autocast_dtype)
+    return InferenceModel(run, model, engine, example_input, autocast_dtype, timings)

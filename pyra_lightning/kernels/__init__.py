@@ -1,0 +1,35 @@
+"""Fused kernels for the merge path, with the torch code of ``pyra_lightning.merge`` as fallback.
+
+- ``matching``: bipartite soft matching (eq. 3) as one Triton kernel: normalise, a·bᵀ, prefix
+  mask and row max/argmax without storing the (B, Na, Nb) scores (``triton_match``);
+- ``merging``: the size-weighted merge with its size update (``triton_merge_wavg``);
+- ``attention``: proportional attention through FlexAttention's ``score_mod``.
+
+Each kernel function has the semantics of its torch counterpart and dispatches to Triton only
+for CUDA tensors when Triton imports (``use_triton``); anything else runs the torch path. Tests
+run the kernels on CPU under Triton's interpreter (``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+
+def triton_available() -> bool:
+    """Triton imports here (it ships with torch's CUDA builds)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter is on (``TRITON_INTERPRET=1`` before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether a Triton kernel runs for these tensors: CUDA tensors (or the interpreter) and Triton."""
+    if not triton_available():
+        return False
+    return interpreting() or all(t.is_cuda for t in tensors)

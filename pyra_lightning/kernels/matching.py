@@ -1,0 +1,142 @@
+"""Bipartite soft matching (eq. 3) in one Triton kernel: the (B, Na, Nb) scores never exist.
+
+Each program takes ``BLOCK_A`` tokens of set A (even positions) of one image, normalises them,
+and walks set B (odd positions) in blocks of ``BLOCK_B``: cosine scores of the block by one
+``tl.dot``, divided by both norms, with prefix rows/columns and the padding past Nb at -inf,
+then a running row max and argmax. Only (B, Na) maxima and indices are written; the ordering
+of sources (a sort over Na values) stays in torch, so ``triton_match`` returns exactly what
+``pyra_lightning.merge.match`` returns.
+
+Tie rule: among equal scores in a row the lowest B index wins (the first block that reaches
+the maximum keeps it; inside a block ``tl.argmax`` takes the first). torch's ``max(dim=-1)``
+makes the same choice on CPU; on CUDA it does not promise one. The tests draw random data, on
+which exact ties do not occur.
+
+Precision: fp32 inputs are multiplied in IEEE fp32 (``input_precision="ieee"``, no TF32), bf16
+and fp16 inputs in their own precision with an fp32 accumulator, as cuBLAS does. Scores are
+``(a · b) / (|a| |b|)`` rather than the torch path's ``(a / |a|) · (b / |b|)``: equal up to
+rounding, so an argmax may differ only where two scores are within rounding of each other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pyra_lightning.kernels import use_triton
+
+
+def _kernel():  # type: ignore[no-untyped-def]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def match_kernel(
+        metric,
+        node_max,
+        node_idx,
+        num_tokens,
+        channels,
+        stride_b,
+        stride_n,
+        stride_c,
+        prefix_a,
+        prefix_b,
+        IEEE: tl.constexpr,
+        BLOCK_A: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        batch = tl.program_id(0)
+        na = (num_tokens + 1) // 2
+        nb = num_tokens // 2
+        rows = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)  # A indices
+        chans = tl.arange(0, BLOCK_C)
+        base = metric + batch * stride_b
+        a = tl.load(
+            base + (2 * rows)[:, None] * stride_n + chans[None, :] * stride_c,
+            mask=(rows[:, None] < na) & (chans[None, :] < channels),
+            other=0.0,
+        )  # (BLOCK_A, BLOCK_C)
+        a_norm = tl.sqrt(tl.sum(a.to(tl.float32) * a.to(tl.float32), axis=1))
+        best = tl.full((BLOCK_A,), float("-inf"), tl.float32)
+        best_idx = tl.zeros((BLOCK_A,), tl.int32)
+        for start in range(0, nb, BLOCK_B):
+            cols = start + tl.arange(0, BLOCK_B)  # B indices
+            b = tl.load(
+                base + (2 * cols + 1)[:, None] * stride_n + chans[None, :] * stride_c,
+                mask=(cols[:, None] < nb) & (chans[None, :] < channels),
+                other=0.0,
+            )  # (BLOCK_B, BLOCK_C)
+            b_norm = tl.sqrt(tl.sum(b.to(tl.float32) * b.to(tl.float32), axis=1))
+            if IEEE:  # noqa: SIM108 (a constexpr branch: one of the two is compiled)
+                dots = tl.dot(a, tl.trans(b), input_precision="ieee")
+            else:
+                dots = tl.dot(a, tl.trans(b))
+            scores = dots / (a_norm[:, None] * b_norm[None, :])  # (BLOCK_A, BLOCK_B)
+            invalid = (cols[None, :] >= nb) | (cols[None, :] < prefix_b)
+            invalid = invalid | (rows[:, None] < prefix_a) | (rows[:, None] >= na)
+            scores = tl.where(invalid, float("-inf"), scores)
+            block_best = tl.max(scores, axis=1)
+            block_idx = tl.argmax(scores, axis=1).to(tl.int32) + start
+            better = block_best > best
+            best_idx = tl.where(better, block_idx, best_idx)
+            best = tl.where(better, block_best, best)
+        out = batch * na + rows
+        tl.store(node_max + out, best, mask=rows < na)
+        tl.store(node_idx + out, best_idx.to(tl.int64), mask=rows < na)
+
+    return match_kernel
+
+
+_KERNEL = None
+
+
+def triton_node_max(metric: torch.Tensor, num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best B partner of every A token: (B, Na) cosine maxima (fp32) and their B indices (int64)."""
+    import triton
+
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = _kernel()
+    batch, num_tokens, channels = metric.shape
+    na = (num_tokens + 1) // 2
+    node_max = torch.empty(batch, na, device=metric.device, dtype=torch.float32)
+    node_idx = torch.empty(batch, na, device=metric.device, dtype=torch.int64)
+    block_a, block_b = 16, 16
+    grid = (batch, triton.cdiv(na, block_a))
+    _KERNEL[grid](
+        metric,
+        node_max,
+        node_idx,
+        num_tokens,
+        channels,
+        metric.stride(0),
+        metric.stride(1),
+        metric.stride(2),
+        (num_prefix_tokens + 1) // 2,
+        num_prefix_tokens // 2,
+        IEEE=metric.dtype == torch.float32,
+        BLOCK_A=block_a,
+        BLOCK_B=block_b,
+        BLOCK_C=max(16, triton.next_power_of_2(channels)),
+    )
+    return node_max, node_idx
+
+
+def triton_match(metric: torch.Tensor, merge_r: int, num_prefix_tokens: int) -> tuple[torch.Tensor, ...]:
+    """``pyra_lightning.merge.match`` with the scores and their row max in one Triton kernel.
+
+    Returns ``(src, dst, unm)`` as the torch matcher does; on tensors Triton does not run for
+    (CPU without the interpreter, no Triton) it is the torch matcher.
+    """
+    from pyra_lightning.merge import match
+
+    if not use_triton(metric):
+        return match(metric, merge_r, num_prefix_tokens)
+    node_max, node_idx = triton_node_max(metric, num_prefix_tokens)
+    edge_idx = torch.sort(node_max, dim=-1, descending=True).indices  # (B, Na), as the torch path
+    src, unm = edge_idx.split([merge_r, edge_idx.shape[1] - merge_r], dim=1)
+    dst = node_idx.gather(1, src)
+    if num_prefix_tokens:
+        unm = torch.sort(unm, dim=1).values
+    return src, dst, unm

@@ -1,0 +1,93 @@
+"""compile_for_inference: one input shape, one engine, the eager model's outputs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import randomize_, tiny_vit
+
+import pyra_lightning
+from pyra_lightning.lora import LoRAQKV
+
+
+def _model() -> torch.nn.Module:
+    model = tiny_vit()
+    pyra_lightning.apply_lora(model, lora_rank=4)
+    pyra_lightning.apply_merging(model, 8, pyra=True)
+    return randomize_(model)
+
+
+def test_eager_engine_folds_a_copy_and_matches_the_model() -> None:
+    model = _model().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    compiled = pyra_lightning.compile_for_inference(model, x, engine="auto")
+    assert compiled.engine == "eager", "auto on CPU is eager"
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+    assert any(isinstance(m, LoRAQKV) for m in model.modules()), "the caller's model keeps its LoRA"
+    assert not any(isinstance(m, LoRAQKV) for m in compiled.model.modules())
+
+
+def test_another_shape_dtype_or_device_is_refused() -> None:
+    x = torch.randn(2, 3, 32, 32)
+    compiled = pyra_lightning.compile_for_inference(_model(), x, engine="eager")
+    with pytest.raises(
+        ValueError, match=r"built for input \(2, 3, 32, 32\) torch.float32 on cpu, got \(3, 3, 32, 32\)"
+    ):
+        compiled(torch.randn(3, 3, 32, 32))
+    with pytest.raises(ValueError, match="got \\(2, 3, 32, 32\\) torch.float64"):
+        compiled(x.double())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("engine", ["cudagraph", "inductor-cudagraph"])
+def test_graph_engines_refuse_a_cpu_input(engine: str) -> None:
+    with pytest.raises(
+        ValueError,
+        match=f"engine '{engine}' captures a CUDA graph and needs a CUDA input; example_input is on cpu",
+    ):
+        pyra_lightning.compile_for_inference(_model(), torch.randn(1, 3, 32, 32), engine=engine)
+
+
+def test_unknown_engine_is_named() -> None:
+    with pytest.raises(ValueError, match="engine='tensorrt': expected one of auto, eager, inductor"):
+        pyra_lightning.compile_for_inference(_model(), torch.randn(1, 3, 32, 32), engine="tensorrt")
+
+
+def test_inductor_engine_matches_eager_and_never_recompiles() -> None:
+    model = tiny_vit(depth=2)
+    pyra_lightning.apply_merging(model, 8, pyra=False)
+    model.eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    compiled = pyra_lightning.compile_for_inference(model, x, engine="inductor")
+    y = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(y), model(y), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="built for input"):
+        compiled(torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("engine", ["auto", "cudagraph", "inductor-cudagraph"])
+def test_graph_engines_match_eager_on_cuda(engine: str) -> None:
+    model = _model().cuda().eval()
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        expected = pyra_lightning.fold_lora(copy.deepcopy(model))(x)
+    compiled = pyra_lightning.compile_for_inference(model, x, engine=engine)
+    first = compiled(x)
+    second = compiled(torch.randn_like(x))
+    torch.testing.assert_close(first, expected, rtol=1e-3, atol=1e-3)
+    assert not torch.equal(first, second), "a later call does not overwrite an earlier result"
+    if engine == "auto":
+        assert compiled.engine in ("eager", "cudagraph") and set(compiled.timings_ms) == {
+            "eager",
+            "cudagraph",
+        }
