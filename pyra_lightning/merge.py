@@ -275,7 +275,10 @@ def fused_pyra(modulate: Any, src: torch.Tensor, dst: torch.Tensor, c: int) -> t
 
 
 def bipartite_soft_matching(
-    metric: torch.Tensor, merge_r: int, num_prefix_tokens: int = 1
+    metric: torch.Tensor,
+    merge_r: int,
+    num_prefix_tokens: int = 1,
+    match_fn: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, ...]] | None = None,
 ) -> tuple[MergeFn, UnmergeFn]:
     """Match ``merge_r`` token pairs by cosine similarity of ``metric`` (eqs. 2-3).
 
@@ -292,6 +295,8 @@ def bipartite_soft_matching(
         metric: Similarity features, (B, N, C'); PYRA/ToMe use the keys averaged over heads.
         merge_r: Number of tokens to remove. Must not exceed ``max_merge_r``.
         num_prefix_tokens: Leading tokens that are never merged.
+        match_fn: What computes ``(src, dst, unm)``; ``match`` (torch) by default, the Triton
+            kernel for the ``"triton"`` matcher. It must order them exactly as ``match`` does.
 
     Returns:
         ``merge(x, mode, modulate)`` mapping (B, N, C) to (B, N - merge_r, C) (a
@@ -307,7 +312,7 @@ def bipartite_soft_matching(
     if merge_r == 0:
         return _identity, _identity_unmerge
     with torch.no_grad():
-        src, dst, unm = match(metric, merge_r, num_prefix_tokens)
+        src, dst, unm = (match_fn or match)(metric, merge_r, num_prefix_tokens)
     plan = BipartiteMerge(num_tokens, num_prefix_tokens, unm, src, dst)
     return plan, plan.unmerge
 

@@ -77,6 +77,29 @@ class ReferenceBipartiteMatcher:
         return bipartite_soft_matching_reference(metric, merge_r, num_prefix_tokens)
 
 
+class TritonMatcher:
+    """Bipartite soft matching with the scores' row max/argmax in one Triton kernel (CUDA).
+
+    The (B, Na, Nb) score matrix is never stored (``kernels.matching``). It runs on CUDA tensors
+    in eager mode and under CUDA-graph capture; elsewhere, and while torch.compile or an export
+    traces the model, it is the torch matcher. Ties: the lowest B index wins a row's maximum, as
+    ``max`` does on the same device for distinct scores; exactly equal scores may pick another
+    partner than torch's reduction.
+    """
+
+    name = "triton"
+
+    def __call__(
+        self, metric: torch.Tensor, merge_r: int, num_prefix_tokens: int
+    ) -> tuple[MergeFn, UnmergeFn]:
+        from pyra_lightning.kernels.matching import triton_match
+
+        traced = torch.compiler.is_compiling() or type(metric) is not torch.Tensor
+        return bipartite_soft_matching(
+            metric, merge_r, num_prefix_tokens, match_fn=None if traced else triton_match
+        )
+
+
 class WeightedAverage:
     """The size-weighted average of ToMe and PYRA (``merge.merge_wavg``); PYRA modulates the sources."""
 
@@ -95,6 +118,7 @@ class WeightedAverage:
 MATCHERS: dict[str, Callable[[], Matcher]] = {
     "bipartite": BipartiteMatcher,
     "bipartite_reference": ReferenceBipartiteMatcher,
+    "triton": TritonMatcher,
 }
 MERGERS: dict[str, Callable[[], Merger]] = {"wavg": WeightedAverage}
 

@@ -49,6 +49,41 @@ def test_triton_matcher_equals_the_torch_matcher_under_the_interpreter() -> None
     assert "cases 30" in done.stdout
 
 
+_MODEL_CHECK = """
+import timm, torch
+from pyra_lightning import apply_merging
+from pyra_lightning.merge_rules import MATCHERS
+assert "triton" in MATCHERS
+torch.manual_seed(0)
+kw = dict(pretrained=False, img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=5)
+model = timm.create_model("vit_tiny_patch16_224", **kw).eval()
+x = torch.randn(2, 3, 32, 32)
+with torch.no_grad():
+    outputs = {}
+    for matcher in ("bipartite", "triton"):
+        apply_merging(model, [12, 8, 6, 4], pyra=True, matcher=matcher)
+        assert all(type(b.matcher).__name__ == ("TritonMatcher" if matcher == "triton" else "BipartiteMatcher")
+                   for b in model.blocks)
+        outputs[matcher] = model(x)
+assert torch.equal(outputs["bipartite"], outputs["triton"]), (outputs["bipartite"] - outputs["triton"]).abs().max()
+print("same output")
+"""
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_the_triton_matcher_is_a_registered_merge_rule_with_the_same_model_output() -> None:
+    """Through the seam a user takes: ``apply_merging(..., matcher="triton")``, under the interpreter."""
+    done = subprocess.run(
+        [sys.executable, "-c", _MODEL_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "same output" in done.stdout
+
+
 def test_triton_matcher_falls_back_to_torch_on_cpu_without_the_interpreter() -> None:
     from pyra_lightning.kernels import use_triton
 
