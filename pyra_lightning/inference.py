@@ -98,10 +98,10 @@ class InferenceModel:
 
 def prepare_model(model: nn.Module) -> nn.Module:
     """The model an engine runs: LoRA folded into a deep copy if present, in eval mode."""
-    from pyra_lightning.lora import LoRAQKV
+    from pyra_lightning.lora import LoRALinear
     from pyra_lightning.patch import fold_lora
 
-    if any(isinstance(m, LoRAQKV) for m in model.modules()):
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
         model = fold_lora(copy.deepcopy(model))
     return model.eval()
 

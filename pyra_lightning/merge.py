@@ -211,9 +211,11 @@ class BipartiteMerge:
             src = src if src.dtype == out.dtype else src.to(out.dtype)
         out = _accumulate(out, (_batch_rows(n, x), self.dst_out), src)
         total, size = out.split([c, 1], dim=-1)
-        # Contiguous sizes: their log is the next layer's SDPA mask, whose last dimension the
-        # fused attention kernels (and torch.export's decompositions) need at stride 1.
-        size = size.contiguous()
+        # The next layer's SDPA mask is log(size). In eager inference log() writes a fresh dense
+        # tensor (stride 1 on the token axis), so the split's view is enough; traced graphs
+        # (torch.export's decompositions) and autograd's saved tensors get a contiguous copy.
+        if _tracing(size) or torch.is_grad_enabled():
+            size = size.contiguous()
         return total / size, size
 
     def unmerge(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.layers import AttentionPoolLatent
+from timm.layers import AttentionPoolLatent, Mlp
 from torch import nn
 
 from pyra_lightning.merge import weighted_mean
@@ -90,7 +90,32 @@ def size_bias(size: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     """Proportional attention: ``log(size)`` over keys as an additive SDPA mask, (B, 1, 1, N)."""
     if size is None:
         return None
-    return size.log().to(dtype).view(size.shape[0], 1, 1, size.shape[1])
+    bias = size.log()
+    if bias.dtype != dtype:  # a same-dtype .to() is still one dispatched operator per layer
+        bias = bias.to(dtype)
+    return bias.view(size.shape[0], 1, 1, size.shape[1])
+
+
+def dropout(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for an ``nn.Dropout``, skipped where it is the identity (eval, ``p == 0``).
+
+    An identity dropout still dispatches an operator, and on a GPU every operator costs host time.
+    """
+    if module.training and getattr(module, "p", 1.0) > 0:
+        return module(x)
+    return x
+
+
+def mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``Mlp`` (fc1 -> act -> drop1 -> norm -> fc2 -> drop2) with identity dropouts skipped.
+
+    The same submodules in timm's order; only dropouts that do nothing (eval, ``p == 0``) are not
+    called. Other MLPs (SwiGLU, GluMlp, ...) run as they are.
+    """
+    if type(mlp) is not Mlp:
+        return mlp(x)
+    x = dropout(mlp.drop1, mlp.act(mlp.fc1(x)))
+    return dropout(mlp.drop2, mlp.fc2(mlp.norm(x)))
 
 
 def mask_dtype(x: torch.Tensor) -> torch.dtype:

@@ -43,8 +43,10 @@ from pyra_lightning.patch_common import (
     Family,
     TokenState,
     check_pooling,
+    dropout,
     fused_or_separate_qkv,
     linear,
+    mlp_forward,
     pool_tokens,
     shape_from_modules,
     size_bias,
@@ -123,7 +125,7 @@ class _MetricAttention:
         out = self.norm(out.transpose(1, 2).reshape(B, N, -1))
         if gate is not None:
             out = out * gate
-        return self.proj_drop(self.proj(out)), metric
+        return dropout(self.proj_drop, self.proj(out)), metric
 
     def forward(
         self,
@@ -217,7 +219,7 @@ class PyraEvaBlock(_MergingBlock, EvaBlock):  # type: ignore[misc]
             x_attn = self.gamma_1 * x_attn
         x = x + self.drop_path1(x_attn)  # (B, N, C)
         x, state = self._merge(x, metric, state, rope)
-        x_mlp = self.mlp(self.norm2(x))
+        x_mlp = mlp_forward(self.mlp, self.norm2(x))
         if self.gamma_2 is not None:
             x_mlp = self.gamma_2 * x_mlp
         return x + self.drop_path2(x_mlp), state

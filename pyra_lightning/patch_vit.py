@@ -28,6 +28,8 @@ from pyra_lightning.patch_common import (
     Family,
     TokenState,
     check_pooling,
+    dropout,
+    mlp_forward,
     pool_tokens,
     shape_from_modules,
     size_bias,
@@ -70,7 +72,7 @@ class PyraAttention(Attention):
         out = self.norm(out) if hasattr(self, "norm") else out
         if gate is not None:
             out = out * gate
-        return self.proj_drop(self.proj(out)), k.mean(dim=1)
+        return dropout(self.proj_drop, self.proj(out)), k.mean(dim=1)
 
 
 class PyraBlock(Block):
@@ -104,7 +106,7 @@ class PyraBlock(Block):
             source = merge_source(merge, x, state.source) if self.trace_source else None
             x, size = self.merger(merge, x, state.size, modulate=self.pyra)  # (B, N - merge_r, C)
             state = TokenState(size=size, source=source)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        x = x + self.drop_path2(self.ls2(mlp_forward(self.mlp, self.norm2(x))))
         return x, state
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import randomize_, tiny_vit
 
 import pyra_lightning
-from pyra_lightning.lora import LoRAQKV
+from pyra_lightning.lora import LoRALinear
 
 
 def _model() -> torch.nn.Module:
@@ -27,8 +27,8 @@ def test_eager_engine_folds_a_copy_and_matches_the_model() -> None:
     compiled = pyra_lightning.compile_for_inference(model, x, engine="auto")
     assert compiled.engine == "eager", "auto on CPU is eager"
     torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
-    assert any(isinstance(m, LoRAQKV) for m in model.modules()), "the caller's model keeps its LoRA"
-    assert not any(isinstance(m, LoRAQKV) for m in compiled.model.modules())
+    assert any(isinstance(m, LoRALinear) for m in model.modules()), "the caller's model keeps its LoRA"
+    assert not any(isinstance(m, LoRALinear) for m in compiled.model.modules())
 
 
 def test_another_shape_dtype_or_device_is_refused() -> None:
