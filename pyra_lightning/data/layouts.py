@@ -53,6 +53,8 @@ class Layout:
         disjoint: pairs of splits that must share no image, and the split that is their union
             (``None`` where there is none).
         read: ``read(task_dir, split, num_classes) -> (records, problems)``.
+        strict: a reader that raises instead (``read_split_file(path, num_classes)``), where the
+            layout has one with its own messages; ``None``: raise ``read``'s first problem.
     """
 
     name: str
@@ -62,6 +64,10 @@ class Layout:
     class_split: str
     disjoint: tuple[tuple[str, str], str | None] | None
     read: Callable[[Path, str, int | None], tuple[list[SplitRecord], list[str]]]
+    strict: Callable[[Path, int | None], list[SplitRecord]] | None = None
+
+
+SPLIT_FILES: tuple[str, ...] = ("train800.txt", "val200.txt", "train800val200.txt", "test.txt")
 
 
 def where(path: Path, line: int | None = None) -> str:
@@ -217,6 +223,77 @@ def read_image_folder(
     return records, problems
 
 
+def read_split_file(path: Path, num_classes: int | None = None) -> list[SplitRecord]:
+    """Parse a ``<image path> <label>`` split file, checking every line.
+
+    Args:
+        path: the split file, e.g. ``<root>/cifar/train800.txt``.
+        num_classes: when given, labels must lie in ``[0, num_classes)``; otherwise only ``>= 0``.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: a line is malformed, a label is out of range, or the file lists no images.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"split file {path.name} is missing: expected {path}; a VTAB-1k task folder holds "
+            f"{', '.join(SPLIT_FILES)} with lines '<image path> <label>'"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"split file {path} is not UTF-8 text ({exc})") from None
+    records = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        parts = line.split()
+        try:
+            label = int(parts[1]) if len(parts) == 2 else None
+        except ValueError:
+            label = None
+        if label is None:
+            raise ValueError(f"{path}, line {number}: expected '<image path> <integer label>', got {raw!r}")
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            limit = (
+                "labels >= 0"
+                if num_classes is None
+                else f"the task's {num_classes} classes (0..{num_classes - 1})"
+            )
+            raise ValueError(f"{path}, line {number}: label {label} is outside {limit}")
+        records.append(SplitRecord(parts[0], label, number))
+    if not records:
+        raise ValueError(f"split file {path} lists no images")
+    return records
+
+
+def read_layout_split(
+    layout: Layout, task_dir: Path, split: str, num_classes: int | None
+) -> list[SplitRecord]:
+    """Read one split of ``layout`` strictly: the first problem is raised, naming its file and line.
+
+    A layout with its own strict reader (``vtab``: ``read_split_file``) uses it; the others raise
+    the first problem their reader reports (``verify`` lists every problem at once).
+
+    Raises:
+        FileNotFoundError: the split file or folder is missing.
+        ValueError: a line, entry or label is wrong.
+    """
+    if layout.strict is not None:
+        return layout.strict(task_dir / split, num_classes)
+    records, problems = layout.read(task_dir, split, num_classes)
+    if problems:
+        more = (
+            f" (and {len(problems) - 1} more; 'pyra-lightning data verify' lists them)"
+            if len(problems) > 1
+            else ""
+        )
+        error = FileNotFoundError if not (task_dir / split).exists() else ValueError
+        raise error(f"{problems[0]}{more} (in {task_dir})")
+    return records
+
+
 LAYOUTS: dict[str, Layout] = {
     "vtab": Layout(
         "vtab",
@@ -229,6 +306,7 @@ LAYOUTS: dict[str, Layout] = {
         "train800val200.txt",
         (("train800.txt", "val200.txt"), "train800val200.txt"),
         read_text_split,
+        read_split_file,
     ),
     # VPT trains on train, selects on val and reports test (tune_fgvc.py); "tune" keeps test unseen.
     "fgvc": Layout(

@@ -195,14 +195,16 @@ def resolve_task(name: str, benchmark: str = "vtab") -> VTABTask:
         ) from None
 
 
-def read_class_names(task_dir: Path, task: VTABTask | None, num_classes: int) -> tuple[str, ...] | None:
+def read_class_names(
+    task_dir: Path, task: VTABTask | None, num_classes: int | None
+) -> tuple[str, ...] | None:
     """Class names of a task, where it has them: the demo's shapes, or ``<task_dir>/classes.txt``.
 
     The VTAB-1k release ships labels as integers only; a ``classes.txt`` with one name per line
     (line ``i`` names label ``i``) gives ``predictions.csv`` readable names.
 
     Raises:
-        ValueError: ``classes.txt`` does not list exactly ``num_classes`` names.
+        ValueError: ``classes.txt`` does not list exactly ``num_classes`` names (``None``: any number).
     """
     if task is not None and task.name == DEMO_TASK_NAME:
         return DEMO_CLASSES
@@ -210,6 +212,6 @@ def read_class_names(task_dir: Path, task: VTABTask | None, num_classes: int) ->
     if not path.is_file():
         return None
     names = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-    if len(names) != num_classes:
+    if num_classes is not None and len(names) != num_classes:
         raise ValueError(f"{path}: lists {len(names)} class names, expected {num_classes} (one per line)")
     return names
