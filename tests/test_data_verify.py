@@ -194,3 +194,30 @@ def test_fgvc_layout_is_verified_against_the_registry(tmp_path: Path) -> None:
     assert "cub/test.json: 3 images, expected 5794" in report.errors
     assert any("198 of 200 classes never occur" in e for e in report.errors)
     assert report.formats == {"JPEG": 11}
+
+
+def _result(tmp_path: Path, seed: int, digest: str | None, task: str = "cifar", group: str | None = None) -> dict:
+    from pyra_lightning.results import RunResult, read_result
+
+    data = {"manifest": "m.json", "digest": digest, "formats": ["PNG"]} if digest else None
+    settings = {"data.task": task, "model.lora_rank": 8, "seed_everything": seed}
+    path = tmp_path / f"{task}{seed}.json"
+    RunResult(task=task, method="pyra", test_acc=0.5, protocol="final", group=group, settings=settings, data=data).write(path)
+    return {**read_result(path), "results_file": str(path)}
+
+
+def test_report_refuses_to_average_runs_on_different_data(tmp_path: Path) -> None:
+    from pyra_lightning.commands.table import build_table
+
+    same = [_result(tmp_path, 0, "a" * 64), _result(tmp_path, 1, "a" * 64), _result(tmp_path, 2, None)]
+    assert build_table(same)[0].tasks["cifar"].acc == pytest.approx(50.0)
+    with pytest.raises(ValueError, match=r"cifar0\.json and .*cifar3\.json were trained on different data"):
+        build_table([*same, _result(tmp_path, 3, "b" * 64)])
+
+
+def test_fgvc_results_keep_their_benchmark() -> None:
+    from pyra_lightning.results import validate_result
+
+    checked = validate_result({"task": "stanford_cars", "group": "fgvc", "method": "pyra", "test_acc": 0.8})
+    assert checked["task"] == "cars" and checked["group"] == "fgvc"
+    assert validate_result({"task": "flowers", "method": "pyra", "test_acc": 0.8})["task"] == "oxford_flowers102"

@@ -366,6 +366,13 @@ class VTABDataModule(pl.LightningDataModule):
         return names
 
     @property
+    def data_identity(self) -> dict[str, Any] | None:
+        """The task's entry in ``<root>/manifest.json`` (its digest and image formats), for ``results.json``."""
+        from pyra_lightning.data.verify import data_identity
+
+        return data_identity(self.root, self.task_info.name if self.task_info is not None else self.task)
+
+    @property
     def mean(self) -> tuple[float, ...]:
         """Per-channel mean of the selected normalization, for code that normalizes images itself."""
         return tuple(NORMALIZATION_STATS[self.normalization][0])
