@@ -196,13 +196,17 @@ def test_fgvc_layout_is_verified_against_the_registry(tmp_path: Path) -> None:
     assert report.formats == {"JPEG": 11}
 
 
-def _result(tmp_path: Path, seed: int, digest: str | None, task: str = "cifar", group: str | None = None) -> dict:
+def _result(
+    tmp_path: Path, seed: int, digest: str | None, task: str = "cifar", group: str | None = None
+) -> dict:
     from pyra_lightning.results import RunResult, read_result
 
     data = {"manifest": "m.json", "digest": digest, "formats": ["PNG"]} if digest else None
     settings = {"data.task": task, "model.lora_rank": 8, "seed_everything": seed}
     path = tmp_path / f"{task}{seed}.json"
-    RunResult(task=task, method="pyra", test_acc=0.5, protocol="final", group=group, settings=settings, data=data).write(path)
+    RunResult(
+        task=task, method="pyra", test_acc=0.5, protocol="final", group=group, settings=settings, data=data
+    ).write(path)
     return {**read_result(path), "results_file": str(path)}
 
 
@@ -220,4 +224,6 @@ def test_fgvc_results_keep_their_benchmark() -> None:
 
     checked = validate_result({"task": "stanford_cars", "group": "fgvc", "method": "pyra", "test_acc": 0.8})
     assert checked["task"] == "cars" and checked["group"] == "fgvc"
-    assert validate_result({"task": "flowers", "method": "pyra", "test_acc": 0.8})["task"] == "oxford_flowers102"
+    assert (
+        validate_result({"task": "flowers", "method": "pyra", "test_acc": 0.8})["task"] == "oxford_flowers102"
+    )
