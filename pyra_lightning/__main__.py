@@ -48,6 +48,9 @@ COMMANDS: dict[str, Command] = {
     ),
     "export": Command("pyra_lightning.commands.export:main", "write a deployable model from a checkpoint"),
     "benchmark": Command("pyra_lightning.commands.benchmark:main", "measure throughput, FLOPs and speedups"),
+    "data": Command(
+        "pyra_lightning.commands.data:main", "verify a VTAB-1k/FGVC install, or prepare VTAB-1k as PNG"
+    ),
 }
 
 # Exceptions whose message is the whole story: bad input the project checks and explains.

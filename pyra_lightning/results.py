@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from pyra_lightning.data.tasks import resolve_task
+from pyra_lightning.data.tasks import benchmark_of_group, resolve_task
 from pyra_lightning.files import atomic_write_text
 
 RESULTS_FILENAME = "results.json"
@@ -27,7 +27,7 @@ RESULTS_FILENAME = "results.json"
 SEED_KEYS: tuple[str, ...] = ("seed_everything", "data.seed")
 _FRACTIONS = ("test_acc", "test_acc_best", "test_acc_reference_protocol")
 _OPTIONAL_NUMBERS = ("throughput", "throughput_unmerged", "speedup", "gflops", "gflops_unmerged")
-_OPTIONAL_DICTS = ("params", "config", "benchmark", "settings", "reference_protocol")
+_OPTIONAL_DICTS = ("params", "config", "benchmark", "settings", "reference_protocol", "data")
 
 
 @dataclass
@@ -54,6 +54,8 @@ class RunResult:
             ``trainer.max_epochs``, ``seed_everything``...), as ``training.runs.run_settings`` makes them.
         fingerprint: hash of ``settings``: two results with the same fingerprint are one run.
         checkpoint: the checkpoint that was tested.
+        data: the data's ``manifest.json`` entry (``manifest``, ``digest``, ``formats``) when
+            ``pyra-lightning data verify`` wrote one; the report averages only runs on equal data.
     """
 
     task: str
@@ -75,6 +77,7 @@ class RunResult:
     settings: dict[str, Any] | None = None
     fingerprint: str | None = None
     checkpoint: str | None = None
+    data: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,7 +146,7 @@ def validate_result(data: Any, path: str | Path = "<memory>") -> dict[str, Any]:
         raise ValueError(f"{where}: 'params.trainable_pct' must be a percentage in [0, 100], got {pct!r}")
     result = dict(data)
     try:
-        task = resolve_task(data["task"])
+        task = resolve_task(data["task"], benchmark_of_group(data.get("group")))  # FGVC's are group "fgvc"
     except ValueError:
         return result  # a custom task: its own column, in no mean
     if data.get("group") is not None and data["group"] != task.group:

@@ -221,6 +221,14 @@ def _check_seeds(label: str, task: str, runs: list[Result]) -> None:
     """
     first = runs[0]
     base = seed_free(result_settings(first))
+    known = [(run["results_file"], d) for run in runs if (d := (run.get("data") or {}).get("digest"))]
+    other = next(((file, d) for file, d in known if d != known[0][1]), None)
+    if other is not None:  # runs on unverified data (no digest) are not compared
+        raise ValueError(
+            f"{label} on {task}: {known[0][0]} and {other[0]} were trained on different data (manifest digests "
+            f"{known[0][1][:12]} vs {other[1][:12]}; 'pyra-lightning data verify --against' shows how); "
+            "give them different row labels"
+        )
     seen: dict[str, str] = {}
     for run in runs:
         differences = describe_differences(

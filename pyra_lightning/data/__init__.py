@@ -12,16 +12,14 @@ from pyra_lightning._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from pyra_lightning.data.demo import DEMO_CLASSES, generate_demo, render_demo_image
+    from pyra_lightning.data.layouts import SPLIT_FILES, SplitRecord, read_split_file
     from pyra_lightning.data.tasks import DEMO_TASK, GROUPS, VTAB_TASKS, VTABTask, resolve_task
     from pyra_lightning.data.vtab import (
         NORMALIZATION_STATS,
-        SPLIT_FILES,
-        SplitRecord,
         VTABDataModule,
         VTABSplit,
         load_image,
         normalize_uint8,
-        read_split_file,
     )
 
 _EXPORTS: dict[str, str] = {
@@ -34,13 +32,13 @@ _EXPORTS: dict[str, str] = {
     "VTABTask": "pyra_lightning.data.tasks",
     "resolve_task": "pyra_lightning.data.tasks",
     "NORMALIZATION_STATS": "pyra_lightning.data.vtab",
-    "SPLIT_FILES": "pyra_lightning.data.vtab",
-    "SplitRecord": "pyra_lightning.data.vtab",
+    "SPLIT_FILES": "pyra_lightning.data.layouts",
+    "SplitRecord": "pyra_lightning.data.layouts",
     "VTABDataModule": "pyra_lightning.data.vtab",
     "VTABSplit": "pyra_lightning.data.vtab",
     "load_image": "pyra_lightning.data.vtab",
     "normalize_uint8": "pyra_lightning.data.vtab",
-    "read_split_file": "pyra_lightning.data.vtab",
+    "read_split_file": "pyra_lightning.data.layouts",
 }
 __all__ = [
     "DEMO_CLASSES",

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
+import pyra_lightning.data.tasks as registry
 from pyra_lightning.data.backbone_config import (
     NORMALIZATION_STATS,
     Normalization,
@@ -33,6 +34,14 @@ from pyra_lightning.data.backbone_config import (
     resolve_img_size,
 )
 from pyra_lightning.data.demo import DEMO_TASK_NAME, generate_demo
+from pyra_lightning.data.layouts import (
+    LAYOUTS,
+    SPLIT_FILES,
+    Layout,
+    SplitRecord,
+    read_layout_split,
+    resolve_layout,
+)
 from pyra_lightning.data.tasks import (
     DEMO_TASK,
     VTABTask,
@@ -44,8 +53,9 @@ from pyra_lightning.data.tasks import (
 
 VTABProtocol = Literal["tune", "final"]
 Role = Literal["train", "val", "test"]
+Benchmark = Literal["vtab", "fgvc"]
+LayoutName = Literal["vtab", "fgvc", "imagefolder"]
 
-SPLIT_FILES: tuple[str, ...] = ("train800.txt", "val200.txt", "train800val200.txt", "test.txt")
 # Which split file each loader reads. In "tune" there is no test split to touch, so test = val200.
 _PROTOCOL_SPLITS: dict[str, dict[Role, str]] = {
     "tune": {"train": "train800.txt", "val": "val200.txt", "test": "val200.txt"},
@@ -60,59 +70,6 @@ def normalize_uint8(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> T
     mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)  # (3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
     return x.to(torch.float32).div_(255).sub_(mean_t).div_(std_t)
-
-
-class SplitRecord(NamedTuple):
-    """One line of a split file."""
-
-    path: str  # relative to the task folder
-    label: int
-    line: int  # 1-based line number in the split file, for error messages
-
-
-def read_split_file(path: Path, num_classes: int | None = None) -> list[SplitRecord]:
-    """Parse a ``<image path> <label>`` split file, checking every line.
-
-    Args:
-        path: the split file, e.g. ``<root>/cifar/train800.txt``.
-        num_classes: when given, labels must lie in ``[0, num_classes)``; otherwise only ``>= 0``.
-
-    Raises:
-        FileNotFoundError: the file is missing.
-        ValueError: a line is malformed, a label is out of range, or the file lists no images.
-    """
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"split file {path.name} is missing: expected {path}; a VTAB-1k task folder holds "
-            f"{', '.join(SPLIT_FILES)} with lines '<image path> <label>'"
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"split file {path} is not UTF-8 text ({exc})") from None
-    records = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line:
-            continue
-        parts = line.split()
-        try:
-            label = int(parts[1]) if len(parts) == 2 else None
-        except ValueError:
-            label = None
-        if label is None:
-            raise ValueError(f"{path}, line {number}: expected '<image path> <integer label>', got {raw!r}")
-        if label < 0 or (num_classes is not None and label >= num_classes):
-            limit = (
-                "labels >= 0"
-                if num_classes is None
-                else f"the task's {num_classes} classes (0..{num_classes - 1})"
-            )
-            raise ValueError(f"{path}, line {number}: label {label} is outside {limit}")
-        records.append(SplitRecord(parts[0], label, number))
-    if not records:
-        raise ValueError(f"split file {path} lists no images")
-    return records
 
 
 def load_image(path: Path, img_size: int) -> Tensor:
@@ -269,6 +226,17 @@ class VTABDataModule(pl.LightningDataModule):
         drop_last: drop the training split's last partial batch, as the reference implementation's
             train loader does (31 steps per epoch on VTAB-1k's 1000 images at batch 32, not 32).
             Evaluation loaders always keep every image.
+        benchmark: ``"vtab"`` (VTAB-1k's tasks) or ``"fgvc"`` (FGVC-5: ``cub``, ``nabirds``,
+            ``flowers``, ``dogs``, ``cars`` in VPT's layout, ``train.json``/``val.json``/``test.json``;
+            ``tune`` tests on val, ``final`` trains on train and tests on test, as VPT does).
+        layout: how the task folder lists its images (``data.layouts``): ``"vtab"`` split files,
+            ``"fgvc"`` JSON files, or ``"imagefolder"`` (``train/``, ``val/``, ``test/`` with one
+            sub-folder per class); ``None`` takes the benchmark's.
+
+    Labels are checked when the splits are read: a label outside the class count (the registry's,
+    ``num_classes``, or the lines of ``classes.txt``) is refused naming its file and line. A class
+    count inferred from the labels that leaves classes absent from the training split is warned
+    about; ``num_classes`` set explicitly accepts it.
     """
 
     def __init__(
@@ -290,8 +258,11 @@ class VTABDataModule(pl.LightningDataModule):
         seed: int = 0,
         drop_last: bool = False,
         backbone: str | None = None,
+        benchmark: Benchmark = "vtab",
+        layout: LayoutName | None = None,
     ) -> None:
         super().__init__()
+        registry.check_benchmark(benchmark)
         if protocol not in _PROTOCOL_SPLITS:
             raise ValueError(f"protocol must be 'tune' or 'final', got {protocol!r}")
         if normalization is None:
@@ -311,7 +282,7 @@ class VTABDataModule(pl.LightningDataModule):
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         try:
-            self.task_info: VTABTask | None = resolve_task(task)
+            self.task_info: VTABTask | None = resolve_task(task, benchmark)
         except ValueError:
             self.task_info = None  # a custom folder; whether it exists is checked when data is needed
         if num_classes is not None:
@@ -345,6 +316,11 @@ class VTABDataModule(pl.LightningDataModule):
         self.persistent_workers = persistent_workers
         self.seed = seed
         self.drop_last = drop_last
+        self.benchmark = benchmark
+        demo = self.task_info is DEMO_TASK and layout is None
+        self.layout: Layout = LAYOUTS["vtab"] if demo else resolve_layout(layout, benchmark)
+        # where the class count came from: "registry", "argument", "classes.txt" or "labels"
+        self._num_classes_source = "argument" if num_classes is not None else "registry"
         self._num_classes = (
             num_classes if num_classes is not None else getattr(self.task_info, "num_classes", None)
         )
@@ -356,14 +332,22 @@ class VTABDataModule(pl.LightningDataModule):
     # ----------------------------------------------------------------------------------- properties
     @property
     def num_classes(self) -> int:
-        """Class count; for a custom task without ``num_classes`` it is read from the split files once."""
+        """Class count; a custom task without ``num_classes`` takes ``classes.txt``'s, else its labels'."""
         if self._num_classes is None:
-            present = [self.task_dir / name for name in SPLIT_FILES if (self.task_dir / name).is_file()]
+            names = read_class_names(self.task_dir, None, None)
+            if names is not None:
+                self._num_classes, self._num_classes_source = len(names), registry.CLASS_NAMES_FILE
+                return self._num_classes
+            splits = self.layout.splits
+            present = [name for name in splits if (self.task_dir / name).exists()]
             if not present:
                 raise FileNotFoundError(
-                    f"cannot infer num_classes: {self.task_dir} holds none of the split files {', '.join(SPLIT_FILES)}"
+                    f"cannot infer num_classes: {self.task_dir} holds none of {', '.join(splits)}"
                 )
-            self._num_classes = 1 + max(record.label for path in present for record in read_split_file(path))
+            labels = [
+                r.label for name in present for r in read_layout_split(self.layout, self.task_dir, name, None)
+            ]
+            self._num_classes, self._num_classes_source = 1 + max(labels), "labels"
         return self._num_classes
 
     @property
@@ -374,7 +358,17 @@ class VTABDataModule(pl.LightningDataModule):
     @property
     def class_names(self) -> tuple[str, ...] | None:
         """Names of the classes (label ``i`` is ``class_names[i]``) where the task has them, else ``None``."""
-        return read_class_names(self.task_dir, self.task_info, self.num_classes)
+        names = read_class_names(self.task_dir, self.task_info, self.num_classes)
+        if names is None and self.layout.name == "imagefolder" and (self.task_dir / "train").is_dir():
+            names = tuple(sorted(p.name for p in (self.task_dir / "train").iterdir() if p.is_dir()))
+        return names
+
+    @property
+    def data_identity(self) -> dict[str, Any] | None:
+        """The task's entry in ``<root>/manifest.json`` (its digest and image formats), for ``results.json``."""
+        from pyra_lightning.data.verify import data_identity
+
+        return data_identity(self.root, self.task_info.name if self.task_info is not None else self.task)
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -389,7 +383,7 @@ class VTABDataModule(pl.LightningDataModule):
     @property
     def split_files(self) -> dict[Role, str]:
         """Split file read by the train/val/test loaders under the chosen protocol."""
-        return dict(_PROTOCOL_SPLITS[self.protocol])
+        return dict(self.layout.protocol_splits[self.protocol])
 
     @property
     def task_dir(self) -> Path:
@@ -423,7 +417,7 @@ class VTABDataModule(pl.LightningDataModule):
         if self.task_info is None:
             raise ValueError(
                 f"unknown VTAB-1k task {self.task!r}: it is not a known task and {self.root / self.task} does not "
-                f"exist; known tasks: {_known_names()}"
+                f"exist; known tasks: {_known_names(self.benchmark)}"
             )
         raise FileNotFoundError(
             f"no folder for task {self.task_info.name!r} under {self.root}: looked for {', '.join(wanted[1:])}; "
@@ -443,6 +437,7 @@ class VTABDataModule(pl.LightningDataModule):
         training starts; images themselves are only opened when cached or loaded.
         """
         self.prepare_data()  # no-op unless demo is missing, e.g. when used without a Trainer
+        _ = self.class_names  # a classes.txt that contradicts the class count fails here
         roles: dict[str | None, tuple[Role, ...]] = {
             "fit": ("train", "val", "test") if self.track_test else ("train", "val"),
             "validate": ("val", "test") if self.track_test else ("val",),
@@ -457,7 +452,7 @@ class VTABDataModule(pl.LightningDataModule):
         if role not in self._datasets:
             file = self.split_files[role]
             if file not in self._records:
-                self._records[file] = read_split_file(self.task_dir / file, self.num_classes)
+                self._records[file] = self._read(file, check_classes=role == "train")
             dataset = VTABSplit(
                 self.task_dir,
                 self.task_dir / file,
@@ -470,6 +465,25 @@ class VTABDataModule(pl.LightningDataModule):
                 self._cache[file] = dataset.build_cache(num_threads=min(4, os.cpu_count() or 1))
             self._datasets[role] = dataset
         return self._datasets[role]
+
+    def _read(self, file: str, check_classes: bool) -> list[SplitRecord]:
+        """Read one split strictly; for the training split, warn about classes it never shows."""
+        try:
+            records = read_layout_split(self.layout, self.task_dir, file, self.num_classes)
+        except ValueError as error:
+            if self._num_classes_source == registry.CLASS_NAMES_FILE:
+                names = self.task_dir / registry.CLASS_NAMES_FILE
+                raise ValueError(f"{error} ({names} lists {self.num_classes} classes)") from None
+            raise
+        absent = sorted(set(range(self.num_classes)) - {r.label for r in records})
+        if check_classes and absent and self._num_classes_source == "labels":
+            shown = ", ".join(map(str, absent[:10])) + (" ..." if len(absent) > 10 else "")
+            rank_zero_warn(
+                f"{self.task_dir / file}: the class count {self.num_classes} is inferred from the labels, and "
+                f"{len(absent)} of its classes never occur in this training split ({shown}); the head gets "
+                f"outputs it never learns. Set --data.num_classes {self.num_classes} to accept it, or fix the labels"
+            )
+        return records
 
     def _augmentation(self) -> v2.Transform:
         return v2.Compose(

@@ -292,6 +292,7 @@ class ResultsJSON(pl.Callback):
             settings=identity["settings"],
             fingerprint=identity["fingerprint"],
             checkpoint=self.checkpoint,
+            data=getattr(datamodule, "data_identity", None),  # the manifest digest, where verified
         )
         self.path = result.write((self.dirpath or results_dir(trainer)) / self.filename)
         rank_zero_info(f"results written to {self.path}")

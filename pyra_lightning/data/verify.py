@@ -1,0 +1,442 @@
+"""``pyra-lightning data verify``: check a benchmark install before any number is trained on it.
+
+Per task it checks the split files (present, line counts as the registry in ``data/tasks.py`` says),
+that train800 and val200 are disjoint and make up train800val200, that labels are in range and every
+class occurs in the training data, that every image exists and decodes (channels, size, format), that
+the images are lossless, and that no image of a training split reappears, by content, in the test split.
+
+Why the format matters: the VTAB-1k copies most people use are made by NOAH's and the PYRA reference's
+``get_vtab1k.py``, which write JPEG; users report CIFAR-100 about 10 points lower than on lossless
+images (adapter_plus issue 3, NOAH issue 28). ``pyra-lightning data prepare vtab`` writes PNG.
+
+Images are decoded in a process pool (one worker per core) with a progress bar. Duplicates are found
+by file size first; only files whose size occurs on both sides are hashed (unless every file is hashed
+for the manifest anyway, ``hashes=True``). The result is a table, and ``manifest.json`` (counts, class
+histograms, per-file size and sha256, a digest per task) that ``--against`` compares file by file and
+``results.json`` names (``data_identity``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from pyra_lightning.data.layouts import LAYOUTS, Layout, SplitRecord, resolve_layout, where
+from pyra_lightning.data.tasks import (
+    BENCHMARK_TASKS,
+    CLASS_NAMES_FILE,
+    DEMO_TASK,
+    VTABTask,
+    _normalize_name,
+    check_benchmark,
+    resolve_task,
+)
+from pyra_lightning.files import atomic_write_text
+
+MANIFEST_FILENAME = "manifest.json"
+MANIFEST_VERSION = 1
+JPEG_WARNING = (
+    "JPEG images: lossy copies (as get_vtab1k.py writes them) cost about 10 points on CIFAR-100 "
+    "(adapter_plus issue 3, NOAH issue 28); rebuild losslessly with 'pyra-lightning data prepare vtab'"
+)
+# Modes the loader's convert("RGB") maps faithfully; 16-bit and float modes are clipped to 255.
+_FAITHFUL_MODES = {"1", "L", "P", "RGB", "RGBA", "LA", "PA", "RGBa", "La"}
+_WARN_MODES = {"CMYK": "CMYK (converted to RGB without a colour profile)", "YCbCr": "YCbCr", "LAB": "LAB"}
+
+
+@dataclass
+class ImageInfo:
+    """What one worker found out about one file."""
+
+    path: str
+    error: str | None = None
+    format: str | None = None
+    mode: str | None = None
+    size: tuple[int, int] | None = None
+    bytes: int | None = None
+    sha256: str | None = None
+
+    @property
+    def channels(self) -> int | None:
+        return None if self.mode is None else Image.getmodebands(self.mode)
+
+
+def inspect_image(path: str, want_hash: bool) -> ImageInfo:
+    """Read ``path`` once: size on disk, optional sha256 and a full decode (``load``, not ``verify``)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return ImageInfo(path, "does not exist" + (" (broken symlink)" if os.path.islink(path) else ""))
+    except OSError as exc:
+        return ImageInfo(path, f"cannot be read ({exc.strerror or exc})")
+    info = ImageInfo(path, bytes=len(data), sha256=hashlib.sha256(data).hexdigest() if want_hash else None)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            info.format, info.mode, info.size = image.format, image.mode, image.size
+            image.load()
+    except Exception as exc:  # PIL raises many unrelated types for broken files
+        info.error = f"cannot be decoded ({type(exc).__name__}: {exc})"
+    return info
+
+
+def _inspect(args: tuple[str, bool]) -> ImageInfo:
+    return inspect_image(*args)
+
+
+@dataclass
+class TaskReport:
+    """The outcome for one task: counts, formats, errors and warnings (each a ``file:line: what`` line)."""
+
+    name: str
+    folder: Path | None
+    layout: str
+    counts: dict[str, int] = field(default_factory=dict)
+    formats: Counter = field(default_factory=Counter)
+    channels: Counter = field(default_factory=Counter)
+    sizes: Counter = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def find_task_dir(root: Path, name: str, task: VTABTask | None) -> Path | None:
+    """The task's folder under ``root``: the name as given, else any alias (case, ``-``/``_`` folded)."""
+    if (root / name).is_dir():
+        return root / name
+    if not root.is_dir():
+        return None
+    folders = {_normalize_name(p.name): p for p in sorted(root.iterdir(), reverse=True) if p.is_dir()}
+    for candidate in [name] + ([task.name, *task.aliases] if task else []):
+        if _normalize_name(candidate) in folders:
+            return folders[_normalize_name(candidate)]
+    return None
+
+
+def _num_classes(task_dir: Path, task: VTABTask | None, layout: Layout) -> int | None:
+    if task is not None:
+        return task.num_classes
+    names = task_dir / CLASS_NAMES_FILE
+    if names.is_file():
+        return len([line for line in names.read_text(encoding="utf-8").splitlines() if line.strip()])
+    return None  # inferred from the labels below
+
+
+def _check_splits(
+    report: TaskReport, task_dir: Path, task: VTABTask | None, layout: Layout
+) -> dict[str, list[SplitRecord]]:
+    """Read every split, check counts, disjointness, union and class coverage; return the records."""
+    num_classes = _num_classes(task_dir, task, layout)
+    splits: dict[str, list[SplitRecord]] = {}
+    for split in layout.splits:
+        records, problems = layout.read(task_dir, split, num_classes)
+        report.errors.extend(problems)
+        splits[split] = records
+        report.counts[split] = len(records)
+        expected = (task.split_sizes if task is not None else {}).get(split)
+        if records and expected is not None and len(records) != expected and not problems:
+            report.errors.append(f"{where(task_dir / split)}: {len(records)} images, expected {expected}")
+        paths = Counter(record.path for record in records)
+        for path, count in paths.items():
+            if count > 1:
+                report.errors.append(f"{where(task_dir / split)}: {path} is listed {count} times")
+    if layout.disjoint is not None:
+        (first, second), union = layout.disjoint
+        a = {(r.path, r.label) for r in splits[first]}
+        b = {(r.path, r.label) for r in splits[second]}
+        shared = {p for p, _ in a} & {p for p, _ in b}
+        if shared:
+            report.errors.append(
+                f"{where(task_dir / first)}: shares {len(shared)} image(s) with {second}, e.g. {sorted(shared)[0]}"
+            )
+        if union is not None and splits[union]:
+            whole = {(r.path, r.label) for r in splits[union]}
+            if whole != a | b:
+                extra, missing = sorted(whole - (a | b)), sorted((a | b) - whole)
+                detail = (
+                    f"e.g. {extra[0][0]} only in {union}"
+                    if extra
+                    else f"e.g. {missing[0][0]} missing from it"
+                )
+                report.errors.append(
+                    f"{where(task_dir / union)}: is not {first} + {second} "
+                    f"({len(extra)} extra, {len(missing)} missing; {detail})"
+                )
+    labels = [r.label for s in layout.splits for r in splits[s]]
+    total = num_classes if num_classes is not None else (max(labels) + 1 if labels else 0)
+    present = {r.label for r in splits[layout.class_split]}
+    absent = [label for label in range(total) if label not in present]
+    if splits[layout.class_split] and absent:
+        shown = ", ".join(map(str, absent[:10])) + (" ..." if len(absent) > 10 else "")
+        report.errors.append(
+            f"{where(task_dir / layout.class_split)}: {len(absent)} of {total} classes never occur ({shown})"
+        )
+    report.manifest["num_classes"] = total
+    report.manifest["histograms"] = {
+        split: [Counter(r.label for r in records).get(label, 0) for label in range(total)]
+        for split, records in splits.items()
+    }
+    return splits
+
+
+def _check_images(
+    report: TaskReport, task_dir: Path, splits: dict[str, list[SplitRecord]], infos: dict[str, ImageInfo]
+) -> None:
+    first_line: dict[str, str] = {}
+    for split, records in splits.items():
+        for record in records:
+            first_line.setdefault(record.path, where(task_dir / split, record.line))
+    for rel, line in first_line.items():
+        info = infos[str(task_dir / rel)]
+        if info.error:
+            report.errors.append(f"{line}: image {rel} {info.error}")
+            continue
+        report.formats[info.format or "?"] += 1
+        report.channels[info.channels] += 1
+        report.sizes[info.size] += 1
+        if info.mode not in _FAITHFUL_MODES and info.mode not in _WARN_MODES:
+            report.errors.append(
+                f"{line}: image {rel} has mode {info.mode} ({info.format}, e.g. a 16-bit PNG): the loader's RGB "
+                "conversion clips it to 8 bits; re-save it as 8-bit RGB"
+            )
+        elif info.mode in _WARN_MODES:
+            report.warnings.append(f"{line}: image {rel} is {_WARN_MODES[info.mode]}")
+    if report.formats.get("JPEG"):
+        report.warnings.append(f"{task_dir.name}: {report.formats['JPEG']} {JPEG_WARNING}")
+
+
+def _check_duplicates(
+    report: TaskReport,
+    task_dir: Path,
+    layout: Layout,
+    splits: dict[str, list[SplitRecord]],
+    infos: dict[str, ImageInfo],
+) -> None:
+    """Images of a training split whose bytes equal a test image: sizes first, hashes for candidates."""
+    test_split = layout.protocol_splits["final"]["test"]
+    train: dict[str, tuple[str, int]] = {}
+    for split in layout.training:
+        for r in splits.get(split, []):
+            train.setdefault(r.path, (split, r.line))
+    test = {r.path: r.line for r in splits.get(test_split, [])}
+
+    def info(rel: str) -> ImageInfo:
+        return infos[str(task_dir / rel)]
+
+    by_size: dict[int, list[str]] = {}
+    for rel in train:
+        if info(rel).bytes is not None:
+            by_size.setdefault(info(rel).bytes, []).append(rel)
+    candidates = [(rel, by_size[info(rel).bytes]) for rel in test if info(rel).bytes in by_size]
+    for rel in {r for pair in candidates for r in [pair[0], *pair[1]]}:
+        if info(rel).sha256 is None:
+            info(rel).sha256 = hashlib.sha256((task_dir / rel).read_bytes()).hexdigest()
+    found = 0
+    for rel, same_size in candidates:
+        for other in same_size:
+            if info(other).sha256 == info(rel).sha256:
+                found += 1
+                if found <= 20:
+                    split, line = train[other]
+                    report.errors.append(
+                        f"{where(task_dir / test_split, test[rel])}: image {rel} has the same content as "
+                        f"{where(task_dir / split, line)} {other} (a training image in the test split)"
+                    )
+    if found > 20:
+        report.errors.append(
+            f"{where(task_dir / test_split)}: {found - 20} more duplicates of training images"
+        )
+
+
+def _digest(
+    task_dir: Path, splits: dict[str, list[SplitRecord]], infos: dict[str, ImageInfo]
+) -> tuple[str, dict]:
+    files = {}
+    for records in splits.values():
+        for record in records:
+            info = infos.get(str(task_dir / record.path))
+            if info is not None and record.path not in files:
+                files[record.path] = {"bytes": info.bytes, "sha256": info.sha256, "format": info.format}
+    content = {
+        "splits": {split: [[r.path, r.label] for r in records] for split, records in splits.items()},
+        "files": {path: [entry["bytes"], entry["sha256"]] for path, entry in sorted(files.items())},
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest(), files
+
+
+def _task_list(root: Path, tasks: Sequence[str] | None, benchmark: str) -> list[tuple[str, VTABTask | None]]:
+    if tasks:
+        out = []
+        for name in tasks:
+            try:
+                out.append((name, resolve_task(name, benchmark)))
+            except ValueError:
+                out.append((name, None))  # a custom folder in the same layout
+        return out
+    return [(task.name, task) for task in BENCHMARK_TASKS[benchmark]]
+
+
+def verify(
+    root: str | Path,
+    tasks: Sequence[str] | None = None,
+    benchmark: str = "vtab",
+    layout: str | None = None,
+    hashes: bool = True,
+    duplicates: bool = True,
+    workers: int | None = None,
+    progress: bool = True,
+) -> list[TaskReport]:
+    """Check every task (all of the benchmark's by default) and return one report per task."""
+    from tqdm.auto import tqdm
+
+    root = Path(root)
+    check_benchmark(benchmark)
+    chosen = resolve_layout(layout, benchmark)
+    reports: list[tuple[TaskReport, Path | None, dict[str, list[SplitRecord]]]] = []
+    for name, task in _task_list(root, tasks, benchmark):
+        own_layout = LAYOUTS["vtab"] if task is DEMO_TASK and layout is None else chosen
+        task_dir = find_task_dir(root, name, task)
+        report = TaskReport(task.name if task else name, task_dir, own_layout.name)
+        if task_dir is None:
+            report.errors.append(f"{root / name}: task folder missing (looked for {name} under {root})")
+            reports.append((report, None, {}))
+            continue
+        reports.append((report, task_dir, _check_splits(report, task_dir, task, own_layout)))
+    paths = sorted(
+        {str(d / r.path) for _, d, splits in reports if d is not None for rs in splits.values() for r in rs}
+    )
+    workers = workers or os.cpu_count() or 1
+    infos: dict[str, ImageInfo] = {}
+    bar = tqdm(total=len(paths), desc="decoding images", unit="img", disable=not progress, mininterval=0.5)
+    if workers > 1 and len(paths) > 256:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for info in pool.map(_inspect, [(p, hashes) for p in paths], chunksize=256):
+                infos[info.path] = info
+                bar.update()
+    else:
+        for path in paths:
+            infos[path] = inspect_image(path, hashes)
+            bar.update()
+    bar.close()
+    out = []
+    for report, task_dir, splits in reports:
+        if task_dir is not None:
+            own_layout = LAYOUTS[report.layout]
+            _check_images(report, task_dir, splits, infos)
+            if duplicates:
+                _check_duplicates(report, task_dir, own_layout, splits, infos)
+            digest, files = _digest(task_dir, splits, infos)
+            report.manifest.update(
+                layout=report.layout,
+                counts=report.counts,
+                formats=dict(report.formats),
+                digest=digest,
+                files=files,
+            )
+        out.append(report)
+    return out
+
+
+def format_table(reports: Sequence[TaskReport]) -> str:
+    """One row per task: the split counts, the image format(s) and channels, the number of problems."""
+    rows = [["task", "counts", "format", "channels", "size", "errors", "warnings"]]
+    for r in reports:
+        counts = (
+            "/".join(str(r.counts.get(split, "-")) for split in LAYOUTS[r.layout].splits) if r.counts else "-"
+        )
+        formats = ",".join(sorted(r.formats)) or "-"
+        channels = ",".join(str(c) for c in sorted(r.channels, key=str)) or "-"
+        sizes = ",".join(f"{w}x{h}" for w, h in [s for s, _ in r.sizes.most_common(2)]) + (
+            " ..." if len(r.sizes) > 2 else ""
+        )
+        rows.append(
+            [r.name, counts, formats, channels, sizes or "-", str(len(r.errors)), str(len(r.warnings))]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def write_manifest(reports: Sequence[TaskReport], path: str | Path, root: str | Path, benchmark: str) -> Path:
+    """Write ``manifest.json`` atomically: per task its counts, histograms, digest and files."""
+    document = {
+        "version": MANIFEST_VERSION,
+        "root": str(root),
+        "benchmark": benchmark,
+        "tasks": {r.name: r.manifest for r in reports if r.folder is not None},
+    }
+    atomic_write_text(Path(path), json.dumps(document, indent=1, sort_keys=True) + "\n")
+    return Path(path)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Read a manifest, refusing anything that is not one (the message names the file)."""
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path}: no such manifest (write one with 'pyra-lightning data verify')"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(document, dict) or not isinstance(document.get("tasks"), dict):
+        raise ValueError(f"{path}: not a pyra-lightning data manifest (no 'tasks' object)")
+    return document
+
+
+def compare_manifests(mine: dict[str, Any], other: dict[str, Any], name_a: str, name_b: str) -> list[str]:
+    """One line per difference between two installs: tasks, counts, files (missing, size, sha256)."""
+    lines: list[str] = []
+    for task in sorted(set(mine["tasks"]) | set(other["tasks"])):
+        a, b = mine["tasks"].get(task), other["tasks"].get(task)
+        if a is None or b is None:
+            lines.append(f"{task}: only in {name_a if b is None else name_b}")
+            continue
+        if a.get("digest") == b.get("digest"):
+            continue
+        for split in sorted(set(a.get("counts", {})) | set(b.get("counts", {}))):
+            ca, cb = a.get("counts", {}).get(split), b.get("counts", {}).get(split)
+            if ca != cb:
+                lines.append(f"{task}/{split}: {ca} images in {name_a} vs {cb} in {name_b}")
+            elif a.get("histograms", {}).get(split) != b.get("histograms", {}).get(split):
+                lines.append(f"{task}/{split}: same count, different class histogram")
+        fa, fb = a.get("files", {}), b.get("files", {})
+        for rel in sorted(set(fa) | set(fb)):
+            if rel not in fa or rel not in fb:
+                lines.append(f"{task}/{rel}: only in {name_a if rel in fa else name_b}")
+            elif fa[rel].get("bytes") != fb[rel].get("bytes"):
+                lines.append(
+                    f"{task}/{rel}: {fa[rel].get('bytes')} bytes in {name_a} vs {fb[rel].get('bytes')} in {name_b}"
+                )
+            elif fa[rel].get("sha256") and fb[rel].get("sha256") and fa[rel]["sha256"] != fb[rel]["sha256"]:
+                lines.append(f"{task}/{rel}: same size, different content (sha256)")
+        if not any(line.startswith(f"{task}/") or line.startswith(f"{task}:") for line in lines):
+            lines.append(f"{task}: same files, different split lists or labels")
+    return lines
+
+
+def data_identity(root: str | Path, task: str) -> dict[str, Any] | None:
+    """What ``results.json`` records about the data: the task's manifest digest and image formats.
+
+    ``None`` when ``<root>/manifest.json`` is absent or does not cover the task (never an error: a
+    run on unverified data is still a run, it just cannot claim its data).
+    """
+    path = Path(root) / MANIFEST_FILENAME
+    try:
+        entry = read_manifest(path)["tasks"].get(task)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(entry, dict) or "digest" not in entry:
+        return None
+    return {"manifest": str(path), "digest": entry["digest"], "formats": sorted(entry.get("formats") or {})}
