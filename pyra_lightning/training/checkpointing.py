@@ -27,7 +27,7 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pyra_lightning.files import atomic_write
@@ -58,6 +58,33 @@ def find_resume_checkpoint(checkpoint_dir: _PATH, root_dir: _PATH | None = None)
         candidates += Path(root_dir).glob("hpc_ckpt_*.ckpt")
     existing = [path for path in candidates if path.is_file()]
     return max(existing, key=lambda path: path.stat().st_mtime, default=None)
+
+
+def named_checkpoint(name: str, checkpoint_dir: _PATH, run_dir: Path, command: str) -> Path:
+    """Lightning's ``ckpt_path="last"``/``"hpc"``, looked up in the run's own folder.
+
+    ``last``: the newest of ``checkpoints/last.ckpt`` and SLURM's ``hpc_ckpt_N.ckpt``;
+    ``hpc``: the newest ``hpc_ckpt_N.ckpt``. The identity check then applies as to any file.
+
+    Raises:
+        FileNotFoundError: the run has no such checkpoint.
+    """
+    if name == "last":
+        found = find_resume_checkpoint(checkpoint_dir, run_dir)
+    else:
+        found = max(
+            Path(run_dir).glob("hpc_ckpt_*.ckpt"),
+            key=lambda path: int(path.stem.rsplit("_", 1)[-1]),
+            default=None,
+        )
+    if found is None:
+        looked = "checkpoints/last.ckpt or hpc_ckpt_N.ckpt" if name == "last" else "hpc_ckpt_N.ckpt"
+        raise FileNotFoundError(
+            f"{command} --ckpt_path {name}: {run_dir} has no {looked} (the run folder comes from "
+            "--run_dir, or --trainer.default_root_dir/<task>/<method>)"
+        )
+    rank_zero_info(f"--ckpt_path {name}: {found}")
+    return found
 
 
 class RunCheckpoint(ModelCheckpoint):

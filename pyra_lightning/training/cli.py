@@ -32,6 +32,7 @@ from pyra_lightning.training.checkpointing import (
     RunCheckpoint,
     RunStatus,
     find_resume_checkpoint,
+    named_checkpoint,
 )
 from pyra_lightning.training.lock import hold, release_all
 from pyra_lightning.training.module import PyraClassifier
@@ -41,7 +42,7 @@ from pyra_lightning.training.monitoring import (
     MergeVisualization,
     TrainingThroughput,
     finish_wandb,
-    stable_wandb_id,
+    run_loggers,
 )
 from pyra_lightning.training.predict import PREDICTIONS_FILENAME, ImageFiles, PredictionsCSV, find_images
 from pyra_lightning.training.runs import (
@@ -63,8 +64,6 @@ from pyra_lightning.training.runs import (
 )
 
 EVALUATIONS = ("validate", "test", "predict")
-CSV_LIKE = ("CSVLogger", "RunCSVLogger", "TensorBoardLogger")
-RUN_CSV_LOGGER = "pyra_lightning.training.runs.RunCSVLogger"
 
 
 class PyraCLI(LightningCLI):
@@ -113,7 +112,8 @@ class PyraCLI(LightningCLI):
         self.run_dir = self._run_dir(config)
         ckpt_path = config.get("ckpt_path")
         if ckpt_path in ("last", "hpc"):
-            config.ckpt_path = ckpt_path = str(self._named_checkpoint(ckpt_path, config, subcommand))
+            found = named_checkpoint(ckpt_path, self._checkpoint_dir(config), self.run_dir, subcommand)
+            config.ckpt_path = ckpt_path = str(found)
         if ckpt_path:
             hparams = load_checkpoint(ckpt_path).get("hyper_parameters") or {}
             keys = explicit_keys(self.raw_args, "model", subcommand)
@@ -137,29 +137,6 @@ class PyraCLI(LightningCLI):
     def _checkpoint_dir(self, config: Namespace) -> Path:
         given = config.checkpoint.get("dirpath") if config.get("checkpoint") is not None else None
         return Path(given) if given else self.run_dir / "checkpoints"
-
-    def _named_checkpoint(self, name: str, config: Namespace, subcommand: str) -> Path:
-        """Lightning's ``ckpt_path="last"``/``"hpc"``, looked up in this run's folder.
-
-        ``last``: the newest of ``checkpoints/last.ckpt`` and SLURM's ``hpc_ckpt_N.ckpt``;
-        ``hpc``: the newest ``hpc_ckpt_N.ckpt``. The identity check applies as to any file.
-        """
-        if name == "last":
-            found = find_resume_checkpoint(self._checkpoint_dir(config), self.run_dir)
-        else:
-            found = max(
-                self.run_dir.glob("hpc_ckpt_*.ckpt"),
-                key=lambda path: int(path.stem.rsplit("_", 1)[-1]),
-                default=None,
-            )
-        if found is None:
-            looked = "checkpoints/last.ckpt or hpc_ckpt_N.ckpt" if name == "last" else "hpc_ckpt_N.ckpt"
-            raise FileNotFoundError(
-                f"{subcommand} --ckpt_path {name}: {self.run_dir} has no {looked} (the run folder comes "
-                "from --run_dir, or --trainer.default_root_dir/<task>/<method>)"
-            )
-        rank_zero_info(f"--ckpt_path {name}: {found}")
-        return found
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -226,7 +203,9 @@ class PyraCLI(LightningCLI):
             # nothing worth continuing: its metrics must not open the new run's metrics.csv.
             for stale in (WANDB_ID_FILE, "metrics.csv", "hparams.yaml"):
                 (self.run_dir / stale).unlink(missing_ok=True)
-        config.trainer.logger = self._run_loggers(config.trainer.get("logger"), self.subcommand or "fit")
+        config.trainer.logger = run_loggers(
+            config.trainer.get("logger"), self.run_dir, self.subcommand or "fit"
+        )
         if self.subcommand in EVALUATIONS and not config.get("ckpt_path"):
             found = find_resume_checkpoint(config.checkpoint.dirpath, self.run_dir)
             if found is None:
@@ -251,31 +230,6 @@ class PyraCLI(LightningCLI):
             record.get("status") == "finished"
             or find_resume_checkpoint(checkpoint_dir, self.run_dir) is not None
         )
-
-    def _run_loggers(self, logger: Any, stage: str) -> Any:
-        """Point every logger at the run folder, with a fixed version: no ``version_N`` folders."""
-        if logger is False:
-            return False
-        if logger is None or logger is True:
-            logger = Namespace(class_path=RUN_CSV_LOGGER, init_args=Namespace())
-        for item in logger if isinstance(logger, list) else [logger]:
-            if not isinstance(item, Namespace):
-                continue
-            kind = str(item.get("class_path")).rsplit(".", 1)[-1]
-            init = item.get("init_args") or Namespace()
-            given = init.get("save_dir")
-            if given not in (None, "", ".") and Path(given).resolve() != self.run_dir.resolve():
-                rank_zero_warn(f"{kind} save_dir {given} is replaced by the run folder {self.run_dir}")
-            init.save_dir = str(self.run_dir)
-            if kind == "CSVLogger":  # continues metrics.csv on a resume
-                item.class_path = RUN_CSV_LOGGER
-            if kind in CSV_LIKE:
-                init.name, init.version = "", ("" if stage == "fit" else stage)
-            elif kind == "WandbLogger":
-                init.id = init.get("id") or stable_wandb_id(self.run_dir)
-                init.name = init.get("name") or "/".join(self.run_dir.parts[-2:])
-            item.init_args = init
-        return logger
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = (

@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import yaml
+from jsonargparse import Namespace
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops, measure_flops
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
@@ -396,3 +397,38 @@ def stable_wandb_id(root_dir: str | Path, filename: str = WANDB_ID_FILE) -> str:
             return run_id
         time.sleep(0.1)
     raise RuntimeError(f"{path} is empty; delete it to start a new W&B run")
+
+
+CSV_LIKE = ("CSVLogger", "RunCSVLogger", "TensorBoardLogger")
+RUN_CSV_LOGGER = "pyra_lightning.training.runs.RunCSVLogger"
+
+
+def run_loggers(logger: Any, run_dir: Path, stage: str) -> Any:
+    """Point every logger of a parsed config at the run folder, with a fixed version.
+
+    No ``version_N`` folders: CSV-like loggers write ``<run>/metrics.csv`` for ``fit`` and
+    ``<run>/<stage>/`` for the evaluations; ``CSVLogger`` becomes ``RunCSVLogger``, which
+    continues ``metrics.csv`` on a resume; W&B gets one stable run id per folder.
+    """
+    if logger is False:
+        return False
+    if logger is None or logger is True:
+        logger = Namespace(class_path=RUN_CSV_LOGGER, init_args=Namespace())
+    for item in logger if isinstance(logger, list) else [logger]:
+        if not isinstance(item, Namespace):
+            continue
+        kind = str(item.get("class_path")).rsplit(".", 1)[-1]
+        init = item.get("init_args") or Namespace()
+        given = init.get("save_dir")
+        if given not in (None, "", ".") and Path(given).resolve() != run_dir.resolve():
+            rank_zero_warn(f"{kind} save_dir {given} is replaced by the run folder {run_dir}")
+        init.save_dir = str(run_dir)
+        if kind == "CSVLogger":
+            item.class_path = RUN_CSV_LOGGER
+        if kind in CSV_LIKE:
+            init.name, init.version = "", ("" if stage == "fit" else stage)
+        elif kind == "WandbLogger":
+            init.id = init.get("id") or stable_wandb_id(run_dir)
+            init.name = init.get("name") or "/".join(run_dir.parts[-2:])
+        item.init_args = init
+    return logger
