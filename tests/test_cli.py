@@ -83,3 +83,18 @@ def test_tool_help_imports_neither_lightning_nor_timm(tool: str) -> None:
     allowed = "['torch']" if tool in ("export", "benchmark") else "[]"
     assert loaded in ("[]", allowed), loaded
     assert f"usage: pyra-lightning {tool}" in done.stdout, "the usage line names the tool"
+
+
+def test_a_model_name_typo_is_named_as_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The issue: a typo was reported as "timm has no pretrained config for it; set data.normalization".
+    args = [
+        "fit",
+        *quickstart_args(tmp_path / "run", tmp_path / "data"),
+        "--model.model_name=vit_smal_patch16_224",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert "unknown timm model 'vit_smal_patch16_224'; did you mean vit_small_patch16_224?" in err
+    assert "normalization" not in err

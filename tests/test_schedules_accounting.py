@@ -136,3 +136,19 @@ def test_one_spelling_per_setting_merge_r_and_pyra() -> None:
     ]
     with pytest.raises(ValueError, match="pyra='fancy': expected True, False or a variant name"):
         resolve_variant("fancy")
+
+
+def test_count_flops_on_a_stock_attention_pool_model_whose_parameters_require_grad() -> None:
+    # The issue: SigLIP's attention pool ("map") failed with "Expected gradient function to be set".
+    from pyra_lightning.training.monitoring import training_flops_per_sample
+
+    model = tiny_vit(global_pool="map", class_token=False)
+    assert all(p.requires_grad for p in model.parameters())
+    flops = count_flops(model)
+    assert all(p.requires_grad for p in model.parameters()), "requires_grad is given back"
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert count_flops(model) == flops > 0
+    for p in model.parameters():
+        p.requires_grad_(True)
+    assert training_flops_per_sample(model, 32) > flops, "training counts backward too, with grads on"

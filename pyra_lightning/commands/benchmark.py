@@ -83,12 +83,18 @@ def build_model(
     """
     import timm
 
-    from pyra_lightning.patch import apply_lora, apply_merging, fold_lora
+    from pyra_lightning.backbone import check_model_name
+    from pyra_lightning.patch import apply_lora, apply_merging, check_model, fold_lora
 
+    check_model_name(model_name)
     torch.manual_seed(0)
-    model = timm.create_model(
-        model_name, pretrained=False, num_classes=num_classes, img_size=img_size, **(model_kwargs or {})
-    )
+    kwargs = {"num_classes": num_classes, **(model_kwargs or {})}
+    try:
+        model = timm.create_model(model_name, pretrained=False, img_size=img_size, **kwargs)
+    except TypeError as error:  # e.g. a CNN (resnet18) takes no img_size: say what it is instead
+        check_model(timm.create_model(model_name, pretrained=False, **kwargs))
+        raise ValueError(f"timm.create_model({model_name!r}, img_size={img_size}): {error}") from error
+    check_model(model)  # the one-line refusal apply_merging gives, before LoRA is attempted
     apply_lora(model, lora_rank)
     if merge_r is not None:
         apply_merging(model, merge_r, pyra=pyra)
@@ -97,11 +103,14 @@ def build_model(
     return model.to(device)
 
 
-def _label(spec: ScheduleSpec, index: int) -> str:
+def _label(spec: ScheduleSpec) -> str:
+    """A schedule's row name: its name, ``r=8``, ``flops=0.5``, or a list by its contents (``16x11,10``)."""
+    from pyra_lightning.commands.table import describe_schedule
+
     if isinstance(spec, str):
         return spec
     if isinstance(spec, list):
-        return f"list{index}"
+        return describe_schedule(spec)
     return f"r={spec}" if isinstance(spec, int) else f"flops={spec:g}"
 
 
@@ -258,8 +267,8 @@ def _run(args: dict[str, Any], schedules: list[ScheduleSpec]) -> dict[str, Any]:
     dev = torch.device(args["device"])
     build = _builder(args)
     variants: dict[str, tuple[ScheduleSpec | None, bool]] = {"uncompressed": (None, False)}
-    for index, spec in enumerate(schedules):
-        label = _label(spec, index)
+    for spec in schedules:
+        label = _label(spec)
         variants[f"tome/{label}"] = (spec, False)
         variants[f"pyra/{label}"] = (spec, True)
 
