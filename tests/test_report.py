@@ -355,3 +355,27 @@ def test_cli_writes_table_and_figure(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "| pyra |" in capsys.readouterr().out
     main([str(tmp_path / "runs" / "*"), "--out_dir", str(out / "sweep"), "--plot", "false"])
     assert not (out / "sweep" / "accuracy_throughput.png").exists()
+
+
+def test_label_puts_results_of_other_settings_in_rows_of_their_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The issue: the refusal advised "give them different row labels", but no option did that.
+    write(tmp_path, "rank8", result("pyra", "cifar", 0.6, settings=SETTINGS))
+    write(tmp_path, "rank16", result("pyra", "cifar", 0.7, settings={**SETTINGS, "model.lora_rank": 16}))
+    with pytest.raises(ValueError, match="report --label model.lora_rank$"):
+        build_table(collect_results(tmp_path))
+    out = tmp_path / "report"
+    main([str(tmp_path), "--out_dir", str(out), "--plot", "false", "--label", "model.lora_rank"])
+    table = (out / "vtab_table.md").read_text()
+    assert "| pyra model.lora_rank=8 |" in table and "| pyra model.lora_rank=16 |" in table
+    with pytest.raises(ValueError, match="--label model.lora_rnak: no result has this setting; they have: "):
+        main([str(tmp_path), "--out_dir", str(out), "--label", "model.lora_rnak"])
+
+
+def test_a_metric_the_runs_lack_says_how_to_get_it(tmp_path: Path) -> None:
+    write(tmp_path, "a", result("pyra", "cifar", 0.6))
+    with pytest.raises(ValueError, match="'test_acc_best' is null; .* --data.track_test true"):
+        build_table(collect_results(tmp_path), metric="test_acc_best")
+    with pytest.raises(ValueError, match="configs/recipe/reference.yaml"):
+        build_table(collect_results(tmp_path), metric="test_acc_reference_protocol")

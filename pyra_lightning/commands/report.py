@@ -17,6 +17,7 @@ from pyra_lightning.commands.table import (
     TableRow,
     build_table,
     collect_results,
+    label_by,
     table_records,
     to_csv,
     to_markdown,
@@ -50,6 +51,7 @@ def report(
     out_dir: str = "reports",
     average: Average = "groups",
     metric: Metric = "test_acc",
+    label: list[str] | None = None,
     plot: bool = True,
     wandb_project: str | None = None,
     wandb_run_name: str | None = None,
@@ -62,12 +64,18 @@ def report(
         average: ``groups`` (mean of the 3 group means, the paper's Table 2) or ``tasks`` (of the 19).
         metric: ``test_acc`` (final model), ``test_acc_best`` (best test accuracy during training)
             or ``test_acc_reference_protocol`` (the reference's number; see ``ReferenceProtocol``).
+        label: settings that also name the rows, e.g. ``model.lora_rank`` (``report --label
+            model.lora_rank``): results that differ in them get rows of their own instead of being
+            refused as "not seeds of one run". Keys are ``results.json`` ``settings`` keys (the
+            CLI's flags), results fields or ``config`` entries.
         plot: also draw accuracy against throughput per method and merge schedule (Figs. 2/4).
         wandb_project: also log the table to this W&B project (honours WANDB_MODE=offline).
         wandb_run_name: name of that W&B run.
     """
     collected = collect_results(results)
-    rows = build_table(collected, average=average, metric=metric)
+    rows = build_table(
+        collected, average=average, metric=metric, label=label_by(label, collected) if label else None
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(rows) + f"Accuracy shown: {metric} ({METRIC_LABELS[metric]}).\n"
@@ -97,7 +105,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "results", type=str, nargs="+", help="Run folders (searched recursively), files or globs."
     )
-    parser.add_function_arguments(report, skip={"results"}, as_group=False)
+    parser.add_argument(
+        "--label",
+        type=str,
+        nargs="+",
+        help="Settings that also name the rows (e.g. model.lora_rank trainer.max_epochs): results that "
+        "differ in them get rows of their own.",
+    )
+    parser.add_function_arguments(report, skip={"results", "label"}, as_group=False)
     report(**vars(parser.parse_args(argv)))
 
 
