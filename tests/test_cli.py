@@ -16,6 +16,7 @@ from pyra_lightning.__main__ import main
 RESULT_KEYS = {
     "task", "group", "protocol", "method", "test_acc", "test_acc_best", "throughput", "throughput_unmerged",
     "speedup", "gflops", "gflops_unmerged", "params", "config", "benchmark", "settings", "fingerprint",
+    "throughput_engine",
 }  # fmt: skip
 
 
@@ -43,7 +44,8 @@ def test_quickstart_fit_then_test_beats_chance_and_writes_results(tmp_path: Path
         ".lora_" in k or ".pyra." in k or k.startswith("model.head.") for k in checkpoint["state_dict"]
     )
     main(["test", *quickstart_args(tmp_path / "again", tmp_path / "data"), f"--ckpt_path={last[0]}"])
-    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert not (tmp_path / "again" / "results.json").exists(), "a test is not the run's fit result"
+    again = json.loads((tmp_path / "again" / "test" / "results.json").read_text())
     assert again["test_acc"] == pytest.approx(results["test_acc"], abs=1e-6)
     assert again["fingerprint"] == results["fingerprint"], "the same run's settings"
 
@@ -98,3 +100,14 @@ def test_a_model_name_typo_is_named_as_one(tmp_path: Path, capsys: pytest.Captur
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert "unknown timm model 'vit_smal_patch16_224'; did you mean vit_small_patch16_224?" in err
     assert "normalization" not in err
+
+
+def test_a_test_of_a_trained_run_writes_its_own_results(tmp_path: Path) -> None:
+    # The issue: `test` overwrote the fit's results.json with its own.
+    from pyra_lightning.training.callbacks import ResultsJSON
+
+    callback = ResultsJSON()
+    callback.dirpath = tmp_path / "run"
+    assert callback.target(None) == tmp_path / "run" / "test" / "results.json"  # type: ignore[arg-type]
+    callback.on_fit_start(None, None)  # type: ignore[arg-type]
+    assert callback.target(None) == tmp_path / "run" / "results.json"  # type: ignore[arg-type]

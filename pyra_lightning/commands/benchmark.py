@@ -33,7 +33,6 @@ Run as ``pyra-lightning benchmark --merge_r '[low, high]' --engine eager,onnxrun
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import importlib.metadata
@@ -42,9 +41,8 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,7 +56,18 @@ from pyra_lightning.commands.engines import (
 
 # Re-exported: the notebooks and older scripts import the timing functions from here.
 from pyra_lightning.commands.training_speed import measure_training_step, time_training_steps  # noqa: F401
-from pyra_lightning.timing import Precision, measure_throughput, num_threads, time_forwards, time_interleaved  # noqa: F401
+from pyra_lightning.timing import (  # noqa: F401
+    ClockName,
+    Precision,
+    clock_function,
+    cpu_model,
+    device_name,
+    load_average,
+    measure_throughput,
+    num_threads,
+    time_forwards,
+    time_interleaved,
+)
 
 # One schedule as ``apply_merging`` takes it; ``(r, inflection)`` tuples are left out because a
 # command line cannot tell them from per-layer lists.
@@ -121,14 +130,6 @@ def _as_schedule_list(merge_r: Sequence[ScheduleSpec] | ScheduleSpec) -> list[Sc
     return list(merge_r)
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def environment(device: torch.device) -> dict[str, Any]:
     """What a benchmark figure depends on besides the arguments."""
     return {
@@ -137,11 +138,11 @@ def environment(device: torch.device) -> dict[str, Any]:
         "timm": importlib.metadata.version("timm"),
         "python": platform.python_version(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
-        "cpu_model": _cpu_model(),
+        "device_name": device_name(device),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "loadavg": load_average(),
     }
 
 
@@ -161,7 +162,7 @@ def run_benchmark(
     num_classes: int = 100,
     train: bool = False,
     threads: int | None = None,
-    clock: Literal["wall", "cpu"] = "wall",
+    clock: ClockName = "wall",
     output: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
     target_speedup: float | None = None,
@@ -228,7 +229,7 @@ def run_benchmark(
 
 
 def _clock(args: dict[str, Any]) -> Callable[[], float]:
-    return time.process_time if args["clock"] == "cpu" else time.perf_counter
+    return clock_function(args["clock"])
 
 
 def _builder(args: dict[str, Any]) -> Callable[..., nn.Module]:
@@ -336,7 +337,7 @@ def _run(args: dict[str, Any], schedules: list[ScheduleSpec]) -> dict[str, Any]:
             args["runs"],
             _clock(args),
         )
-    result["environment"]["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    result["environment"]["loadavg_after"] = load_average()
     return result
 
 
@@ -390,7 +391,7 @@ def _run_target(args: dict[str, Any]) -> dict[str, Any]:
             iterations=args["target_iterations"],
             clock=_clock(args),
         )
-    env_before["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    env_before["loadavg_after"] = load_average()
     return {"args": args, "environment": env_before, "target": dataclasses.asdict(found)}
 
 

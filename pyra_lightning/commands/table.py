@@ -79,11 +79,19 @@ _IDENTITY_KEYS = ("model_name", "merge_r", "img_size")
 
 # ----------------------------------------------------------------------------------------- reading
 def _expand(item: str | Path, filename: str) -> list[Path]:
+    """The results files an argument names: itself, a folder's (recursively), or a glob's.
+
+    In a folder, a run's re-test (``<run>/test/results.json``, written by ``pyra-lightning test``)
+    is left out where the run has its own ``results.json``: both are results of one run. Name the
+    re-test's file (or a glob matching it) to report it instead.
+    """
     path = Path(item)
     if path.is_file():
         return [path]
     if path.is_dir():
-        return sorted(path.rglob(filename))
+        found = sorted(path.rglob(filename))
+        own = set(found)
+        return [f for f in found if not (f.parent.name == "test" and f.parent.parent / filename in own)]
     found: list[Path] = []
     for match in sorted(glob.glob(str(item), recursive=True)):
         found.extend(_expand(match, filename))
@@ -384,12 +392,16 @@ def _coverage(row: TableRow, names: Sequence[str]) -> str:
     return f"n/a ({sum(name in row.tasks for name in names)}/{len(names)})"
 
 
-def to_markdown(rows: Sequence[TableRow]) -> str:
-    """The table as GitHub markdown, with footnotes saying how means and missing tasks are shown."""
+def to_markdown(rows: Sequence[TableRow], throughput_note: str | None = None) -> str:
+    """The table as GitHub markdown, with footnotes saying how means and missing tasks are shown.
+
+    ``throughput_note`` (``commands.measure``: how the throughputs were measured, or that they are
+    not comparable) marks the throughput column with ``*`` and is printed as its footnote.
+    """
     if not rows:
         raise ValueError("no rows to write")
     vtab = _has_vtab(rows)
-    header = ["Method", "# params", "Throughput (img/s)"]
+    header = ["Method", "# params", "Throughput (img/s)" + ("*" if throughput_note else "")]
     header += [TASK_HEADERS.get(task, task) for task in rows[0].columns]
     if vtab:
         header += [group.capitalize() for group in GROUPS] + [average_header(rows[0].average_kind)]
@@ -428,6 +440,8 @@ def to_markdown(rows: Sequence[TableRow]) -> str:
         if extra:
             notes.append(f"Tasks outside VTAB-1k ({', '.join(extra)}) count in no mean.")
     notes.append("# params: trainable share of all parameters; both it and throughput are means over tasks.")
+    if throughput_note:
+        notes.append(f"* Throughput: {throughput_note}")
     return "\n".join(lines + notes) + "\n"
 
 
