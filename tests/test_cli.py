@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,61 @@ def test_a_test_of_a_trained_run_writes_its_own_results(tmp_path: Path) -> None:
     assert callback.target(None) == tmp_path / "run" / "test" / "results.json"  # type: ignore[arg-type]
     callback.on_fit_start(None, None)  # type: ignore[arg-type]
     assert callback.target(None) == tmp_path / "run" / "results.json"  # type: ignore[arg-type]
+
+
+def test_fit_help_shows_our_options_and_puts_the_trainer_behind_help_all(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The issue: `fit --help` took seconds and opened on Lightning's ~60 --trainer.* flags.
+    from pyra_lightning.training import cli
+    from pyra_lightning.training.cli_help import BriefHelp
+
+    class HelpCLI(BriefHelp, cli.PyraCLI):  # the hookup: class PyraCLI(BriefHelp, LightningCLI)
+        pass
+
+    monkeypatch.setattr(cli, "PyraCLI", HelpCLI)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["fit", "--help"])
+    brief = capsys.readouterr().out
+    assert stop.value.code == 0 and "--model.lora_rank" in brief and "--throughput.clock" in brief
+    options = brief.split("\noptions:", 1)[1]
+    assert "--trainer." not in options.split("Lightning's Trainer flags")[0], "no Trainer flag listed"
+    assert "are listed by `pyra-lightning fit --help_all`" in brief
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["fit", "--help_all"])
+    full = capsys.readouterr().out.split("\noptions:", 1)[1]
+    assert stop.value.code == 0 and "  --trainer.max_epochs" in full
+    assert (
+        full.index("  --model.lora_rank") < full.index("  --data.task") < full.index("  --trainer.max_epochs")
+    )
+
+
+def test_the_help_is_cached_per_code_and_package_versions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pyra_lightning.training import help_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv(help_cache.CACHE_ENV, raising=False)
+    built: list[list[str]] = []
+
+    def build(argv: list[str]) -> None:
+        built.append(argv)
+        print(f"usage: {' '.join(argv)}")
+        raise SystemExit(0)
+
+    for _ in range(2):
+        with pytest.raises(SystemExit):
+            help_cache.cached_help(["fit", "--help"], build)
+        assert capsys.readouterr().out == "usage: fit --help\n"
+    assert built == [["fit", "--help"]], "the second help came from the cache"
+    assert help_cache.help_key(["fit", "--config", "x.yaml", "--help"]) is None, "defaults may differ"
+    assert help_cache.help_key(["fit", "--trainer.max_epochs=1"]) is None
+    key = help_cache.help_key(["fit", "--help"])
+    module = Path(help_cache.__file__)
+    times = (module.stat().st_atime_ns, module.stat().st_mtime_ns)
+    try:
+        os.utime(module, ns=(times[0], times[1] + 1))  # the code changed: the help is built again
+        assert help_cache.help_key(["fit", "--help"]) != key
+    finally:
+        os.utime(module, ns=times)
