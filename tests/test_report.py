@@ -456,4 +456,12 @@ def test_measure_times_every_rows_model_side_by_side_now(tmp_path: Path) -> None
         throughputs = {row["method"]: float(row["throughput"]) for row in csv.DictReader(handle)}
     assert set(throughputs) == {"peft", "tome", "pyra"}
     assert all(0 < value < 1e6 for value in throughputs.values()), "the files' figures are not used"
+    from pyra_lightning.commands.measure import measure_rows
+    from pyra_lightning.commands.table import default_label
+
+    results = collect_results(tmp_path / "*")
+    measured, _ = measure_rows(results, default_label(results), batch_size=2, threads=1, warmup=0, runs=1)
+    speedups = {r["method"]: r["speedup"] for r in measured}
+    assert speedups["peft"] == 1.0 and speedups["tome"] > 0 and speedups["pyra"] > 0, "peft is the base"
+    assert {r["benchmark"]["measured_by"] for r in measured} == {"pyra-lightning report --measure"}
     assert (out / "accuracy_throughput.png").stat().st_size > 5000

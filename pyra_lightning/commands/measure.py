@@ -166,16 +166,17 @@ def measure_rows(
     specs: dict[str, dict[str, Any]] = {}
     for result in results:
         specs.setdefault(label(result), model_spec(result))
+    # A row that merges nothing is its backbone's unmerged model: timed once, speed-up exactly 1.
+    timed_as = {
+        name: _backbone_key(spec) if spec["merge_r"] is None else name for name, spec in specs.items()
+    }
+    to_build = {timed_as[name]: spec for name, spec in specs.items()}
+    to_build.update({_backbone_key(spec): {**spec, "merge_r": None} for spec in specs.values()})
     dev = torch.device(device)
     with num_threads(threads):
         measured = conditions(dev, clock, precision, batch_size, warmup, runs)
         models, inputs = {}, {}
-        for name, spec in [
-            *specs.items(),
-            *((_backbone_key(s), {**s, "merge_r": None}) for s in specs.values()),
-        ]:
-            if name in models:
-                continue
+        for name, spec in to_build.items():
             model = build_model(
                 spec["model_name"], None, False, 1, spec["num_classes"], spec["img_size"], True, dev,
                 spec["model_kwargs"],
@@ -193,13 +194,13 @@ def measure_rows(
     rewritten = []
     for result in results:
         name = label(result)
-        base = ips[_backbone_key(specs[name])]
+        own, base = ips[timed_as[name]], ips[_backbone_key(specs[name])]
         rewritten.append(
             {
                 **result,
-                "throughput": ips[name],
+                "throughput": own,
                 "throughput_unmerged": base,
-                "speedup": ips[name] / base,
+                "speedup": own / base,
                 "benchmark": measured,
                 "throughput_engine": measured["engine"],
             }
