@@ -105,6 +105,13 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int] | None = None,
     The paper's Table 1 prints 16.37 "GFLOPs" for it: the reference counts multiply-adds with
     fvcore and divides by 2**30 (17.57e9 / 2**30 = 16.37), the same quantity in other units.
     Ratios (merged / unmerged) are identical under both conventions.
+
+    The parameters stop requiring grad for the count (and are restored after): under ``no_grad``
+    a view of a parameter passed into a submodule, as SigLIP's attention pool does with
+    ``latent.expand(B, -1, -1)``, still requires grad but has no ``grad_fn``, and the counter's
+    module tracker fails on it ("Expected gradient function to be set"). An inference forward
+    needs no gradients; training FLOPs (``training.monitoring``) are counted with grad on, where
+    such views have their ``grad_fn``.
     """
     if img_size is None:
         img_size = model.patch_embed.img_size  # type: ignore[union-attr]
@@ -112,10 +119,15 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int] | None = None,
     param = next(model.parameters())
     x = torch.zeros(1, in_chans, height, width, device=param.device, dtype=param.dtype)
     was_training = model.training
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.eval()
     try:
+        for p in trainable:
+            p.requires_grad_(False)
         with torch.no_grad(), flop_counter_mode() as counter:
             model(x)
     finally:
+        for p in trainable:
+            p.requires_grad_(True)
         model.train(was_training)
     return int(counter.get_total_flops())

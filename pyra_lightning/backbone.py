@@ -7,6 +7,7 @@ so Google's ``.npz`` checkpoints (as the paper used), ``.pth``/``.bin`` state di
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,23 @@ import torch
 from torch import nn
 
 WEIGHT_SUFFIXES = (".npz", ".pth", ".pt", ".bin", ".safetensors")
+
+
+def check_model_name(model_name: str) -> None:
+    """Refuse a name timm does not know, suggesting the closest one it does (a typo, mostly).
+
+    Checked before anything asks timm about the model (its pretrained config, its default input
+    size), so that a typo is reported as a typo and not as a missing normalization.
+
+    Raises:
+        ValueError: ``unknown timm model 'vit_smal_patch16_224'; did you mean vit_small_patch16_224?``
+    """
+    base_name = model_name.split(".")[0]
+    if timm.is_model(base_name):
+        return
+    close = difflib.get_close_matches(base_name, timm.list_models(), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else "see timm.list_models('vit_*')"
+    raise ValueError(f"unknown timm model {model_name!r}; {hint}")
 
 
 def create_backbone(
@@ -46,9 +64,7 @@ def create_backbone(
     kwargs: dict[str, Any] = dict(model_kwargs or {})
     if img_size is not None:
         kwargs["img_size"] = img_size
-    base_name = model_name.split(".")[0]
-    if not timm.is_model(base_name):
-        raise ValueError(f"unknown timm model {model_name!r}; see timm.list_models('vit_*')")
+    check_model_name(model_name)
     if pretrained_file:
         path = Path(pretrained_file).expanduser()
         if not path.is_file():

@@ -35,6 +35,21 @@ def plain_dir_mode() -> int:
     return 0o777 & ~current_umask()
 
 
+def apply_umask(root: Path) -> None:
+    """Give ``root`` and everything under it the modes ``open()``/``os.mkdir`` would have given them.
+
+    Libraries that write through private temporary files leave them 0600: safetensors'
+    ``save_file`` does, whatever the umask. A folder of such files (an export) is made readable
+    like every other file of the project (0666/0777 less the umask; executables stay executable).
+    """
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o100
+        os.chmod(path, plain_dir_mode() if executable else plain_file_mode())
+
+
 def atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> None:
     """Let ``write`` fill a sibling temporary file, fsync it, then rename it over ``target``.
 

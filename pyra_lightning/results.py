@@ -25,6 +25,17 @@ from pyra_lightning.files import atomic_write_text
 RESULTS_FILENAME = "results.json"
 # Settings keys that hold the seed: runs that differ only here are repeats (seeds) of one setting.
 SEED_KEYS: tuple[str, ...] = ("seed_everything", "data.seed")
+# The measurement conditions (``benchmark``, see ``timing.conditions``) that must agree for two
+# throughput figures to be comparable; the load average is recorded, not compared.
+COMPARABLE_CONDITIONS: tuple[str, ...] = (
+    "engine",
+    "device",
+    "device_name",
+    "threads",
+    "clock",
+    "precision",
+    "batch_size",
+)
 _FRACTIONS = ("test_acc", "test_acc_best", "test_acc_reference_protocol")
 _OPTIONAL_NUMBERS = ("throughput", "throughput_unmerged", "speedup", "gflops", "gflops_unmerged")
 _OPTIONAL_DICTS = ("params", "config", "benchmark", "settings", "reference_protocol", "data")
@@ -49,7 +60,11 @@ class RunResult:
         gflops, gflops_unmerged: FLOPs per image (2 x multiply-adds), in 1e9.
         params: trainable parameter counts by group, ``total`` and ``trainable_pct``.
         config: the key hyperparameters (``model_name``, ``merge_r`` schedule, ``lora_rank``, ``seed``...).
-        benchmark: how throughput was measured (batch size, precision, device).
+        benchmark: how throughput was measured (``timing.conditions``): engine, device and its
+            name, threads, clock, precision, batch size, warm-up and runs, CPU count and the load
+            average before and after. Figures are comparable only where ``COMPARABLE_CONDITIONS`` agree.
+        throughput_engine: the engine the throughput was timed on (``eager``: the PyTorch model),
+            ``None`` without a throughput.
         settings: every setting that shapes training (``model.lora_rank``, ``data.task``,
             ``trainer.max_epochs``, ``seed_everything``...), as ``training.runs.run_settings`` makes them.
         fingerprint: hash of ``settings``: two results with the same fingerprint are one run.
@@ -78,6 +93,7 @@ class RunResult:
     fingerprint: str | None = None
     checkpoint: str | None = None
     data: dict[str, Any] | None = None
+    throughput_engine: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,7 +154,7 @@ def validate_result(data: Any, path: str | Path = "<memory>") -> dict[str, Any]:
     for key in _OPTIONAL_DICTS:
         if data.get(key) is not None and not isinstance(data[key], dict):
             raise ValueError(f"{where}: {key!r} must be an object, got {type(data[key]).__name__}")
-    for key in ("fingerprint", "checkpoint"):
+    for key in ("fingerprint", "checkpoint", "throughput_engine"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise ValueError(f"{where}: {key!r} must be a string or null, got {data[key]!r}")
     pct = (data.get("params") or {}).get("trainable_pct")

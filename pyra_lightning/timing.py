@@ -23,19 +23,82 @@ This module imports neither Lightning nor timm.
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 Precision = Literal["32", "bf16", "16"]
 Clock = Callable[[], float]
+ClockName = Literal["wall", "cpu"]
+# "cpu": process CPU time; with one thread on a shared CPU it is the work done, not the waiting.
+CLOCKS: dict[str, Clock] = {"wall": time.perf_counter, "cpu": time.process_time}
+ENGINE = "eager"  # what the throughput callback times: the PyTorch model as it is (issue 17 adds more)
 
 AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "16": torch.float16}
 IN_CHANS = 3  # RGB, as every timm ViT the patch supports
+
+
+def clock_function(name: str) -> Clock:
+    """The clock named ``"wall"`` (``time.perf_counter``) or ``"cpu"`` (``time.process_time``)."""
+    if name not in CLOCKS:
+        raise ValueError(f"clock={name!r}: expected one of {', '.join(CLOCKS)}")
+    return CLOCKS[name]
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (``None`` where the OS has none): how busy the machine was."""
+    return [round(value, 2) for value in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str | torch.device) -> str:
+    """The GPU's name on CUDA, the CPU's model otherwise."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+
+
+def conditions(
+    device: str | torch.device,
+    clock: str,
+    precision: str,
+    batch_size: int,
+    warmup: int,
+    runs: int,
+    engine: str = ENGINE,
+) -> dict[str, Any]:
+    """How a throughput figure is being taken, as ``results.json`` ``benchmark`` records it.
+
+    Call it inside the ``num_threads`` block of the measurement (``threads`` is read from torch).
+    ``results.COMPARABLE_CONDITIONS`` must be equal for two figures to share a column; ``loadavg_before`` is
+    filled in here and ``loadavg_after`` by the caller once the timing is done.
+    """
+    return {
+        "engine": engine,
+        "device": str(torch.device(device)),
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
+        "clock": clock,
+        "precision": precision,
+        "batch_size": batch_size,
+        "warmup": warmup,
+        "runs": runs,
+        "cpu_count": os.cpu_count(),
+        "loadavg_before": load_average(),
+    }
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyra_lightning.accounting import count_flops
 from pyra_lightning.commands import benchmark
-from pyra_lightning.commands.benchmark import build_model, main, run_benchmark
+from pyra_lightning.commands.benchmark import build_model, format_table, main, run_benchmark
 from pyra_lightning.commands.engines import search_speed_target
 from pyra_lightning.commands.training_speed import measure_training_step
 from pyra_lightning.patch import vit_shape
@@ -345,3 +345,35 @@ def test_target_speedup_through_run_benchmark(one_thread: None, capsys) -> None:
     assert len(found["schedule"]) == 4 and found["speedup"] >= 1.2
     assert [t["rho"] for t in found["trials"]] == [1.0, 0.5]
     assert f"model.merge_r: {found['schedule']}" in capsys.readouterr().out
+
+
+def test_a_custom_schedule_is_labelled_by_its_contents(one_thread: None) -> None:
+    # The issue: `--merge_r '[[4, 4, 2, 0]]'` was printed as `pyra/list0`.
+    result = run_benchmark(merge_r=[[4, 4, 2, 0], 2], batch_size=1, runs=1, warmup=0, **TINY_ARGS)
+    assert list(result["models"]) == ["uncompressed", "tome/4x2,2,0", "pyra/4x2,2,0", "tome/r=2", "pyra/r=2"]
+    assert result["models"]["pyra/4x2,2,0"]["schedule"] == [4, 4, 2, 0]
+    assert "pyra/4x2,2,0" in format_table(result)
+
+
+@pytest.mark.parametrize(
+    ("model_name", "message"),
+    [
+        ("resnet18", "ResNet (resnet18) is not a timm VisionTransformer or Eva"),
+        (
+            "vit_smal_patch16_224",
+            "unknown timm model 'vit_smal_patch16_224'; did you mean vit_small_patch16_224?",
+        ),
+    ],
+)
+def test_a_model_the_patch_cannot_take_is_one_line(
+    model_name: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The issue: `benchmark --model_name resnet18` ended in a 13-frame TypeError traceback.
+    from pyra_lightning.__main__ import main as cli_main
+
+    with pytest.raises(SystemExit) as stop:
+        cli_main(
+            ["benchmark", "--model_name", model_name, "--img_size", "32", "--runs", "1", "--warmup", "0"]
+        )
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and "Traceback" not in err

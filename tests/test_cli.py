@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from pyra_lightning.__main__ import main
 RESULT_KEYS = {
     "task", "group", "protocol", "method", "test_acc", "test_acc_best", "throughput", "throughput_unmerged",
     "speedup", "gflops", "gflops_unmerged", "params", "config", "benchmark", "settings", "fingerprint",
+    "throughput_engine",
 }  # fmt: skip
 
 
@@ -43,7 +45,8 @@ def test_quickstart_fit_then_test_beats_chance_and_writes_results(tmp_path: Path
         ".lora_" in k or ".pyra." in k or k.startswith("model.head.") for k in checkpoint["state_dict"]
     )
     main(["test", *quickstart_args(tmp_path / "again", tmp_path / "data"), f"--ckpt_path={last[0]}"])
-    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert not (tmp_path / "again" / "results.json").exists(), "a test is not the run's fit result"
+    again = json.loads((tmp_path / "again" / "test" / "results.json").read_text())
     assert again["test_acc"] == pytest.approx(results["test_acc"], abs=1e-6)
     assert again["fingerprint"] == results["fingerprint"], "the same run's settings"
 
@@ -83,3 +86,87 @@ def test_tool_help_imports_neither_lightning_nor_timm(tool: str) -> None:
     allowed = "['torch']" if tool in ("export", "benchmark") else "[]"
     assert loaded in ("[]", allowed), loaded
     assert f"usage: pyra-lightning {tool}" in done.stdout, "the usage line names the tool"
+
+
+def test_a_model_name_typo_is_named_as_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The issue: a typo was reported as "timm has no pretrained config for it; set data.normalization".
+    args = [
+        "fit",
+        *quickstart_args(tmp_path / "run", tmp_path / "data"),
+        "--model.model_name=vit_smal_patch16_224",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert "unknown timm model 'vit_smal_patch16_224'; did you mean vit_small_patch16_224?" in err
+    assert "normalization" not in err
+
+
+def test_a_test_of_a_trained_run_writes_its_own_results(tmp_path: Path) -> None:
+    # The issue: `test` overwrote the fit's results.json with its own.
+    from pyra_lightning.training.callbacks import ResultsJSON
+
+    callback = ResultsJSON()
+    callback.dirpath = tmp_path / "run"
+    assert callback.target(None) == tmp_path / "run" / "test" / "results.json"  # type: ignore[arg-type]
+    callback.on_fit_start(None, None)  # type: ignore[arg-type]
+    assert callback.target(None) == tmp_path / "run" / "results.json"  # type: ignore[arg-type]
+
+
+def test_fit_help_shows_our_options_and_puts_the_trainer_behind_help_all(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The issue: `fit --help` took seconds and opened on Lightning's ~60 --trainer.* flags.
+    from pyra_lightning.training import cli
+    from pyra_lightning.training.cli_help import BriefHelp
+
+    class HelpCLI(BriefHelp, cli.PyraCLI):  # the hookup: class PyraCLI(BriefHelp, LightningCLI)
+        pass
+
+    monkeypatch.setattr(cli, "PyraCLI", HelpCLI)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["fit", "--help"])
+    brief = capsys.readouterr().out
+    assert stop.value.code == 0 and "--model.lora_rank" in brief and "--throughput.clock" in brief
+    options = brief.split("\noptions:", 1)[1]
+    assert "--trainer." not in options.split("Lightning's Trainer flags")[0], "no Trainer flag listed"
+    assert "are listed by `pyra-lightning fit --help_all`" in brief
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["fit", "--help_all"])
+    full = capsys.readouterr().out.split("\noptions:", 1)[1]
+    assert stop.value.code == 0 and "  --trainer.max_epochs" in full
+    assert (
+        full.index("  --model.lora_rank") < full.index("  --data.task") < full.index("  --trainer.max_epochs")
+    )
+
+
+def test_the_help_is_cached_per_code_and_package_versions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pyra_lightning.training import help_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv(help_cache.CACHE_ENV, raising=False)
+    built: list[list[str]] = []
+
+    def build(argv: list[str]) -> None:
+        built.append(argv)
+        print(f"usage: {' '.join(argv)}")
+        raise SystemExit(0)
+
+    for _ in range(2):
+        with pytest.raises(SystemExit):
+            help_cache.cached_help(["fit", "--help"], build)
+        assert capsys.readouterr().out == "usage: fit --help\n"
+    assert built == [["fit", "--help"]], "the second help came from the cache"
+    assert help_cache.help_key(["fit", "--config", "x.yaml", "--help"]) is None, "defaults may differ"
+    assert help_cache.help_key(["fit", "--trainer.max_epochs=1"]) is None
+    key = help_cache.help_key(["fit", "--help"])
+    module = Path(help_cache.__file__)
+    times = (module.stat().st_atime_ns, module.stat().st_mtime_ns)
+    try:
+        os.utime(module, ns=(times[0], times[1] + 1))  # the code changed: the help is built again
+        assert help_cache.help_key(["fit", "--help"]) != key
+    finally:
+        os.utime(module, ns=times)

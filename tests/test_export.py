@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -326,3 +328,24 @@ def test_cli_export_errors_are_clear(quickstart_run: tuple[Path, Path], tmp_path
             ]
         )
     assert not any(tmp_path.iterdir()), "a failed export leaves nothing behind"
+
+
+def test_every_exported_file_honours_the_umask(tmp_path: Path) -> None:
+    # The issue: model.safetensors was 0600 (safetensors' own temporary file) whatever the umask.
+    from pyra_lightning.files import plain_dir_mode, plain_file_mode
+
+    previous = os.umask(0o022)
+    try:
+        out = export_model(tiny_module(), tmp_path / "model", mean=MEAN, std=STD, verify=False)
+        modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in out.iterdir()}
+        assert (
+            modes
+            == {WEIGHTS_FILE: plain_file_mode(), CONFIG_FILE: plain_file_mode()}
+            == {
+                WEIGHTS_FILE: 0o644,
+                CONFIG_FILE: 0o644,
+            }
+        )
+        assert stat.S_IMODE(out.stat().st_mode) == plain_dir_mode() == 0o755
+    finally:
+        os.umask(previous)

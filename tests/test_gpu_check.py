@@ -38,7 +38,7 @@ def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path: Path) -> None:
     fit = report["parts"]["fit_bf16"]["result"]
     assert fit["precision"] == "bf16-mixed" and 0.0 <= fit["test_acc"] <= 1.0
     markdown = (tmp_path / "gpu_check.md").read_text()
-    assert "| throughput | ok |" in markdown and "| eager | 2 | pyra/list1 |" in markdown
+    assert "| throughput | ok |" in markdown and "| eager | 2 | pyra/16,8 |" in markdown
     assert "| bf16-mixed |" in markdown
     assert "gpu_check.md" in done.stdout, "the paths of both files are printed"
 

@@ -202,3 +202,32 @@ def test_stable_wandb_id_is_made_once_per_run_folder(tmp_path: Path) -> None:
     first = stable_wandb_id(tmp_path / "a")
     assert first == stable_wandb_id(tmp_path / "a") and len(first) == 8
     assert stable_wandb_id(tmp_path / "b") != first
+
+
+def test_test_throughput_takes_threads_and_clock_and_results_say_how_it_was_measured(tmp_path: Path) -> None:
+    # The issue: results.json speed-ups of one model ranged 0.22x-2.2x on a shared CPU, and the file
+    # did not say how they were taken; the callback had no --threads/--clock like `benchmark`.
+    from pyra_lightning.results import COMPARABLE_CONDITIONS, read_result
+    from pyra_lightning.training.callbacks import InferenceThroughput, LoRAFolding, ResultsJSON
+
+    throughput = InferenceThroughput(batch_size=2, warmup=0, runs=1, threads=1, clock="cpu")
+    results = ResultsJSON()
+    threads = torch.get_num_threads()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path, name="csv"),
+        callbacks=[LoRAFolding(), throughput, results],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.test(tiny_module(), loader(count=8))
+    assert torch.get_num_threads() == threads, "the thread count is given back"
+    written = read_result(results.path)
+    benchmark = written["benchmark"]
+    assert set(COMPARABLE_CONDITIONS) <= set(benchmark)
+    assert written["throughput_engine"] == benchmark["engine"] == "eager"
+    assert (benchmark["threads"], benchmark["clock"], benchmark["batch_size"]) == (1, "cpu", 2)
+    assert benchmark["device"] == "cpu" and benchmark["precision"] == "32" and benchmark["device_name"]
+    assert all(len(benchmark[key]) == 3 for key in ("loadavg_before", "loadavg_after"))
+    with pytest.raises(ValueError, match="clock='gpu'"):
+        InferenceThroughput(clock="gpu")  # type: ignore[arg-type]

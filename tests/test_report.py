@@ -355,3 +355,113 @@ def test_cli_writes_table_and_figure(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "| pyra |" in capsys.readouterr().out
     main([str(tmp_path / "runs" / "*"), "--out_dir", str(out / "sweep"), "--plot", "false"])
     assert not (out / "sweep" / "accuracy_throughput.png").exists()
+
+
+def test_label_puts_results_of_other_settings_in_rows_of_their_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The issue: the refusal advised "give them different row labels", but no option did that.
+    write(tmp_path, "rank8", result("pyra", "cifar", 0.6, settings=SETTINGS))
+    write(tmp_path, "rank16", result("pyra", "cifar", 0.7, settings={**SETTINGS, "model.lora_rank": 16}))
+    with pytest.raises(ValueError, match="report --label model.lora_rank$"):
+        build_table(collect_results(tmp_path))
+    out = tmp_path / "report"
+    main([str(tmp_path), "--out_dir", str(out), "--plot", "false", "--label", "model.lora_rank"])
+    table = (out / "vtab_table.md").read_text()
+    assert "| pyra model.lora_rank=8 |" in table and "| pyra model.lora_rank=16 |" in table
+    with pytest.raises(ValueError, match="--label model.lora_rnak: no result has this setting; they have: "):
+        main([str(tmp_path), "--out_dir", str(out), "--label", "model.lora_rnak"])
+
+
+def test_a_metric_the_runs_lack_says_how_to_get_it(tmp_path: Path) -> None:
+    write(tmp_path, "a", result("pyra", "cifar", 0.6))
+    with pytest.raises(ValueError, match="'test_acc_best' is null; .* --data.track_test true"):
+        build_table(collect_results(tmp_path), metric="test_acc_best")
+    with pytest.raises(ValueError, match="configs/recipe/reference.yaml"):
+        build_table(collect_results(tmp_path), metric="test_acc_reference_protocol")
+
+
+def test_a_runs_retest_is_not_counted_beside_its_result(tmp_path: Path) -> None:
+    # `pyra-lightning test` writes <run>/test/results.json; a folder holding both reports the run once.
+    write(tmp_path, "run", result("pyra", "cifar", 0.6, settings=SETTINGS))
+    retest = write(tmp_path, "run/test", result("pyra", "cifar", 0.6, settings=SETTINGS))
+    write(tmp_path, "other/test", result("pyra", "dtd", 0.5, settings=SETTINGS))  # no fit result beside it
+    assert sorted(r["task"] for r in collect_results(tmp_path)) == ["cifar", "dtd"]
+    assert [r["results_file"] for r in collect_results(retest)] == [str(retest)], "named: reported"
+
+
+CONDITIONS = {
+    "engine": "eager", "device": "cpu", "device_name": "Some CPU", "threads": 2, "clock": "wall",
+    "precision": "32", "batch_size": 64, "loadavg_before": [1.5, 1.0, 1.0], "loadavg_after": [3.0, 1.0, 1.0],
+}  # fmt: skip
+
+
+def test_throughputs_measured_under_different_conditions_are_marked_not_comparable(tmp_path: Path) -> None:
+    # The issue: report ranked ToMe 0.92x and PYRA 1.77x for one schedule, timed under other loads/threads.
+    write(tmp_path, "tome", result("tome", "dtd", 0.5, benchmark=CONDITIONS))
+    pyra = result("pyra", "dtd", 0.6, benchmark={**CONDITIONS, "threads": 1, "clock": "cpu"})
+    write(tmp_path, "pyra", pyra)
+    out = tmp_path / "report"
+    main([str(tmp_path), "--out_dir", str(out)])
+    table = (out / "vtab_table.md").read_text()
+    assert "| Method | # params | Throughput (img/s)* |" in table
+    assert "* Throughput: NOT COMPARABLE" in table and "threads: 1 vs 2; clock: cpu vs wall" in table
+    assert "1-minute load average 1.5 to 3" in table and "report --measure" in table
+    assert (out / "accuracy_throughput.png").is_file()
+
+    write(tmp_path, "pyra", {**pyra, "benchmark": CONDITIONS})  # taken alike: said how, not marked
+    main([str(tmp_path), "--out_dir", str(out), "--plot", "false"])
+    table = (out / "vtab_table.md").read_text()
+    assert "NOT COMPARABLE" not in table
+    assert (
+        "every figure taken alike: eager on cpu (Some CPU), 2 thread(s), wall clock, precision 32, batch 64"
+        in table
+    )
+    write(tmp_path, "pyra", result("pyra", "dtd", 0.6))  # an older file: conditions not recorded
+    main([str(tmp_path), "--out_dir", str(out), "--plot", "false"])
+    assert "device_name: Some CPU vs not recorded" in (out / "vtab_table.md").read_text()
+
+
+TINY_SETTINGS = {
+    "model.model_name": "vit_tiny_patch16_224",
+    "model.model_kwargs": {"patch_size": 4, "embed_dim": 48, "depth": 4, "num_heads": 3},
+    "model.num_classes": 5,
+    "model.img_size": 32,
+    "seed_everything": 0,
+}
+
+
+def test_measure_times_every_rows_model_side_by_side_now(tmp_path: Path) -> None:
+    for method, merge_r in (("peft", [0] * 4), ("tome", [8, 8, 4, 4]), ("pyra", [8, 8, 4, 4])):
+        config = {"model_name": "vit_tiny_patch16_224", "merge_r": merge_r, "img_size": 32, "seed": 0}
+        settings = {**TINY_SETTINGS, "model.pyra": method == "pyra"}
+        doc = result(method, "dtd", 0.5, config=config, settings=settings, throughput=1e6, speedup=9.0)
+        write(tmp_path, method, {**doc, "benchmark": {**CONDITIONS, "threads": 1 + len(method)}})
+    out = tmp_path / "report"
+    flags = [
+        "--measure_runs",
+        "2",
+        "--measure_warmup",
+        "0",
+        "--measure_batch_size",
+        "2",
+        "--measure_threads",
+        "1",
+    ]
+    main([str(tmp_path), "--out_dir", str(out), "--measure", "true", *flags])
+    table = (out / "vtab_table.md").read_text()
+    assert "NOT COMPARABLE" not in table and "measured now by `report --measure`" in table
+    assert "1 thread(s), wall clock, precision 32, batch 2, median of 2 runs after 0 warm-up" in table
+    with (out / "vtab_table.csv").open() as handle:
+        throughputs = {row["method"]: float(row["throughput"]) for row in csv.DictReader(handle)}
+    assert set(throughputs) == {"peft", "tome", "pyra"}
+    assert all(0 < value < 1e6 for value in throughputs.values()), "the files' figures are not used"
+    from pyra_lightning.commands.measure import measure_rows
+    from pyra_lightning.commands.table import default_label
+
+    results = collect_results(tmp_path / "*")
+    measured, _ = measure_rows(results, default_label(results), batch_size=2, threads=1, warmup=0, runs=1)
+    speedups = {r["method"]: r["speedup"] for r in measured}
+    assert speedups["peft"] == 1.0 and speedups["tome"] > 0 and speedups["pyra"] > 0, "peft is the base"
+    assert {r["benchmark"]["measured_by"] for r in measured} == {"pyra-lightning report --measure"}
+    assert (out / "accuracy_throughput.png").stat().st_size > 5000

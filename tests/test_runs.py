@@ -190,7 +190,8 @@ def test_test_and_predict_use_the_runs_checkpoint_and_write_into_its_folder(
     shutil.copytree(workdir / "runs" / "demo" / "pyra", run)
     fitted = json.loads((run / "results.json").read_text())
     main(["test", *quickstart_args(run, workdir / "data", *SHORT)])
-    tested = json.loads((run / "results.json").read_text())
+    assert json.loads((run / "results.json").read_text()) == fitted, "the fit's result is left alone"
+    tested = json.loads((run / "test" / "results.json").read_text())
     assert tested["test_acc"] == pytest.approx(fitted["test_acc"], abs=1e-6)
     assert tested["fingerprint"] == fitted["fingerprint"] and tested["checkpoint"].endswith("last.ckpt")
     assert (run / "test" / "metrics.csv").is_file() and (run / "metrics.csv").is_file(), "fit's logs kept"

@@ -162,3 +162,19 @@ def test_bad_align_is_a_clear_error() -> None:
     shape = vit_shape(meta_model("vit_base_patch16_224"))
     with pytest.raises(ValueError, match="align must be a positive integer"):
         solve_flops_schedule(0.5, shape, align=0)
+
+
+def test_count_flops_on_a_stock_attention_pool_model_whose_parameters_require_grad() -> None:
+    # The issue: SigLIP's attention pool ("map") failed with "Expected gradient function to be set".
+    from pyra_lightning.training.monitoring import training_flops_per_sample
+
+    model = tiny_vit(global_pool="map", class_token=False)
+    assert all(p.requires_grad for p in model.parameters())
+    flops = count_flops(model)
+    assert all(p.requires_grad for p in model.parameters()), "requires_grad is given back"
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert count_flops(model) == flops > 0
+    for p in model.parameters():
+        p.requires_grad_(True)
+    assert training_flops_per_sample(model, 32) > flops, "training counts backward too, with grads on"

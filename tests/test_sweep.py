@@ -229,3 +229,32 @@ def test_a_task_is_finished_only_when_the_report_accepts_its_results(tmp_path: P
     document["test_acc"] = 0.675
     (run_dir / "results.json").write_text(json.dumps(document))
     assert find_results(run_dir) == run_dir / "results.json"
+
+
+def test_a_rerun_with_other_overrides_is_refused_listing_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The issue: a rerun under the same --name with changed overrides printed one warning, skipped
+    # the finished tasks and trained the others with the new settings: one table, two settings.
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    sweep_dir = tmp_path / "tiny"
+    sweep_dir.mkdir()
+    recorded = {
+        "name": "tiny",
+        "config": [str(QUICKSTART)],
+        "overrides": ["--trainer.max_epochs=2", "--data.batch_size", "8"],
+        "tasks": {"demo": {"task": "demo", "status": "done"}},
+    }
+    (sweep_dir / "sweep.json").write_text(json.dumps(recorded))
+    same = ["--trainer.max_epochs", "2", "--data.batch_size=8"]  # the same settings, spelled otherwise
+    assert run_sweep([str(QUICKSTART)], ["demo"], str(tmp_path), "tiny", same, dry_run=True).runs
+    changed = ["--trainer.max_epochs=3", "--data.batch_size=8", "--model.lora_rank=4"]
+    with pytest.raises(ValueError, match="holds a sweep of other settings") as error:
+        run_sweep([str(QUICKSTART)], ["demo"], str(tmp_path), "tiny", changed, dry_run=True)
+    message = str(error.value)
+    assert '--trainer.max_epochs: "2" in' in message and '"3" in this command' in message
+    assert '--model.lora_rank: "(not set)"' in message and "--data.batch_size" not in message
+    assert "another --name" in message
+    recorded["tasks"]["demo"]["status"] = "pending"  # nothing started: nothing to protect
+    (sweep_dir / "sweep.json").write_text(json.dumps(recorded))
+    assert run_sweep([str(QUICKSTART)], ["demo"], str(tmp_path), "tiny", changed, dry_run=True).runs

@@ -33,7 +33,6 @@ Run as ``pyra-lightning benchmark --merge_r '[low, high]' --engine eager,onnxrun
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import importlib.metadata
@@ -42,16 +41,24 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from pyra_lightning.commands.engines import build_runner, parse_batch_sizes, parse_engines
 from pyra_lightning.commands.training_speed import time_training_steps
-from pyra_lightning.timing import Precision, num_threads, time_interleaved
+from pyra_lightning.timing import (
+    ClockName,
+    Precision,
+    clock_function,
+    cpu_model,
+    device_name,
+    load_average,
+    num_threads,
+    time_interleaved,
+)
 
 # One schedule as ``apply_merging`` takes it; ``(r, inflection)`` tuples are left out because a
 # command line cannot tell them from per-layer lists.
@@ -76,12 +83,18 @@ def build_model(
     """
     import timm
 
-    from pyra_lightning.patch import apply_lora, apply_merging, fold_lora
+    from pyra_lightning.backbone import check_model_name
+    from pyra_lightning.patch import apply_lora, apply_merging, check_model, fold_lora
 
+    check_model_name(model_name)
     torch.manual_seed(0)
-    model = timm.create_model(
-        model_name, pretrained=False, num_classes=num_classes, img_size=img_size, **(model_kwargs or {})
-    )
+    kwargs = {"num_classes": num_classes, **(model_kwargs or {})}
+    try:
+        model = timm.create_model(model_name, pretrained=False, img_size=img_size, **kwargs)
+    except TypeError as error:  # e.g. a CNN (resnet18) takes no img_size: say what it is instead
+        check_model(timm.create_model(model_name, pretrained=False, **kwargs))
+        raise ValueError(f"timm.create_model({model_name!r}, img_size={img_size}): {error}") from error
+    check_model(model)  # the one-line refusal apply_merging gives, before LoRA is attempted
     apply_lora(model, lora_rank)
     if merge_r is not None:
         apply_merging(model, merge_r, pyra=pyra)
@@ -90,11 +103,14 @@ def build_model(
     return model.to(device)
 
 
-def _label(spec: ScheduleSpec, index: int) -> str:
+def _label(spec: ScheduleSpec) -> str:
+    """A schedule's row name: its name, ``r=8``, ``flops=0.5``, or a list by its contents (``16x11,10``)."""
+    from pyra_lightning.commands.table import describe_schedule
+
     if isinstance(spec, str):
         return spec
     if isinstance(spec, list):
-        return f"list{index}"
+        return describe_schedule(spec)
     return f"r={spec}" if isinstance(spec, int) else f"flops={spec:g}"
 
 
@@ -105,14 +121,6 @@ def _as_schedule_list(merge_r: Sequence[ScheduleSpec] | ScheduleSpec) -> list[Sc
     return list(merge_r)
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def environment(device: torch.device) -> dict[str, Any]:
     """What a benchmark figure depends on besides the arguments."""
     return {
@@ -121,11 +129,11 @@ def environment(device: torch.device) -> dict[str, Any]:
         "timm": importlib.metadata.version("timm"),
         "python": platform.python_version(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
-        "cpu_model": _cpu_model(),
+        "device_name": device_name(device),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "loadavg": load_average(),
     }
 
 
@@ -145,7 +153,7 @@ def run_benchmark(
     num_classes: int = 100,
     train: bool = False,
     threads: int | None = None,
-    clock: Literal["wall", "cpu"] = "wall",
+    clock: ClockName = "wall",
     output: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
     target_speedup: float | None = None,
@@ -212,7 +220,7 @@ def run_benchmark(
 
 
 def _clock(args: dict[str, Any]) -> Callable[[], float]:
-    return time.process_time if args["clock"] == "cpu" else time.perf_counter
+    return clock_function(args["clock"])
 
 
 def _builder(args: dict[str, Any]) -> Callable[..., nn.Module]:
@@ -251,8 +259,8 @@ def _run(args: dict[str, Any], schedules: list[ScheduleSpec]) -> dict[str, Any]:
     dev = torch.device(args["device"])
     build = _builder(args)
     variants: dict[str, tuple[ScheduleSpec | None, bool]] = {"uncompressed": (None, False)}
-    for index, spec in enumerate(schedules):
-        label = _label(spec, index)
+    for spec in schedules:
+        label = _label(spec)
         variants[f"tome/{label}"] = (spec, False)
         variants[f"pyra/{label}"] = (spec, True)
 
@@ -320,7 +328,7 @@ def _run(args: dict[str, Any], schedules: list[ScheduleSpec]) -> dict[str, Any]:
             args["runs"],
             _clock(args),
         )
-    result["environment"]["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    result["environment"]["loadavg_after"] = load_average()
     return result
 
 
@@ -375,7 +383,7 @@ def _run_target(args: dict[str, Any]) -> dict[str, Any]:
             iterations=args["target_iterations"],
             clock=_clock(args),
         )
-    env_before["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    env_before["loadavg_after"] = load_average()
     return {"args": args, "environment": env_before, "target": dataclasses.asdict(found)}
 
 

@@ -48,7 +48,7 @@ from pyra_lightning.deploy import (  # noqa: F401  (re-exported: the artifact's 
     ExportedModel,
     load_exported,
 )
-from pyra_lightning.files import plain_dir_mode
+from pyra_lightning.files import apply_umask, plain_dir_mode
 from pyra_lightning.modulation import resolve_variant
 
 if TYPE_CHECKING:
@@ -133,6 +133,7 @@ def export_model(
         config["artifacts"] = {"safetensors": {"file": weights.file}}
         config["artifacts"].update(write_deployed(folded, staging, formats, config["preprocess"]["img_size"]))
         _write_json(staging / CONFIG_FILE, config)
+        apply_umask(staging)  # safetensors writes 0600; the export is shared like every other file
         _swap_in(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from pyra_lightning.commands.table import (
     METRIC_LABELS,
@@ -17,6 +18,8 @@ from pyra_lightning.commands.table import (
     TableRow,
     build_table,
     collect_results,
+    default_label,
+    label_by,
     table_records,
     to_csv,
     to_markdown,
@@ -50,11 +53,25 @@ def report(
     out_dir: str = "reports",
     average: Average = "groups",
     metric: Metric = "test_acc",
+    label: list[str] | None = None,
     plot: bool = True,
+    measure: bool = False,
+    measure_batch_size: int = 8,
+    measure_device: str = "cpu",
+    measure_precision: Literal["32", "bf16", "16"] = "32",
+    measure_threads: int | None = None,
+    measure_clock: Literal["wall", "cpu"] = "wall",
+    measure_warmup: int = 3,
+    measure_runs: int = 10,
     wandb_project: str | None = None,
     wandb_run_name: str | None = None,
 ) -> dict[str, Path]:
     """Collect results, write ``vtab_table.md``/``.csv`` (and the figure) to ``out_dir``, print the table.
+
+    Speeds (``commands.measure``): without ``measure`` the throughputs of the files are shown with
+    the conditions they were taken under, and a column mixing conditions is marked NOT COMPARABLE
+    in its footnote (and the figure's title); with ``measure`` every row's model is rebuilt from
+    its settings and all are timed side by side now, and the table and the figure use those.
 
     Args:
         results: run folders (searched recursively for results.json), files or glob patterns.
@@ -62,22 +79,52 @@ def report(
         average: ``groups`` (mean of the 3 group means, the paper's Table 2) or ``tasks`` (of the 19).
         metric: ``test_acc`` (final model), ``test_acc_best`` (best test accuracy during training)
             or ``test_acc_reference_protocol`` (the reference's number; see ``ReferenceProtocol``).
+        label: settings that also name the rows, e.g. ``model.lora_rank`` (``report --label
+            model.lora_rank``): results that differ in them get rows of their own instead of being
+            refused as "not seeds of one run". Keys are ``results.json`` ``settings`` keys (the
+            CLI's flags), results fields or ``config`` entries.
         plot: also draw accuracy against throughput per method and merge schedule (Figs. 2/4).
+        measure: time every row's model (rebuilt from its settings, random weights) side by side in
+            one interleaved benchmark on this machine, now, and use those throughputs and speed-ups.
+        measure_batch_size, measure_device, measure_precision, measure_threads, measure_clock,
+            measure_warmup, measure_runs: how ``measure`` times, as ``pyra-lightning benchmark``'s
+            ``--batch_size``, ``--device``, ``--precision``, ``--threads``, ``--clock``,
+            ``--warmup`` and ``--runs`` (on a shared CPU: ``--measure_threads 1 --measure_clock cpu``).
         wandb_project: also log the table to this W&B project (honours WANDB_MODE=offline).
         wandb_run_name: name of that W&B run.
     """
+    from pyra_lightning.commands.measure import measure_rows, throughput_note
+
     collected = collect_results(results)
-    rows = build_table(collected, average=average, metric=metric)
+    final = [r for r in collected if r.get("protocol", "final") == "final"] or collected
+    row_label = label_by(label, final) if label else default_label(final)
+    if measure:
+        collected, note = measure_rows(
+            collected,
+            row_label,
+            batch_size=measure_batch_size,
+            device=measure_device,
+            precision=measure_precision,
+            threads=measure_threads,
+            clock=measure_clock,
+            warmup=measure_warmup,
+            runs=measure_runs,
+        )
+        title: str | None = "throughput measured now by report --measure, all rows side by side"
+    else:
+        note, comparable = throughput_note(final)
+        title = None if comparable else "throughput from results.json: NOT comparable (see the table)"
+    rows = build_table(collected, average=average, metric=metric, label=row_label)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    markdown = to_markdown(rows) + f"Accuracy shown: {metric} ({METRIC_LABELS[metric]}).\n"
+    markdown = to_markdown(rows, note) + f"Accuracy shown: {metric} ({METRIC_LABELS[metric]}).\n"
     written = {"markdown": out / "vtab_table.md", "csv": to_csv(rows, out / "vtab_table.csv")}
     written["markdown"].write_text(markdown, encoding="utf-8")
     if plot:
         from pyra_lightning.commands.figures import plot_accuracy_throughput
 
         written["plot"] = plot_accuracy_throughput(
-            collected, out / "accuracy_throughput.png", average, metric
+            collected, out / "accuracy_throughput.png", average, metric, title=title
         )
     if wandb_project:
         push_to_wandb(rows, wandb_project, wandb_run_name)
@@ -97,7 +144,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "results", type=str, nargs="+", help="Run folders (searched recursively), files or globs."
     )
-    parser.add_function_arguments(report, skip={"results"}, as_group=False)
+    parser.add_argument(
+        "--label",
+        type=str,
+        nargs="+",
+        help="Settings that also name the rows (e.g. model.lora_rank trainer.max_epochs): results that "
+        "differ in them get rows of their own.",
+    )
+    parser.add_function_arguments(report, skip={"results", "label"}, as_group=False)
     report(**vars(parser.parse_args(argv)))
 
 

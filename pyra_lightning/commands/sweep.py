@@ -30,19 +30,19 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 import yaml
 
+from pyra_lightning.commands.sweep_progress import Progress, format_duration
 from pyra_lightning.data.tasks import VTAB_TASKS, resolve_task
 from pyra_lightning.files import atomic_write_text
-from pyra_lightning.results import RESULTS_FILENAME, read_result
+from pyra_lightning.results import RESULTS_FILENAME, describe_differences, read_result
 
 SWEEP_FILE = "sweep.json"
 TASK_STATE_FILE = "sweep_task.json"
 LOG_FILE = "train.log"
 RUN_HEADER = "===== pyra-lightning sweep: run"  # starts the block each (re)run appends to train.log
-FINISHED = ("done", "skipped")
 Status = Literal["pending", "running", "done", "skipped", "failed", "interrupted"]
 _LOG_TAIL_LINES = 20
 _POLL_S = 0.5
@@ -262,62 +262,6 @@ def write_sweep_json(sweep_dir: Path, tasks: Sequence[str], meta: dict[str, Any]
     return path
 
 
-# ------------------------------------------------------------------------------------- progress
-def format_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class Progress:
-    """``done / running / failed / remaining`` and an ETA, as one redrawn line on a TTY.
-
-    The ETA assumes every unfinished task takes the mean duration of the tasks finished in this
-    invocation (skipped ones took no time here), spread over the parallel slots.
-    """
-
-    def __init__(self, name: str, total: int, max_parallel: int, stream: TextIO | None = None) -> None:
-        self.name, self.total, self.max_parallel = name, total, max_parallel
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.durations: list[float] = []
-        self._last = ""
-
-    def line(self, runs: Sequence[TaskRun], started: dict[str, float]) -> str:
-        done = sum(run.status in FINISHED for run in runs)
-        failed = sum(run.status in ("failed", "interrupted") for run in runs)
-        running = [run for run in runs if run.status == "running"]
-        pending = self.total - done - failed - len(running)
-        text = (
-            f"sweep {self.name}: {done}/{self.total} done, {len(running)} running, "
-            f"{failed} failed, {pending} remaining"
-        )
-        if self.durations and (pending or running):
-            mean = sum(self.durations) / len(self.durations)
-            now = time.monotonic()
-            work = pending * mean + sum(max(mean - (now - started[run.task]), 0.0) for run in running)
-            text += f", ETA {format_duration(work / max(1, min(self.max_parallel, pending + len(running))))}"
-        return text
-
-    def show(self, runs: Sequence[TaskRun], started: dict[str, float]) -> None:
-        text = self.line(runs, started)
-        if self.tty:
-            self.stream.write(f"\r\x1b[K{text}")
-        elif text.split(", ETA")[0] != self._last.split(", ETA")[0]:
-            self.stream.write(text + "\n")  # plain logs: only when the counts change
-        self.stream.flush()
-        self._last = text
-
-    def message(self, text: str) -> None:
-        """Print a line above the progress line (which the next ``show`` redraws)."""
-        self.stream.write(("\r\x1b[K" if self.tty else "") + text + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty and self._last:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 # ---------------------------------------------------------------------------------------- sweep
 def run_sweep(
     config: list[str],
@@ -375,13 +319,13 @@ def run_sweep(
             run.status, run.results_json = "skipped", str(results)
             run.duration_s, run.finished = previous.get("duration_s"), previous.get("finished")
     summary = SweepSummary(name, sweep_dir, runs, dry_run)
+    refuse_if_changed(sweep_dir, meta)
     if dry_run:
         for run in runs:
             print(f"[{run.status}] {run.task}: " + (run.results_json or " ".join(run.command)))
         return summary
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    _warn_if_changed(sweep_dir, meta)
     for run in runs:
         Path(run.run_dir).mkdir(exist_ok=True)
         _save_state(run)
@@ -390,15 +334,55 @@ def run_sweep(
     return summary
 
 
-def _warn_if_changed(sweep_dir: Path, meta: dict[str, Any]) -> None:
-    with contextlib.suppress(OSError, ValueError, AttributeError):
+def override_settings(overrides: Sequence[str]) -> dict[str, str]:
+    """``fit`` overrides as ``{flag: value}``: ``--a=1`` and ``--a 1`` both give ``{"--a": "1"}``.
+
+    A later flag wins, as it does on ``fit``'s command line; a token that follows no flag is kept
+    under its position so that no difference can hide.
+    """
+    settings: dict[str, str] = {}
+    flag: str | None = None
+    for index, token in enumerate(overrides):
+        if token.startswith("--"):
+            key, sep, value = token.partition("=")
+            settings[key] = value if sep else "true"  # a bare flag until a value follows it
+            flag = None if sep else key
+        elif flag is not None:
+            settings[flag], flag = token, None
+        else:
+            settings[f"argument {index}"] = token
+    return settings
+
+
+def refuse_if_changed(sweep_dir: Path, meta: dict[str, Any]) -> None:
+    """Refuse to continue a sweep whose ``sweep.json`` records other configs or overrides.
+
+    Its finished tasks would be skipped and its unfinished ones trained with the new settings, so
+    one table would silently mix two settings; ``fit`` refuses a run folder of other settings for
+    the same reason. A sweep none of whose tasks has started yet holds nothing and may change.
+
+    Raises:
+        ValueError: listing every differing config file and override, and how to proceed.
+    """
+    try:
         before = json.loads((sweep_dir / SWEEP_FILE).read_text(encoding="utf-8"))
-        if [before.get("config"), before.get("overrides")] != [meta["config"], meta["overrides"]]:
-            print(
-                f"warning: {sweep_dir / SWEEP_FILE} has config {before.get('config')} and overrides "
-                f"{before.get('overrides')}; finished tasks are still skipped (another --name starts over)",
-                file=sys.stderr,
-            )
+    except (OSError, ValueError):
+        return
+    if not isinstance(before, dict):
+        return
+    tasks = before.get("tasks") if isinstance(before.get("tasks"), dict) else {}
+    if all(isinstance(t, dict) and t.get("status") == "pending" for t in tasks.values()):
+        return
+    recorded = {"config": before.get("config"), **override_settings(before.get("overrides") or [])}
+    asked = {"config": meta["config"], **override_settings(meta["overrides"])}
+    differences = describe_differences(recorded, asked, str(sweep_dir / SWEEP_FILE), "in this command")
+    if differences:
+        listed = "\n".join(f"  {line}" for line in differences)
+        raise ValueError(
+            f"sweep {meta['name']}: {sweep_dir} holds a sweep of other settings; these settings differ:\n"
+            f"{listed}\nRerun it with the same --config files and overrides to continue it, or start a new "
+            f"sweep with another --name (or delete {sweep_dir})."
+        )
 
 
 def _execute(

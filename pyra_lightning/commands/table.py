@@ -66,17 +66,32 @@ GROUP_TASKS: dict[str, tuple[str, ...]] = {
     group: tuple(task.name for task in VTAB_TASKS if task.group == group) for group in GROUPS
 }
 _METHOD_RANK = {"peft": 0, "tome": 2, "pyra": 3}
+# How to get a metric that a result lacks (``null`` in its results.json).
+METRIC_HINTS: dict[str, str] = {
+    "test_acc_best": "the run did not evaluate the test split during training: fit it with "
+    "--data.track_test true, or report --metric test_acc",
+    "test_acc_reference_protocol": "the run had no ReferenceProtocol callback: fit it with "
+    "--config configs/recipe/reference.yaml, or report --metric test_acc",
+}
 # Config entries that make two runs different models rather than repeats (seeds) of one.
 _IDENTITY_KEYS = ("model_name", "merge_r", "img_size")
 
 
 # ----------------------------------------------------------------------------------------- reading
 def _expand(item: str | Path, filename: str) -> list[Path]:
+    """The results files an argument names: itself, a folder's (recursively), or a glob's.
+
+    In a folder, a run's re-test (``<run>/test/results.json``, written by ``pyra-lightning test``)
+    is left out where the run has its own ``results.json``: both are results of one run. Name the
+    re-test's file (or a glob matching it) to report it instead.
+    """
     path = Path(item)
     if path.is_file():
         return [path]
     if path.is_dir():
-        return sorted(path.rglob(filename))
+        found = sorted(path.rglob(filename))
+        own = set(found)
+        return [f for f in found if not (f.parent.name == "test" and f.parent.parent / filename in own)]
     found: list[Path] = []
     for match in sorted(glob.glob(str(item), recursive=True)):
         found.extend(_expand(match, filename))
@@ -198,14 +213,46 @@ def default_label(results: Sequence[Result]) -> Callable[[Result], str]:
     return label
 
 
+def setting_value(result: Result, key: str) -> Any:
+    """``key`` of a result: a setting (``model.lora_rank``), else a results field or config entry."""
+    settings = result_settings(result)
+    if key in settings:
+        return settings[key]
+    if key in result:
+        return result[key]
+    return (result.get("config") or {}).get(key, MISSING)
+
+
+def label_by(keys: Sequence[str], results: Sequence[Result]) -> Callable[[Result], str]:
+    """``default_label`` plus ``key=value`` of every key (``report --label model.lora_rank``).
+
+    Lets results that differ in a setting (not only the seed) sit in rows of their own.
+
+    Raises:
+        ValueError: a key that no result has, naming the settings they do have.
+    """
+    base = default_label(results)
+    for key in keys:
+        if all(setting_value(result, key) is MISSING for result in results):
+            known = sorted(set().union(*(result_settings(result) for result in results)))
+            raise ValueError(f"--label {key}: no result has this setting; they have: {', '.join(known)}")
+
+    def label(result: Result) -> str:
+        values = [setting_value(result, key) for key in keys]
+        shown = [value if isinstance(value, str) else json.dumps(value) for value in values]
+        return " ".join([base(result), *(f"{key}={value}" for key, value in zip(keys, shown, strict=True))])
+
+    return label
+
+
 def _check_same_model(label: str, runs: list[Result]) -> None:
     identities = {_identity(run): run for run in runs if run.get("config")}
     if len(identities) > 1:
         first, second = list(identities.values())[:2]
         raise ValueError(
             f"row {label!r} mixes different models ({', '.join(_IDENTITY_KEYS)} differ: "
-            f"{first.get('results_file', '?')} vs {second.get('results_file', '?')}); give them distinct "
-            "'method' labels or use the default label"
+            f"{first.get('results_file', '?')} vs {second.get('results_file', '?')}); put them in rows of their "
+            "own with report --label model.model_name model.merge_r, or use the default label"
         )
 
 
@@ -235,10 +282,11 @@ def _check_seeds(label: str, task: str, runs: list[Result]) -> None:
             base, seed_free(result_settings(run)), first["results_file"], f"in {run['results_file']}"
         )
         if differences:
+            keys = [line.split(": ", 1)[0] for line in differences]
             raise ValueError(
                 f"{label} on {task}: results that differ by more than the seed are not seeds of one run:\n  "
                 + "\n  ".join(differences)
-                + "\ngive them different row labels (report them separately)"
+                + f"\nreport them in rows of their own: report --label {' '.join(keys)}"
             )
         settings = result_settings(run)
         seed = json.dumps({key: settings.get(key) for key in SEED_KEYS}, sort_keys=True)
@@ -314,7 +362,10 @@ def _build_row(
     by_task: dict[str, list[Result]] = {}
     for run in runs:
         if run.get(metric) is None:
-            raise ValueError(f"{run.get('results_file', name)}: {metric!r} is null")
+            hint = METRIC_HINTS.get(metric)
+            raise ValueError(
+                f"{run.get('results_file', name)}: {metric!r} is null" + (f"; {hint}" if hint else "")
+            )
         by_task.setdefault(run["task"], []).append(run)
     tasks = {}
     for task, task_runs in by_task.items():
@@ -349,12 +400,16 @@ def _coverage(row: TableRow, names: Sequence[str]) -> str:
     return f"n/a ({sum(name in row.tasks for name in names)}/{len(names)})"
 
 
-def to_markdown(rows: Sequence[TableRow]) -> str:
-    """The table as GitHub markdown, with footnotes saying how means and missing tasks are shown."""
+def to_markdown(rows: Sequence[TableRow], throughput_note: str | None = None) -> str:
+    """The table as GitHub markdown, with footnotes saying how means and missing tasks are shown.
+
+    ``throughput_note`` (``commands.measure``: how the throughputs were measured, or that they are
+    not comparable) marks the throughput column with ``*`` and is printed as its footnote.
+    """
     if not rows:
         raise ValueError("no rows to write")
     vtab = _has_vtab(rows)
-    header = ["Method", "# params", "Throughput (img/s)"]
+    header = ["Method", "# params", "Throughput (img/s)" + ("*" if throughput_note else "")]
     header += [TASK_HEADERS.get(task, task) for task in rows[0].columns]
     if vtab:
         header += [group.capitalize() for group in GROUPS] + [average_header(rows[0].average_kind)]
@@ -393,6 +448,8 @@ def to_markdown(rows: Sequence[TableRow]) -> str:
         if extra:
             notes.append(f"Tasks outside VTAB-1k ({', '.join(extra)}) count in no mean.")
     notes.append("# params: trainable share of all parameters; both it and throughput are means over tasks.")
+    if throughput_note:
+        notes.append(f"* Throughput: {throughput_note}")
     return "\n".join(lines + notes) + "\n"
 
 

@@ -18,6 +18,8 @@ from timm.data import (
 )
 from timm.models import get_pretrained_cfg
 
+from pyra_lightning.backbone import check_model_name
+
 Normalization = Literal["imagenet", "inception", "openai_clip"]
 
 NORMALIZATION_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -36,8 +38,10 @@ def backbone_data_config(backbone: str) -> tuple[int, Normalization]:
     SigLIP and PE 0.5/0.5 (``inception``), DINOv2/v3 ImageNet's.
 
     Raises:
-        ValueError: for a name timm does not know, or statistics none of ``NORMALIZATION_STATS`` match.
+        ValueError: for a name timm does not know (naming the closest it knows), or statistics none
+            of ``NORMALIZATION_STATS`` match.
     """
+    check_model_name(backbone)  # a typo is named as one, before its missing config is
     cfg = get_pretrained_cfg(backbone)
     if cfg is None:
         raise ValueError(

@@ -17,8 +17,18 @@ from torchmetrics.classification import MulticlassAccuracy
 from pyra_lightning.accounting import count_flops
 from pyra_lightning.patch import apply_merging, merge_schedule
 from pyra_lightning.results import RESULTS_FILENAME, RunResult
-from pyra_lightning.timing import images_per_second, time_forwards
+from pyra_lightning.timing import (
+    ClockName,
+    clock_function,
+    conditions,
+    images_per_second,
+    load_average,
+    num_threads,
+    time_forwards,
+)
 from pyra_lightning.training.runs import fingerprint, run_settings
+
+TEST_SUBDIR = "test"  # a `test` of a trained run writes <run>/test/results.json, beside its logs
 
 
 class LoRAFolding(pl.Callback):
@@ -53,13 +63,19 @@ class InferenceThroughput(pl.Callback):
     Logs ``test/throughput``, ``test/throughput_unmerged``, ``test/speedup``, ``test/gflops`` and
     ``test/gflops_unmerged`` to every logger. Timing is ``pyra_lightning.timing``'s protocol, the
     benchmark's: the model alone on the module's device (CUDA-synchronised), a warm-up, then the
-    median of ``runs`` timed batches, merged and unmerged interleaved.
+    median of ``runs`` timed batches, merged and unmerged interleaved. ``conditions`` records how
+    (engine, device, threads, clock, precision, batch size, load average before and after), and
+    ``results.json`` keeps it as ``benchmark``: a speed-up is only comparable to one taken alike.
 
     Args:
         batch_size: Images per timed forward.
         precision: ``"32"``, ``"bf16"`` or ``"16"`` (autocast) for the timing.
         warmup: Untimed forwards first.
         runs: Timed forwards; the median is reported.
+        threads: ``torch.set_num_threads`` during the timing (as ``benchmark --threads``); ``None``
+            keeps torch's setting. On a CPU shared with other jobs, ``1`` with ``clock="cpu"``.
+        clock: ``"wall"`` (``time.perf_counter``) or ``"cpu"`` (process CPU time, with ``threads=1``
+            the work done rather than the time spent waiting for a core), as ``benchmark --clock``.
         enabled: Switch the measurement off (e.g. for quick debugging runs).
     """
 
@@ -69,14 +85,22 @@ class InferenceThroughput(pl.Callback):
         precision: Literal["32", "bf16", "16"] = "32",
         warmup: int = 3,
         runs: int = 10,
+        threads: int | None = None,
+        clock: ClockName = "wall",
         enabled: bool = True,
     ) -> None:
+        clock_function(clock)  # refuse an unknown clock when the run starts, not after training
+        if threads is not None and threads < 1:
+            raise ValueError(f"throughput.threads must be a positive integer or null, got {threads}")
         self.batch_size = batch_size
         self.precision = precision
         self.warmup = warmup
         self.runs = runs
+        self.threads = threads
+        self.clock = clock
         self.enabled = enabled
         self.results: dict[str, float] = {}
+        self.conditions: dict[str, Any] | None = None  # how ``results`` were measured
 
     def measure(self, pl_module: pl.LightningModule) -> dict[str, float]:
         model = (
@@ -84,16 +108,23 @@ class InferenceThroughput(pl.Callback):
         )
         unmerged = apply_merging(copy.deepcopy(model), 0, pyra=False) if any(merge_schedule(model)) else model
         img_size = pl_module.hparams.img_size
-        # Round-robin timing: the speedup compares forwards taken side by side, not minutes apart.
-        times = time_forwards(
-            {"merged": model, "unmerged": unmerged},
-            batch_size=self.batch_size,
-            img_size=img_size,
-            device=pl_module.device,
-            precision=self.precision,
-            warmup=self.warmup,
-            runs=self.runs,
-        )
+        with num_threads(self.threads):
+            measured = conditions(
+                pl_module.device, self.clock, self.precision, self.batch_size, self.warmup, self.runs
+            )
+            # Round-robin timing: the speedup compares forwards taken side by side, not minutes apart.
+            times = time_forwards(
+                {"merged": model, "unmerged": unmerged},
+                batch_size=self.batch_size,
+                img_size=img_size,
+                device=pl_module.device,
+                precision=self.precision,
+                warmup=self.warmup,
+                runs=self.runs,
+                clock=clock_function(self.clock),
+            )
+        measured["loadavg_after"] = load_average()
+        self.conditions = measured
         merged_ips = images_per_second(self.batch_size, times["merged"])
         unmerged_ips = images_per_second(self.batch_size, times["unmerged"])
         return {
@@ -213,7 +244,8 @@ class ResultsJSON(pl.Callback):
     Fields: ``task``, ``group``, ``protocol``, ``method``, ``test_acc`` and ``test_acc_best``
     (fractions), ``throughput``, ``throughput_unmerged`` (images/s), ``speedup``, ``gflops``,
     ``gflops_unmerged``, ``params`` (trainable counts by group, total, ``trainable_pct``),
-    ``config`` (the key hyperparameters), ``benchmark`` (how throughput was measured), and
+    ``config`` (the key hyperparameters), ``benchmark`` (how throughput was measured:
+    ``timing.conditions``) with ``throughput_engine``, and
     ``test_acc_reference_protocol`` with ``reference_protocol`` (its cadence and the evaluations,
     by epoch, it is the maximum of) when the ``ReferenceProtocol`` callback ran.
     ``pyra-lightning report`` reads these files.
@@ -221,6 +253,12 @@ class ResultsJSON(pl.Callback):
     CLI sets ``identity`` to the tested checkpoint's, so a ``test`` of an older checkpoint is
     described by the settings it was trained with) and the ``checkpoint`` tested.
     ``pyra-lightning report`` and ``sweep`` read these files.
+
+    Where: the test that follows ``fit`` writes the run's own ``<run>/results.json`` (the run's
+    result, which ``sweep`` and ``fit``'s "finished" check read); a ``test`` of a trained run (no
+    fit in this process) writes ``<run>/test/results.json`` beside its logs and never overwrites
+    the fit's file. Without a run folder (``dirpath`` unset: a plain ``Trainer``) the file goes
+    to the logger's folder.
 
     Args:
         filename: Name of the file inside the run folder.
@@ -232,6 +270,16 @@ class ResultsJSON(pl.Callback):
         self.dirpath: Path | None = None  # the run folder (set by the CLI); None: the logger's folder
         self.identity: dict[str, Any] | None = None  # {"settings", "fingerprint"} of the tested model
         self.checkpoint: str | None = None
+        self.fitted = False  # a fit ran in this process: its test is the run's result
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fitted = True
+
+    def target(self, trainer: pl.Trainer) -> Path:
+        """``<run>/results.json`` after a fit, ``<run>/test/results.json`` for a test of a trained run."""
+        if self.dirpath is None:
+            return results_dir(trainer) / self.filename
+        return self.dirpath / self.filename if self.fitted else self.dirpath / TEST_SUBDIR / self.filename
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -243,6 +291,7 @@ class ResultsJSON(pl.Callback):
         hp = pl_module.hparams
         throughput = next((cb for cb in trainer.callbacks if isinstance(cb, InferenceThroughput)), None)
         reference = next((cb for cb in trainer.callbacks if isinstance(cb, ReferenceProtocol)), None)
+        measured = throughput.conditions if throughput is not None and "test/throughput" in metrics else None
         identity = self.identity
         if identity is None:
             settings = run_settings(trainer, pl_module, datamodule)
@@ -284,15 +333,15 @@ class ResultsJSON(pl.Callback):
                 if reference
                 else None
             ),
-            benchmark={
-                "batch_size": throughput.batch_size if throughput else None,
-                "precision": throughput.precision if throughput else None,
-                "device": str(pl_module.device),
-            },
+            # How the throughput was taken (timing.conditions); the report compares like with like.
+            benchmark=measured if measured is not None else {"device": str(pl_module.device)},
+            throughput_engine=measured["engine"] if measured is not None else None,
             settings=identity["settings"],
             fingerprint=identity["fingerprint"],
             checkpoint=self.checkpoint,
             data=getattr(datamodule, "data_identity", None),  # the manifest digest, where verified
         )
-        self.path = result.write((self.dirpath or results_dir(trainer)) / self.filename)
-        rank_zero_info(f"results written to {self.path}")
+        self.path = result.write(self.target(trainer))
+        kept = self.dirpath / self.filename if self.dirpath is not None and not self.fitted else None
+        note = f" (the fit's {kept} is left as it is)" if kept is not None and kept.is_file() else ""
+        rank_zero_info(f"results written to {self.path}{note}")

@@ -1,0 +1,102 @@
+"""``fit --help``: our options first and fast; Lightning's ~60 Trainer flags behind ``--help_all``.
+
+LightningCLI builds the full parser of every subcommand (``fit``, ``validate``, ``test``,
+``predict``) before it parses anything, the Trainer's signature and docstring included, and
+prints the Trainer's group first. So ``--help`` took seconds and opened on ``--trainer.accelerator``.
+``BriefHelp`` (a mixin for the LightningCLI subclass) changes only what help shows:
+
+- ``--help`` builds the parser of the asked subcommand alone, without the Trainer's arguments,
+  and prints our groups (config, model, data, the callbacks, ``auto_resume``...) with a closing
+  note naming the Trainer flags and ``--help_all``;
+- ``--help_all`` is ``--help`` with every argument, the Trainer's group moved to the end.
+
+Nothing changes for a command that is not asking for help. The hooks used are public:
+``add_core_arguments_to_parser``, ``subcommands`` and ``parser_class``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Literal
+
+from lightning.pytorch.cli import LightningArgumentParser
+
+HELP_ALL = "--help_all"
+HELP_FLAGS = ("-h", "--help")
+TRAINER_KEY = "trainer"
+HelpMode = Literal["brief", "all"] | None
+
+
+def help_mode(argv: list[str]) -> HelpMode:
+    """``"all"`` for ``--help_all``, ``"brief"`` for ``-h``/``--help``, ``None`` for a real command."""
+    if HELP_ALL in argv:
+        return "all"
+    return "brief" if any(arg in HELP_FLAGS for arg in argv) else None
+
+
+class BriefHelpParser(LightningArgumentParser):
+    """Prints the Trainer's group last (``--help_all``), or a line about it where it was left out."""
+
+    trainer_note: str | None = None  # set on the parsers built for a brief help
+
+    def format_help(self, formatter: Any = None) -> str:
+        trainer = (self.groups or {}).get(TRAINER_KEY)
+        if trainer is not None and trainer in self._action_groups:
+            self._action_groups = [g for g in self._action_groups if g is not trainer] + [trainer]
+        text = super().format_help() if formatter is None else super().format_help(formatter)
+        return text + (f"\n{self.trainer_note}\n" if self.trainer_note else "")
+
+
+class BriefHelp:
+    """Mixin for a ``LightningCLI`` subclass (``class PyraCLI(BriefHelp, LightningCLI)``): see the module."""
+
+    help_mode: HelpMode = None
+    help_subcommand: str | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raw = kwargs.get("args")
+        argv = list(sys.argv[1:] if raw is None else raw) if not isinstance(raw, dict) else []
+        self.help_mode = help_mode(argv)
+        if self.help_mode is not None:
+            names = _all_subcommands()
+            self.help_subcommand = next((arg for arg in argv if arg in names), None)
+            if self.help_mode == "all":
+                kwargs["args"] = ["--help" if arg == HELP_ALL else arg for arg in argv]
+        kwargs.setdefault("parser_class", BriefHelpParser)
+        super().__init__(*args, **kwargs)
+
+    def _brief(self) -> bool:
+        return self.help_mode == "brief" and self.help_subcommand is not None
+
+    def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]
+        """All of LightningCLI's subcommands; for a brief help only the one asked about."""
+        every = _all_subcommands()
+        return {self.help_subcommand: every[self.help_subcommand]} if self._brief() else every  # type: ignore[index]
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """LightningCLI's, without the Trainer's arguments for a brief help (the slow, long part)."""
+        if not self._brief():
+            super().add_core_arguments_to_parser(parser)  # type: ignore[misc]
+            return
+        cli: Any = self
+        parser.add_lightning_class_args(cli._model_class, "model", subclass_mode=cli.subclass_mode_model)
+        parser.add_lightning_class_args(
+            cli._datamodule_class,
+            "data",
+            subclass_mode=cli.subclass_mode_data,
+            required=cli.datamodule_class is not None,
+        )
+        if isinstance(parser, BriefHelpParser):
+            kwargs: Any = getattr(self, "parser_kwargs", None) or {}
+            prog = f"{kwargs.get('prog', 'lightning')} {self.help_subcommand}"
+            parser.trainer_note = (
+                "Lightning's Trainer flags (--trainer.max_epochs, --trainer.precision, --trainer.devices,\n"
+                f"--trainer.default_root_dir, ... about 60) are listed by `{prog} {HELP_ALL}`."
+            )
+
+
+def _all_subcommands() -> dict[str, set[str]]:
+    """LightningCLI's own table of subcommands and the arguments each skips."""
+    from lightning.pytorch.cli import LightningCLI
+
+    return LightningCLI.subcommands()
