@@ -29,18 +29,18 @@ class Command(NamedTuple):
 
 COMMANDS: dict[str, Command] = {
     "fit": Command(
-        "pyra_lightning.training.cli:main",
+        "pyra_lightning.training.help_cache:main",
         "train LoRA + PYRA, test the LoRA-folded model, write results.json",
         True,
     ),
     "validate": Command(
-        "pyra_lightning.training.cli:main", "evaluate a run's checkpoint on the val split", True
+        "pyra_lightning.training.help_cache:main", "evaluate a run's checkpoint on the val split", True
     ),
     "test": Command(
-        "pyra_lightning.training.cli:main", "evaluate a run's checkpoint on the test split", True
+        "pyra_lightning.training.help_cache:main", "evaluate a run's checkpoint on the test split", True
     ),
     "predict": Command(
-        "pyra_lightning.training.cli:main", "write predictions.csv for the test split of a run", True
+        "pyra_lightning.training.help_cache:main", "write predictions.csv for the test split of a run", True
     ),
     "sweep": Command("pyra_lightning.commands.sweep:main", "run fit on many VTAB-1k tasks, one folder each"),
     "report": Command(

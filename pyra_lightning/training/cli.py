@@ -34,6 +34,7 @@ from pyra_lightning.training.checkpointing import (
     find_resume_checkpoint,
     named_checkpoint,
 )
+from pyra_lightning.training.cli_help import BriefHelp
 from pyra_lightning.training.lock import hold, release_all
 from pyra_lightning.training.module import PyraClassifier
 from pyra_lightning.training.monitoring import (
@@ -66,7 +67,7 @@ from pyra_lightning.training.runs import (
 EVALUATIONS = ("validate", "test", "predict")
 
 
-class PyraCLI(LightningCLI):
+class PyraCLI(BriefHelp, LightningCLI):
     """LightningCLI with the data -> model links, evaluation callbacks, run folders and checked resume.
 
     - One run, one folder: ``--run_dir`` if given, else ``<root>/<task>/<method>`` where the root is

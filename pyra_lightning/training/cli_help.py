@@ -62,6 +62,13 @@ class BriefHelp:
             self.help_subcommand = next((arg for arg in argv if arg in names), None)
             if self.help_mode == "all":
                 kwargs["args"] = ["--help" if arg == HELP_ALL else arg for arg in argv]
+            if self._brief():  # the other subcommands' parser settings would reach the main parser
+                given = kwargs.get("parser_kwargs") or {}
+                kwargs["parser_kwargs"] = {
+                    key: value
+                    for key, value in given.items()
+                    if key not in names or key == self.help_subcommand
+                }
         kwargs.setdefault("parser_class", BriefHelpParser)
         super().__init__(*args, **kwargs)
 
