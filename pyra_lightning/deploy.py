@@ -412,7 +412,15 @@ FORMATS: dict[str, Format] = {
         ),
     )
 }
-ENGINES: tuple[str, ...] = ("eager", "compile", *(f.engine for f in FORMATS.values() if f.engine))
+ENGINES: tuple[str, ...] = (
+    "eager",
+    "compile",
+    # compile_for_inference's graph engines (commands.engines.GRAPH_ENGINES)
+    "inductor",
+    "cudagraph",
+    "inductor-cudagraph",
+    *(f.engine for f in FORMATS.values() if f.engine),
+)
 
 
 def engine_format(engine: str) -> Format | None:

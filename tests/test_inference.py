@@ -5,10 +5,12 @@ from __future__ import annotations
 import copy
 
 import pytest
+import timm
 import torch
 from conftest import randomize_, tiny_vit
 
 import pyra_lightning
+from pyra_lightning import apply_merging
 from pyra_lightning.lora import LoRALinear
 
 
@@ -91,3 +93,17 @@ def test_graph_engines_match_eager_on_cuda(engine: str) -> None:
             "eager",
             "cudagraph",
         }
+
+
+def test_benchmark_runs_the_inference_engines_and_skips_cuda_graphs_on_cpu() -> None:
+    """The benchmark's runners reach compile_for_inference's engines; on CPU a CUDA-graph engine is
+    refused as unavailable (the benchmark skips it with that reason) instead of failing."""
+    from pyra_lightning.commands.engines import build_runner
+    from pyra_lightning.deploy import EngineUnavailable
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
+    apply_merging(model, [4, 2], pyra=True)
+    built = build_runner("eager", model, 2, 32)
+    assert built.run().shape == (2, 1000)
+    with pytest.raises(EngineUnavailable, match="needs a CUDA input"):
+        build_runner("cudagraph", model, 2, 32)

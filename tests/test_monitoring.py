@@ -231,3 +231,24 @@ def test_test_throughput_takes_threads_and_clock_and_results_say_how_it_was_meas
     assert all(len(benchmark[key]) == 3 for key in ("loadavg_before", "loadavg_after"))
     with pytest.raises(ValueError, match="clock='gpu'"):
         InferenceThroughput(clock="gpu")  # type: ignore[arg-type]
+
+
+def test_test_throughput_runs_on_compile_for_inference_engines_and_names_them(tmp_path: Path) -> None:
+    """``--throughput.engine auto`` times both models through compile_for_inference on one engine
+    (on a CPU: eager) and results.json names it."""
+    from pyra_lightning.results import read_result
+    from pyra_lightning.training.callbacks import InferenceThroughput, LoRAFolding, ResultsJSON
+
+    throughput = InferenceThroughput(batch_size=2, warmup=0, runs=1, engine="auto")
+    results = ResultsJSON()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path, name="csv"),
+        callbacks=[LoRAFolding(), throughput, results],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.test(tiny_module(), loader(count=8))
+    written = read_result(results.path)
+    assert written["throughput_engine"] == written["benchmark"]["engine"] == "eager"
+    assert written["throughput"] > 0 and written["speedup"] > 0

@@ -32,6 +32,10 @@ from pyra_lightning.schedules import ViTShape, flops_fraction, proportional_sche
 from pyra_lightning.timing import Clock, Precision, autocast, random_images, time_interleaved
 
 Runner = Callable[[], object]
+# Engines of ``pyra_lightning.compile_for_inference``: the whole forward as one compiled graph
+# (``inductor``: fullgraph, static shapes), one CUDA graph of the eager model (``cudagraph``), or
+# both (``inductor-cudagraph``); they take the host out of the loop, which is what a GPU needs.
+GRAPH_ENGINES: tuple[str, ...] = ("inductor", "cudagraph", "inductor-cudagraph")
 
 
 @dataclass
@@ -56,7 +60,8 @@ def build_runner(
     """Prepare ``model`` (LoRA-folded, on ``device``) to run on ``engine``.
 
     Args:
-        engine: ``eager``, ``compile``, ``onnxruntime`` or ``aoti``.
+        engine: ``eager``, ``compile``, ``inductor``, ``cudagraph``, ``inductor-cudagraph``,
+            ``onnxruntime`` or ``aoti``.
         model: The folded model; ``compile`` and exports work on it without changing it.
         batch_size, img_size: The fixed input (``timing.random_images``).
         device: ``cpu`` or a CUDA device; ONNX Runtime uses its CUDA provider on CUDA.
@@ -83,6 +88,15 @@ def build_runner(
         if engine == "compile":
             run()  # compiles for this shape; timed here, not in the throughput
         return BuiltRunner(run, time.perf_counter() - start)
+    if engine in GRAPH_ENGINES:  # compile_for_inference: bound to this one batch shape
+        from pyra_lightning.inference import compile_for_inference
+
+        dtype = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[precision]
+        try:
+            bound = compile_for_inference(model, x, engine, autocast_dtype=dtype)
+        except ValueError as error:  # a CUDA-graph engine on a CPU
+            raise EngineUnavailable(str(error)) from None
+        return BuiltRunner(lambda: bound(x), time.perf_counter() - start)
     fmt = deploy.engine_format(engine)
     if fmt is None:
         raise ValueError(f"engine={engine!r}: expected one of {', '.join(deploy.ENGINES)}")

@@ -76,6 +76,11 @@ class InferenceThroughput(pl.Callback):
             keeps torch's setting. On a CPU shared with other jobs, ``1`` with ``clock="cpu"``.
         clock: ``"wall"`` (``time.perf_counter``) or ``"cpu"`` (process CPU time, with ``threads=1``
             the work done rather than the time spent waiting for a core), as ``benchmark --clock``.
+        engine: How the deployed model runs while timed: ``eager``, or an engine of
+            ``pyra_lightning.compile_for_inference`` (``inductor``, ``cudagraph``,
+            ``inductor-cudagraph``, or ``auto``: the fastest available). On a GPU the eager merged
+            model is host-bound at small batches, so a deployment's speed is a graph engine's.
+            ``results.json`` names the engine the figures come from (``throughput_engine``).
         enabled: Switch the measurement off (e.g. for quick debugging runs).
     """
 
@@ -87,6 +92,7 @@ class InferenceThroughput(pl.Callback):
         runs: int = 10,
         threads: int | None = None,
         clock: ClockName = "wall",
+        engine: Literal["eager", "auto", "inductor", "cudagraph", "inductor-cudagraph"] = "eager",
         enabled: bool = True,
     ) -> None:
         clock_function(clock)  # refuse an unknown clock when the run starts, not after training
@@ -98,6 +104,7 @@ class InferenceThroughput(pl.Callback):
         self.runs = runs
         self.threads = threads
         self.clock = clock
+        self.engine = engine
         self.enabled = enabled
         self.results: dict[str, float] = {}
         self.conditions: dict[str, Any] | None = None  # how ``results`` were measured
@@ -108,13 +115,14 @@ class InferenceThroughput(pl.Callback):
         )
         unmerged = apply_merging(copy.deepcopy(model), 0, pyra=False) if any(merge_schedule(model)) else model
         img_size = pl_module.hparams.img_size
+        timed, engine = self._bind({"merged": model, "unmerged": unmerged}, img_size, pl_module.device)
         with num_threads(self.threads):
             measured = conditions(
-                pl_module.device, self.clock, self.precision, self.batch_size, self.warmup, self.runs
+                pl_module.device, self.clock, self.precision, self.batch_size, self.warmup, self.runs, engine
             )
             # Round-robin timing: the speedup compares forwards taken side by side, not minutes apart.
             times = time_forwards(
-                {"merged": model, "unmerged": unmerged},
+                timed,
                 batch_size=self.batch_size,
                 img_size=img_size,
                 device=pl_module.device,
@@ -134,6 +142,23 @@ class InferenceThroughput(pl.Callback):
             "test/gflops": count_flops(model, img_size) / 1e9,
             "test/gflops_unmerged": count_flops(unmerged, img_size) / 1e9,
         }
+
+    def _bind(
+        self, models: dict[str, Any], img_size: int, device: torch.device
+    ) -> tuple[dict[str, Any], str]:
+        """The models as ``engine`` runs them, and the engine's name (``auto`` resolved)."""
+        if self.engine == "eager":
+            return models, "eager"
+        from pyra_lightning.inference import compile_for_inference
+        from pyra_lightning.timing import random_images
+
+        dtype = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[self.precision]
+        example = random_images(self.batch_size, img_size, device)
+        # ``auto`` is resolved on the merged model; the unmerged one runs on the same engine, so the
+        # speed-up compares like with like.
+        merged = compile_for_inference(models["merged"], example, self.engine, dtype)
+        unmerged = compile_for_inference(models["unmerged"], example, merged.engine, dtype)
+        return {"merged": merged, "unmerged": unmerged}, merged.engine
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled:
