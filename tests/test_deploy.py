@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_, tiny_vit
+from helpers import randomize_, tiny_vit
 from torch import nn
 
 from pyra_lightning import to_onnx

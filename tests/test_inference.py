@@ -7,7 +7,7 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import randomize_, tiny_vit
+from helpers import randomize_, tiny_vit
 
 import pyra_lightning
 from pyra_lightning import apply_merging

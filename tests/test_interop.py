@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, randomize_, tiny_vit
+from helpers import TINY, randomize_, tiny_vit
 
 from pyra_lightning import apply_lora, apply_merging, fold_lora, import_reference
 

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_vit
+from helpers import tiny_vit
 
 from pyra_lightning import apply_merging
 from pyra_lightning.visualize import layer_sources, merge_overlay, patch_groups, plot_merge_layers

@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from conftest import randomize_, tiny_vit
+from helpers import randomize_, tiny_vit
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from pyra_lightning import apply_lora, apply_merging, count_flops, fold_lora, mark_trainable
 from pyra_lightning.lora import LoRALinear
@@ -25,8 +26,8 @@ def x() -> torch.Tensor:
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
 
 
-def test_lora_keeps_timm_keys_and_only_lora_trains() -> None:
-    model = apply_lora(tiny_vit(), lora_rank=4)
+def test_lora_keeps_timm_keys_and_only_lora_trains(tiny_model: nn.Module) -> None:
+    model = apply_lora(tiny_model, lora_rank=4)
     keys = model.state_dict().keys()
     assert "blocks.0.attn.qkv.weight" in keys and "blocks.3.attn.qkv.bias" in keys
     assert "blocks.0.attn.qkv.lora_a" in keys and "blocks.0.attn.qkv.lora_b" in keys

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from conftest import tiny_vit
+from helpers import tiny_vit
 
 from pyra_lightning import apply_lora, apply_merging, count_flops, count_parameters, mark_trainable
 from pyra_lightning.patch import merge_schedule, vit_shape
