@@ -24,7 +24,10 @@ how sizes the paper does not cover (ViT-S, ViT-H, DINOv2/v3, EVA-02, SigLIP, PE;
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
+import random
 from dataclasses import dataclass
 
 from pyra_lightning.merge import max_merge_r
@@ -178,6 +181,11 @@ def proportional_schedule(rho: float, shape: ViTShape) -> list[int]:
 
 def solve_flops_schedule(target: float, shape: ViTShape) -> list[int]:
     """The gentlest proportional schedule whose block FLOPs are at most ``target`` of the original."""
+    return _proportional(solve_flops_rho(target, shape), shape)
+
+
+def solve_flops_rho(target: float, shape: ViTShape) -> float:
+    """The ``rho`` of ``solve_flops_schedule(target, shape)`` (the proportional family's parameter)."""
     if not 0.0 < target < 1.0:
         raise ValueError(f"a FLOPs target must lie strictly between 0 and 1, got {target}")
     floor = flops_fraction(_proportional(1.0, shape), shape)
@@ -193,7 +201,45 @@ def solve_flops_schedule(target: float, shape: ViTShape) -> list[int]:
             high = mid
         else:
             low = mid
-    return _proportional(high, shape)
+    return high
+
+
+# ------------------------------------------------------------------ elastic runs (sampling helpers)
+def fraction_schedule(fraction: float, shape: ViTShape) -> list[int]:
+    """A FLOPs fraction in (0, 1] as a schedule: 1.0 merges nothing, below it the FLOPs solver."""
+    return [0] * shape.depth if fraction >= 1.0 else solve_flops_schedule(fraction, shape)
+
+
+def elastic_capacity(min_fraction: float, max_fraction: float, shape: ViTShape) -> list[int]:
+    """Per layer, at least as many tokens as any solved schedule in the range merges there.
+
+    Tokens entering layer l do not increase with ``rho`` (one layer maps T to
+    ``T - floor(rho * max_merge_r(T))``, nondecreasing in T, nonincreasing in rho). So on an
+    interval [a, b] of rho, layer l merges at most ``floor(b * max_merge_r(T_l(a)))``; the maximum
+    over ``pieces`` intervals between rho_lo (``max_fraction``) and rho_hi (``min_fraction``) is
+    a bound for every schedule in between, tight up to one interval's width.
+    """
+    rho_lo = 0.0 if max_fraction >= 1.0 else solve_flops_rho(max_fraction, shape)
+    rho_hi = 0.0 if min_fraction >= 1.0 else solve_flops_rho(min_fraction, shape)
+    pieces = 512
+    edges = [rho_lo + (rho_hi - rho_lo) * k / pieces for k in range(pieces + 1)]
+    capacity = [0] * shape.depth
+    for a, b in itertools.pairwise(edges):
+        counts = token_counts(_proportional(a, shape), shape)
+        for layer in range(shape.depth):
+            bound = math.floor(b * max_merge_r(counts[layer], shape.num_prefix_tokens) + 1e-9)
+            capacity[layer] = max(capacity[layer], bound)
+    return capacity
+
+
+def draw_fraction(seed: int, step: int, index: int, low: float, high: float) -> float:
+    """A FLOPs fraction uniform in [low, high], a pure function of (seed, step, index).
+
+    Its own generator, never the global RNG, so a resumed run draws what an uninterrupted one
+    draws at the same step, and dropout's random stream is left as a plain run has it.
+    """
+    digest = hashlib.sha256(f"pyra-elastic:{seed}:{step}:{index}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little")).uniform(low, high)
 
 
 def paper_schedule(name: str, shape: ViTShape) -> list[int]:
