@@ -282,6 +282,7 @@ class ResultsJSON(pl.Callback):
             settings=identity["settings"],
             fingerprint=identity["fingerprint"],
             checkpoint=self.checkpoint,
+            curve=getattr(pl_module, "curve", None),  # elastic runs (training.elastic)
         )
         self.path = result.write((self.dirpath or results_dir(trainer)) / self.filename)
         rank_zero_info(f"results written to {self.path}")

@@ -221,7 +221,10 @@ def elastic_merging(
     config = resolve_elastic(elastic)
     assert config is not None
     shape = model_shape(model)
-    capacity = elastic_capacity(config.min_fraction, config.max_fraction, shape)
+    try:
+        capacity = elastic_capacity(config.min_fraction, config.max_fraction, shape)
+    except ValueError as error:
+        raise ValueError(f"model.elastic.min_fraction={config.min_fraction}: {error}") from None
     for listed in _paper_lists_in_range(config, shape):
         capacity = [max(a, b) for a, b in zip(capacity, listed, strict=True)]
     plan = ElasticPlan(config, shape, tuple(capacity))
@@ -247,7 +250,8 @@ def scheduled(model: nn.Module, schedule: Sequence[int]) -> Iterator[nn.Module]:
         view = copy.copy(block)  # a new __dict__; _modules, _parameters are the same objects
         view.merge_r = int(block_r)
         views.append(view)
-    model.blocks = type(blocks)(*views)
+    # timm's ViT holds its blocks in an nn.Sequential, Eva in an nn.ModuleList.
+    model.blocks = nn.ModuleList(views) if isinstance(blocks, nn.ModuleList) else nn.Sequential(*views)
     try:
         yield model
     finally:

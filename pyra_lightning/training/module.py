@@ -164,7 +164,8 @@ class PyraClassifier(pl.LightningModule):
         """``peft`` (no merging), ``tome``, ``pyra`` or the PYRA ablation variant's name."""
         if self.hparams.merge_r is None or not any(merge_schedule(self.model)):
             return "peft"
-        return method_name(True, self.hparams.pyra)
+        name = method_name(True, self.hparams.pyra)
+        return f"{name}_elastic" if self.elastic_plan is not None else name
 
     def parameter_count(self) -> ParameterCount:
         return count_parameters(self.model)
