@@ -62,7 +62,8 @@ def report(
         average: ``groups`` (mean of the 3 group means, the paper's Table 2) or ``tasks`` (of the 19).
         metric: ``test_acc`` (final model), ``test_acc_best`` (best test accuracy during training)
             or ``test_acc_reference_protocol`` (the reference's number; see ``ReferenceProtocol``).
-        plot: also draw accuracy against throughput per method and merge schedule (Figs. 2/4).
+        plot: also draw accuracy against throughput per method and merge schedule (Figs. 2/4),
+            and for elastic runs accuracy along their curve per task (``elastic_curve_<task>.png``).
         wandb_project: also log the table to this W&B project (honours WANDB_MODE=offline).
         wandb_run_name: name of that W&B run.
     """
@@ -79,6 +80,10 @@ def report(
         written["plot"] = plot_accuracy_throughput(
             collected, out / "accuracy_throughput.png", average, metric
         )
+        if any(r.get("curve") for r in collected):  # elastic runs: accuracy along their curve
+            from pyra_lightning.commands.figures import plot_elastic_curves
+
+            written.update(plot_elastic_curves(collected, out))
     if wandb_project:
         push_to_wandb(rows, wandb_project, wandb_run_name)
     print(markdown)
