@@ -20,6 +20,10 @@ counts) plus what merging does not change (patch embedding, head), and the fract
 in ``rho``, so bisection finds the gentlest schedule whose FLOPs are at most the target. This is
 how sizes the paper does not cover (ViT-S, ViT-H, DINOv2/v3, EVA-02, SigLIP, PE; patch 14 or 16;
 224-512 px) get schedules.
+
+Elastic runs (``training.elastic``) sample from the same family: ``fraction_schedule`` (1.0 is
+no merging), ``elastic_capacity`` (the most pairs a layer merges anywhere in a fraction range,
+the rows its PYRA is built with) and ``draw_fraction`` (a seeded draw, no global RNG).
 """
 
 from __future__ import annotations
