@@ -148,7 +148,7 @@ def table(summary: dict) -> str:
                 f"{stat([r['separate'][fraction] for r in runs])} | {tome} |"
             )
 
-        def wall(key: str) -> float:
+        def wall(key: str, runs: list = runs) -> float:
             known = [r[key] for r in runs if r[key] is not None]
             return statistics.mean(known) if known else float("nan")
 
