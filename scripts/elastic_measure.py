@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
                 root = out / "runs" / task / f"r{fraction}_s{seed}"
                 extra = common(root, data, task, seed, args.epochs, args.batches)
                 entry[f"separate_wall_s_{fraction}"] = timed_fit(
-                    [*base, *extra, f"--model.merge_r={merge_r}"]
+                    root, [*base, *extra, f"--model.merge_r={merge_r}"]
                 )
                 result = json.loads((root / "results.json").read_text())
                 entry.setdefault("separate", {})[fraction] = result["test_acc"]
