@@ -9,6 +9,13 @@ Only sources are modulated: they are distinct, whereas several sources may share
 so modulating sources keeps the merge a single parallel scatter (paper §3.2).
 
 Every variant starts as the identity, so a freshly patched model computes exactly ToMe.
+
+Elastic runs (``pyra_lightning.training.elastic``) train one modulation for a range of merge
+rates. Such a layer is built for the largest ``merge_r`` it meets in the range (``elastic=True``)
+and, when fewer pairs arrive, uses the first rows of its per-pair weights (``W_r``, or ``full``'s
+``W``): the merge hands sources over sorted by descending similarity, so row i always modulates
+"the i-th best pair" of the layer, whatever the rate. ``truncated`` cuts such a layer down to one
+rate for deployment. A layer built without ``elastic`` still refuses any other count.
 """
 
 from __future__ import annotations
@@ -50,9 +57,11 @@ class PyraModulation(nn.Module):
         merge_r: Tokens this layer merges; the shape of ``W_r`` depends on it.
         dim: Token width D.
         variant: Which modulation to build, see above.
+        elastic: Accept fewer than ``merge_r`` pairs, using the first rows of the per-pair weights
+            (elastic runs; see the module docstring).
     """
 
-    def __init__(self, merge_r: int, dim: int, variant: Variant = "pyra") -> None:
+    def __init__(self, merge_r: int, dim: int, variant: Variant = "pyra", elastic: bool = False) -> None:
         super().__init__()
         if merge_r <= 0:
             raise ValueError(
@@ -63,6 +72,7 @@ class PyraModulation(nn.Module):
         self.merge_r = merge_r
         self.dim = dim
         self.variant = variant
+        self.elastic = elastic
         base = variant.removesuffix("_plain")
         self.activation = not variant.endswith("_plain")
         self.norm = nn.LayerNorm(dim) if base in ("pyra", "w_r", "w_d", "gated") else None
@@ -94,31 +104,50 @@ class PyraModulation(nn.Module):
         """Re-activation of a weight that multiplies the residual branch: 2σ(δ) - 1 (eq. 7)."""
         return 2 * torch.sigmoid(delta) - 1 if self.activation else delta
 
+    def truncated(self, merge_r: int) -> PyraModulation:
+        """A plain (non-elastic) copy for ``merge_r`` pairs: the first ``merge_r`` rows of the
+        per-pair weights, every other parameter as it is. What an elastic layer computes at
+        ``merge_r``, with the shapes a layer built for ``merge_r`` has (for export)."""
+        if not 0 < merge_r <= self.merge_r:
+            raise ValueError(f"cannot truncate a PYRA layer of merge_r={self.merge_r} to {merge_r} pairs")
+        ref = next(self.parameters())
+        out = PyraModulation(merge_r, self.dim, self.variant).to(device=ref.device, dtype=ref.dtype)
+        state = {k: v[:merge_r] if k in ("weight_r", "weight") else v for k, v in self.state_dict().items()}
+        out.load_state_dict(state)
+        return out
+
     def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         """Modulate sources ``src`` (B, merge_r, C) given their destinations ``dst`` (same shape)."""
-        if src.shape[-2] != self.merge_r:
+        rows = src.shape[-2]
+        if rows != self.merge_r and not (self.elastic and 0 < rows < self.merge_r):
             raise ValueError(
-                f"PYRA layer built for merge_r={self.merge_r} received {src.shape[-2]} token pairs"
+                f"PYRA layer built for merge_r={self.merge_r}"
+                f"{' (elastic: at most that many)' if self.elastic else ''} received {rows} token pairs"
             )
-        if self.weight is not None:  # "full": a free W_{D×r}, no generators (Table 7)
-            return src + (2 * torch.sigmoid(self.weight) - 1) * src
+        weight_r, weight = self.weight_r, self.weight
+        if rows != self.merge_r:  # elastic, fewer pairs: the first rows (sources sorted by similarity)
+            weight_r = None if weight_r is None else weight_r[:rows]  # (rows, 1)
+            weight = None if weight is None else weight[:rows]  # (rows, C)
+        if weight is not None:  # "full": a free W_{D×r}, no generators (Table 7)
+            return src + (2 * torch.sigmoid(weight) - 1) * src
         info = src + dst if self.norm is None else self.norm(src + dst)  # M_info, eq. 4: (B, r, C)
         if self.variant == "gated":
             delta = self.fc2(F.gelu(self.fc1(info)))  # (B, r, C)
             return src + (2 * torch.sigmoid(delta) - 1) * src
-        if self.weight_r is not None:
-            delta_d = self.weight_r.transpose(0, 1) @ info  # δ_D = M_info W_r, eq. 5: (B, 1, C)
+        if weight_r is not None:
+            delta_d = weight_r.transpose(0, 1) @ info  # δ_D = M_info W_r, eq. 5: (B, 1, C)
         if self.weight_d is not None:
             delta_r = info @ self.weight_d.transpose(0, 1)  # δ_r = W_D M_info, eq. 5: (B, r, 1)
-        if self.weight_r is not None and self.weight_d is not None:
+        if weight_r is not None and self.weight_d is not None:
             scale_d = 2 * torch.sigmoid(delta_d) if self.activation else delta_d  # eq. 6
             return src + (src * scale_d) * self._act(delta_r)  # eq. 7
-        if self.weight_r is not None:
+        if weight_r is not None:
             return src + self._act(delta_d) * src
         return src + self._act(delta_r) * src
 
     def extra_repr(self) -> str:
-        return f"merge_r={self.merge_r}, dim={self.dim}, variant={self.variant!r}"
+        elastic = ", elastic=True" if self.elastic else ""
+        return f"merge_r={self.merge_r}, dim={self.dim}, variant={self.variant!r}{elastic}"
 
 
 def resolve_variant(pyra: bool | str | None) -> Variant | None:

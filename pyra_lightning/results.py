@@ -71,6 +71,9 @@ class RunResult:
         checkpoint: the checkpoint that was tested.
         data: the data's ``manifest.json`` entry (``manifest``, ``digest``, ``formats``) when
             ``pyra-lightning data verify`` wrote one; the report averages only runs on equal data.
+        curve: elastic runs (``model.elastic``): one entry per evaluated point, each with
+            ``flops_fraction``, ``merge_r`` (the schedule), ``gflops``, ``throughput``, ``speedup``
+            (over the uncompressed model, timed side by side) and ``test_acc`` (a fraction).
     """
 
     task: str
@@ -94,6 +97,7 @@ class RunResult:
     checkpoint: str | None = None
     data: dict[str, Any] | None = None
     throughput_engine: str | None = None
+    curve: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,6 +161,13 @@ def validate_result(data: Any, path: str | Path = "<memory>") -> dict[str, Any]:
     for key in ("fingerprint", "checkpoint", "throughput_engine"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise ValueError(f"{where}: {key!r} must be a string or null, got {data[key]!r}")
+    curve = data.get("curve")
+    if curve is not None and not (isinstance(curve, list) and all(isinstance(p, dict) for p in curve)):
+        raise ValueError(f"{where}: 'curve' must be a list of objects or null, got {curve!r}")
+    for index, point in enumerate(curve or []):
+        acc = point.get("test_acc")
+        if acc is not None and not (is_number(acc) and 0.0 <= acc <= 1.0):
+            raise ValueError(f"{where}: 'curve[{index}].test_acc' must be a fraction in [0, 1], got {acc!r}")
     pct = (data.get("params") or {}).get("trainable_pct")
     if pct is not None and (not is_number(pct) or not 0.0 <= pct <= 100.0):
         raise ValueError(f"{where}: 'params.trainable_pct' must be a percentage in [0, 100], got {pct!r}")

@@ -20,11 +20,18 @@ counts) plus what merging does not change (patch embedding, head), and the fract
 in ``rho``, so bisection finds the gentlest schedule whose FLOPs are at most the target. This is
 how sizes the paper does not cover (ViT-S, ViT-H, DINOv2/v3, EVA-02, SigLIP, PE; patch 14 or 16;
 224-512 px) get schedules.
+
+Elastic runs (``training.elastic``) sample from the same family: ``fraction_schedule`` (1.0 is
+no merging), ``elastic_capacity`` (the most pairs a layer merges anywhere in a fraction range,
+the rows its PYRA is built with) and ``draw_fraction`` (a seeded draw, no global RNG).
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
+import random
 from dataclasses import dataclass
 
 from pyra_lightning.merge import max_merge_r
@@ -214,6 +221,11 @@ def solve_flops_schedule(target: float, shape: ViTShape, align: int = 1) -> list
         shape: The model's ``ViTShape``.
         align: Keep every token count after a merge a multiple of this (1: no constraint).
     """
+    return _proportional(solve_flops_rho(target, shape, align), shape, align)
+
+
+def solve_flops_rho(target: float, shape: ViTShape, align: int = 1) -> float:
+    """The ``rho`` of ``solve_flops_schedule(target, shape, align)`` (the proportional family's parameter)."""
     if not 0.0 < target < 1.0:
         raise ValueError(f"a FLOPs target must lie strictly between 0 and 1, got {target}")
     _check_align(align)
@@ -230,7 +242,45 @@ def solve_flops_schedule(target: float, shape: ViTShape, align: int = 1) -> list
             high = mid
         else:
             low = mid
-    return _proportional(high, shape, align)
+    return high
+
+
+# ------------------------------------------------------------------ elastic runs (sampling helpers)
+def fraction_schedule(fraction: float, shape: ViTShape) -> list[int]:
+    """A FLOPs fraction in (0, 1] as a schedule: 1.0 merges nothing, below it the FLOPs solver."""
+    return [0] * shape.depth if fraction >= 1.0 else solve_flops_schedule(fraction, shape)
+
+
+def elastic_capacity(min_fraction: float, max_fraction: float, shape: ViTShape) -> list[int]:
+    """Per layer, at least as many tokens as any solved schedule in the range merges there.
+
+    Tokens entering layer l do not increase with ``rho`` (one layer maps T to
+    ``T - floor(rho * max_merge_r(T))``, nondecreasing in T, nonincreasing in rho). So on an
+    interval [a, b] of rho, layer l merges at most ``floor(b * max_merge_r(T_l(a)))``; the maximum
+    over ``pieces`` intervals between rho_lo (``max_fraction``) and rho_hi (``min_fraction``) is
+    a bound for every schedule in between, tight up to one interval's width.
+    """
+    rho_lo = 0.0 if max_fraction >= 1.0 else solve_flops_rho(max_fraction, shape)
+    rho_hi = 0.0 if min_fraction >= 1.0 else solve_flops_rho(min_fraction, shape)
+    pieces = 512
+    edges = [rho_lo + (rho_hi - rho_lo) * k / pieces for k in range(pieces + 1)]
+    capacity = [0] * shape.depth
+    for a, b in itertools.pairwise(edges):
+        counts = token_counts(_proportional(a, shape), shape)
+        for layer in range(shape.depth):
+            bound = math.floor(b * max_merge_r(counts[layer], shape.num_prefix_tokens) + 1e-9)
+            capacity[layer] = max(capacity[layer], bound)
+    return capacity
+
+
+def draw_fraction(seed: int, step: int, index: int, low: float, high: float) -> float:
+    """A FLOPs fraction uniform in [low, high], a pure function of (seed, step, index).
+
+    Its own generator, never the global RNG, so a resumed run draws what an uninterrupted one
+    draws at the same step, and dropout's random stream is left as a plain run has it.
+    """
+    digest = hashlib.sha256(f"pyra-elastic:{seed}:{step}:{index}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little")).uniform(low, high)
 
 
 def paper_schedule(name: str, shape: ViTShape) -> list[int]:

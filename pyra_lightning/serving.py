@@ -42,6 +42,12 @@ class ExportedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def schedule(self) -> list[int] | None:
+        """The per-block ``merge_r`` it was exported at; an elastic checkpoint's trained range and
+        chosen point are in ``config["elastic"]``."""
+        return self.config.get("merge_r")
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of an already preprocessed (B, 3, H, W) batch."""
         return self.model(x)

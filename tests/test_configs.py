@@ -78,6 +78,7 @@ def test_each_method_config_instantiates(method: Path) -> None:
         "peft": "peft",
         "pyra_low": "pyra",
         "pyra_high": "pyra",
+        "pyra_elastic": "pyra_elastic",
         "tome_low": "tome",
         "tome_high": "tome",
     }

@@ -152,6 +152,7 @@ def export_config(
     import timm
 
     from pyra_lightning.patch import merge_rule, merge_schedule
+    from pyra_lightning.training.elastic import export_record as elastic_record
 
     hp = module.hparams
     merging = hasattr(folded, "forward_tokens")  # patched by apply_merging
@@ -180,6 +181,7 @@ def export_config(
             "input": "RGB scaled to [0, 1], then (x - mean) / std, shape (B, 3, img_size, img_size)",
         },
         "method": module.method,
+        "elastic": elastic_record(getattr(module, "elastic_plan", None), folded),  # range + exported point
         "backbone_fingerprint": module.backbone_fingerprint,
         "source_checkpoint": source,
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
@@ -260,7 +262,12 @@ def _refuse_other_settings(cli: Any, checkpoint: dict[str, Any], ckpt_path: str)
             if key in cli.model.hparams and cli.model.hparams.get(key) != value
         ]
     else:
-        now = run_settings(cli.trainer, cli.model, cli.datamodule)
+        from pyra_lightning.training.elastic import accept_elastic_schedule
+
+        # An elastic checkpoint deploys at any schedule of its range (the module refused others).
+        now = accept_elastic_schedule(
+            identity["settings"], run_settings(cli.trainer, cli.model, cli.datamodule)
+        )
         differences = settings_differences(identity["settings"], now, ckpt_path, evaluation=True)
     if differences:
         raise refusal(

@@ -83,7 +83,8 @@ def report(
             model.lora_rank``): results that differ in them get rows of their own instead of being
             refused as "not seeds of one run". Keys are ``results.json`` ``settings`` keys (the
             CLI's flags), results fields or ``config`` entries.
-        plot: also draw accuracy against throughput per method and merge schedule (Figs. 2/4).
+        plot: also draw accuracy against throughput per method and merge schedule (Figs. 2/4),
+            and for elastic runs accuracy along their curve per task (``elastic_curve_<task>.png``).
         measure: time every row's model (rebuilt from its settings, random weights) side by side in
             one interleaved benchmark on this machine, now, and use those throughputs and speed-ups.
         measure_batch_size, measure_device, measure_precision, measure_threads, measure_clock,
@@ -126,6 +127,10 @@ def report(
         written["plot"] = plot_accuracy_throughput(
             collected, out / "accuracy_throughput.png", average, metric, title=title
         )
+        if any(r.get("curve") for r in collected):  # elastic runs: accuracy along their curve
+            from pyra_lightning.commands.figures import plot_elastic_curves
+
+            written.update(plot_elastic_curves(collected, out))
     if wandb_project:
         push_to_wandb(rows, wandb_project, wandb_run_name)
     print(markdown)

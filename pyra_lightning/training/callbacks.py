@@ -365,6 +365,7 @@ class ResultsJSON(pl.Callback):
             fingerprint=identity["fingerprint"],
             checkpoint=self.checkpoint,
             data=getattr(datamodule, "data_identity", None),  # the manifest digest, where verified
+            curve=getattr(pl_module, "curve", None),  # elastic runs (training.elastic)
         )
         self.path = result.write(self.target(trainer))
         kept = self.dirpath / self.filename if self.dirpath is not None and not self.fitted else None

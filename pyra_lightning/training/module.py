@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -20,6 +21,8 @@ from pyra_lightning.modulation import Variant, method_name
 from pyra_lightning.patch import apply_lora, apply_merging, fold_lora, mark_trainable, merge_schedule
 from pyra_lightning.peft import parameter_group, peft_method
 from pyra_lightning.schedules import MergeArg
+from pyra_lightning.training import elastic as elastic_merge
+from pyra_lightning.training.elastic import ElasticPlan, ElasticRange, elastic_curve
 
 SchedulerStep = Literal["paper", "reference"]
 DistilledTraining = Literal["average", "class_head"]
@@ -81,6 +84,11 @@ class PyraClassifier(pl.LightningModule):
             recreates it without re-initialising it, and it never receives a gradient), yet
             evaluation still averages both heads. It is saved in checkpoints like a trained
             tensor. Models without a distillation head ignore this argument.
+        elastic: Train one model for a range of merge rates instead of the one ``merge_r``
+            (``training.elastic``): ``{min_fraction: 0.289, max_fraction: 1.0, sandwich: true,
+            include_full: false, curve: []}``, FLOPs fractions of the uncompressed model; every
+            key is optional. ``merge_r`` is then the nominal schedule (validation, ``test_acc``),
+            inside the range; ``test`` also evaluates the ``curve`` points. ``None``: a plain run.
     """
 
     def __init__(
@@ -110,6 +118,7 @@ class PyraClassifier(pl.LightningModule):
         scheduler_step: SchedulerStep = "paper",
         lora_init: LoRAInit = "kaiming",
         distilled_training: DistilledTraining = "average",
+        elastic: ElasticRange | None = None,
     ) -> None:
         super().__init__()
         for name, value, allowed in (
@@ -129,7 +138,12 @@ class PyraClassifier(pl.LightningModule):
         if lora_rank:
             apply_lora(self.model, lora_rank, lora_alpha, lora_dropout, method=peft)
             init_lora_(self.model, lora_init)
-        if merge_r is not None:
+        self.elastic_plan: ElasticPlan | None = None
+        if elastic is not None and merge_r is None:
+            raise ValueError("model.elastic needs merging: set model.merge_r (the nominal schedule) too")
+        if elastic is not None:
+            self.elastic_plan = elastic_merge.elastic_merging(self.model, elastic, merge_r, pyra, prop_attn)
+        elif merge_r is not None:
             apply_merging(self.model, merge_r, pyra=pyra, prop_attn=prop_attn, matcher=matcher)
         mark_trainable(self.model, head=True)
         # Saved like trainable tensors although it never trains (distilled_training="class_head").
@@ -150,13 +164,16 @@ class PyraClassifier(pl.LightningModule):
         self.val_test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_test_acc_best = MaxMetric()
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.curve: list[dict[str, Any]] | None = None  # elastic runs: results.json["curve"]
+        self._curve_models: list[tuple[float | str, list[int], nn.Module, MulticlassAccuracy]] = []
 
     @property
     def method(self) -> str:
         """``peft`` (no merging), ``tome``, ``pyra`` or the PYRA ablation variant's name."""
         if self.hparams.merge_r is None or not any(merge_schedule(self.model)):
             return "peft"
-        return method_name(True, self.hparams.pyra)
+        name = method_name(True, self.hparams.pyra)
+        return f"{name}_elastic" if self.elastic_plan is not None else name
 
     def parameter_count(self) -> ParameterCount:
         return count_parameters(self.model)
@@ -165,12 +182,23 @@ class PyraClassifier(pl.LightningModule):
         model = self.inference_model if self.inference_model is not None else self.model
         return model(x)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch
+    def _train_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(images)  # (B, num_classes)
         if isinstance(logits, tuple):  # distilled_training="class_head": (head, head_dist) logits
             logits = logits[0]
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        return F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing), logits
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        if self.elastic_plan is None:
+            loss, logits = self._train_loss(images, labels)
+        else:  # the sandwich rule: the losses of all this step's schedules, one optimizer step
+            seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))
+            loss, logits = torch.zeros((), device=images.device), None
+            for schedule in self.elastic_plan.step_schedules(seed, self.global_step, batch_idx):
+                with elastic_merge.scheduled(self.model, schedule):
+                    part, part_logits = self._train_loss(images, labels)
+                loss, logits = loss + part, part_logits if logits is None else logits
         self.train_acc(logits, labels)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
@@ -199,6 +227,8 @@ class PyraClassifier(pl.LightningModule):
         images, labels = batch
         logits = self(images)
         self.test_acc(logits, labels)
+        for _, _, model, accuracy in self._curve_models:
+            accuracy(model(images), labels)
         self.log("test/acc", self.test_acc, prog_bar=True)
         self.log("test/loss", F.cross_entropy(logits, labels), sync_dist=True)
 
@@ -206,9 +236,32 @@ class PyraClassifier(pl.LightningModule):
         images = batch[0] if isinstance(batch, list | tuple) else batch
         return self(images).argmax(dim=-1)
 
-    def folded_copy(self) -> nn.Module:
-        """A deployable copy: LoRA folded into qkv, eval mode; training state is untouched."""
-        return fold_lora(copy.deepcopy(self.model)).eval()
+    def folded_copy(self, schedule: list[int] | None = None) -> nn.Module:
+        """A deployable copy: LoRA folded into qkv, eval mode; training state is untouched.
+
+        An elastic model's copy is cut to ``schedule`` (default: the nominal one), so it has the
+        shapes a plain model at that schedule has (``training.elastic.deployable``).
+        """
+        model = fold_lora(copy.deepcopy(self.model)).eval()
+        if self.elastic_plan is not None:
+            elastic_merge.deployable(model, schedule)
+        return model
+
+    def on_test_start(self) -> None:
+        """Elastic runs: one deployable model and accuracy per curve point (``test_step`` feeds them)."""
+        self._curve_models, self.curve = [], None
+        if self.elastic_plan is None:
+            return
+        for point in self.elastic_plan.curve_points():
+            schedule = self.elastic_plan.schedule(point)
+            self.elastic_plan.check(schedule, f"model.elastic.curve point {point!r}")
+            accuracy = MulticlassAccuracy(self.hparams.num_classes, average="micro").to(self.device)
+            self._curve_models.append((point, schedule, self.folded_copy(schedule), accuracy))
+
+    def on_test_epoch_end(self) -> None:
+        if self._curve_models:
+            self.curve = elastic_curve(self, self._curve_models)
+            self._curve_models = []
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW in four groups: {main, PYRA} x {decayed matrices, undecayed norms and biases}."""
