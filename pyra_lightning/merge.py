@@ -266,11 +266,14 @@ def fused_pyra(modulate: Any, src: torch.Tensor, dst: torch.Tensor, c: int) -> t
     size channel so that the size passes through unchanged. ``None`` for every other
     modulation (ablation variants, user callables): they run as themselves.
     """
-    if getattr(modulate, "variant", None) != "pyra" or src.shape[-2] != getattr(modulate, "merge_r", -1):
+    rows, built = src.shape[-2], getattr(modulate, "merge_r", -1)
+    elastic = getattr(modulate, "elastic", False) and 0 < rows < built  # the first rows of W_r
+    if getattr(modulate, "variant", None) != "pyra" or not (rows == built or elastic):
         return None
     norm = modulate.norm
+    weight_r = modulate.weight_r[:rows] if elastic else modulate.weight_r  # (r, 1)
     info = F.layer_norm((src + dst)[..., :c], (c,), norm.weight, norm.bias, norm.eps)  # M_info, eq. 4
-    delta_d = modulate.weight_r.mT @ info  # δ_D = M_info W_r, eq. 5: (B, 1, C)
+    delta_d = weight_r.mT @ info  # δ_D = M_info W_r, eq. 5: (B, 1, C)
     delta_r = F.linear(info, modulate.weight_d)  # δ_r = W_D M_info, eq. 5: (B, r, 1)
     gate_d = F.pad(torch.sigmoid(delta_d), (0, 1))  # σ(δ_D), 0 on the size channel: (B, 1, C + 1)
     return torch.addcmul(src, src * gate_d, torch.tanh(0.5 * delta_r), value=2)  # eqs. 6-7

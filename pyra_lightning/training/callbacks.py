@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Subset
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.aggregation import SumMetric
 
 from pyra_lightning.accounting import count_flops
 from pyra_lightning.patch import apply_merging, merge_schedule
@@ -225,7 +225,8 @@ class ReferenceProtocol(pl.Callback):
         loader = DataLoader(
             shard, batch_size=loader.batch_size, num_workers=loader.num_workers, collate_fn=loader.collate_fn
         )
-        accuracy: MulticlassAccuracy | None = None
+        # Counts, not a float32 rate: the number written is correct / seen exactly, as in train.py.
+        correct, seen = SumMetric().to(pl_module.device), SumMetric().to(pl_module.device)
         modes = {module: module.training for module in pl_module.modules()}
         pl_module.eval()
         try:
@@ -234,16 +235,13 @@ class ReferenceProtocol(pl.Callback):
                 images, labels = datamodule.on_after_batch_transfer(batch, 0)
                 with trainer.precision_plugin.forward_context():
                     logits = pl_module(images)  # (B, num_classes)
-                if accuracy is None:
-                    accuracy = MulticlassAccuracy(logits.shape[-1], average="micro").to(logits.device)
-                accuracy.update(logits.float(), labels)
+                correct.update((logits.argmax(dim=-1) == labels).sum().double())
+                seen.update(torch.tensor(float(labels.numel()), dtype=torch.float64))
         finally:
             for module, mode in modes.items():
                 module.train(mode)
-        if accuracy is None:  # this rank's shard is empty (fewer test images than ranks)
-            accuracy = MulticlassAccuracy(int(pl_module.hparams.get("num_classes", 2)), average="micro")
-            accuracy = accuracy.to(pl_module.device)
-        return float(accuracy.compute())  # synchronised over the ranks
+        total = int(seen.compute())  # both synchronised over the ranks
+        return int(correct.compute()) / max(total, 1)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
