@@ -258,3 +258,18 @@ def test_a_rerun_with_other_overrides_is_refused_listing_them(
     recorded["tasks"]["demo"]["status"] = "pending"  # nothing started: nothing to protect
     (sweep_dir / "sweep.json").write_text(json.dumps(recorded))
     assert run_sweep([str(QUICKSTART)], ["demo"], str(tmp_path), "tiny", changed, dry_run=True).runs
+
+
+def test_an_fgvc_sweep_runs_fgvc_tasks_with_their_benchmark(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # FGVC's `flowers` (Oxford Flowers, VPT's splits) was resolved to VTAB's oxford_flowers102.
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    summary = run_sweep([str(QUICKSTART)], out_dir=str(tmp_path), dry_run=True, benchmark="fgvc")
+    assert [run.task for run in summary.runs] == ["cub", "nabirds", "flowers", "dogs", "cars"]
+    assert all("--data.benchmark=fgvc" in run.command for run in summary.runs)
+    picked = run_sweep([str(QUICKSTART)], ["flowers"], str(tmp_path), dry_run=True, benchmark="fgvc")
+    assert [run.task for run in picked.runs] == ["flowers"]
+    vtab = run_sweep([str(QUICKSTART)], ["flowers"], str(tmp_path), dry_run=True)
+    assert [run.task for run in vtab.runs] == ["oxford_flowers102"]
+    assert not any("--data.benchmark" in arg for arg in vtab.runs[0].command)

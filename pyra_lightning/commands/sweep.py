@@ -35,7 +35,7 @@ from typing import Any, Literal
 import yaml
 
 from pyra_lightning.commands.sweep_progress import Progress, format_duration
-from pyra_lightning.data.tasks import VTAB_TASKS, resolve_task
+from pyra_lightning.data.tasks import BENCHMARK_TASKS, check_benchmark, resolve_task
 from pyra_lightning.files import atomic_write_text
 from pyra_lightning.results import RESULTS_FILENAME, describe_differences, read_result
 
@@ -139,18 +139,18 @@ def _check_component(value: str, what: str) -> str:
     return value
 
 
-def resolve_tasks(tasks: Sequence[str] | None) -> list[str]:
+def resolve_tasks(tasks: Sequence[str] | None, benchmark: str = "vtab") -> list[str]:
     """Task folder names in the order given (all 19 in Table 2 order for ``None``), duplicates dropped.
 
     Known names and aliases become the registry's name (``cifar100`` -> ``cifar``), so a task has
     one folder whatever it is called; anything else is a custom data folder, kept as given.
     """
     if tasks is None:
-        return [task.name for task in VTAB_TASKS]
+        return [task.name for task in BENCHMARK_TASKS[check_benchmark(benchmark)]]
     names: list[str] = []
     for raw in tasks:
         try:
-            name = resolve_task(raw).name
+            name = resolve_task(raw, benchmark).name
         except ValueError:
             name = _check_component(raw.strip(), "task")
         if name not in names:
@@ -179,7 +179,9 @@ def slurm_array_index(slurm_array: bool | None, num_tasks: int) -> int | None:
 
 
 # ------------------------------------------------------------------------------- one task's run
-def fit_command(config: Sequence[str], task: str, run_dir: Path, overrides: Sequence[str]) -> list[str]:
+def fit_command(
+    config: Sequence[str], task: str, run_dir: Path, overrides: Sequence[str], benchmark: str = "vtab"
+) -> list[str]:
     """The ``fit`` command of one task. ``overrides`` come last, so they win over the sweep's own.
 
     ``run_dir`` is the run folder: checkpoints, logs and ``results.json`` all go there, so tasks
@@ -188,6 +190,7 @@ def fit_command(config: Sequence[str], task: str, run_dir: Path, overrides: Sequ
     command = [sys.executable, "-m", "pyra_lightning", "fit"]
     command += [f"--config={path}" for path in config]
     command += [f"--data.task={task}", f"--run_dir={run_dir}"]
+    command += [] if benchmark == "vtab" else [f"--data.benchmark={benchmark}"]
     return command + list(overrides)
 
 
@@ -274,6 +277,7 @@ def run_sweep(
     devices: list[str] | None = None,
     slurm_array: bool | None = None,
     dry_run: bool = False,
+    benchmark: str = "vtab",
 ) -> SweepSummary:
     """Train ``config`` on every task, each in ``<out_dir>/<name>/<task>/``, skipping finished ones.
 
@@ -291,6 +295,9 @@ def run_sweep(
         slurm_array: run only task ``SLURM_ARRAY_TASK_ID`` of the list; ``None``: whenever that
             variable is set.
         dry_run: print what would run and what is skipped; run and write nothing.
+        benchmark: ``vtab`` (VTAB-1k) or ``fgvc`` (FGVC-5: cub, nabirds, flowers, dogs, cars): whose
+            tasks ``tasks`` names (FGVC's ``flowers`` is not VTAB's ``oxford_flowers102``) and the
+            default task list.
 
     Returns:
         The summary of this invocation's tasks; ``summary.ok`` is False if any failed.
@@ -303,16 +310,18 @@ def run_sweep(
     if max_parallel < 1 or retries < 0:
         raise ValueError(f"need max_parallel >= 1 and retries >= 0, got {max_parallel} and {retries}")
     overrides = list(overrides or [])
-    all_tasks = resolve_tasks(tasks)
+    all_tasks = resolve_tasks(tasks, benchmark)
     name = _check_component(name or "+".join(Path(path).stem for path in config), "sweep name")
     sweep_dir = Path(out_dir).absolute() / name
     index = slurm_array_index(slurm_array, len(all_tasks))
     selected = all_tasks if index is None else [all_tasks[index]]
     meta = {"name": name, "config": list(config), "overrides": overrides, "out_dir": str(Path(out_dir))}
+    if benchmark != "vtab":
+        meta["benchmark"] = benchmark
 
     runs = [TaskRun(task, str(sweep_dir / task)) for task in selected]
     for run in runs:
-        run.command = fit_command(config, run.task, Path(run.run_dir), overrides)
+        run.command = fit_command(config, run.task, Path(run.run_dir), overrides, benchmark)
         results = find_results(Path(run.run_dir))
         if results is not None:
             previous = _read_state(Path(run.run_dir)) or {}
