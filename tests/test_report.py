@@ -465,3 +465,25 @@ def test_measure_times_every_rows_model_side_by_side_now(tmp_path: Path) -> None
     assert speedups["peft"] == 1.0 and speedups["tome"] > 0 and speedups["pyra"] > 0, "peft is the base"
     assert {r["benchmark"]["measured_by"] for r in measured} == {"pyra-lightning report --measure"}
     assert (out / "accuracy_throughput.png").stat().st_size > 5000
+
+
+def test_fgvc_tasks_get_their_own_five_task_average() -> None:
+    from pyra_lightning.commands.table import FGVC_NAMES, table_records
+
+    accs = dict(zip(FGVC_NAMES, (0.80, 0.70, 0.95, 0.60, 0.50), strict=True))
+    rows = build_table(
+        [result("pyra", task, acc, group="fgvc", results_file=f"{task}.json") for task, acc in accs.items()]
+    )
+    assert rows[0].fgvc == pytest.approx(100 * sum(accs.values()) / 5)
+    markdown = to_markdown(rows)
+    assert "FGVC-5 average" in markdown and f"{rows[0].fgvc:.2f}" in markdown
+    assert "count in no mean" not in markdown, "FGVC tasks enter their own mean"
+    partial = build_table(
+        [
+            result("pyra", task, acc, group="fgvc", results_file=f"{task}.json")
+            for task, acc in list(accs.items())[:4]
+        ]
+    )
+    assert partial[0].fgvc is None and "n/a (4/5)" in to_markdown(partial)
+    columns, data = table_records(rows)
+    assert data[0][columns.index("fgvc_average")] == pytest.approx(rows[0].fgvc, abs=1e-3)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pyra_lightning.data.tasks import GROUPS, VTAB_TASKS
+from pyra_lightning.data.tasks import FGVC_TASKS, GROUPS, VTAB_TASKS
 from pyra_lightning.results import (
     RESULTS_FILENAME,
     SEED_KEYS,
@@ -58,6 +58,7 @@ Result = dict[str, Any]
 
 MISSING = "—"
 VTAB_NAMES: tuple[str, ...] = tuple(task.name for task in VTAB_TASKS)
+FGVC_NAMES: tuple[str, ...] = tuple(task.name for task in FGVC_TASKS)  # cub nabirds flowers dogs cars
 # Column names as printed in Table 2, in its order.
 _HEADERS = "Cifar100 Caltech101 DTD Flowers102 Pets SVHN Sun397 Camelyon EuroSAT Resisc45 Retinopathy "
 _HEADERS += "Clevr-Count Clevr-Dist DMLab KITTI-Dist dSpr-Loc dSpr-Ori sNORB-Azim sNORB-Ele"
@@ -167,6 +168,7 @@ class TableRow:
         throughput: inference images/s of the merged model, mean over tasks.
         runs: number of results files in the row.
         metric: the results field the accuracies come from.
+        fgvc: the FGVC-5 average (mean of its five tasks) in percent, ``None`` unless all are present.
     """
 
     method: str
@@ -179,6 +181,7 @@ class TableRow:
     throughput: float | None
     runs: int
     metric: Metric = "test_acc"
+    fgvc: float | None = None
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -349,9 +352,10 @@ def build_table(
     unknown = [name for name in methods if name not in by_row]
     if unknown:
         raise ValueError(f"no results for method(s) {unknown}; available: {sorted(by_row)}")
-    others = sorted({r["task"] for r in kept} - set(VTAB_NAMES))
+    others = sorted({r["task"] for r in kept} - set(VTAB_NAMES) - set(FGVC_NAMES))
     vtab = any(r["task"] in VTAB_NAMES for r in kept)
-    columns = (VTAB_NAMES if vtab else ()) + tuple(others)
+    fgvc = any(r["task"] in FGVC_NAMES for r in kept)
+    columns = (VTAB_NAMES if vtab else ()) + (FGVC_NAMES if fgvc else ()) + tuple(others)
     return [_build_row(name, by_row[name], columns, average, metric) for name in methods]
 
 
@@ -382,8 +386,9 @@ def _build_row(
         overall = _mean(values)  # type: ignore[arg-type]
     trainable_pct = _mean_over_tasks(by_task, lambda run: (run.get("params") or {}).get("trainable_pct"))
     throughput = _mean_over_tasks(by_task, lambda run: run.get("throughput"))
+    fgvc = _mean([tasks[t].acc for t in FGVC_NAMES]) if all(t in tasks for t in FGVC_NAMES) else None
     return TableRow(
-        name, columns, tasks, groups, overall, average, trainable_pct, throughput, len(runs), metric
+        name, columns, tasks, groups, overall, average, trainable_pct, throughput, len(runs), metric, fgvc
     )
 
 
@@ -394,6 +399,10 @@ def average_header(kind: Average) -> str:
 
 def _has_vtab(rows: Sequence[TableRow]) -> bool:
     return bool(rows) and rows[0].columns[: len(VTAB_NAMES)] == VTAB_NAMES
+
+
+def _has_fgvc(rows: Sequence[TableRow]) -> bool:
+    return bool(rows) and all(name in rows[0].columns for name in FGVC_NAMES)
 
 
 def _coverage(row: TableRow, names: Sequence[str]) -> str:
@@ -413,6 +422,9 @@ def to_markdown(rows: Sequence[TableRow], throughput_note: str | None = None) ->
     header += [TASK_HEADERS.get(task, task) for task in rows[0].columns]
     if vtab:
         header += [group.capitalize() for group in GROUPS] + [average_header(rows[0].average_kind)]
+    fgvc = _has_fgvc(rows)
+    if fgvc:
+        header.append("FGVC-5 average")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in rows:
         cells = [
@@ -432,6 +444,8 @@ def to_markdown(rows: Sequence[TableRow], throughput_note: str | None = None) ->
                 value = row.groups[group]
                 cells.append(_coverage(row, GROUP_TASKS[group]) if value is None else f"{value:.2f}")
             cells.append(_coverage(row, VTAB_NAMES) if row.average is None else f"{row.average:.2f}")
+        if fgvc:
+            cells.append(_coverage(row, FGVC_NAMES) if row.fgvc is None else f"{row.fgvc:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["", "Top-1 accuracy in %. a ± s (n=k): mean and standard deviation of k seeds of one setting."]
     if rows[0].metric != "test_acc":
@@ -444,9 +458,14 @@ def to_markdown(rows: Sequence[TableRow], throughput_note: str | None = None) ->
             else "Average is the mean of the 19 tasks (the paper's Table 2 uses the mean of the group means)."
         )
         notes.append(f"{MISSING}: no run for the task; n/a (k/N): a mean that would need missing tasks.")
-        extra = [task for task in rows[0].columns if task not in VTAB_NAMES]
+        extra = [task for task in rows[0].columns if task not in VTAB_NAMES and task not in FGVC_NAMES]
         if extra:
             notes.append(f"Tasks outside VTAB-1k ({', '.join(extra)}) count in no mean.")
+    if fgvc:
+        notes.append(
+            "FGVC-5 average: the mean of CUB-200-2011, NABirds, Oxford Flowers, Stanford Dogs and "
+            "Stanford Cars (VPT's splits)."
+        )
     notes.append("# params: trainable share of all parameters; both it and throughput are means over tasks.")
     if throughput_note:
         notes.append(f"* Throughput: {throughput_note}")
@@ -461,6 +480,9 @@ def table_records(rows: Sequence[TableRow]) -> tuple[list[str], list[list[Any]]]
     columns = ["method", "trainable_pct", "throughput", *rows[0].columns]
     if vtab:
         columns += [*GROUPS, "average", "average_kind", "vtab_tasks_present"]
+    fgvc = _has_fgvc(rows)
+    if fgvc:
+        columns.append("fgvc_average")
     columns.append("runs")
     data = []
     for row in rows:
@@ -472,6 +494,8 @@ def table_records(rows: Sequence[TableRow]) -> tuple[list[str], list[list[Any]]]
                 row.average_kind,
                 sum(t in row.tasks for t in VTAB_NAMES),
             ]
+        if fgvc:
+            values.append(row.fgvc)
         values.append(row.runs)
         data.append([round(v, 4) if isinstance(v, float) else v for v in values])
     return columns, data
