@@ -38,7 +38,7 @@ def common(root: Path, data: Path, task: str, seed: int, epochs: int, batches: i
     return [
         f"--data.root={data}",
         f"--data.task={task}",
-        f"--trainer.default_root_dir={root}",
+        f"--run_dir={root}",
         f"--seed_everything={seed}",
         f"--trainer.max_epochs={epochs}",
         f"--trainer.limit_train_batches={batches}",
