@@ -115,24 +115,9 @@ class InferenceThroughput(pl.Callback):
         )
         unmerged = apply_merging(copy.deepcopy(model), 0, pyra=False) if any(merge_schedule(model)) else model
         img_size = pl_module.hparams.img_size
-        timed, engine = self._bind({"merged": model, "unmerged": unmerged}, img_size, pl_module.device)
-        with num_threads(self.threads):
-            measured = conditions(
-                pl_module.device, self.clock, self.precision, self.batch_size, self.warmup, self.runs, engine
-            )
-            # Round-robin timing: the speedup compares forwards taken side by side, not minutes apart.
-            times = time_forwards(
-                timed,
-                batch_size=self.batch_size,
-                img_size=img_size,
-                device=pl_module.device,
-                precision=self.precision,
-                warmup=self.warmup,
-                runs=self.runs,
-                clock=clock_function(self.clock),
-            )
-        measured["loadavg_after"] = load_average()
-        self.conditions = measured
+        times, self.conditions = self.time_models(
+            {"merged": model, "unmerged": unmerged}, img_size, pl_module.device
+        )
         merged_ips = images_per_second(self.batch_size, times["merged"])
         unmerged_ips = images_per_second(self.batch_size, times["unmerged"])
         return {
@@ -142,6 +127,35 @@ class InferenceThroughput(pl.Callback):
             "test/gflops": count_flops(model, img_size) / 1e9,
             "test/gflops_unmerged": count_flops(unmerged, img_size) / 1e9,
         }
+
+    def time_models(
+        self, models: dict[str, Any], img_size: int, device: torch.device
+    ) -> tuple[dict[str, list[float]], dict[str, Any]]:
+        """Time ``models`` side by side as this callback is configured; their timings and conditions.
+
+        Engine, threads, clock, precision, batch size, warm-up and runs are this callback's, so
+        every figure it takes (the speed-up, an elastic run's curve) says how it was measured.
+        ``auto`` is resolved on the first model; the others run on the engine it picked, so
+        speed-ups compare like with like.
+        """
+        timed, engine = self._bind(models, img_size, device)
+        with num_threads(self.threads):
+            measured = conditions(
+                device, self.clock, self.precision, self.batch_size, self.warmup, self.runs, engine
+            )
+            # Round-robin timing: the speedup compares forwards taken side by side, not minutes apart.
+            times = time_forwards(
+                timed,
+                batch_size=self.batch_size,
+                img_size=img_size,
+                device=device,
+                precision=self.precision,
+                warmup=self.warmup,
+                runs=self.runs,
+                clock=clock_function(self.clock),
+            )
+        measured["loadavg_after"] = load_average()
+        return times, measured
 
     def _bind(
         self, models: dict[str, Any], img_size: int, device: torch.device
@@ -154,11 +168,12 @@ class InferenceThroughput(pl.Callback):
 
         dtype = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[self.precision]
         example = random_images(self.batch_size, img_size, device)
-        # ``auto`` is resolved on the merged model; the unmerged one runs on the same engine, so the
-        # speed-up compares like with like.
-        merged = compile_for_inference(models["merged"], example, self.engine, dtype)
-        unmerged = compile_for_inference(models["unmerged"], example, merged.engine, dtype)
-        return {"merged": merged, "unmerged": unmerged}, merged.engine
+        bound: dict[str, Any] = {}
+        engine = self.engine
+        for name, model in models.items():
+            bound[name] = compile_for_inference(model, example, engine, dtype)
+            engine = bound[name].engine  # the first model resolves ``auto``
+        return bound, engine
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled:

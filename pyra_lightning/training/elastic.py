@@ -317,16 +317,17 @@ def elastic_curve(
 ) -> list[dict[str, Any]]:
     """``results.json["curve"]`` of an elastic ``test``: accuracy, GFLOPs and timing per point.
 
-    Timing follows the run's ``InferenceThroughput`` callback (batch size, precision, warm-up,
-    runs; none when it is off or absent): every point and the uncompressed model are timed
-    round-robin in one ``time_forwards`` call, so speed-ups compare forwards taken side by side.
+    Timing is the run's ``InferenceThroughput`` callback's (engine, threads, clock, batch size,
+    precision, warm-up, runs; none when it is off or absent): every point and the uncompressed
+    model are timed round-robin in one ``time_models`` call, so speed-ups compare forwards taken
+    side by side, measured as the nominal figure in ``results.json`` ``benchmark`` says.
 
     Args:
         module: The ``PyraClassifier`` under test (its trainer, device and hyperparameters).
         points: ``(point, schedule, deployable model, accuracy metric)`` per curve point.
     """
     from pyra_lightning.accounting import count_flops
-    from pyra_lightning.timing import images_per_second, time_forwards
+    from pyra_lightning.timing import images_per_second
     from pyra_lightning.training.callbacks import InferenceThroughput
 
     plan = module.elastic_plan
@@ -345,15 +346,7 @@ def elastic_curve(
     if full is None:
         full = "uncompressed"
         models[full] = deployable(copy.deepcopy(points[0][2]), [0] * plan.shape.depth)
-    times = time_forwards(
-        models,
-        batch_size=timer.batch_size,
-        img_size=img_size,
-        device=module.device,
-        precision=timer.precision,
-        warmup=timer.warmup,
-        runs=timer.runs,
-    )
+    times, _ = timer.time_models(models, img_size, module.device)  # as the nominal figure was taken
     reference = images_per_second(timer.batch_size, times[full])
     for entry, name in zip(entries, models, strict=False):
         entry["throughput"] = images_per_second(timer.batch_size, times[name])
