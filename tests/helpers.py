@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -61,3 +62,23 @@ def randomize_(module: nn.Module, std: float = 0.2, seed: int = 1) -> nn.Module:
             if ".lora_b" in name or ".pyra." in name:
                 param.add_(torch.randn(param.shape, generator=generator) * std)
     return module
+
+
+def tiny_module(**overrides: Any) -> Any:
+    """A ``PyraClassifier`` on a 4-block, 48-wide ViT (32x32 images, 5 classes, LoRA rank 4, merging
+    ``[8, 8, 4, 4]``), seeded; ``overrides`` replace any argument."""
+    from pyra_lightning.training.module import PyraClassifier
+
+    torch.manual_seed(0)
+    kwargs: dict[str, Any] = dict(
+        model_name="vit_tiny_patch16_224",
+        num_classes=5,
+        img_size=32,
+        model_kwargs={"patch_size": 4, "embed_dim": 48, "depth": 4, "num_heads": 3},
+        drop_path_rate=0.0,
+        lora_rank=4,
+        lora_dropout=0.0,
+        merge_r=[8, 8, 4, 4],
+        warmup_epochs=0,
+    )
+    return PyraClassifier(**{**kwargs, **overrides})

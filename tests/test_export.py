@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_module as helpers_tiny_module
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -29,20 +30,8 @@ MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
 def tiny_module(**overrides: Any) -> PyraClassifier:
-    torch.manual_seed(0)
-    kwargs: dict[str, Any] = dict(
-        model_name="vit_tiny_patch16_224",
-        num_classes=5,
-        img_size=32,
-        model_kwargs={"patch_size": 4, "embed_dim": 48, "depth": 4, "num_heads": 3},
-        drop_path_rate=0.0,
-        lora_rank=4,
-        lora_dropout=0.0,
-        merge_r=[8, 8, 4, 4],
-        lr=0.05,
-        warmup_epochs=0,
-    )
-    return PyraClassifier(**{**kwargs, **overrides})
+    """``helpers.tiny_module`` with the larger learning rate these tests train with."""
+    return helpers_tiny_module(**{"lr": 0.05, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,23 @@ from pyra_lightning.kernels.attention import flex_proportional_attention
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Run in a child process: TRITON_INTERPRET must be set before triton is first imported.
+
+def run_interpreted(script: str) -> str:
+    """Run ``script`` in a child process under Triton's CPU interpreter; its stdout.
+
+    A child process, because TRITON_INTERPRET must be set before triton is first imported.
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 _CHECK = """
 import torch
 from pyra_lightning.kernels.matching import triton_match
@@ -38,15 +54,7 @@ print("cases", cases)
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 def test_triton_matcher_equals_the_torch_matcher_under_the_interpreter() -> None:
     """Odd token counts, 0-4 prefix tokens, merge_r 1 and at its maximum, fp32, random data."""
-    done = subprocess.run(
-        [sys.executable, "-c", _CHECK],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "cases 30" in done.stdout
+    assert "cases 30" in run_interpreted(_CHECK)
 
 
 _MODEL_CHECK = """
@@ -73,15 +81,7 @@ print("same output")
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 def test_the_triton_matcher_is_a_registered_merge_rule_with_the_same_model_output() -> None:
     """Through the seam a user takes: ``apply_merging(..., matcher="triton")``, under the interpreter."""
-    done = subprocess.run(
-        [sys.executable, "-c", _MODEL_CHECK],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "same output" in done.stdout
+    assert "same output" in run_interpreted(_MODEL_CHECK)
 
 
 def test_triton_matcher_falls_back_to_torch_on_cpu_without_the_interpreter() -> None:

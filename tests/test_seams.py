@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import timm
 import torch
+from helpers import tiny_module
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -271,24 +272,6 @@ def test_parameter_count_counts_what_a_registered_method_registers(
 
 
 # ------------------------------------------------------------------------------ export and module
-def tiny_module(**overrides: Any) -> Any:
-    from pyra_lightning.training.module import PyraClassifier
-
-    torch.manual_seed(0)
-    kwargs: dict[str, Any] = dict(
-        model_name="vit_tiny_patch16_224",
-        num_classes=5,
-        img_size=32,
-        model_kwargs={"patch_size": 4, "embed_dim": 48, "depth": 4, "num_heads": 3},
-        drop_path_rate=0.0,
-        lora_rank=4,
-        lora_dropout=0.0,
-        merge_r=[8, 8, 4, 4],
-        warmup_epochs=0,
-    )
-    return PyraClassifier(**{**kwargs, **overrides})
-
-
 def test_module_selects_peft_and_matcher_by_name() -> None:
     module = tiny_module(peft="dora", matcher="bipartite_reference")
     assert any(isinstance(m, DoRALinear) for m in module.model.modules())
