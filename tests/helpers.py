@@ -21,6 +21,25 @@ SHORT = [
 ]
 
 
+def resumable_fit(root: Path, data: Path, max_epochs: int, *extra: str) -> list[str]:
+    """A short ``fit`` for the resume tests: 4 steps an epoch, no test after it, and LoRA dropout,
+    randomness that a resume must reproduce; ``extra`` comes last, so it wins."""
+    return [
+        "fit",
+        *quickstart_args(
+            root,
+            data,
+            "--trainer.limit_train_batches=4",
+            "--trainer.limit_val_batches=1",
+            "--trainer.num_sanity_val_steps=0",
+            f"--trainer.max_epochs={max_epochs}",
+            "--model.lora_dropout=0.1",
+            "--test_after_fit=false",
+            *extra,
+        ),
+    ]
+
+
 def quickstart_args(root: Path | None, data: Path, *extra: str) -> list[str]:
     """Arguments of a quickstart command: ``root`` is the run folder (``None``: the default layout).
 

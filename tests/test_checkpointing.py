@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import quickstart_args
+from helpers import resumable_fit
 
 from pyra_lightning.__main__ import main
 from pyra_lightning.data import generate_demo
@@ -22,20 +22,7 @@ from pyra_lightning.training.module import PyraClassifier
 
 
 def short_run(root: Path, data: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        *quickstart_args(
-            root,
-            data,
-            "--trainer.limit_train_batches=4",
-            "--trainer.limit_val_batches=1",
-            "--trainer.num_sanity_val_steps=0",
-            "--trainer.max_epochs=3",
-            "--model.lora_dropout=0.1",  # randomness that a resume must reproduce
-            "--test_after_fit=false",
-            *extra,
-        ),
-    ]
+    return resumable_fit(root, data, 3, *extra)
 
 
 def last_val_acc(root: Path) -> float:

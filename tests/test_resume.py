@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import quickstart_args
+from helpers import resumable_fit
 from lightning.pytorch import Callback
 
 from pyra_lightning.__main__ import main
@@ -26,20 +26,7 @@ EPOCHS = 4
 
 
 def fit_args(root: Path, data: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        *quickstart_args(
-            root,
-            data,
-            "--trainer.limit_train_batches=4",
-            "--trainer.limit_val_batches=1",
-            "--trainer.num_sanity_val_steps=0",
-            f"--trainer.max_epochs={EPOCHS}",
-            "--model.lora_dropout=0.1",  # randomness that a resume must reproduce
-            "--test_after_fit=false",
-            *extra,
-        ),
-    ]
+    return resumable_fit(root, data, EPOCHS, *extra)
 
 
 def epoch_of(last: Path) -> int | None:
