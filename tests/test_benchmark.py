@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyra_lightning.accounting import count_flops
 from pyra_lightning.commands import benchmark
-from pyra_lightning.commands.benchmark import build_model, format_table, main, run_benchmark
+from pyra_lightning.commands.benchmark import build_model, main, run_benchmark
+from pyra_lightning.commands.benchmark_table import format_table
 from pyra_lightning.commands.engines import search_speed_target
 from pyra_lightning.commands.training_speed import measure_training_step
 from pyra_lightning.patch import vit_shape

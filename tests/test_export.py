@@ -133,7 +133,7 @@ def test_load_exported_brings_its_preprocessing(trained: PyraClassifier, tmp_pat
 
     from pyra_lightning import ExportedModel
     from pyra_lightning import load_exported as public_load_exported
-    from pyra_lightning.data.vtab import normalize_uint8
+    from pyra_lightning.data.datasets import normalize_uint8
 
     served = public_load_exported(export_model(trained, tmp_path / "model", mean=MEAN, std=STD))
     assert isinstance(served, ExportedModel) and not served.model.training

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pyra_lightning"
-MAX_LINES = 600
+MAX_LINES = 500  # the style guide's limit for a module
 # The layers, from the bottom up; a module may import its own layer and those below it.
 LAYERS = ("method", "data", "training", "commands", "entry")
 

@@ -20,9 +20,8 @@ from pyra_lightning.commands.table import (
     build_table,
     collect_results,
     schedule_label,
-    to_csv,
-    to_markdown,
 )
+from pyra_lightning.commands.table_format import to_csv, to_markdown
 from pyra_lightning.data.tasks import VTAB_TASKS
 from pyra_lightning.results import RunResult
 
@@ -468,7 +467,8 @@ def test_measure_times_every_rows_model_side_by_side_now(tmp_path: Path) -> None
 
 
 def test_fgvc_tasks_get_their_own_five_task_average() -> None:
-    from pyra_lightning.commands.table import FGVC_NAMES, table_records
+    from pyra_lightning.commands.table import FGVC_NAMES
+    from pyra_lightning.commands.table_format import table_records
 
     accs = dict(zip(FGVC_NAMES, (0.80, 0.70, 0.95, 0.60, 0.50), strict=True))
     rows = build_table(

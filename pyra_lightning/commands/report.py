@@ -20,10 +20,8 @@ from pyra_lightning.commands.table import (
     collect_results,
     default_label,
     label_by,
-    table_records,
-    to_csv,
-    to_markdown,
 )
+from pyra_lightning.commands.table_format import table_records, to_csv, to_markdown
 
 
 def push_to_wandb(

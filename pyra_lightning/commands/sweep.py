@@ -20,116 +20,38 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
-from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from pyra_lightning.commands.sweep_progress import Progress, format_duration
+from pyra_lightning.commands.sweep_state import (
+    RUN_HEADER,
+    SWEEP_FILE,
+    SweepSummary,
+    TaskRun,
+    find_results,
+    log_tail,
+    now_utc,
+    read_task_state,
+    save_task_state,
+    write_sweep_json,
+)
 from pyra_lightning.data.tasks import BENCHMARK_TASKS, check_benchmark, resolve_task
-from pyra_lightning.files import atomic_write_text
-from pyra_lightning.results import RESULTS_FILENAME, describe_differences, read_result
+from pyra_lightning.results import RESULTS_FILENAME, describe_differences
 
-SWEEP_FILE = "sweep.json"
-TASK_STATE_FILE = "sweep_task.json"
-LOG_FILE = "train.log"
-RUN_HEADER = "===== pyra-lightning sweep: run"  # starts the block each (re)run appends to train.log
-Status = Literal["pending", "running", "done", "skipped", "failed", "interrupted"]
-_LOG_TAIL_LINES = 20
 _POLL_S = 0.5
 _TERMINATE_GRACE_S = 15.0
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # tqdm's cursor moves
 
 
 class _Terminated(Exception):
     """Raised in the main loop by SIGTERM, so running tasks are stopped and recorded."""
-
-
-@dataclass
-class TaskRun:
-    """One task of a sweep: where it runs and how its last attempt went.
-
-    Attributes:
-        task: folder name of the task (the registry's name for known tasks, custom names as given).
-        run_dir: ``<out_dir>/<name>/<task>``: the fit's ``--run_dir``.
-        status: ``pending``, ``running``, ``done`` (finished in this invocation), ``skipped`` (had
-            finished before), ``failed`` or ``interrupted`` (the sweep itself was stopped).
-        attempts: runs started in this invocation (1 + retries used).
-        returncode: exit status of the last run.
-        duration_s: wall time of the last run (for ``skipped``: of the run that finished it).
-        results_json: the task's ``results.json`` once it has one.
-        log_tail: the last lines of ``train.log`` of a failed run.
-        command: the command line of the last run.
-        device: ``CUDA_VISIBLE_DEVICES`` of the last run, when devices are assigned.
-        started, finished: UTC times of the last run.
-    """
-
-    task: str
-    run_dir: str
-    status: Status = "pending"
-    attempts: int = 0
-    returncode: int | None = None
-    duration_s: float | None = None
-    started: str | None = None
-    finished: str | None = None
-    results_json: str | None = None
-    log_tail: str | None = None
-    command: list[str] = field(default_factory=list)
-    device: str | None = None
-
-    @property
-    def log(self) -> Path:
-        return Path(self.run_dir) / LOG_FILE
-
-
-@dataclass
-class SweepSummary:
-    """What one invocation of ``run_sweep`` did; ``runs`` are the tasks it was given (or picked)."""
-
-    name: str
-    sweep_dir: Path
-    runs: list[TaskRun]
-    dry_run: bool = False
-
-    @property
-    def done(self) -> list[str]:
-        return [run.task for run in self.runs if run.status == "done"]
-
-    @property
-    def skipped(self) -> list[str]:
-        return [run.task for run in self.runs if run.status == "skipped"]
-
-    @property
-    def failed(self) -> list[str]:
-        return [run.task for run in self.runs if run.status in ("failed", "interrupted")]
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-    def format(self) -> str:
-        """A human summary: counts, then every failed task with the tail of its log."""
-        lines = [
-            f"sweep {self.name} ({self.sweep_dir}): {len(self.done)} done, {len(self.skipped)} skipped "
-            f"(finished before), {len(self.failed)} failed, of {len(self.runs)}"
-        ]
-        for label, tasks in (("done", self.done), ("skipped", self.skipped), ("failed", self.failed)):
-            if tasks:
-                lines.append(f"  {label}: {', '.join(tasks)}")
-        for run in self.runs:
-            if run.status in ("failed", "interrupted"):
-                lines.append(f"--- {run.task} {run.status} (exit {run.returncode}); tail of {run.log}:")
-                lines.append(run.log_tail or "(empty log)")
-        return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------ task list
@@ -194,77 +116,6 @@ def fit_command(
     return command + list(overrides)
 
 
-def find_results(run_dir: Path) -> Path | None:
-    """The task's ``results.json`` if ``report`` accepts it (``results.validate_result``), else ``None``.
-
-    Using the report's own check means a task counts as finished exactly when its result can
-    go into the table.
-    """
-    path = run_dir / RESULTS_FILENAME
-    try:
-        read_result(path)
-    except (OSError, ValueError):
-        return None
-    return path
-
-
-def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
-    """The last lines of a log, each cut to what follows its last ``\\r`` (progress bars redraw so)."""
-    try:
-        with path.open("rb") as handle:
-            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 64 * 1024))
-            text = handle.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    kept = [_ANSI.sub("", line.rsplit("\r", 1)[-1]).rstrip() for line in text.split("\n")]
-    return "\n".join([line for line in kept if line][-lines:])
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _read_state(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        state = json.loads((run_dir / TASK_STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) else None
-
-
-def _save_state(run: TaskRun) -> None:
-    atomic_write_text(Path(run.run_dir) / TASK_STATE_FILE, json.dumps(asdict(run), indent=2) + "\n")
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive ``flock``, so concurrent array jobs do not lose each other's updates.
-
-    Without ``flock`` (some NFS/Lustre mounts) there is no lock: sweep.json may then miss one
-    update, which the next write repairs.
-    """
-    with path.open("a") as handle:
-        with contextlib.suppress(ImportError, OSError):  # no fcntl on Windows
-            import fcntl
-
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
-def write_sweep_json(sweep_dir: Path, tasks: Sequence[str], meta: dict[str, Any]) -> Path:
-    """Gather every task's ``sweep_task.json`` into ``sweep.json`` (atomically, under a lock)."""
-    path = sweep_dir / SWEEP_FILE
-    with _locked(sweep_dir / ".sweep.lock"):
-        entries = {
-            task: _read_state(sweep_dir / task) or asdict(TaskRun(task, str(sweep_dir / task)))
-            for task in tasks
-        }
-        counts = Counter(entry["status"] for entry in entries.values())
-        document = {**meta, "updated": _now(), "counts": dict(counts), "tasks": entries}
-        atomic_write_text(path, json.dumps(document, indent=2) + "\n")
-    return path
-
-
 # ---------------------------------------------------------------------------------------- sweep
 def run_sweep(
     config: list[str],
@@ -324,7 +175,7 @@ def run_sweep(
         run.command = fit_command(config, run.task, Path(run.run_dir), overrides, benchmark)
         results = find_results(Path(run.run_dir))
         if results is not None:
-            previous = _read_state(Path(run.run_dir)) or {}
+            previous = read_task_state(Path(run.run_dir)) or {}
             run.status, run.results_json = "skipped", str(results)
             run.duration_s, run.finished = previous.get("duration_s"), previous.get("finished")
     summary = SweepSummary(name, sweep_dir, runs, dry_run)
@@ -337,7 +188,7 @@ def run_sweep(
     sweep_dir.mkdir(parents=True, exist_ok=True)
     for run in runs:
         Path(run.run_dir).mkdir(exist_ok=True)
-        _save_state(run)
+        save_task_state(run)
     write_sweep_json(sweep_dir, all_tasks, meta)
     _execute(runs, all_tasks, sweep_dir, meta, max_parallel, retries, devices)
     return summary
@@ -410,7 +261,7 @@ def _execute(
     progress = Progress(meta["name"], len(runs), max_parallel)
 
     def record(run: TaskRun) -> None:
-        _save_state(run)
+        save_task_state(run)
         write_sweep_json(sweep_dir, all_tasks, meta)
 
     terminating: list[bool] = []
@@ -476,7 +327,7 @@ def _execute(
 
 def _start(run: TaskRun, device: str | None) -> subprocess.Popen[bytes]:
     """Start one attempt; its output is appended to ``train.log`` after a header naming the run."""
-    run.status, run.attempts, run.started, run.device = "running", run.attempts + 1, _now(), device
+    run.status, run.attempts, run.started, run.device = "running", run.attempts + 1, now_utc(), device
     run.returncode = run.duration_s = run.finished = run.log_tail = None
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if device is not None:
@@ -494,7 +345,7 @@ def _finish(run: TaskRun, returncode: int | None, duration: float) -> None:
 
     The same rule as for skipping: a run that crashed after writing its result is not retried.
     """
-    run.returncode, run.duration_s, run.finished = returncode, round(duration, 2), _now()
+    run.returncode, run.duration_s, run.finished = returncode, round(duration, 2), now_utc()
     results = find_results(Path(run.run_dir))
     if results is not None:
         run.status, run.results_json = "done", str(results)

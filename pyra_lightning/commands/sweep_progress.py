@@ -7,8 +7,10 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
 
+from tqdm.auto import tqdm
+
 if TYPE_CHECKING:
-    from pyra_lightning.commands.sweep import TaskRun
+    from pyra_lightning.commands.sweep_state import TaskRun
 
 FINISHED = ("done", "skipped")
 
@@ -19,10 +21,12 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """``done / running / failed / remaining`` and an ETA, as one redrawn line on a TTY.
+    """``done / running / failed / remaining`` and an ETA: a ``tqdm`` bar on a TTY, plain lines in a log.
 
     The ETA assumes every unfinished task takes the mean duration of the tasks finished in this
-    invocation (skipped ones took no time here), spread over the parallel slots.
+    invocation (skipped ones took no time here), spread over the parallel slots; tqdm's own rate
+    would count the skipped tasks as instant and ignore the tasks already running, so the bar shows
+    this line as its text and tqdm draws it (width, redraws, messages printed above the bar).
     """
 
     def __init__(self, name: str, total: int, max_parallel: int, stream: TextIO | None = None) -> None:
@@ -31,6 +35,8 @@ class Progress:
         self.tty = self.stream.isatty()
         self.durations: list[float] = []
         self._last = ""
+        # A log file gets no bar: tqdm would fill it with carriage-return redraws.
+        self.bar = tqdm(total=total, file=self.stream, disable=not self.tty, bar_format="{desc}", leave=True)
 
     def line(self, runs: Sequence[TaskRun], started: dict[str, float]) -> str:
         done = sum(run.status in FINISHED for run in runs)
@@ -51,18 +57,19 @@ class Progress:
     def show(self, runs: Sequence[TaskRun], started: dict[str, float]) -> None:
         text = self.line(runs, started)
         if self.tty:
-            self.stream.write(f"\r\x1b[K{text}")
+            self.bar.set_description_str(text)
         elif text.split(", ETA")[0] != self._last.split(", ETA")[0]:
             self.stream.write(text + "\n")  # plain logs: only when the counts change
-        self.stream.flush()
+            self.stream.flush()
         self._last = text
 
     def message(self, text: str) -> None:
-        """Print a line above the progress line (which the next ``show`` redraws)."""
-        self.stream.write(("\r\x1b[K" if self.tty else "") + text + "\n")
-        self.stream.flush()
+        """Print a line above the progress bar (tqdm redraws the bar below it)."""
+        if self.tty:
+            self.bar.write(text, file=self.stream)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
 
     def close(self) -> None:
-        if self.tty and self._last:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.bar.close()

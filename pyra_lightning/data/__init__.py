@@ -11,16 +11,11 @@ from typing import TYPE_CHECKING
 from pyra_lightning._lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from pyra_lightning.data.datasets import VTABSplit, load_image, normalize_uint8
     from pyra_lightning.data.demo import DEMO_CLASSES, generate_demo, render_demo_image
     from pyra_lightning.data.layouts import SPLIT_FILES, SplitRecord, read_split_file
     from pyra_lightning.data.tasks import DEMO_TASK, GROUPS, VTAB_TASKS, VTABTask, resolve_task
-    from pyra_lightning.data.vtab import (
-        NORMALIZATION_STATS,
-        VTABDataModule,
-        VTABSplit,
-        load_image,
-        normalize_uint8,
-    )
+    from pyra_lightning.data.vtab import NORMALIZATION_STATS, VTABDataModule
 
 _EXPORTS: dict[str, str] = {
     "DEMO_CLASSES": "pyra_lightning.data.demo",
@@ -35,9 +30,9 @@ _EXPORTS: dict[str, str] = {
     "SPLIT_FILES": "pyra_lightning.data.layouts",
     "SplitRecord": "pyra_lightning.data.layouts",
     "VTABDataModule": "pyra_lightning.data.vtab",
-    "VTABSplit": "pyra_lightning.data.vtab",
-    "load_image": "pyra_lightning.data.vtab",
-    "normalize_uint8": "pyra_lightning.data.vtab",
+    "VTABSplit": "pyra_lightning.data.datasets",
+    "load_image": "pyra_lightning.data.datasets",
+    "normalize_uint8": "pyra_lightning.data.datasets",
     "read_split_file": "pyra_lightning.data.layouts",
 }
 __all__ = [

@@ -25,7 +25,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from pyra_lightning.data.vtab import SplitRecord, load_image, normalize_uint8
+from pyra_lightning.data.datasets import load_image, normalize_uint8
+from pyra_lightning.data.layouts import SplitRecord
 from pyra_lightning.files import atomic_write_text
 
 PREDICTIONS_FILENAME = "predictions.csv"

@@ -1,0 +1,110 @@
+"""The ``benchmark`` command's result as Markdown tables (``format_table``), kept apart from the timing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table padded so that it also reads as aligned columns in a terminal."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    rule = ["-" * (width - 1) + ":" if index else "-" * width for index, width in enumerate(widths)]
+
+    def line(cells: list[str]) -> str:
+        padded = [
+            cell.ljust(w) if index == 0 else cell.rjust(w)
+            for index, (cell, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    return [line(header), line(rule), *(line(row) for row in rows)]
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The results of ``run_benchmark`` as Markdown tables with aligned columns."""
+    args, env = result["args"], result["environment"]
+    lines = [
+        f"{args['model_name']}, batch {','.join(map(str, args['batch_sizes']))}, {args['img_size']} px, "
+        f"precision {args['precision']}, engines {','.join(args['engine'])}, "
+        f"{env['device_name']} ({env['threads']} threads), torch {env['torch']}, timm {env['timm']}, "
+        f"median of {args['runs']} interleaved runs after {args['warmup']} warm-up ({args['clock']} clock), "
+        f"loadavg {env['loadavg']} -> {env.get('loadavg_after')}",
+        "",
+    ]
+    if "target" in result:
+        found = result["target"]
+        lines += _markdown_table(
+            ["rho", "measured speedup", "FLOPs fraction", "schedule"],
+            [
+                [f"{t['rho']:.4f}", f"{t['speedup']:.3f}x", f"{t['flops_fraction']:.3f}", str(t["schedule"])]
+                for t in found["trials"]
+            ],
+        )
+        lines += [
+            "",
+            f"target speedup {args['target_speedup']:g} ({args['engine'][0]}, batch {args['batch_sizes'][0]}, "
+            f"precision {args['precision']}): measured {found['speedup']:.3f}x at {found['flops_fraction']:.3f} "
+            "of the FLOPs. Paste into your config:",
+            f"  model.merge_r: {found['schedule']}",
+        ]
+        return "\n".join(lines)
+    gflops = {name: row["gflops"] for name, row in result["models"].items()}
+    lines += _markdown_table(
+        [
+            "engine",
+            "batch",
+            "model",
+            "img/s",
+            "ms/batch",
+            "GFLOPs",
+            "speedup",
+            "FLOPs reduction",
+            "efficiency",
+        ],
+        [
+            [
+                row["engine"],
+                str(row["batch_size"]),
+                row["model"],
+                f"{row['images_per_s']:.2f}",
+                f"{row['median_ms']:.1f}",
+                f"{gflops[row['model']]:.2f}",
+                f"{row['speedup']:.2f}x",
+                f"{result['models'][row['model']]['flops_reduction']:.2f}x",
+                f"{row['efficiency']:.3f}",
+            ]
+            for row in result["table"]
+        ],
+    )
+    lines += [
+        "",
+        "PYRA / ToMe throughput: " + ", ".join(f"{k} {v:.3f}" for k, v in result["pyra_vs_tome"].items()),
+    ]
+    setup = [r for r in result["table"] if r["engine"] != "eager" and r["setup_s"] > 0]
+    if setup:
+        lines.append(
+            "export/compile seconds: "
+            + ", ".join(f"{r['engine']} b{r['batch_size']} {r['model']} {r['setup_s']:.1f}" for r in setup)
+        )
+    for engine, reason in result["skipped"].items():
+        lines.append(f"engine {engine} skipped: {reason}")
+    if "training" in result:
+        lines.append("")
+        lines += _markdown_table(
+            ["model (training step)", "img/s", "ms/batch", "peak MB", "saved activations MB"],
+            [
+                [
+                    name,
+                    f"{row['images_per_s']:.2f}",
+                    f"{1e3 * row['median_s']:.1f}",
+                    _fmt(row["peak_memory_mb"], ".0f"),
+                    f"{row['saved_activations_mb']:.0f}",
+                ]
+                for name, row in result["training"].items()
+            ],
+        )
+    return "\n".join(lines)
