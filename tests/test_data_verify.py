@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -99,6 +100,29 @@ def test_label_out_of_range_names_file_and_line(tmp_path: Path) -> None:
     assert "svhn/test.txt:3: label 10 out of range for 10 classes" in found
     assert "svhn/train800.txt: 6 images, expected 800" in found  # counts follow the registry
     assert "svhn/train800val200.txt: 4 of 10 classes never occur (6, 7, 8, 9)" in found
+
+
+def test_a_known_other_release_size_warns_and_any_other_size_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyra_lightning.data.verify as verify_module
+    from pyra_lightning.data.tasks import VTABTask
+
+    make_task(tmp_path)  # test.txt: 4 images
+    # The registry's Caltech101 case in miniature: the split has 3 images, a known release 4.
+    task = VTABTask("mytask", 3, "natural", test_size=3, train_size=6, val_size=3, other_test_sizes=(4,))
+    monkeypatch.setattr(verify_module, "resolve_task", lambda name, benchmark="vtab": task)
+    (report,) = verify_module.verify(tmp_path, ["mytask"], progress=False, workers=1)
+    assert report.errors == []
+    assert any("mytask/test.txt: 4 images where the registry's split has 3" in w for w in report.warnings)
+    monkeypatch.setattr(
+        verify_module,
+        "resolve_task",
+        lambda name, benchmark="vtab": dataclasses.replace(task, other_test_sizes=()),
+    )
+    (report,) = verify_module.verify(tmp_path, ["mytask"], progress=False, workers=1)
+    assert "mytask/test.txt: 4 images, expected 3" in report.errors
+    assert resolve_task("caltech101").other_test_sizes == (6085,)
 
 
 def test_missing_task_folder_and_empty_split_file(tmp_path: Path) -> None:
