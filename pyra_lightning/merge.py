@@ -67,9 +67,9 @@ def max_merge_r(num_tokens: int, num_prefix_tokens: int) -> int:
     return (num_tokens - num_prefix_tokens) // 2
 
 
-def _tracing(ref: torch.Tensor) -> bool:
+def _tracing(ref: torch.Tensor, plain: tuple[type, ...] = (torch.Tensor,)) -> bool:
     """Whether a graph is being built: then constants are made inline, never cached."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(ref) is not torch.Tensor:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(ref) not in plain:
         return True  # fake and functional tensors (torch.export, ONNX export) are subclasses
     return ref.is_cuda and torch.cuda.is_current_stream_capturing()
 
@@ -88,6 +88,30 @@ def _constant(key: tuple[Any, ...], ref: torch.Tensor, build: Callable[[], torch
             hit = build()
         _CACHE[key] = hit
     return hit
+
+
+def _folded(
+    owner: Any, name: str, weight: torch.Tensor, build: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``build(weight)``, kept on ``owner`` while ``weight`` is unchanged, in eager inference.
+
+    A deployed model's PYRA weights do not change between forwards, so what is computed from a
+    weight alone (a transpose, a scaled copy) is computed once, as ``fold_lora`` computes B·A once.
+    Training (autograd must record it), tracing, and a weight that was written in place (its
+    version counter moves), moved or replaced compute it again.
+    """
+    if torch.is_grad_enabled() or _tracing(weight, plain=(torch.Tensor, torch.nn.Parameter)):
+        return build(weight)
+    try:
+        key = (id(weight), weight._version, weight.data_ptr(), weight.dtype, weight.device)
+    except RuntimeError:  # an inference tensor has no version counter
+        return build(weight)
+    cache = owner.__dict__.setdefault("_folded_weights", {})
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        with torch.inference_mode(False), torch.no_grad():  # usable outside inference_mode too
+            hit = cache[name] = (key, build(weight))
+    return hit[1]
 
 
 def _batch_rows(n: int, ref: torch.Tensor) -> torch.Tensor:
@@ -258,25 +282,30 @@ def _modulate_with_size(modulate: Modulate, src: torch.Tensor, dst: torch.Tensor
 
 
 def fused_pyra(modulate: Any, src: torch.Tensor, dst: torch.Tensor, c: int) -> torch.Tensor | None:
-    """PYRA's eqs. 4-7 in 11 operators on (B, r, C + 1) pairs whose channel C is the size.
+    """PYRA's eqs. 4-7 in 10 operators on (B, r, C + 1) pairs whose channel C is the size.
 
     The same function as ``PyraModulation`` with variant ``"pyra"`` (tests/test_merge.py checks
     it), written to need few operators, with ``2σ(δ_r) - 1 = tanh(δ_r / 2)``:
     ``M_s + 2 (M_s ⊙ σ(δ_D)) ⊙ tanh(δ_r / 2)``, where ``σ(δ_D)`` is padded with a 0 for the
-    size channel so that the size passes through unchanged. ``None`` for every other
-    modulation (ablation variants, user callables): they run as themselves.
+    size channel so that the size passes through unchanged. ``W_r^T`` and ``W_D / 2`` depend on
+    the weights alone and are computed once per weight in eager inference (``_folded``); halving
+    is exact in floating point. ``None`` for every other modulation (ablation variants, user
+    callables): they run as themselves.
     """
     rows, built = src.shape[-2], getattr(modulate, "merge_r", -1)
     elastic = getattr(modulate, "elastic", False) and 0 < rows < built  # the first rows of W_r
     if getattr(modulate, "variant", None) != "pyra" or not (rows == built or elastic):
         return None
     norm = modulate.norm
-    weight_r = modulate.weight_r[:rows] if elastic else modulate.weight_r  # (r, 1)
+    weight_r_t = _folded(
+        modulate, f"weight_r.mT[:{rows}]", modulate.weight_r, lambda w: w[:rows].mT
+    )  # (1, r)
+    half_weight_d = _folded(modulate, "weight_d / 2", modulate.weight_d, lambda w: 0.5 * w)  # (1, C)
     info = F.layer_norm((src + dst)[..., :c], (c,), norm.weight, norm.bias, norm.eps)  # M_info, eq. 4
-    delta_d = weight_r.mT @ info  # δ_D = M_info W_r, eq. 5: (B, 1, C)
-    delta_r = F.linear(info, modulate.weight_d)  # δ_r = W_D M_info, eq. 5: (B, r, 1)
+    delta_d = weight_r_t @ info  # δ_D = M_info W_r, eq. 5: (B, 1, C)
+    half_delta_r = F.linear(info, half_weight_d)  # δ_r / 2, δ_r = W_D M_info of eq. 5: (B, r, 1)
     gate_d = F.pad(torch.sigmoid(delta_d), (0, 1))  # σ(δ_D), 0 on the size channel: (B, 1, C + 1)
-    return torch.addcmul(src, src * gate_d, torch.tanh(0.5 * delta_r), value=2)  # eqs. 6-7
+    return torch.addcmul(src, src * gate_d, torch.tanh(half_delta_r), value=2)  # eqs. 6-7
 
 
 def bipartite_soft_matching(
