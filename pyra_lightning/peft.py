@@ -32,7 +32,7 @@ class PeftMethod:
     """One PEFT method.
 
     Attributes:
-        name: What ``apply_lora(..., method=name)`` and ``model.peft`` select.
+        name: What ``apply_lora(..., method=name)`` and ``model.lora.method`` select.
         layer: The layer class; ``layer.from_linear(linear, lora_rank, lora_alpha, lora_dropout)``
             wraps a frozen projection and ``layer.to_linear()`` folds it.
         prefix: Every trainable tensor of the layer is named ``<prefix>...`` (e.g. ``lora_a``).

@@ -65,13 +65,13 @@ class RunResult:
             average before and after. Figures are comparable only where ``COMPARABLE_CONDITIONS`` agree.
         throughput_engine: the engine the throughput was timed on (``eager``: the PyTorch model),
             ``None`` without a throughput.
-        settings: every setting that shapes training (``model.lora_rank``, ``data.task``,
+        settings: every setting that shapes training (``model.lora.rank``, ``data.task``,
             ``trainer.max_epochs``, ``seed_everything``...), as ``training.runs.run_settings`` makes them.
         fingerprint: hash of ``settings``: two results with the same fingerprint are one run.
         checkpoint: the checkpoint that was tested.
         data: the data's ``manifest.json`` entry (``manifest``, ``digest``, ``formats``) when
             ``pyra-lightning data verify`` wrote one; the report averages only runs on equal data.
-        curve: elastic runs (``model.elastic``): one entry per evaluated point, each with
+        curve: elastic runs (``model.merging.elastic``): one entry per evaluated point, each with
             ``flops_fraction``, ``merge_r`` (the schedule), ``gflops``, ``throughput``, ``speedup``
             (over the uncompressed model, timed side by side) and ``test_acc`` (a fraction).
     """
@@ -219,7 +219,7 @@ def result_settings(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def describe_differences(a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str) -> list[str]:
-    """One line per key whose value differs: ``"model.lora_rank: 16 in <a> vs 8 in <b>"``."""
+    """One line per key whose value differs: ``"model.lora.rank: 16 in <a> vs 8 in <b>"``."""
     missing = "(not set)"
     lines = []
     for key in sorted(set(a) | set(b)):

@@ -66,7 +66,8 @@ def tome_at_test_time(root: Path, args: list[str], merge_r: str) -> float:
     from pyra_lightning.training.cli import build_cli
 
     cli = build_cli(
-        [*args, f"--model.merge_r={merge_r}", "--model.pyra=false", "--trainer.logger=false"], run=False
+        [*args, f"--model.merging.merge_r={merge_r}", "--model.merging.pyra=false", "--trainer.logger=false"],
+        run=False,
     )
     load_trainable(cli.model, read_checkpoint(root / "checkpoints" / "last.ckpt"))
     cli.datamodule.setup("test")
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> dict:
             entry: dict = {}
             root = out / "runs" / task / f"elastic_s{seed}"
             extra = common(root, data, task, seed, args.epochs, args.batches)
-            curve_arg = "--model.elastic.curve=[1.0, low, high]"
+            curve_arg = "--model.merging.elastic.curve=[1.0, low, high]"
             entry["elastic_wall_s"] = timed_fit(root, [*base, f"--config={ELASTIC}", *extra, curve_arg])
             result = json.loads((root / "results.json").read_text())
             entry["elastic"] = {f: p["test_acc"] for f, p in zip(POINTS, result["curve"], strict=True)}
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> dict:
                 root = out / "runs" / task / f"r{fraction}_s{seed}"
                 extra = common(root, data, task, seed, args.epochs, args.batches)
                 entry[f"separate_wall_s_{fraction}"] = timed_fit(
-                    root, [*base, *extra, f"--model.merge_r={merge_r}"]
+                    root, [*base, *extra, f"--model.merging.merge_r={merge_r}"]
                 )
                 result = json.loads((root / "results.json").read_text())
                 entry.setdefault("separate", {})[fraction] = result["test_acc"]

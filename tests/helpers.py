@@ -33,7 +33,7 @@ def resumable_fit(root: Path, data: Path, max_epochs: int, *extra: str) -> list[
             "--trainer.limit_val_batches=1",
             "--trainer.num_sanity_val_steps=0",
             f"--trainer.max_epochs={max_epochs}",
-            "--model.lora_dropout=0.1",
+            "--model.lora.dropout=0.1",
             "--test_after_fit=false",
             *extra,
         ),
@@ -85,7 +85,7 @@ def randomize_(module: nn.Module, std: float = 0.2, seed: int = 1) -> nn.Module:
 
 def tiny_module(**overrides: Any) -> Any:
     """A ``PyraClassifier`` on a 4-block, 48-wide ViT (32x32 images, 5 classes, LoRA rank 4, merging
-    ``[8, 8, 4, 4]``), seeded; ``overrides`` replace any argument."""
+    ``[8, 8, 4, 4]``), seeded; ``overrides`` replace any argument (see ``with_settings``)."""
     from pyra_lightning.training.module import PyraClassifier
 
     torch.manual_seed(0)
@@ -95,9 +95,21 @@ def tiny_module(**overrides: Any) -> Any:
         img_size=32,
         model_kwargs={"patch_size": 4, "embed_dim": 48, "depth": 4, "num_heads": 3},
         drop_path_rate=0.0,
-        lora_rank=4,
-        lora_dropout=0.0,
-        merge_r=[8, 8, 4, 4],
-        warmup_epochs=0,
+        lora={"rank": 4, "dropout": 0.0},
+        merging={"merge_r": [8, 8, 4, 4]},
+        optim={"warmup_epochs": 0},
     )
-    return PyraClassifier(**{**kwargs, **overrides})
+    return PyraClassifier(**with_settings(kwargs, overrides))
+
+
+def with_settings(defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``PyraClassifier`` arguments: ``overrides`` replace ``defaults``, and a setting group's dict
+    (``lora``, ``merging``, ``optim``, ``recipe``) updates the default group key by key, as a second
+    config file does on the command line."""
+    from pyra_lightning.training.settings import GROUPS
+
+    merged = dict(defaults)
+    for key, value in overrides.items():
+        grouped = key in GROUPS and isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = {**merged[key], **value} if grouped else value
+    return merged

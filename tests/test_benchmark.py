@@ -337,7 +337,7 @@ def test_speed_target_search_counts_the_merge_cost_and_refuses_the_unreachable()
 
 
 def test_target_speedup_through_run_benchmark(one_thread: None, capsys) -> None:
-    """The command prints a list ready for model.merge_r, measured on real models (vit_tiny at
+    """The command prints a list ready for model.merging.merge_r, measured on real models (vit_tiny at
     224 px, where halving the tokens in every block roughly halves the time: far above 1.2x)."""
     result = run_benchmark(
         target_speedup=1.2, batch_size=2, runs=3, warmup=1, target_iterations=1, clock="cpu", **SPEED_MODEL
@@ -345,7 +345,7 @@ def test_target_speedup_through_run_benchmark(one_thread: None, capsys) -> None:
     found = result["target"]
     assert len(found["schedule"]) == 4 and found["speedup"] >= 1.2
     assert [t["rho"] for t in found["trials"]] == [1.0, 0.5]
-    assert f"model.merge_r: {found['schedule']}" in capsys.readouterr().out
+    assert f"model.merging.merge_r: {found['schedule']}" in capsys.readouterr().out
 
 
 def test_a_custom_schedule_is_labelled_by_its_contents(one_thread: None) -> None:

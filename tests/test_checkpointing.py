@@ -110,7 +110,9 @@ def test_kill_9_at_any_moment_leaves_a_loadable_last_ckpt(tmp_path: Path) -> Non
 
 
 def test_vit_b16_checkpoint_is_at_most_5_mb() -> None:
-    module = PyraClassifier(model_name="vit_base_patch16_224", num_classes=100, merge_r="high", lora_rank=8)
+    module = PyraClassifier(
+        model_name="vit_base_patch16_224", num_classes=100, merging={"merge_r": "high"}, lora={"rank": 8}
+    )
     optimizer = module.configure_optimizers()["optimizer"]
     for param in module.parameters():
         if param.requires_grad:

@@ -125,7 +125,7 @@ def test_fit_help_shows_our_options_and_puts_the_trainer_behind_help_all(
     with pytest.raises(SystemExit) as stop:
         cli.main(["fit", "--help"])
     brief = capsys.readouterr().out
-    assert stop.value.code == 0 and "--model.lora_rank" in brief and "--throughput.clock" in brief
+    assert stop.value.code == 0 and "--model.lora.rank" in brief and "--throughput.clock" in brief
     options = brief.split("\noptions:", 1)[1]
     assert "--trainer." not in options.split("Lightning's Trainer flags")[0], "no Trainer flag listed"
     assert "are listed by `pyra-lightning fit --help_all`" in brief
@@ -134,7 +134,7 @@ def test_fit_help_shows_our_options_and_puts_the_trainer_behind_help_all(
     full = capsys.readouterr().out.split("\noptions:", 1)[1]
     assert stop.value.code == 0 and "  --trainer.max_epochs" in full
     assert (
-        full.index("  --model.lora_rank") < full.index("  --data.task") < full.index("  --trainer.max_epochs")
+        full.index("  --model.lora.rank") < full.index("  --data.task") < full.index("  --trainer.max_epochs")
     )
 
 

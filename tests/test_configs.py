@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,11 @@ ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))
 
 
 def instantiate(configs: list[Path], *overrides: str) -> PyraCLI:
-    args = [f"--config={c}" for c in configs] + ["--model.pretrained=false", *overrides]
+    # A fresh root per CLI: its run folder (<root>/<task>/<method>) is locked while the CLI lives,
+    # and the two pytest workers may build CLIs of the same task at once.
+    root = tempfile.mkdtemp(prefix="pyra-configs-")
+    args = [f"--config={c}" for c in configs]
+    args += ["--model.pretrained=false", f"--trainer.default_root_dir={root}", *overrides]
     return build_cli(args, run=False)
 
 
@@ -52,9 +57,14 @@ def test_each_piece_composes_with_the_quickstart(piece: Path, tmp_path: Path) ->
                 Image.new("RGB", (8, 8)).save(folder / "0.png")
     cli = instantiate([QUICKSTART, piece], *root)
     assert cli.model.model is not None and cli.datamodule is not None and cli.trainer is not None
+    flat = {}
     for key, value in (document.get("model") or {}).items():
-        if isinstance(value, int | float | str | bool) and key in cli.model.hparams:
-            assert cli.model.hparams[key] == value, f"{piece.name}: model.{key}"
+        grouped = isinstance(value, dict) and isinstance(cli.model.hparams.get(key), dict)
+        flat.update({(key, f): v for f, v in value.items()} if grouped else {(key,): value})
+    for path, value in flat.items():
+        if isinstance(value, int | float | str | bool):
+            found = cli.model.hparams[path[0]] if len(path) == 1 else cli.model.hparams[path[0]][path[1]]
+            assert found == value, f"{piece.name}: model.{'.'.join(path)}"
 
 
 @pytest.mark.parametrize("model", sorted((CONFIGS / "model").glob("*.yaml")), ids=lambda p: p.stem)
@@ -110,13 +120,13 @@ def test_reference_recipe_composes_with_each_backbone(piece: str) -> None:
             CONFIGS / "recipe/reference.yaml",
         ]
     )
-    hp = cli.model.hparams
+    hp = cli.model.recipe
     assert (hp.scheduler_step, hp.lora_init, hp.distilled_training) == (
         "reference",
         "reference",
         "class_head",
     )
-    assert hp.pyra_lr is None and cli.model.method == "pyra"
+    assert cli.model.optim.pyra_lr is None and cli.model.method == "pyra"
     assert all(
         torch.count_nonzero(m.lora_b) > 0 for m in cli.model.model.modules() if isinstance(m, LoRALinear)
     )
@@ -136,10 +146,12 @@ def test_reference_recipe_model_section_applies_from_python() -> None:
         num_classes=3,
         img_size=16,
         model_kwargs={"patch_size": 4, "depth": 1, "embed_dim": 24, "num_heads": 2},
-        merge_r=None,
         **recipe["model"],
+        merging={"merge_r": None},
     )
-    assert module.hparams.scheduler_step == "reference"
+    assert (
+        module.recipe.scheduler_step == "reference" and module.hparams["recipe"]["lora_init"] == "reference"
+    )
 
 
 PAPER_PIECES = ("vit_b16_in21k", "vit_l16_in21k", "deit_b_distilled", "vit_l16_mae")
@@ -159,7 +171,9 @@ def test_paper_pieces_stay_pinned_to_imagenet_statistics(piece: str) -> None:
     # timm's orig_in21k tag declares 0.5/0.5; the reference trained with ImageNet mean/std.
     one_block = '--model.model_kwargs={"depth": 1}'  # only the data side matters here; keep it fast
     cli = instantiate(
-        [CONFIGS / f"model/{piece}.yaml", CONFIGS / "data/vtab.yaml"], "--model.merge_r=null", one_block
+        [CONFIGS / f"model/{piece}.yaml", CONFIGS / "data/vtab.yaml"],
+        "--model.merging.merge_r=null",
+        one_block,
     )
     assert cli.datamodule.normalization == "imagenet"
     assert cli.datamodule.mean == tuple(IMAGENET_DEFAULT_MEAN) and cli.datamodule.std == tuple(
@@ -174,7 +188,9 @@ def test_backbone_pieces_name_a_hub_tag_and_data_follows_the_backbone(piece: str
     config = yaml.safe_load((CONFIGS / f"model/{piece}.yaml").read_text())
     assert config["model"]["model_name"] == model_name and config["model"]["pretrained"] is True
     assert "pretrained_file" in (CONFIGS / f"model/{piece}.yaml").read_text()  # the local-file option
-    cli = instantiate([CONFIGS / f"model/{piece}.yaml", CONFIGS / "data/vtab.yaml"], "--model.merge_r=high")
+    cli = instantiate(
+        [CONFIGS / f"model/{piece}.yaml", CONFIGS / "data/vtab.yaml"], "--model.merging.merge_r=high"
+    )
     assert cli.datamodule.normalization == normalization == cli.datamodule.hparams.normalization
     assert cli.datamodule.img_size == cli.model.hparams.img_size == img_size
     assert cli.model.model.patch_embed.img_size == (img_size, img_size)

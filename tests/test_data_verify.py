@@ -226,7 +226,7 @@ def _result(
     from pyra_lightning.results import RunResult, read_result
 
     data = {"manifest": "m.json", "digest": digest, "formats": ["PNG"]} if digest else None
-    settings = {"data.task": task, "model.lora_rank": 8, "seed_everything": seed}
+    settings = {"data.task": task, "model.lora.rank": 8, "seed_everything": seed}
     path = tmp_path / f"{task}{seed}.json"
     RunResult(
         task=task, method="pyra", test_acc=0.5, protocol="final", group=group, settings=settings, data=data

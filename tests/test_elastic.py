@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import with_settings
 
 from pyra_lightning.modulation import PyraModulation
 from pyra_lightning.patch import fold_lora, merge_schedule
@@ -30,18 +31,16 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 def elastic_module(family: str = "vit", seed: int = 0, **kwargs) -> PyraClassifier:
     name, overrides = FAMILIES[family]
     torch.manual_seed(seed)
-    module = PyraClassifier(
+    defaults = dict(
         model_name=name,
         num_classes=5,
         img_size=32,
-        model_kwargs=kwargs.pop("model_kwargs", {**TINY, **overrides}),
+        model_kwargs={**TINY, **overrides},
         drop_path_rate=0.0,
-        lora_rank=4,
-        lora_dropout=0.0,
-        merge_r=kwargs.pop("merge_r", "low"),
-        elastic=kwargs.pop("elastic", {}),
-        **kwargs,
+        lora={"rank": 4, "dropout": 0.0},
+        merging={"merge_r": "low", "elastic": {}},
     )
+    module = PyraClassifier(**with_settings(defaults, kwargs))
     with torch.no_grad():  # start away from the identity, so that a wrong row would show
         for param_name, param in module.model.named_parameters():
             if ".lora_b" in param_name or ".pyra." in param_name:
@@ -74,9 +73,12 @@ def test_step_schedules_are_a_pure_function_of_seed_and_step() -> None:
 
 
 def test_include_full_and_no_sandwich_change_what_a_step_runs() -> None:
-    full = elastic_module(elastic={"include_full": True}).elastic_plan.step_schedules(0, 0, 0)
+    full = elastic_module(merging={"elastic": {"include_full": True}}).elastic_plan.step_schedules(0, 0, 0)
     assert len(full) == 3 and full[-1] == [0] * 6
-    assert len(elastic_module(elastic={"sandwich": False}).elastic_plan.step_schedules(0, 0, 0)) == 1
+    assert (
+        len(elastic_module(merging={"elastic": {"sandwich": False}}).elastic_plan.step_schedules(0, 0, 0))
+        == 1
+    )
 
 
 def test_capacity_bounds_every_schedule_of_the_range() -> None:
@@ -183,17 +185,23 @@ def test_a_plain_pyra_layer_still_refuses_another_pair_count() -> None:
 
 def test_bad_ranges_and_schedules_outside_the_range_are_refused() -> None:
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['min_frac'\]"):
-        elastic_module(elastic={"min_frac": 0.3})
+        elastic_module(merging={"elastic": {"min_frac": 0.3}})
     with pytest.raises(ValueError, match="0 < min_fraction <= max_fraction <= 1"):
-        elastic_module(elastic={"min_fraction": 0.8, "max_fraction": 0.5})
+        elastic_module(merging={"elastic": {"min_fraction": 0.8, "max_fraction": 0.5}})
     with pytest.raises(ValueError, match=r"outside this elastic model's trained range 0\.500\.\.1\.000"):
-        elastic_module(merge_r="high", elastic={"min_fraction": 0.5})
+        elastic_module(merging={"merge_r": "high", "elastic": {"min_fraction": 0.5}})
     with pytest.raises(
-        ValueError, match=r"model.elastic.min_fraction=0.289: FLOPs target 0.289 is unreachable"
+        ValueError, match=r"model.merging.elastic.min_fraction=0.289: FLOPs target 0.289 is unreachable"
     ):
         elastic_module(model_kwargs={**TINY, "depth": 2})
     with pytest.raises(ValueError, match="needs merging"):
-        PyraClassifier("vit_tiny_patch16_224", 5, img_size=32, model_kwargs=TINY, merge_r=None, elastic={})
+        PyraClassifier(
+            "vit_tiny_patch16_224",
+            5,
+            img_size=32,
+            model_kwargs=TINY,
+            merging={"merge_r": None, "elastic": {}},
+        )
     plan = elastic_module().elastic_plan
     with pytest.raises(ValueError, match="trained for at most"):
         plan.check([plan.capacity[0] + 1, 0, 0, 0, 0, 0])

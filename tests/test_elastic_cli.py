@@ -14,7 +14,7 @@ from pyra_lightning.__main__ import main
 from pyra_lightning.commands.export import main as export_main
 from pyra_lightning.training.elastic import accept_elastic_schedule
 
-ELASTIC = [f"--config={CONFIGS / 'method/pyra_elastic.yaml'}", "--model.elastic.min_fraction=0.5"]
+ELASTIC = [f"--config={CONFIGS / 'method/pyra_elastic.yaml'}", "--model.merging.elastic.min_fraction=0.5"]
 CURVE_KEYS = {"flops_fraction", "merge_r", "gflops", "throughput", "speedup", "test_acc"}
 
 
@@ -35,7 +35,7 @@ def test_test_writes_the_curve_and_the_run_identity_holds_the_range(elastic_run)
     root, _ = elastic_run
     result = json.loads((root / "results.json").read_text())
     assert result["method"] == "pyra_elastic"
-    assert result["settings"]["model.elastic"]["min_fraction"] == 0.5  # a plain run never resumes it
+    assert result["settings"]["model.merging.elastic"]["min_fraction"] == 0.5  # a plain run never resumes it
     curve = result["curve"]
     assert [p["point"] for p in curve] == [1.0, 0.7461, "low"]  # default points inside 0.5..1.0
     assert all(set(p) >= CURVE_KEYS for p in curve)
@@ -53,7 +53,9 @@ def test_export_accepts_any_schedule_in_the_range_and_refuses_outside(elastic_ru
     last = root / "checkpoints" / "last.ckpt"
     common = fit_args(root, data)
     point = "[6,6,5,4,4,3]"  # 0.736 of the FLOPs: no point the run was tested at
-    export_main([*common, f"--model.merge_r={point}", f"--ckpt_path={last}", f"--out_dir={tmp_path / 'a'}"])
+    export_main(
+        [*common, f"--model.merging.merge_r={point}", f"--ckpt_path={last}", f"--out_dir={tmp_path / 'a'}"]
+    )
     exported = load_exported(tmp_path / "a")
     assert exported.schedule == [6, 6, 5, 4, 4, 3]
     assert exported.config["elastic"]["min_fraction"] == 0.5
@@ -61,19 +63,24 @@ def test_export_accepts_any_schedule_in_the_range_and_refuses_outside(elastic_ru
     pyra_rows = [b.pyra.merge_r for b in exported.model.blocks]
     assert pyra_rows == [6, 6, 5, 4, 4, 3], "PYRA cut to the exported schedule"
     with pytest.raises(ValueError, match=r"outside this elastic model's trained range 0\.500\.\.1\.000"):
-        export_main([*common, "--model.merge_r=high", f"--ckpt_path={last}", f"--out_dir={tmp_path / 'b'}"])
+        export_main(
+            [*common, "--model.merging.merge_r=high", f"--ckpt_path={last}", f"--out_dir={tmp_path / 'b'}"]
+        )
     assert not (tmp_path / "b").exists()
 
 
 def test_a_plain_checkpoint_keeps_its_refusal_of_another_schedule() -> None:
-    plain = {"model.elastic": None, "model.merge_r": [16, 12, 8, 6, 4, 2]}
-    now = {"model.elastic": None, "model.merge_r": [8, 6, 4, 2, 1, 0]}
+    plain = {"model.merging.elastic": None, "model.merging.merge_r": [16, 12, 8, 6, 4, 2]}
+    now = {"model.merging.elastic": None, "model.merging.merge_r": [8, 6, 4, 2, 1, 0]}
     assert accept_elastic_schedule(plain, now) == now  # the difference stays, for export to refuse
-    elastic = {"model.elastic": {"min_fraction": 0.5}, "model.merge_r": [1, 1, 1, 1, 1, 1]}
-    changed_range = {"model.elastic": {"min_fraction": 0.4}, "model.merge_r": [2, 2, 2, 2, 2, 2]}
+    elastic = {"model.merging.elastic": {"min_fraction": 0.5}, "model.merging.merge_r": [1, 1, 1, 1, 1, 1]}
+    changed_range = {
+        "model.merging.elastic": {"min_fraction": 0.4},
+        "model.merging.merge_r": [2, 2, 2, 2, 2, 2],
+    }
     assert accept_elastic_schedule(elastic, changed_range) == changed_range
-    same_range = {**changed_range, "model.elastic": {"min_fraction": 0.5}}
-    assert accept_elastic_schedule(elastic, same_range)["model.merge_r"] == [1, 1, 1, 1, 1, 1]
+    same_range = {**changed_range, "model.merging.elastic": {"min_fraction": 0.5}}
+    assert accept_elastic_schedule(elastic, same_range)["model.merging.merge_r"] == [1, 1, 1, 1, 1, 1]
 
 
 @pytest.mark.slow
@@ -84,7 +91,7 @@ def test_a_stopped_and_resumed_elastic_fit_ends_bit_identical(tmp_path: Path) ->
         "--trainer.limit_val_batches=1",
         "--trainer.num_sanity_val_steps=0",
         "--trainer.max_epochs=2",
-        "--model.lora_dropout=0.1",  # global-RNG randomness next to the elastic draws
+        "--model.lora.dropout=0.1",  # global-RNG randomness next to the elastic draws
         "--test_after_fit=false",
     ]
     main(["fit", *fit_args(tmp_path / "straight", data, *short)])

@@ -221,7 +221,7 @@ def test_one_epoch_fit_of_the_demo_with_a_tiny_rope_eva(tmp_path: Path) -> None:
             f"--config={CONFIGS / 'quickstart.yaml'}",
             "--model.model_name=vit_base_patch16_dinov3_qkvb",
             '--model.model_kwargs={"patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3}',
-            "--model.merge_r=[8, 6, 4, 2]",
+            "--model.merging.merge_r=[8, 6, 4, 2]",
             "--trainer.max_epochs=1",
             f"--data.root={tmp_path / 'data'}",
             f"--run_dir={runs}",

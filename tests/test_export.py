@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import tiny_module as helpers_tiny_module
+from helpers import with_settings
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -31,7 +32,7 @@ MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 def tiny_module(**overrides: Any) -> PyraClassifier:
     """``helpers.tiny_module`` with the larger learning rate these tests train with."""
-    return helpers_tiny_module(**{"lr": 0.05, **overrides})
+    return helpers_tiny_module(**with_settings({"optim": {"lr": 0.05}}, overrides))
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ def test_config_json_holds_the_recipe_and_writes_are_atomic(trained: PyraClassif
 
 def test_peft_and_tome_models_export_too(tmp_path: Path) -> None:
     for merge_r, pyra in ((None, True), ([4, 4, 4, 4], False)):
-        module = tiny_module(merge_r=merge_r, pyra=pyra)
+        module = tiny_module(merging={"merge_r": merge_r, "pyra": pyra})
         out = export_model(module, tmp_path / f"{merge_r}", mean=MEAN, std=STD)  # verify=True checks it
         config = json.loads((out / CONFIG_FILE).read_text())
         assert config["pyra"] is False and config["merge_r"] == merge_r
@@ -298,20 +299,22 @@ def test_cli_export_errors_are_clear(quickstart_run: tuple[Path, Path], tmp_path
                 f"--out_dir={tmp_path / 'b'}",
             ]
         )
-    with pytest.raises(ValueError, match="model.pyra: true in .* vs false now"):  # PYRA trained, not asked
+    with pytest.raises(
+        ValueError, match="model.merging.pyra: true in .* vs false now"
+    ):  # PYRA trained, not asked
         export_main(
             [
                 *cli_args(root),
-                "--model.pyra=false",
+                "--model.merging.pyra=false",
                 f"--ckpt_path={last}",
                 f"--out_dir={tmp_path / 'c'}",
             ]
         )
-    with pytest.raises(ValueError, match="model.lora_rank: 16 in .* vs 8 now"):  # same names, other shapes
+    with pytest.raises(ValueError, match="model.lora.rank: 16 in .* vs 8 now"):  # same names, other shapes
         export_main(
             [
                 *cli_args(root),
-                "--model.lora_rank=8",
+                "--model.lora.rank=8",
                 f"--ckpt_path={last}",
                 f"--out_dir={tmp_path / 'd'}",
             ]

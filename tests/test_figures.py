@@ -23,7 +23,7 @@ DEPTH = 6
 
 
 def run(method: str, acc: float, seed: int, merge_r: list[int], speedup: float, **extra: Any) -> dict:
-    settings = {"model.merge_r": merge_r, "model.method": method, "seed_everything": seed}
+    settings = {"model.merging.merge_r": merge_r, "model.method": method, "seed_everything": seed}
     return {
         "task": "demo",
         "method": method,
@@ -76,7 +76,7 @@ def crowded_results() -> list[dict]:
                 [15, 11, 8, 7, 5, 4],
                 1.9,
                 curve=curve(seed),
-                settings={"model.elastic": {"min_fraction": 0.289}},
+                settings={"model.merging.elastic": {"min_fraction": 0.289}},
             )
         )
         for method, drop in (("pyra", 0.0), ("tome", 0.004)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from helpers import with_settings
 from safetensors.torch import save_file
 
 from pyra_lightning.backbone import create_backbone
@@ -15,9 +16,13 @@ TINY_KW = {"patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 3}
 
 def tiny_module(**kwargs) -> PyraClassifier:
     defaults = dict(
-        model_name="vit_tiny_patch16_224", num_classes=5, img_size=32, model_kwargs=TINY_KW, merge_r=[8, 4]
+        model_name="vit_tiny_patch16_224",
+        num_classes=5,
+        img_size=32,
+        model_kwargs=TINY_KW,
+        merging={"merge_r": [8, 4]},
     )
-    return PyraClassifier(**{**defaults, **kwargs})
+    return PyraClassifier(**with_settings(defaults, kwargs))
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".bin"])
@@ -58,15 +63,22 @@ def test_only_lora_pyra_and_head_train_and_method_names() -> None:
     trainable = [n for n, p in module.model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n or ".pyra." in n or n.startswith("head.") for n in trainable)
     assert module.method == "pyra"
-    assert tiny_module(pyra=False).method == "tome"
-    assert tiny_module(merge_r=None).method == "peft"
-    assert tiny_module(pyra="gated").method == "gated"
-    assert tiny_module(merge_r="4,-1").hparams.merge_r == "4,-1"
+    assert tiny_module(merging={"pyra": False}).method == "tome"
+    assert tiny_module(merging={"merge_r": None}).method == "peft"
+    assert tiny_module(merging={"pyra": "gated"}).method == "gated"
+    assert tiny_module(merging={"merge_r": "4,-1"}).hparams["merging"]["merge_r"] == "4,-1"
 
 
 def test_optimizer_groups_decay_and_pyra_lr() -> None:
     module = tiny_module(
-        pyra_lr=1e-4, lr=1e-3, weight_decay=1e-4, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5
+        optim={
+            "pyra_lr": 0.0001,
+            "lr": 0.001,
+            "weight_decay": 0.0001,
+            "warmup_epochs": 2,
+            "warmup_lr": 1e-06,
+            "min_lr": 1e-05,
+        }
     )
     config = module.configure_optimizers()
     groups = {g["name"]: g for g in config["optimizer"].param_groups}
@@ -119,7 +131,7 @@ def test_checkpoint_holds_only_trainable_state_and_checks_the_backbone() -> None
         tiny_module().on_load_checkpoint(checkpoint)
     torch.manual_seed(0)
     with pytest.raises(ValueError, match=r"missing \['model.blocks.0.pyra.weight_r'"):
-        tiny_module(merge_r=[7, 4]).on_load_checkpoint(
+        tiny_module(merging={"merge_r": [7, 4]}).on_load_checkpoint(
             {
                 "state_dict": {
                     k: v for k, v in checkpoint["state_dict"].items() if "blocks.0.pyra.weight_r" not in k

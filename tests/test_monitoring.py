@@ -37,10 +37,9 @@ def tiny_module(merge_r: list[int] | None = None) -> PyraClassifier:
         img_size=32,
         model_kwargs={"patch_size": 4, "embed_dim": 48, "depth": DEPTH, "num_heads": 3},
         drop_path_rate=0.0,
-        lora_rank=4,
-        lora_dropout=0.0,
-        merge_r=[8, 8, 4, 4] if merge_r is None else merge_r,
-        warmup_epochs=0,
+        lora={"rank": 4, "dropout": 0.0},
+        merging={"merge_r": [8, 8, 4, 4] if merge_r is None else merge_r},
+        optim={"warmup_epochs": 0},
     )
 
 

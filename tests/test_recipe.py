@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import with_settings
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -34,12 +35,11 @@ def tiny_module(name: str = "vit_tiny_patch16_224", **kwargs: object) -> PyraCla
         num_classes=4,
         img_size=16,
         model_kwargs=TINY_KW,
-        lora_rank=2,
-        merge_r=[2, 1],
+        lora={"rank": 2, "dropout": 0.0},
+        merging={"merge_r": [2, 1]},
         drop_path_rate=0.0,
-        lora_dropout=0.0,
     )
-    return PyraClassifier(**{**options, **kwargs})  # type: ignore[arg-type]
+    return PyraClassifier(**with_settings(options, kwargs))
 
 
 def tiny_trainer(max_epochs: int = 1, **kwargs: object) -> pl.Trainer:
@@ -85,7 +85,7 @@ class EpochLR(pl.Callback):
 def test_per_epoch_lr_follows_timm_cosine_formula(scheduler_step: str) -> None:
     hp = dict(lr=1e-2, warmup_lr=1e-4, warmup_epochs=3, min_lr=1e-5)
     epochs = 8
-    module = tiny_module(scheduler_step=scheduler_step, pyra_lr=None, **hp)
+    module = tiny_module(recipe={"scheduler_step": scheduler_step}, optim={**hp, "pyra_lr": None})
     record = EpochLR()
     tiny_trainer(epochs, callbacks=[record]).fit(module, random_loader(num_images=4))
     lr_at = [
@@ -104,11 +104,11 @@ def test_per_epoch_lr_follows_timm_cosine_formula(scheduler_step: str) -> None:
 
 def test_recipe_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="scheduler_step must be one of"):
-        tiny_module(scheduler_step="late")
+        tiny_module(recipe={"scheduler_step": "late"})
     with pytest.raises(ValueError, match="lora_init must be one of"):
-        tiny_module(lora_init="zeros")
+        tiny_module(recipe={"lora_init": "zeros"})
     with pytest.raises(ValueError, match="distilled_training must be one of"):
-        tiny_module(distilled_training="both")
+        tiny_module(recipe={"distilled_training": "both"})
     with pytest.raises(ValueError, match="lora_init must be 'kaiming' or 'reference'"):
         LoRALinear(8, 24, lora_rank=2).reset_lora_parameters("zeros")  # type: ignore[arg-type]
 
@@ -124,7 +124,7 @@ def test_reference_lora_init_is_trunc_normal_on_both_factors() -> None:
         assert factor.std().item() == pytest.approx(0.02, rel=0.06)
         assert factor.mean().abs().item() < 0.002
 
-    module = tiny_module(lora_init=RECIPE["model"]["lora_init"])
+    module = tiny_module(recipe={"lora_init": RECIPE["model"]["recipe"]["lora_init"]})
     lora_layers = [m for m in module.model.modules() if isinstance(m, LoRALinear)]
     assert len(lora_layers) == 2 and all(torch.count_nonzero(m.lora_b) > 0 for m in lora_layers)
     assert init_lora_(module.model, "kaiming") == 2
@@ -155,7 +155,7 @@ def test_distilled_class_head_training_keeps_head_dist_and_evaluates_the_average
 
 
 def test_distilled_average_training_trains_both_heads() -> None:
-    module = tiny_module("deit_tiny_distilled_patch16_224", distilled_training="average")
+    module = tiny_module("deit_tiny_distilled_patch16_224", recipe={"distilled_training": "average"})
     before = module.model.head_dist.weight.clone()
     tiny_trainer(max_steps=1).fit(module, random_loader())
     assert not torch.equal(module.model.head_dist.weight, before)
@@ -196,7 +196,7 @@ def test_drop_last_drops_only_the_partial_training_batch(tmp_path: Path, drop_la
 def test_reference_protocol_in_results_json_is_the_max_of_its_evaluations(tmp_path: Path) -> None:
     make_task(tmp_path)
     data = VTABDataModule(str(tmp_path), "tiny", img_size=16, batch_size=4, num_workers=0, drop_last=True)
-    module = tiny_module(lr=3e-2, warmup_epochs=1)
+    module = tiny_module(optim={"lr": 0.03, "warmup_epochs": 1})
     protocol = ReferenceProtocol(val_interval=2)
     results = ResultsJSON()
     trainer = tiny_trainer(5, callbacks=[protocol, results], default_root_dir=str(tmp_path / "run"))

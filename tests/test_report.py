@@ -130,7 +130,7 @@ def test_missing_task_is_marked_and_blocks_its_means(tmp_path: Path) -> None:
     assert "n/a (7/8)" in line and "n/a (18/19) |" in " | ".join(line)
 
 
-SETTINGS = {"model.lora_rank": 8, "trainer.max_epochs": 100, "seed_everything": 0, "data.seed": 0}
+SETTINGS = {"model.lora.rank": 8, "trainer.max_epochs": 100, "seed_everything": 0, "data.seed": 0}
 
 
 def test_seeds_are_averaged_with_their_spread(tmp_path: Path) -> None:
@@ -149,7 +149,7 @@ def test_seeds_are_averaged_with_their_spread(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "listed"),
     [
-        ({"model.lora_rank": 16}, "model.lora_rank: 8 in"),
+        ({"model.lora.rank": 16}, "model.lora.rank: 8 in"),
         ({"trainer.max_epochs": 9}, "trainer.max_epochs: 100 in"),
     ],
 )
@@ -361,13 +361,13 @@ def test_label_puts_results_of_other_settings_in_rows_of_their_own(
 ) -> None:
     # The issue: the refusal advised "give them different row labels", but no option did that.
     write(tmp_path, "rank8", result("pyra", "cifar", 0.6, settings=SETTINGS))
-    write(tmp_path, "rank16", result("pyra", "cifar", 0.7, settings={**SETTINGS, "model.lora_rank": 16}))
-    with pytest.raises(ValueError, match="report --label model.lora_rank$"):
+    write(tmp_path, "rank16", result("pyra", "cifar", 0.7, settings={**SETTINGS, "model.lora.rank": 16}))
+    with pytest.raises(ValueError, match="report --label model.lora.rank$"):
         build_table(collect_results(tmp_path))
     out = tmp_path / "report"
-    main([str(tmp_path), "--out_dir", str(out), "--plot", "false", "--label", "model.lora_rank"])
+    main([str(tmp_path), "--out_dir", str(out), "--plot", "false", "--label", "model.lora.rank"])
     table = (out / "vtab_table.md").read_text()
-    assert "| pyra model.lora_rank=8 |" in table and "| pyra model.lora_rank=16 |" in table
+    assert "| pyra model.lora.rank=8 |" in table and "| pyra model.lora.rank=16 |" in table
     with pytest.raises(ValueError, match="--label model.lora_rnak: no result has this setting; they have: "):
         main([str(tmp_path), "--out_dir", str(out), "--label", "model.lora_rnak"])
 
@@ -433,7 +433,7 @@ TINY_SETTINGS = {
 def test_measure_times_every_rows_model_side_by_side_now(tmp_path: Path) -> None:
     for method, merge_r in (("peft", [0] * 4), ("tome", [8, 8, 4, 4]), ("pyra", [8, 8, 4, 4])):
         config = {"model_name": "vit_tiny_patch16_224", "merge_r": merge_r, "img_size": 32, "seed": 0}
-        settings = {**TINY_SETTINGS, "model.pyra": method == "pyra"}
+        settings = {**TINY_SETTINGS, "model.merging.pyra": method == "pyra"}
         doc = result(method, "dtd", 0.5, config=config, settings=settings, throughput=1e6, speedup=9.0)
         write(tmp_path, method, {**doc, "benchmark": {**CONDITIONS, "threads": 1 + len(method)}})
     out = tmp_path / "report"

@@ -72,7 +72,7 @@ def test_a_run_is_one_folder_whose_files_honour_the_umask(workdir: Path) -> None
     result = json.loads((run / "results.json").read_text())
     record = json.loads((run / "run.json").read_text())
     assert result["fingerprint"] == record["fingerprint"] and record["status"] == "finished"
-    assert result["settings"]["data.task"] == "demo" and result["settings"]["model.lora_rank"] == 16
+    assert result["settings"]["data.task"] == "demo" and result["settings"]["model.lora.rank"] == 16
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["pyra_run"]["fingerprint"] == record["fingerprint"]
 
@@ -118,8 +118,8 @@ def test_another_task_in_the_same_root_trains_from_scratch_in_its_own_folder(
 @pytest.mark.parametrize(
     ("change", "listed"),
     [
-        ("--model.lora_rank=8", "model.lora_rank: 16 in"),
-        ("--model.merge_r=[8,8,8,8,8,8]", "model.merge_r: [16, 12, 8, 6, 4, 2] in"),
+        ("--model.lora.rank=8", "model.lora.rank: 16 in"),
+        ("--model.merging.merge_r=[8,8,8,8,8,8]", "model.merging.merge_r: [16, 12, 8, 6, 4, 2] in"),
     ],
 )
 def test_changed_settings_are_refused_listing_them(
@@ -160,14 +160,14 @@ def test_default_root_dir_is_a_root_and_ckpt_path_last_is_the_runs_own(
 def test_ckpt_path_with_a_conflicting_command_line_is_refused(
     workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # The issue: `fit --ckpt_path FILE --model.lora_rank 8` trained and reported rank 16, silently.
+    # The issue: `fit --ckpt_path FILE --model.lora.rank 8` trained and reported rank 16, silently.
     last = workdir / "runs" / "demo" / "pyra" / "checkpoints" / "last.ckpt"
     for command in ("fit", "test"):
         args = quickstart_args(
-            tmp_path / command, workdir / "data", f"--ckpt_path={last}", "--model.lora_rank=8"
+            tmp_path / command, workdir / "data", f"--ckpt_path={last}", "--model.lora.rank=8"
         )
         err = refused([command, *args], capsys)
-        assert f"model.lora_rank: 16 in {last} vs 8 now" in err
+        assert f"model.lora.rank: 16 in {last} vs 8 now" in err
     assert not any(tmp_path.iterdir()), "refused before anything was written"
 
 
@@ -256,10 +256,15 @@ def test_export_refuses_arguments_that_change_the_model_and_an_existing_folder(
     out = tmp_path / "model"
     args = ["export", f"--ckpt_path={last}", f"--out_dir={out}"]
     err = refused(
-        [*args, f"--config={QUICKSTART}", f"--data.root={workdir / 'data'}", "--model.prop_attn=false"],
+        [
+            *args,
+            f"--config={QUICKSTART}",
+            f"--data.root={workdir / 'data'}",
+            "--model.merging.prop_attn=false",
+        ],
         capsys,
     )
-    assert "model.prop_attn: true in" in err and "false now" in err
+    assert "model.merging.prop_attn: true in" in err and "false now" in err
     assert not out.exists()
     out.mkdir()
     err = refused(args, capsys)

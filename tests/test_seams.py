@@ -273,12 +273,12 @@ def test_parameter_count_counts_what_a_registered_method_registers(
 
 # ------------------------------------------------------------------------------ export and module
 def test_module_selects_peft_and_matcher_by_name() -> None:
-    module = tiny_module(peft="dora", matcher="bipartite_reference")
+    module = tiny_module(lora={"method": "dora"}, merging={"matcher": "bipartite_reference"})
     assert any(isinstance(m, DoRALinear) for m in module.model.modules())
     assert merge_rule(module.model) == ("bipartite_reference", "wavg")
     assert module.parameter_count().lora == count_parameters(module.model).lora > 0
     with pytest.raises(ValueError, match="peft='adapter' is not registered"):
-        tiny_module(peft="adapter")
+        tiny_module(lora={"method": "adapter"})
 
 
 @pytest.mark.parametrize("formats", [("safetensors",), ("safetensors", "onnx", "pt2")])
@@ -287,7 +287,10 @@ def test_dora_model_exports_and_records_the_merge_rule(formats: tuple[str, ...],
 
     if "onnx" in formats:
         pytest.importorskip("onnxruntime", reason="the onnx extra (pip install '.[onnx]') is not installed")
-    module = tiny_module(peft="dora", matcher="bipartite_reference" if len(formats) == 1 else "bipartite")
+    module = tiny_module(
+        lora={"method": "dora"},
+        merging={"matcher": "bipartite_reference" if len(formats) == 1 else "bipartite"},
+    )
     randomize_peft_(module.model)
     out = export_model(module, tmp_path / "model", mean=(0.5,) * 3, std=(0.2,) * 3, formats=formats)
     config = json.loads((out / "config.json").read_text())

@@ -248,12 +248,12 @@ def test_a_rerun_with_other_overrides_is_refused_listing_them(
     (sweep_dir / "sweep.json").write_text(json.dumps(recorded))
     same = ["--trainer.max_epochs", "2", "--data.batch_size=8"]  # the same settings, spelled otherwise
     assert run_sweep([str(QUICKSTART)], ["demo"], str(tmp_path), "tiny", same, dry_run=True).runs
-    changed = ["--trainer.max_epochs=3", "--data.batch_size=8", "--model.lora_rank=4"]
+    changed = ["--trainer.max_epochs=3", "--data.batch_size=8", "--model.lora.rank=4"]
     with pytest.raises(ValueError, match="holds a sweep of other settings") as error:
         run_sweep([str(QUICKSTART)], ["demo"], str(tmp_path), "tiny", changed, dry_run=True)
     message = str(error.value)
     assert '--trainer.max_epochs: "2" in' in message and '"3" in this command' in message
-    assert '--model.lora_rank: "(not set)"' in message and "--data.batch_size" not in message
+    assert '--model.lora.rank: "(not set)"' in message and "--data.batch_size" not in message
     assert "another --name" in message
     recorded["tasks"]["demo"]["status"] = "pending"  # nothing started: nothing to protect
     (sweep_dir / "sweep.json").write_text(json.dumps(recorded))

@@ -125,9 +125,10 @@ def test_offline_run_records_metrics_config_and_merge_images(
     for key in ("val/acc", "test/acc", "test/throughput", "test/speedup", "train/samples_per_sec"):
         assert isinstance(summary.get(key), float), key
     assert 0.0 <= summary["test/acc"] <= 1.0 and summary["test/throughput"] > 0
-    assert config["merge_r"] == [16, 12, 8, 6, 4, 2]  # the module's hyperparameters
+    assert config["merging"]["merge_r"] == [16, 12, 8, 6, 4, 2]  # the module's hyperparameters
+    assert config["lora"]["rank"] == 16 and config["optim"]["lr"] == 0.003  # grouped as in the YAML
     cli_config = config["cli"]  # the whole resolved CLI config
-    assert cli_config["model"]["merge_r"] == [16, 12, 8, 6, 4, 2]
+    assert cli_config["model"]["merging"]["merge_r"] == [16, 12, 8, 6, 4, 2]
     assert cli_config["trainer"]["max_epochs"] == 2 and cli_config["seed_everything"] == 0
     assert cli_config["trainer"]["logger"]["init_args"]["project"] == "pyra-lightning"
 

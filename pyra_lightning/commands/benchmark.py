@@ -194,7 +194,7 @@ def run_benchmark(
         model_kwargs: Extra ``timm.create_model`` arguments, e.g. ``{"depth": 4}`` for a quick run.
         target_speedup: Instead of the comparison, find the gentlest schedule whose measured
             speed-up over the uncompressed model reaches this (first engine and batch size), by
-            bisection over the FLOPs solver's family; prints it as a ``model.merge_r`` list.
+            bisection over the FLOPs solver's family; prints it as a ``model.merging.merge_r`` list.
         target_pyra: The speed-target search times PYRA (True) or ToMe (False) models.
         target_iterations: Bisection steps of the speed-target search.
 

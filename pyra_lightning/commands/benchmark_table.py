@@ -49,7 +49,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"target speedup {args['target_speedup']:g} ({args['engine'][0]}, batch {args['batch_sizes'][0]}, "
             f"precision {args['precision']}): measured {found['speedup']:.3f}x at {found['flops_fraction']:.3f} "
             "of the FLOPs. Paste into your config:",
-            f"  model.merge_r: {found['schedule']}",
+            f"  model.merging.merge_r: {found['schedule']}",
         ]
         return "\n".join(lines)
     gflops = {name: row["gflops"] for name, row in result["models"].items()}

@@ -10,7 +10,7 @@ fixed batch through the engine, so that every engine is timed by the same protoc
 batch size and precision?". It bisects over the FLOPs solver's one-parameter family
 (``schedules.proportional_schedule``: layer l merges ``floor(rho * max_l)`` tokens), timing every
 candidate interleaved with the uncompressed model, and returns the gentlest measured schedule that
-reaches S, as a per-layer list for ``model.merge_r``. Training then needs no timing at all.
+reaches S, as a per-layer list for ``model.merging.merge_r``. Training then needs no timing at all.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ class SpeedTarget:
     """The result of ``search_speed_target``.
 
     Attributes:
-        schedule: The gentlest measured schedule reaching the target (paste as ``model.merge_r``).
+        schedule: The gentlest measured schedule reaching the target (paste as ``model.merging.merge_r``).
         rho: Its parameter in the proportional family.
         speedup: Its measured speed-up over the uncompressed model.
         flops_fraction: Its block FLOPs relative to the uncompressed model.

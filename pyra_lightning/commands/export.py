@@ -161,7 +161,7 @@ def export_config(
         "num_classes": int(folded.num_classes),
         "img_size": int(hp.img_size),
     }
-    pyra = hp.pyra
+    pyra = hp["merging"]["pyra"]
     matcher, merger = merge_rule(folded) if merging else (None, None)
     config: dict[str, Any] = {
         "format": FORMAT,
@@ -170,7 +170,7 @@ def export_config(
         "create_kwargs": create_kwargs,
         "merge_r": merge_schedule(folded) if merging else None,
         "pyra": (resolve_variant(pyra) or False) if merging else False,
-        "prop_attn": bool(hp.prop_attn),
+        "prop_attn": bool(hp["merging"]["prop_attn"]),
         "matcher": matcher,
         "merger": merger,
         "preprocess": {
@@ -207,7 +207,7 @@ def load_trainable(module: PyraClassifier, checkpoint: dict[str, Any]) -> None:
         module.load_state_dict(checkpoint["state_dict"], strict=False)
     except RuntimeError as error:  # same names, other shapes: e.g. another lora_rank
         raise ValueError(
-            "checkpoint tensors do not fit this model (was it made with another lora_rank / merge_r?): "
+            "checkpoint tensors do not fit this model (was it made with another model.lora.rank / model.merging.merge_r?): "
             f"{error}"
         ) from error
 

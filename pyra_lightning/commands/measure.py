@@ -112,13 +112,13 @@ def model_spec(result: Result) -> dict[str, Any]:
             f"{result.get('results_file', '?')}: no model_name in its settings or config, so report "
             "--measure cannot rebuild its model"
         )
-    merge_r = config.get("merge_r", settings.get("model.merge_r"))
-    pyra = settings.get("model.pyra", config.get("pyra", result["method"] != "tome"))
+    merge_r = config.get("merge_r", settings.get("model.merging.merge_r"))
+    pyra = settings.get("model.merging.pyra", config.get("pyra", result["method"] != "tome"))
     return {
         "model_name": model_name,
         "merge_r": merge_r if isinstance(merge_r, list) and any(merge_r) else None,
         "pyra": False if result["method"] == "tome" else pyra,
-        "prop_attn": bool(settings.get("model.prop_attn", config.get("prop_attn", True))),
+        "prop_attn": bool(settings.get("model.merging.prop_attn", config.get("prop_attn", True))),
         "img_size": int(config.get("img_size") or settings.get("model.img_size") or 224),
         "num_classes": int(settings.get("model.num_classes") or 100),
         "model_kwargs": settings.get("model.model_kwargs") or {},

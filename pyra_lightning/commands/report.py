@@ -77,8 +77,8 @@ def report(
         average: ``groups`` (mean of the 3 group means, the paper's Table 2) or ``tasks`` (of the 19).
         metric: ``test_acc`` (final model), ``test_acc_best`` (best test accuracy during training)
             or ``test_acc_reference_protocol`` (the reference's number; see ``ReferenceProtocol``).
-        label: settings that also name the rows, e.g. ``model.lora_rank`` (``report --label
-            model.lora_rank``): results that differ in them get rows of their own instead of being
+        label: settings that also name the rows, e.g. ``model.lora.rank`` (``report --label
+            model.lora.rank``): results that differ in them get rows of their own instead of being
             refused as "not seeds of one run". Keys are ``results.json`` ``settings`` keys (the
             CLI's flags), results fields or ``config`` entries.
         plot: also draw accuracy against throughput per method and merge schedule (Figs. 2/4),
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         "--label",
         type=str,
         nargs="+",
-        help="Settings that also name the rows (e.g. model.lora_rank trainer.max_epochs): results that "
+        help="Settings that also name the rows (e.g. model.lora.rank trainer.max_epochs): results that "
         "differ in them get rows of their own.",
     )
     parser.add_function_arguments(report, skip={"results", "label"}, as_group=False)

@@ -216,7 +216,7 @@ def default_label(results: Sequence[Result]) -> Callable[[Result], str]:
 
 
 def setting_value(result: Result, key: str) -> Any:
-    """``key`` of a result: a setting (``model.lora_rank``), else a results field or config entry."""
+    """``key`` of a result: a setting (``model.lora.rank``), else a results field or config entry."""
     settings = result_settings(result)
     if key in settings:
         return settings[key]
@@ -226,7 +226,7 @@ def setting_value(result: Result, key: str) -> Any:
 
 
 def label_by(keys: Sequence[str], results: Sequence[Result]) -> Callable[[Result], str]:
-    """``default_label`` plus ``key=value`` of every key (``report --label model.lora_rank``).
+    """``default_label`` plus ``key=value`` of every key (``report --label model.lora.rank``).
 
     Lets results that differ in a setting (not only the seed) sit in rows of their own.
 
@@ -254,7 +254,7 @@ def _check_same_model(label: str, runs: list[Result]) -> None:
         raise ValueError(
             f"row {label!r} mixes different models ({', '.join(_IDENTITY_KEYS)} differ: "
             f"{first.get('results_file', '?')} vs {second.get('results_file', '?')}); put them in rows of their "
-            "own with report --label model.model_name model.merge_r, or use the default label"
+            "own with report --label model.model_name model.merging.merge_r, or use the default label"
         )
 
 

@@ -350,17 +350,15 @@ class ResultsJSON(pl.Callback):
             config={
                 "model_name": hp.model_name,
                 "merge_r": merge_schedule(pl_module.model),
-                "lora_rank": hp.lora_rank,
-                "pyra": hp.pyra,
-                "prop_attn": hp.prop_attn,
+                "lora_rank": hp["lora"]["rank"],
+                "pyra": hp["merging"]["pyra"],
+                "prop_attn": hp["merging"]["prop_attn"],
                 "img_size": hp.img_size,
                 "max_epochs": trainer.max_epochs,
                 "seed": int(os.environ.get("PL_GLOBAL_SEED", "-1")),
                 "precision": str(trainer.precision),
                 # The training recipe (README: "Reproducing the paper"): ours or the reference's.
-                "scheduler_step": hp.get("scheduler_step"),
-                "lora_init": hp.get("lora_init"),
-                "distilled_training": hp.get("distilled_training"),
+                **hp["recipe"],  # scheduler_step, lora_init, distilled_training
                 "drop_last": getattr(datamodule, "drop_last", None),
             },
             # The reference implementation's reported number (see ReferenceProtocol); only when

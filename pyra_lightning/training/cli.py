@@ -133,7 +133,8 @@ class PyraCLI(BriefHelp, LightningCLI):
         if config.get("run_dir"):
             return Path(config.run_dir)
         root = config.trainer.get("default_root_dir") or RUNS_ROOT
-        return default_run_dir(config.data.task, config.model.merge_r, config.model.pyra, root)
+        merging = config.model.merging
+        return default_run_dir(config.data.task, merging.merge_r, merging.pyra, root)
 
     def _checkpoint_dir(self, config: Namespace) -> Path:
         given = config.checkpoint.get("dirpath") if config.get("checkpoint") is not None else None

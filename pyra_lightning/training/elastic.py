@@ -1,6 +1,6 @@
 """Elastic merging: one fit that stays good across a range of merge rates (issue 18).
 
-A plain PYRA run trains one schedule (``model.merge_r``). An elastic run (``model.elastic``)
+A plain PYRA run trains one schedule (``model.merging.merge_r``). An elastic run (``model.merging.elastic``)
 trains the same LoRA, PYRA and head for every FLOPs fraction in ``[min_fraction, max_fraction]``
 of the uncompressed model, so that it can be evaluated and deployed at any point of the
 accuracy-speed curve chosen after training.
@@ -29,7 +29,7 @@ blocks that carry another ``merge_r`` (no module is rebuilt and no parameter cop
 not attributes set on the blocks, because activation checkpointing recomputes each block during
 the single backward over the summed losses: every recomputation must see its own schedule.
 
-The nominal schedule (``model.merge_r``) is what validation, ``test_acc`` and a checkpoint-alone
+The nominal schedule (``model.merging.merge_r``) is what validation, ``test_acc`` and a checkpoint-alone
 export use; it must lie in the range.
 """
 
@@ -62,8 +62,11 @@ from pyra_lightning.schedules import (
 FRACTION_TOLERANCE = 1e-3
 
 
+ELASTIC_KEY, SCHEDULE_KEY = "model.merging.elastic", "model.merging.merge_r"  # in run settings
+
+
 class ElasticRange(TypedDict, total=False):
-    """``model.elastic`` as configs and the command line give it (every key optional).
+    """``model.merging.elastic`` as configs and the command line give it (every key optional).
 
     Attributes:
         min_fraction: Fastest point, as a fraction of the uncompressed model's FLOPs (0.289, the
@@ -96,7 +99,7 @@ class ElasticConfig:
 
 
 def resolve_elastic(value: ElasticRange | dict[str, Any] | None) -> ElasticConfig | None:
-    """Check ``model.elastic``: ``None`` is a plain run, ``{}`` the default range.
+    """Check ``model.merging.elastic``: ``None`` is a plain run, ``{}`` the default range.
 
     Raises:
         ValueError: naming the key and what was expected.
@@ -104,20 +107,24 @@ def resolve_elastic(value: ElasticRange | dict[str, Any] | None) -> ElasticConfi
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise ValueError(f"model.elastic: expected a mapping like {{min_fraction: 0.289}}, got {value!r}")
+        raise ValueError(
+            f"model.merging.elastic: expected a mapping like {{min_fraction: 0.289}}, got {value!r}"
+        )
     known = set(ElasticConfig.__dataclass_fields__)
     unknown = sorted(set(value) - known)
     if unknown:
-        raise ValueError(f"model.elastic: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        raise ValueError(f"model.merging.elastic: unknown key(s) {unknown}; expected some of {sorted(known)}")
     config = ElasticConfig(**{**value, "curve": tuple(value.get("curve") or ())})
     if not 0.0 < config.min_fraction <= config.max_fraction <= 1.0:
         raise ValueError(
-            f"model.elastic: expected 0 < min_fraction <= max_fraction <= 1, got "
+            f"model.merging.elastic: expected 0 < min_fraction <= max_fraction <= 1, got "
             f"min_fraction={config.min_fraction}, max_fraction={config.max_fraction}"
         )
     for point in config.curve:
         if not (point in ("low", "high") or (isinstance(point, float | int) and 0.0 < point <= 1.0)):
-            raise ValueError(f"model.elastic.curve: {point!r} is not a FLOPs fraction in (0, 1] or low/high")
+            raise ValueError(
+                f"model.merging.elastic.curve: {point!r} is not a FLOPs fraction in (0, 1] or low/high"
+            )
     return config
 
 
@@ -224,12 +231,12 @@ def elastic_merging(
     try:
         capacity = elastic_capacity(config.min_fraction, config.max_fraction, shape)
     except ValueError as error:
-        raise ValueError(f"model.elastic.min_fraction={config.min_fraction}: {error}") from None
+        raise ValueError(f"model.merging.elastic.min_fraction={config.min_fraction}: {error}") from None
     for listed in _paper_lists_in_range(config, shape):
         capacity = [max(a, b) for a, b in zip(capacity, listed, strict=True)]
     plan = ElasticPlan(config, shape, tuple(capacity))
     nominal = resolve_schedule(merge_r, shape)
-    plan.check(nominal, "model.merge_r")
+    plan.check(nominal, "model.merging.merge_r")
     variant = resolve_variant(pyra)
     apply_merging(model, nominal, pyra=False, prop_attn=prop_attn)  # blocks patched, at merge_r
     for block, block_cap in zip(model.blocks, capacity, strict=True):
@@ -274,13 +281,13 @@ def deployable(model: nn.Module, schedule: Sequence[int] | None = None) -> nn.Mo
 
 
 def accept_elastic_schedule(recorded: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
-    """The deployment policy for ``export``: ``now``'s settings, with a changed ``model.merge_r``
+    """The deployment policy for ``export``: ``now``'s settings, with a changed ``model.merging.merge_r``
     accepted when the checkpoint is elastic and both name the same range (the module was built
     with the new schedule, which ``ElasticPlan.check`` already placed inside the range). A plain
     checkpoint's changed schedule is left for the caller to refuse."""
-    if recorded.get("model.elastic") is None or recorded.get("model.elastic") != now.get("model.elastic"):
+    if recorded.get(ELASTIC_KEY) is None or recorded.get(ELASTIC_KEY) != now.get(ELASTIC_KEY):
         return now
-    return {**now, "model.merge_r": recorded.get("model.merge_r")}
+    return {**now, SCHEDULE_KEY: recorded.get(SCHEDULE_KEY)}
 
 
 def export_record(plan: ElasticPlan | None, model: nn.Module) -> dict[str, Any] | None:

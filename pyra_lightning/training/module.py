@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -16,16 +16,21 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from pyra_lightning.accounting import ParameterCount, count_parameters
 from pyra_lightning.backbone import create_backbone, fingerprint
-from pyra_lightning.lora import LoRAInit, init_lora_
-from pyra_lightning.modulation import Variant, method_name
+from pyra_lightning.lora import init_lora_
+from pyra_lightning.modulation import method_name
 from pyra_lightning.patch import apply_lora, apply_merging, fold_lora, mark_trainable, merge_schedule
 from pyra_lightning.peft import parameter_group, peft_method
-from pyra_lightning.schedules import MergeArg
 from pyra_lightning.training import elastic as elastic_merge
-from pyra_lightning.training.elastic import ElasticPlan, ElasticRange, elastic_curve
-
-SchedulerStep = Literal["paper", "reference"]
-DistilledTraining = Literal["average", "class_head"]
+from pyra_lightning.training.elastic import ElasticPlan, elastic_curve
+from pyra_lightning.training.settings import (
+    GROUPS,
+    LoRASettings,
+    MergingSettings,
+    OptimSettings,
+    RecipeSettings,
+    as_dict,
+    coerce,
+)
 
 
 class PyraClassifier(pl.LightningModule):
@@ -33,9 +38,8 @@ class PyraClassifier(pl.LightningModule):
 
     The default recipe is the paper's: AdamW at lr 1e-3 with weight decay 1e-4 (none on norms
     and biases), 10 warm-up epochs then cosine to 1e-5, drop-path 0.1 and LoRA dropout 0.1.
-    ``scheduler_step``, ``lora_init`` and ``distilled_training`` set to ``"reference"``,
-    ``"reference"`` and ``"class_head"`` retrace the reference implementation's ``train.py``
-    instead (``configs/recipe/reference.yaml``; the README tabulates the differences).
+    ``model.recipe`` retraces the reference implementation's ``train.py`` instead
+    (``configs/recipe/reference.yaml``; the README tabulates the differences).
 
     Args:
         model_name: timm model, with pretrained tag (``vit_base_patch16_224.orig_in21k`` is the
@@ -47,48 +51,15 @@ class PyraClassifier(pl.LightningModule):
         img_size: Input resolution; linked from the data module by the CLI.
         model_kwargs: Extra ``timm.create_model`` arguments, e.g. ``depth`` for tiny test models.
         drop_path_rate: Stochastic depth of the frozen backbone.
-        lora_rank: LoRA rank (8 for ViT-B and 12 for ViT-L in the paper); 0 trains no LoRA.
-        lora_alpha: LoRA scale numerator; ``None`` is a scale of 1, as the reference trains.
-        lora_dropout: Dropout on the LoRA branch input.
-        peft: The PEFT method of the projections, a name registered in ``pyra_lightning.peft``:
-            ``"lora"`` (eq. 1) or ``"dora"`` (weight-decomposed LoRA); both fold into the weight.
-        merge_r: Token merging schedule (``"low"``, ``"high"``, int, per-layer list, FLOPs
-            fraction); ``None`` disables merging (the PEFT baseline).
-        pyra: PYRA modulation (``True``), plain ToMe (``False``) or an ablation variant name.
-        prop_attn: Proportional attention (``log(size)`` added to attention logits).
-        matcher: Which tokens merge, a name registered in ``pyra_lightning.merge_rules``
-            (``"bipartite"``: ToMe's bipartite soft matching, eqs. 2-3).
-        lr: Learning rate of LoRA and head.
-        pyra_lr: Learning rate of PYRA's parameters; ``None`` uses ``lr``. The reference script
-            has a ``--pyra_lr`` flag (1e-4 in its scripts), but its optimizer factory gives that
-            rate only to parameters whose names contain ``ssf``, so its published numbers train
-            PYRA at the main rate, with weight decay on PYRA's matrices; ``None`` does the same
-            and is the default of both recipes.
-        weight_decay: AdamW decay on matrices (norms and biases get none).
-        warmup_epochs: Linear warm-up from ``warmup_lr``.
-        warmup_lr: Learning rate at the first warm-up epoch.
-        min_lr: Floor of the cosine schedule.
-        label_smoothing: Cross-entropy label smoothing.
-        scheduler_step: When the per-epoch cosine schedule advances. ``"paper"``: epoch ``e``
-            trains at ``lr(e)`` of timm's cosine-with-warm-up (``step(e + 1)`` after epoch ``e``).
-            ``"reference"``: ``step(e)`` after epoch ``e``, as the reference's ``train.py`` calls
-            it, so epochs 0 and 1 both train at ``warmup_lr`` and epoch ``e >= 1`` at
-            ``lr(e - 1)``: the whole schedule one epoch late.
-        lora_init: ``"kaiming"`` (A kaiming-uniform, B = 0: training starts from the pretrained
-            model) or ``"reference"`` (A and B ``trunc_normal(std=0.02)``, B·A != 0 at step 0, as
-            the reference's ``init_weights`` leaves them); see ``LoRALinear.reset_lora_parameters``.
-        distilled_training: For distilled DeiT (two heads). ``"average"``: the loss is taken on
-            the mean of ``head`` and ``head_dist``, the same output that is evaluated.
-            ``"class_head"``: as the reference trains, the loss uses ``head`` only; ``head_dist``
-            is frozen at ``nn.Linear``'s default init (the reference's ``reset_classifier``
-            recreates it without re-initialising it, and it never receives a gradient), yet
-            evaluation still averages both heads. It is saved in checkpoints like a trained
-            tensor. Models without a distillation head ignore this argument.
-        elastic: Train one model for a range of merge rates instead of the one ``merge_r``
-            (``training.elastic``): ``{min_fraction: 0.289, max_fraction: 1.0, sandwich: true,
-            include_full: false, curve: []}``, FLOPs fractions of the uncompressed model; every
-            key is optional. ``merge_r`` is then the nominal schedule (validation, ``test_acc``),
-            inside the range; ``test`` also evaluates the ``curve`` points. ``None``: a plain run.
+        lora: ``model.lora`` (``LoRASettings``): rank, alpha, dropout, method.
+        merging: ``model.merging`` (``MergingSettings``): merge_r, pyra, prop_attn, matcher, elastic.
+        optim: ``model.optim`` (``OptimSettings``): lr, pyra_lr, weight_decay, the warm-up and
+            cosine schedule, label smoothing.
+        recipe: ``model.recipe`` (``RecipeSettings``): where the paper's recipe and the
+            reference's ``train.py`` differ (scheduler step, LoRA init, distilled training).
+
+    Each group is a dataclass of ``training.settings``, or a dict of its fields (a checkpoint's
+    ``hyper_parameters`` hold dicts); ``hparams`` holds the dicts.
     """
 
     def __init__(
@@ -100,56 +71,45 @@ class PyraClassifier(pl.LightningModule):
         img_size: int = 224,
         model_kwargs: dict[str, Any] | None = None,
         drop_path_rate: float = 0.1,
-        lora_rank: int = 8,
-        lora_alpha: float | None = None,
-        lora_dropout: float = 0.1,
-        peft: str = "lora",
-        merge_r: MergeArg = "low",
-        pyra: bool | Variant = True,
-        prop_attn: bool = True,
-        matcher: str = "bipartite",
-        lr: float = 1e-3,
-        pyra_lr: float | None = None,
-        weight_decay: float = 1e-4,
-        warmup_epochs: int = 10,
-        warmup_lr: float = 1e-6,
-        min_lr: float = 1e-5,
-        label_smoothing: float = 0.0,
-        scheduler_step: SchedulerStep = "paper",
-        lora_init: LoRAInit = "kaiming",
-        distilled_training: DistilledTraining = "average",
-        elastic: ElasticRange | None = None,
+        lora: LoRASettings = LoRASettings(),
+        merging: MergingSettings = MergingSettings(),
+        optim: OptimSettings = OptimSettings(),
+        recipe: RecipeSettings = RecipeSettings(),
     ) -> None:
         super().__init__()
-        for name, value, allowed in (
-            ("scheduler_step", scheduler_step, ("paper", "reference")),
-            ("lora_init", lora_init, ("kaiming", "reference")),
-            ("distilled_training", distilled_training, ("average", "class_head")),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
-        peft_method(peft)  # an unregistered name fails here, naming the registered ones
+        self.lora = lora = coerce(LoRASettings, lora, "lora")
+        self.merging = merging = coerce(MergingSettings, merging, "merging")
+        self.optim = coerce(OptimSettings, optim, "optim")
+        self.recipe = recipe = coerce(RecipeSettings, recipe, "recipe")
+        peft_method(lora.method)  # an unregistered name fails here, naming the registered ones
         self.save_hyperparameters()
+        # hparams hold plain dicts: hparams.yaml, checkpoints and the run identity stay plain data.
+        self.hparams.update({group: as_dict(getattr(self, group)) for group in GROUPS})
         self.model = create_backbone(
             model_name, num_classes, pretrained, pretrained_file, img_size, drop_path_rate, model_kwargs
         )
         for param in self.model.parameters():
             param.requires_grad_(False)
-        if lora_rank:
-            apply_lora(self.model, lora_rank, lora_alpha, lora_dropout, method=peft)
-            init_lora_(self.model, lora_init)
+        if lora.rank:
+            apply_lora(self.model, lora.rank, lora.alpha, lora.dropout, method=lora.method)
+            init_lora_(self.model, recipe.lora_init)
         self.elastic_plan: ElasticPlan | None = None
-        if elastic is not None and merge_r is None:
-            raise ValueError("model.elastic needs merging: set model.merge_r (the nominal schedule) too")
-        if elastic is not None:
-            self.elastic_plan = elastic_merge.elastic_merging(self.model, elastic, merge_r, pyra, prop_attn)
+        merge_r, pyra, prop_attn = merging.merge_r, merging.pyra, merging.prop_attn
+        if merging.elastic is not None and merge_r is None:
+            raise ValueError(
+                "model.merging.elastic needs merging: set model.merging.merge_r (the nominal schedule) too"
+            )
+        if merging.elastic is not None:
+            self.elastic_plan = elastic_merge.elastic_merging(
+                self.model, merging.elastic, merge_r, pyra, prop_attn
+            )
         elif merge_r is not None:
-            apply_merging(self.model, merge_r, pyra=pyra, prop_attn=prop_attn, matcher=matcher)
+            apply_merging(self.model, merge_r, pyra=pyra, prop_attn=prop_attn, matcher=merging.matcher)
         mark_trainable(self.model, head=True)
         # Saved like trainable tensors although it never trains (distilled_training="class_head").
         self._untrained_saved: set[str] = set()
         head_dist = getattr(self.model, "head_dist", None)
-        if distilled_training == "class_head" and isinstance(head_dist, nn.Linear):
+        if recipe.distilled_training == "class_head" and isinstance(head_dist, nn.Linear):
             self.model.set_distilled_training(True)  # timm: training forwards return (head, head_dist)
             head_dist.reset_parameters()
             head_dist.requires_grad_(False)
@@ -170,9 +130,9 @@ class PyraClassifier(pl.LightningModule):
     @property
     def method(self) -> str:
         """``peft`` (no merging), ``tome``, ``pyra`` or the PYRA ablation variant's name."""
-        if self.hparams.merge_r is None or not any(merge_schedule(self.model)):
+        if self.merging.merge_r is None or not any(merge_schedule(self.model)):
             return "peft"
-        name = method_name(True, self.hparams.pyra)
+        name = method_name(True, self.merging.pyra)
         return f"{name}_elastic" if self.elastic_plan is not None else name
 
     def parameter_count(self) -> ParameterCount:
@@ -186,7 +146,7 @@ class PyraClassifier(pl.LightningModule):
         logits = self.model(images)  # (B, num_classes)
         if isinstance(logits, tuple):  # distilled_training="class_head": (head, head_dist) logits
             logits = logits[0]
-        return F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing), logits
+        return F.cross_entropy(logits, labels, label_smoothing=self.optim.label_smoothing), logits
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -254,7 +214,7 @@ class PyraClassifier(pl.LightningModule):
             return
         for point in self.elastic_plan.curve_points():
             schedule = self.elastic_plan.schedule(point)
-            self.elastic_plan.check(schedule, f"model.elastic.curve point {point!r}")
+            self.elastic_plan.check(schedule, f"model.merging.elastic.curve point {point!r}")
             accuracy = MulticlassAccuracy(self.hparams.num_classes, average="micro").to(self.device)
             self._curve_models.append((point, schedule, self.folded_copy(schedule), accuracy))
 
@@ -265,7 +225,7 @@ class PyraClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW in four groups: {main, PYRA} x {decayed matrices, undecayed norms and biases}."""
-        hp = self.hparams
+        hp = self.optim
         groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
         for name, param in self.model.named_parameters():
             if not param.requires_grad:
@@ -302,7 +262,7 @@ class PyraClassifier(pl.LightningModule):
     def lr_scheduler_step(self, scheduler: CosineLRScheduler, metric: Any) -> None:
         # Called after each epoch; timm schedulers take the epoch explicitly. "paper": the next
         # epoch trains at its own rate. "reference": train.py's step(epoch), one epoch late.
-        lag = 0 if self.hparams.scheduler_step == "reference" else 1
+        lag = 0 if self.recipe.scheduler_step == "reference" else 1
         scheduler.step(epoch=self.current_epoch + lag)
 
     def _saved_names(self) -> set[str]:
@@ -346,5 +306,5 @@ class PyraClassifier(pl.LightningModule):
             raise ValueError(
                 f"checkpoint does not fit this model's trainable parameters: missing {missing[:5]}"
                 f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                f"{'...' if len(unexpected) > 5 else ''} (was it made with another lora_rank / merge_r / pyra?)"
+                f"{'...' if len(unexpected) > 5 else ''} (was it made with another model.lora.rank / model.merging.merge_r / pyra?)"
             )

@@ -40,6 +40,7 @@ from pyra_lightning.files import atomic_write_text
 from pyra_lightning.modulation import method_name as modulation_method_name
 from pyra_lightning.patch import merge_schedule
 from pyra_lightning.results import describe_differences
+from pyra_lightning.training.settings import GROUPS as SETTING_GROUPS
 
 RUNS_ROOT = "runs"
 RUN_FILE = "run.json"
@@ -70,15 +71,15 @@ TRAINER_KEYS: tuple[str, ...] = (
 # (test/validate/predict) compares every setting except these and the trainer's and seeds.
 TRAINING_ONLY: frozenset[str] = frozenset(
     {
-        "model.lr",
-        "model.pyra_lr",
-        "model.weight_decay",
-        "model.warmup_epochs",
-        "model.warmup_lr",
-        "model.min_lr",
-        "model.label_smoothing",
+        "model.optim.lr",
+        "model.optim.pyra_lr",
+        "model.optim.weight_decay",
+        "model.optim.warmup_epochs",
+        "model.optim.warmup_lr",
+        "model.optim.min_lr",
+        "model.optim.label_smoothing",
         "model.drop_path_rate",
-        "model.lora_dropout",
+        "model.lora.dropout",
         "data.batch_size",
         "data.augment",
         "data.seed",
@@ -96,19 +97,25 @@ def _plain(value: Any) -> Any:
 
 
 def run_settings(trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any) -> dict[str, Any]:
-    """The settings that shape training, as flat ``"group.name"`` keys named like the CLI's flags.
+    """The settings that shape training, as flat keys named like the CLI's flags.
 
     Built from ``module.hparams`` and ``datamodule.hparams`` (so a new hyperparameter is part of
-    the identity without editing this function) minus ``EXCLUDED``, plus what the hyperparameters
+    the identity without editing this function) minus ``EXCLUDED``; the module's groups
+    (``training.settings``) give one key per field, ``model.lora.rank``. Plus what the hyperparameters
     do not say: the resolved ``merge_r`` schedule, the backbone fingerprint, the canonical task
     name, the trainer's ``TRAINER_KEYS`` and the global seed.
     """
-    settings: dict[str, Any] = {f"model.{k}": v for k, v in dict(module.hparams).items()}
+    settings: dict[str, Any] = {}
+    for key, value in dict(module.hparams).items():
+        if key in SETTING_GROUPS and isinstance(value, dict):
+            settings.update({f"model.{key}.{field}": item for field, item in value.items()})
+        else:
+            settings[f"model.{key}"] = value
     if datamodule is not None:
         settings.update({f"data.{k}": v for k, v in dict(getattr(datamodule, "hparams", {})).items()})
     model = getattr(module, "model", None)
     if model is not None:
-        settings["model.merge_r"] = merge_schedule(model)  # "low" and its list are one setting
+        settings["model.merging.merge_r"] = merge_schedule(model)  # "low" and its list are one setting
     if getattr(module, "backbone_fingerprint", None) is not None:
         settings["model.backbone_fingerprint"] = module.backbone_fingerprint
     if "data.task" in settings:
@@ -141,7 +148,7 @@ def eval_settings(settings: dict[str, Any]) -> dict[str, Any]:
 def settings_differences(
     recorded: dict[str, Any], now: dict[str, Any], source: str | Path, evaluation: bool = False
 ) -> list[str]:
-    """Lines ``"model.lora_rank: 16 in <source> vs 8 now"`` for each differing setting."""
+    """Lines ``"model.lora.rank: 16 in <source> vs 8 now"`` for each differing setting."""
     if evaluation:
         recorded, now = eval_settings(recorded), eval_settings(now)
     return describe_differences(recorded, now, str(source), "now")
@@ -171,7 +178,7 @@ def default_run_dir(task: str, merge_r: Any, pyra: Any, root: str | Path = RUNS_
 
 
 def suggest_run_dir(run_dir: Path, recorded: dict[str, Any], now: dict[str, Any], limit: int = 3) -> Path:
-    """A sibling folder whose name shows what differs: ``runs/demo/pyra`` -> ``runs/demo/pyra-lora_rank8``.
+    """A sibling folder whose name shows what differs: ``runs/demo/pyra`` -> ``runs/demo/pyra-rank8``.
 
     A rerun of the default folder with a changed setting is refused (the folder holds the other
     run); this is the ``--run_dir`` the refusal proposes, so that both runs keep their folder.
@@ -278,7 +285,8 @@ def explicit_keys(args: Sequence[str], group: str, subcommand: str | None = None
     """The ``group`` settings (e.g. ``model``) that the command line or its config files set.
 
     LightningCLI gives a setting nobody set its default; a checkpoint's hyperparameters may then
-    replace it. A setting the user did set must never be replaced silently.
+    replace it. A setting the user did set must never be replaced silently. Keys are as deep as
+    the module's setting groups: ``model_name``, ``lora.rank``, ``merging.elastic``.
     """
     keys: set[str] = set()
     for file in _config_files(args):
@@ -288,12 +296,25 @@ def explicit_keys(args: Sequence[str], group: str, subcommand: str | None = None
             continue  # the CLI itself reports unreadable config files
         for section in (document, document.get(subcommand) if subcommand else None):
             if isinstance(section, dict) and isinstance(section.get(group), dict):
-                keys.update(section[group])
+                for key, value in section[group].items():
+                    nested = key in SETTING_GROUPS and isinstance(value, dict)
+                    keys.update([f"{key}.{field}" for field in value] if nested else [key])
     prefix = f"--{group}."
     for arg in args:
         if arg.startswith(prefix):
-            keys.add(arg[len(prefix) :].split("=", 1)[0].split(".", 1)[0])
+            parts = arg[len(prefix) :].split("=", 1)[0].split(".")
+            keys.add(".".join(parts[:2]) if parts[0] in SETTING_GROUPS and len(parts) > 1 else parts[0])
     return keys
+
+
+def _lookup(hparams: dict[str, Any], key: str) -> tuple[bool, Any]:
+    """``hparams["lora"]["rank"]`` for ``"lora.rank"``; ``(False, None)`` where it has no such key."""
+    value: Any = hparams
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False, None
+        value = value[part]
+    return True, value
 
 
 def conflicting_hparams(
@@ -302,9 +323,10 @@ def conflicting_hparams(
     """Lines for the explicitly set ``keys`` whose value differs from the checkpoint's ``hparams``."""
     lines = []
     for key in sorted(keys):
-        if key in hparams and _plain(config.get(key)) != _plain(hparams[key]):
+        found, recorded = _lookup(hparams, key)
+        if found and _plain(config.get(key)) != _plain(recorded):
             lines.append(
-                f"model.{key}: {json.dumps(_plain(hparams[key]))} in {source} vs "
+                f"model.{key}: {json.dumps(_plain(recorded))} in {source} vs "
                 f"{json.dumps(_plain(config.get(key)))} now"
             )
     return lines

@@ -218,13 +218,17 @@ def replay(
 
     config = yaml.safe_load(RECIPE.read_text())
     model_args = dict(config["model"]) if recipe == "reference" else {}
+    recipe_args = dict(model_args.pop("recipe", {}))  # model.recipe of configs/recipe/reference.yaml
     drop_last = bool(config["data"]["drop_last"]) if recipe == "reference" else False
     for key, value in (overrides or {}).items():
         if key == "drop_last":
             drop_last = value.lower() == "true"
         else:
-            model_args[key] = value
-    model_args.update(fixture["hparams"], drop_path_rate=0.0, lora_dropout=0.0)
+            recipe_args[key] = value
+    # The fixture's hyperparameters are the optimiser's (lr, weight decay, warm-up, cosine floor).
+    optim = {**model_args.pop("optim", {}), **fixture["hparams"]}
+    lora = {**model_args.pop("lora", {}), "rank": LORA_RANK, "dropout": 0.0}
+    model_args["drop_path_rate"] = 0.0
     name = "deit_tiny_distilled_patch16_224" if fixture["model"] == "deit" else "vit_tiny_patch16_224"
     arch = dict(fixture["arch"])
     module = PyraClassifier(
@@ -232,10 +236,11 @@ def replay(
         num_classes=NUM_CLASSES,
         img_size=arch.pop("img_size"),
         model_kwargs=arch,
-        lora_rank=LORA_RANK,
-        merge_r=list(MERGE_R),
-        pyra=True,
         **model_args,
+        lora=lora,
+        merging={"merge_r": list(MERGE_R), "pyra": True},
+        optim=optim,
+        recipe=recipe_args,
     )
     module.model.load_state_dict(
         {reference_key_to_ours(k): v for k, v in fixture["initial"].items()}, strict=True
