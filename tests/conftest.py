@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
+import torch
 from helpers import tiny_vit
 from torch import nn
+
+# One intra-op thread per pytest worker, and for the fits and exports they start as subprocesses
+# (which inherit the variable): the suite runs two workers on two cores, and two workers of two
+# spinning OpenMP threads each slowed CPU-bound tests several times over. Tests that time or
+# compare thread counts set their own (test_benchmark).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,84 @@ def test_a_stopped_and_resumed_elastic_fit_ends_bit_identical(tmp_path: Path) ->
     assert any(".pyra.weight_r" in key for key in a["state_dict"])
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+
+
+class _ScheduleRunner:
+    """Stands in for an engine's runner: remembers the deployed model's schedule and PYRA rows."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from pyra_lightning.patch import merge_schedule
+
+        self.schedule = merge_schedule(model)
+        self.pyra_rows = [b.pyra.merge_r if b.pyra is not None else 0 for b in model.blocks]
+
+    def run(self) -> list[int]:
+        return self.schedule
+
+
+def test_target_speedup_on_an_elastic_run_searches_inside_its_range(
+    elastic_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``benchmark --target_speedup S --ckpt_path <elastic run>`` times the run's own deployable
+    model at each candidate and stays inside the trained range. Time is made proportional to
+    FLOPs here (a speed figure belongs in BENCHMARKS.md, not in a test), so speed-up S is FLOPs
+    fraction 1/S."""
+    import pyra_lightning.commands.benchmark as benchmark
+    import pyra_lightning.commands.engines as engines
+    from pyra_lightning.schedules import flops_fraction
+
+    root, _ = elastic_run
+    last = root / "checkpoints" / "last.ckpt"
+    built: list[_ScheduleRunner] = []
+
+    def runner(engine: str, model: torch.nn.Module, batch: int, **kwargs) -> _ScheduleRunner:
+        built.append(_ScheduleRunner(model))
+        return built[-1]
+
+    monkeypatch.setattr(benchmark, "build_runner", runner)
+    shape: list = []
+    real_search = engines.search_speed_target
+
+    def search(target, model_shape, make_runner, **kwargs):  # type: ignore[no-untyped-def]
+        shape.append(model_shape)
+        return real_search(target, model_shape, make_runner, **kwargs)
+
+    monkeypatch.setattr(engines, "search_speed_target", search)
+    monkeypatch.setattr(
+        engines,
+        "measured_speedup",
+        lambda baseline, candidate, *args, **kwargs: 1 / flops_fraction(candidate(), shape[0]),
+    )
+    found = benchmark.run_benchmark(target_speedup=1.5, ckpt_path=str(last), target_iterations=6)["target"]
+    assert found["speedup"] >= 1.5 and 0.5 <= found["flops_fraction"] <= 1 / 1.5
+    assert all(r.pyra_rows == r.schedule for r in built if any(r.schedule)), "PYRA cut to each candidate"
+    assert max(t["rho"] for t in found["trials"]) < 1.0, "never past the range's fastest point"
+    out = capsys.readouterr().out
+    assert "inside the range" in out
+    (command,) = [line for line in out.splitlines() if line.strip().startswith("pyra-lightning export")]
+    printed = shlex.split(command.replace("<folder>", str(tmp_path / "deployed")))[2:]
+    export_main(printed)  # the printed command deploys the run at the schedule found
+    assert load_exported(tmp_path / "deployed").schedule == found["schedule"]
+    with pytest.raises(
+        ValueError, match=r"out of reach: the strongest schedule allowed \(the trained range's"
+    ):
+        benchmark.run_benchmark(target_speedup=3.0, ckpt_path=str(last), target_iterations=1)
+
+
+def test_target_speedup_refuses_a_checkpoint_trained_at_one_schedule(tmp_path: Path) -> None:
+    from helpers import tiny_module
+
+    import pyra_lightning.commands.benchmark as benchmark
+
+    module = tiny_module()  # seeded 0, as the benchmark rebuilds a random backbone without a record
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "plain.ckpt")
+    with pytest.raises(ValueError, match="was trained at one schedule, not for a range"):
+        benchmark.run_benchmark(target_speedup=1.5, ckpt_path=str(tmp_path / "plain.ckpt"))
+    with pytest.raises(ValueError, match="--ckpt_path is an option of --target_speedup"):
+        benchmark.run_benchmark(ckpt_path=str(tmp_path / "plain.ckpt"))
+    out = tmp_path / "deployed"
+    with pytest.raises(ValueError, match=r"trained at one schedule \(\[8, 8, 4, 4\], no model.merging.elastic\)"):
+        export_main([f"--ckpt_path={tmp_path / 'plain.ckpt'}", "--merge_r=high", f"--out_dir={out}"])
+    assert not out.exists()

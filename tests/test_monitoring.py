@@ -209,9 +209,10 @@ def test_test_throughput_takes_threads_and_clock_and_results_say_how_it_was_meas
     from pyra_lightning.results import COMPARABLE_CONDITIONS, read_result
     from pyra_lightning.training.callbacks import InferenceThroughput, LoRAFolding, ResultsJSON
 
-    throughput = InferenceThroughput(batch_size=2, warmup=0, runs=1, threads=1, clock="cpu")
-    results = ResultsJSON()
     threads = torch.get_num_threads()
+    asked = threads + 1  # not the session's count, so that giving it back is seen
+    throughput = InferenceThroughput(batch_size=2, warmup=0, runs=1, threads=asked, clock="cpu")
+    results = ResultsJSON()
     trainer = pl.Trainer(
         accelerator="cpu",
         logger=CSVLogger(tmp_path, name="csv"),
@@ -225,7 +226,7 @@ def test_test_throughput_takes_threads_and_clock_and_results_say_how_it_was_meas
     benchmark = written["benchmark"]
     assert set(COMPARABLE_CONDITIONS) <= set(benchmark)
     assert written["throughput_engine"] == benchmark["engine"] == "eager"
-    assert (benchmark["threads"], benchmark["clock"], benchmark["batch_size"]) == (1, "cpu", 2)
+    assert (benchmark["threads"], benchmark["clock"], benchmark["batch_size"]) == (asked, "cpu", 2)
     assert benchmark["device"] == "cpu" and benchmark["precision"] == "32" and benchmark["device_name"]
     assert all(len(benchmark[key]) == 3 for key in ("loadavg_before", "loadavg_after"))
     with pytest.raises(ValueError, match="clock='gpu'"):

@@ -319,3 +319,24 @@ def test_predict_help_says_what_it_predicts(capsys: pytest.CaptureFixture[str]) 
         main(["predict", "--help"])
     out = capsys.readouterr().out
     assert "Predict the class of every image of the run's test split" in out and "--images" in out
+
+
+def test_an_elastic_run_has_a_default_folder_of_its_own(tmp_path: Path) -> None:
+    """A plain PYRA run and an elastic one on the same task train side by side (runs/demo/pyra and
+    runs/demo/pyra_elastic) instead of the second being refused in the first's folder."""
+    from helpers import CONFIGS
+
+    from pyra_lightning.training.cli import build_cli
+    from pyra_lightning.training.runs import default_run_dir
+
+    assert default_run_dir("demo", "low", True, "runs") == Path("runs/demo/pyra")
+    assert default_run_dir("demo", "low", True, "runs", {"min_fraction": 0.5}) == Path(
+        "runs/demo/pyra_elastic"
+    )
+    assert default_run_dir("demo", "low", False, "runs", {}) == Path("runs/demo/tome_elastic")
+    root = f"--trainer.default_root_dir={tmp_path / 'runs'}"
+    elastic = build_cli(
+        [f"--config={QUICKSTART}", f"--config={CONFIGS / 'method/pyra_elastic.yaml'}", root], run=False
+    )
+    assert elastic.run_dir == tmp_path / "runs" / "demo" / "pyra_elastic"
+    assert elastic.model.method == "pyra_elastic"

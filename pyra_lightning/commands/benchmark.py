@@ -160,6 +160,7 @@ def run_benchmark(
     target_speedup: float | None = None,
     target_pyra: bool = True,
     target_iterations: int = 7,
+    ckpt_path: str | None = None,
 ) -> dict[str, Any]:
     """Compare the uncompressed, ToMe and PYRA versions of one ViT, per engine and batch size.
 
@@ -197,6 +198,11 @@ def run_benchmark(
             bisection over the FLOPs solver's family; prints it as a ``model.merging.merge_r`` list.
         target_pyra: The speed-target search times PYRA (True) or ToMe (False) models.
         target_iterations: Bisection steps of the speed-target search.
+        ckpt_path: With ``target_speedup``: search on this elastic run's own model (its
+            checkpoint: backbone, trained LoRA and PYRA, deployable at any schedule of its range)
+            and only inside the range it was trained for; a target the range cannot reach, or a
+            checkpoint trained at one schedule, is refused. The model arguments above are then
+            the checkpoint's.
 
     Returns:
         ``{"args", "environment", "models", "table", "skipped", "pyra_vs_tome"[, "training"]}``:
@@ -207,6 +213,8 @@ def run_benchmark(
         ``target_speedup``: ``{"args", "environment", "target"}``.
     """
     args = dict(locals())
+    if ckpt_path is not None and target_speedup is None:
+        raise ValueError("--ckpt_path is an option of --target_speedup (the search on an elastic run)")
     schedules = _as_schedule_list(merge_r)
     args["merge_r"] = schedules
     args["engine"] = parse_engines(engine)
@@ -369,7 +377,11 @@ def _run_target(args: dict[str, Any]) -> dict[str, Any]:
     build = _builder(args)
     engine, batch = args["engine"][0], args["batch_sizes"][0]
     env_before = environment(dev)
-    shape = vit_shape(build(None, False))
+    bounds: dict[str, Any] = {}
+    if args["ckpt_path"] is not None:
+        build, shape, bounds = _elastic_builder(args)
+    else:
+        shape = vit_shape(build(None, False))
     with tempfile.TemporaryDirectory(prefix="pyra-target-") as workdir:
 
         def make_runner(schedule: list[int]) -> Callable[[], object]:
@@ -384,9 +396,56 @@ def _run_target(args: dict[str, Any]) -> dict[str, Any]:
             runs=args["runs"],
             iterations=args["target_iterations"],
             clock=_clock(args),
+            **bounds,
         )
     env_before["loadavg_after"] = load_average()
     return {"args": args, "environment": env_before, "target": dataclasses.asdict(found)}
+
+
+def _elastic_builder(args: dict[str, Any]) -> tuple[Callable[..., nn.Module], Any, dict[str, Any]]:
+    """``--target_speedup`` on an elastic checkpoint: its deployable model at any schedule, the
+    model's shape, and the search's bound (the range's fastest point).
+
+    Raises:
+        ValueError: the checkpoint was trained at one schedule (not elastic).
+    """
+    from pyra_lightning.commands.export import (
+        load_trainable,
+        module_from_checkpoint,
+        random_backbone,
+        read_checkpoint,
+        recorded_seed,
+    )
+    from pyra_lightning.schedules import solve_flops_rho
+
+    path = args["ckpt_path"]
+    checkpoint = read_checkpoint(path)
+    seed = recorded_seed(checkpoint)  # a random-weight backbone is rebuilt from the fit's seed
+    module = module_from_checkpoint(checkpoint, 0 if seed is None and random_backbone(checkpoint) else seed)
+    load_trainable(module, checkpoint)
+    plan = module.elastic_plan
+    if plan is None:
+        raise ValueError(
+            f"--ckpt_path {path} was trained at one schedule, not for a range (no model.merging.elastic): "
+            "it deploys only at that schedule. Leave --ckpt_path out to find a schedule to train, or "
+            "fit an elastic run (configs/method/pyra_elastic.yaml)"
+        )
+    module.to(torch.device(args["device"]))
+    args.update(model_name=module.hparams.model_name, img_size=int(module.hparams.img_size))
+
+    def build(spec: list[int] | None, pyra: bool, fold: bool = True) -> nn.Module:
+        schedule = [0] * plan.shape.depth if spec is None else list(spec)
+        if any(schedule):
+            plan.check(schedule, "target schedule")
+        return module.folded_copy(schedule)
+
+    fastest = plan.config.min_fraction
+    max_rho = solve_flops_rho(fastest, plan.shape) if fastest < 1.0 else 0.0
+    return (
+        build,
+        plan.shape,
+        {"max_rho": max_rho, "bound": f"the trained range's fastest point, {plan.describe()}"},
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

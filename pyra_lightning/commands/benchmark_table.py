@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 
@@ -44,13 +45,25 @@ def format_table(result: dict[str, Any]) -> str:
                 for t in found["trials"]
             ],
         )
-        lines += [
-            "",
+        measured = (
             f"target speedup {args['target_speedup']:g} ({args['engine'][0]}, batch {args['batch_sizes'][0]}, "
             f"precision {args['precision']}): measured {found['speedup']:.3f}x at {found['flops_fraction']:.3f} "
-            "of the FLOPs. Paste into your config:",
-            f"  model.merging.merge_r: {found['schedule']}",
-        ]
+            "of the FLOPs"
+        )
+        if args.get("ckpt_path"):  # an elastic run: deploy it there, no training
+            schedule = ",".join(map(str, found["schedule"]))
+            lines += [
+                "",
+                f"{measured}, inside the range {args['ckpt_path']} was trained for. Deploy it there:",
+                f"  pyra-lightning export --ckpt_path {shlex.quote(args['ckpt_path'])} --merge_r '[{schedule}]' "
+                "--out_dir <folder>",
+            ]
+        else:
+            lines += [
+                "",
+                f"{measured}. Paste into your config:",
+                f"  model.merging.merge_r: {found['schedule']}",
+            ]
         return "\n".join(lines)
     gflops = {name: row["gflops"] for name, row in result["models"].items()}
     lines += _markdown_table(

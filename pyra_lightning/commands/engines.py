@@ -181,6 +181,8 @@ def search_speed_target(
     runs: int = 5,
     iterations: int = 7,
     clock: Clock = time.perf_counter,
+    max_rho: float = 1.0,
+    bound: str = "half the tokens in every block",
 ) -> SpeedTarget:
     """The gentlest proportional schedule whose measured speed-up reaches ``target``.
 
@@ -197,6 +199,8 @@ def search_speed_target(
             zeros is the uncompressed baseline.
         warmup, runs, clock: Timing of each comparison (``pyra_lightning.timing``).
         iterations: Bisection steps after the first trial.
+        max_rho: The strongest ``rho`` allowed (an elastic checkpoint's fastest trained point);
+            ``bound`` says what it is in the refusal.
 
     Raises:
         ValueError: for a target <= 1, or one that even ``rho = 1`` does not reach (the message
@@ -219,13 +223,13 @@ def search_speed_target(
         )
         return measured[key]
 
-    strongest = speedup_at(1.0)
+    strongest = speedup_at(max_rho)
     if strongest < target:
         raise ValueError(
-            f"target speed-up {target:g} is out of reach: the strongest schedule of the family (half the "
-            f"tokens in every block, {proportional_schedule(1.0, shape)}) measured {strongest:.3f}x"
+            f"target speed-up {target:g} is out of reach: the strongest schedule allowed ({bound}, "
+            f"{proportional_schedule(max_rho, shape)}) measured {strongest:.3f}x"
         )
-    gentle, strong = 0.0, 1.0
+    gentle, strong = 0.0, max_rho
     for _ in range(iterations):
         mid = (gentle + strong) / 2
         if speedup_at(mid) >= target:

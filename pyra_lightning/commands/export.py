@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import yaml
 from torch import nn
 
 import pyra_lightning.deploy as deploy
@@ -67,6 +68,7 @@ def export_model(
     verify: bool = True,
     source: str | None = None,
     formats: Sequence[str] = ("safetensors",),
+    merge_r: Any = None,
 ) -> Path:
     """Write the LoRA-folded model of a ``PyraClassifier`` as a standalone inference artifact.
 
@@ -91,6 +93,8 @@ def export_model(
             ``config.json`` and ``load_exported`` rest on it): ``onnx``, ``pt2``, ``aoti``. Each is
             checked against the folded model at a batch size other than the export's and its
             max |logit diff| recorded in ``config.json["artifacts"]``.
+        merge_r: For a checkpoint of an elastic run: the schedule to deploy at, anywhere inside
+            the range it was trained for (``module_from_checkpoint``); ``None`` keeps its own.
 
     Returns:
         The path of the written folder.
@@ -111,7 +115,7 @@ def export_model(
     if isinstance(module_or_checkpoint, str | os.PathLike):
         source = source or str(module_or_checkpoint)
         checkpoint = read_checkpoint(source)
-        module = _module_from_checkpoint(checkpoint, seed)
+        module = module_from_checkpoint(checkpoint, seed, merge_r)
         load_trainable(module, checkpoint)
     else:
         module = module_or_checkpoint
@@ -212,7 +216,15 @@ def load_trainable(module: PyraClassifier, checkpoint: dict[str, Any]) -> None:
         ) from error
 
 
-def _module_from_checkpoint(checkpoint: dict[str, Any], seed: int | None) -> PyraClassifier:
+def module_from_checkpoint(
+    checkpoint: dict[str, Any], seed: int | None, merge_r: Any = None
+) -> PyraClassifier:
+    """The module a checkpoint's hyperparameters describe (its trainable weights not yet loaded).
+
+    ``merge_r`` deploys an elastic checkpoint at another schedule of its trained range (the
+    module refuses one outside it, naming the range); a checkpoint trained at one schedule
+    refuses any ``merge_r``.
+    """
     from lightning.pytorch import seed_everything
 
     from pyra_lightning.training.module import PyraClassifier
@@ -224,6 +236,14 @@ def _module_from_checkpoint(checkpoint: dict[str, Any], seed: int | None) -> Pyr
             "it was not written by `pyra-lightning fit`. Export it with the fit's arguments instead: "
             "pyra-lightning export --config <fit config> --ckpt_path ... --out_dir ..."
         )
+    if merge_r is not None:
+        merging = dict(hparams.get("merging") or {})
+        if merging.get("elastic") is None:
+            raise ValueError(
+                f"merge_r={merge_r!r}: this checkpoint was trained at one schedule "
+                f"({merging.get('merge_r')!r}, no model.merging.elastic) and deploys only there"
+            )
+        hparams["merging"] = {**merging, "merge_r": merge_r}
     if seed is not None:
         seed_everything(seed, verbose=False)
     return PyraClassifier(**hparams)
@@ -399,6 +419,14 @@ def main(argv: list[str] | None = None) -> None:
         "--seed", type=int, default=None, help="Seed of a random-weight backbone (the fit's seed_everything)."
     )
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing out_dir.")
+    parser.add_argument(
+        "--merge_r",
+        type=yaml.safe_load,
+        default=None,
+        help="An elastic checkpoint: the schedule to deploy at, inside its trained range: a per-layer "
+        "list '[6,6,5,4,4,3]', low, high or a FLOPs fraction (benchmark --target_speedup --ckpt_path "
+        "prints one). A checkpoint trained at one schedule refuses it.",
+    )
     args, cli_args = parser.parse_known_args(argv)
     checkpoint = read_checkpoint(args.ckpt_path)  # fail on a bad path before building anything
     source = str(Path(args.ckpt_path).resolve())
@@ -415,6 +443,7 @@ def main(argv: list[str] | None = None) -> None:
                 overwrite=args.overwrite,
                 source=source,
                 formats=args.format,
+                merge_r=args.merge_r,
             )
         except ValueError as error:
             if "different frozen backbone" in str(error) and random_backbone(checkpoint):
@@ -424,6 +453,10 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"exported {args.ckpt_path} to {out} ({', '.join(args.format)})")
         return
+    if args.merge_r is not None:
+        raise ValueError(
+            "--merge_r is for the checkpoint alone; with fit's arguments, set --model.merging.merge_r"
+        )
     from pyra_lightning.training.cli import build_cli  # Lightning only here: load_exported must not need it
 
     # Exporting logs nothing and starts no W&B run.

@@ -134,7 +134,7 @@ class PyraCLI(BriefHelp, LightningCLI):
             return Path(config.run_dir)
         root = config.trainer.get("default_root_dir") or RUNS_ROOT
         merging = config.model.merging
-        return default_run_dir(config.data.task, merging.merge_r, merging.pyra, root)
+        return default_run_dir(config.data.task, merging.merge_r, merging.pyra, root, merging.elastic)
 
     def _checkpoint_dir(self, config: Namespace) -> Path:
         given = config.checkpoint.get("dirpath") if config.get("checkpoint") is not None else None

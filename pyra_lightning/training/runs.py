@@ -171,9 +171,13 @@ def method_name(merge_r: Any, pyra: Any) -> str:
     return modulation_method_name(merging, pyra)
 
 
-def default_run_dir(task: str, merge_r: Any, pyra: Any, root: str | Path = RUNS_ROOT) -> Path:
-    """``<root>/<task>/<method>``: runs on different tasks or methods never share a folder."""
-    parts = [re.sub(r"[^\w.+-]", "_", part) for part in (task_name(task), method_name(merge_r, pyra))]
+def default_run_dir(
+    task: str, merge_r: Any, pyra: Any, root: str | Path = RUNS_ROOT, elastic: Any = None
+) -> Path:
+    """``<root>/<task>/<method>``: runs on different tasks or methods never share a folder (an
+    elastic run's method is ``<method>_elastic``, as its results name it)."""
+    method = method_name(merge_r, pyra) + ("_elastic" if elastic is not None else "")
+    parts = [re.sub(r"[^\w.+-]", "_", part) for part in (task_name(task), method)]
     return Path(root) / parts[0] / parts[1]
 
 
