@@ -90,28 +90,39 @@ def _constant(key: tuple[Any, ...], ref: torch.Tensor, build: Callable[[], torch
     return hit
 
 
-def _folded(
-    owner: Any, name: str, weight: torch.Tensor, build: Callable[[torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
-    """``build(weight)``, kept on ``owner`` while ``weight`` is unchanged, in eager inference.
+class _ViewCache(dict):
+    """``_weight_view``'s store on a module: never copied or pickled with it (a copy has weights of
+    its own, and views made under ``no_grad`` must not be deep-copied)."""
 
-    A deployed model's PYRA weights do not change between forwards, so what is computed from a
-    weight alone (a transpose, a scaled copy) is computed once, as ``fold_lora`` computes B·A once.
-    Training (autograd must record it), tracing, and a weight that was written in place (its
-    version counter moves), moved or replaced compute it again.
+    def __deepcopy__(self, memo: dict[int, Any]) -> _ViewCache:
+        return _ViewCache()
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (_ViewCache, ())
+
+
+def _weight_view(
+    owner: Any, name: str, weight: torch.Tensor, view: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``view(weight)``, a view of the weight (a transpose, an expand), kept on ``owner`` in eager
+    inference so that its operators are not dispatched on every forward.
+
+    Only views are kept: they share the weight's storage, so every write into the weight (an
+    optimizer step, ``load_state_dict``, ``.data.copy_`` as weight averaging swaps) shows through
+    them. A weight that was replaced (another object, storage, dtype or device) is viewed again;
+    training (autograd must record the view) and tracing always view it inline.
     """
     if torch.is_grad_enabled() or _tracing(weight, plain=(torch.Tensor, torch.nn.Parameter)):
-        return build(weight)
-    try:
-        key = (id(weight), weight._version, weight.data_ptr(), weight.dtype, weight.device)
-    except RuntimeError:  # an inference tensor has no version counter
-        return build(weight)
-    cache = owner.__dict__.setdefault("_folded_weights", {})
+        return view(weight)
+    key = (weight.data_ptr(), weight.dtype, weight.device)
+    cache = owner.__dict__.setdefault("_weight_views", _ViewCache())
     hit = cache.get(name)
-    if hit is None or hit[0] != key:
-        with torch.inference_mode(False), torch.no_grad():  # usable outside inference_mode too
-            hit = cache[name] = (key, build(weight))
-    return hit[1]
+    if hit is None or hit[0] is not weight or hit[1] != key:
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference_mode
+            made = view(weight)
+        assert made._base is not None or made.data_ptr() == weight.data_ptr(), "only views may be kept"
+        hit = cache[name] = (weight, key, made)
+    return hit[2]
 
 
 def _batch_rows(n: int, ref: torch.Tensor) -> torch.Tensor:
@@ -287,23 +298,26 @@ def fused_pyra(modulate: Any, src: torch.Tensor, dst: torch.Tensor, c: int) -> t
     The same function as ``PyraModulation`` with variant ``"pyra"`` (tests/test_merge.py checks
     it), written to need few operators, with ``2σ(δ_r) - 1 = tanh(δ_r / 2)``:
     ``M_s + 2 (M_s ⊙ σ(δ_D)) ⊙ tanh(δ_r / 2)``, where ``σ(δ_D)`` is padded with a 0 for the
-    size channel so that the size passes through unchanged. ``W_r^T`` and ``W_D / 2`` depend on
-    the weights alone and are computed once per weight in eager inference (``_folded``); halving
-    is exact in floating point. ``None`` for every other modulation (ablation variants, user
-    callables): they run as themselves.
+    size channel so that the size passes through unchanged. The transposed weights are views
+    kept between eager inference forwards (``_weight_view``), and the halving is the product's
+    ``alpha`` (exact in floating point). ``None`` for every other modulation (ablation variants,
+    user callables): they run as themselves.
     """
     rows, built = src.shape[-2], getattr(modulate, "merge_r", -1)
     elastic = getattr(modulate, "elastic", False) and 0 < rows < built  # the first rows of W_r
     if getattr(modulate, "variant", None) != "pyra" or not (rows == built or elastic):
         return None
     norm = modulate.norm
-    weight_r_t = _folded(
-        modulate, f"weight_r.mT[:{rows}]", modulate.weight_r, lambda w: w[:rows].mT
-    )  # (1, r)
-    half_weight_d = _folded(modulate, "weight_d / 2", modulate.weight_d, lambda w: 0.5 * w)  # (1, C)
+    n = src.shape[0]
+    weight_r_t = _weight_view(modulate, f"W_r^T[:{rows}]", modulate.weight_r, lambda w: w[:rows].mT)  # (1, r)
+    weight_d_t = _weight_view(modulate, f"W_D^T x{n}", modulate.weight_d, lambda w: w.mT.expand(n, -1, -1))
     info = F.layer_norm((src + dst)[..., :c], (c,), norm.weight, norm.bias, norm.eps)  # M_info, eq. 4
     delta_d = weight_r_t @ info  # δ_D = M_info W_r, eq. 5: (B, 1, C)
-    half_delta_r = F.linear(info, half_weight_d)  # δ_r / 2, δ_r = W_D M_info of eq. 5: (B, r, 1)
+    zero = _constant(
+        ("zero", info.dtype), info, lambda: torch.zeros((), dtype=info.dtype, device=info.device)
+    )
+    # δ_r / 2, δ_r = W_D M_info of eq. 5: (B, r, C) @ (B, C, 1), halved by the product's alpha
+    half_delta_r = torch.baddbmm(zero, info, weight_d_t, beta=0, alpha=0.5)
     gate_d = F.pad(torch.sigmoid(delta_d), (0, 1))  # σ(δ_D), 0 on the size channel: (B, 1, C + 1)
     return torch.addcmul(src, src * gate_d, torch.tanh(half_delta_r), value=2)  # eqs. 6-7
 

@@ -14,8 +14,9 @@ from torch import nn
 # (which inherit the variable): the suite runs two workers on two cores, and two workers of two
 # spinning OpenMP threads each slowed CPU-bound tests several times over. Tests that time or
 # compare thread counts set their own (test_benchmark).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+if not os.environ.get("OMP_NUM_THREADS"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

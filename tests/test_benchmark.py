@@ -18,7 +18,13 @@ from pyra_lightning.commands.benchmark_table import format_table
 from pyra_lightning.commands.engines import search_speed_target
 from pyra_lightning.commands.training_speed import measure_training_step
 from pyra_lightning.patch import vit_shape
-from pyra_lightning.schedules import ViTShape, flops_fraction, schedule_flops, solve_flops_schedule
+from pyra_lightning.schedules import (
+    ViTShape,
+    flops_fraction,
+    schedule_flops,
+    solve_flops_rho,
+    solve_flops_schedule,
+)
 from pyra_lightning.timing import measure_throughput, round_robin, time_interleaved
 
 # vit_tiny at 224 px: 197 tokens, so merging removes real work, as it does in ViT-B/16.
@@ -378,3 +384,24 @@ def test_a_model_the_patch_cannot_take_is_one_line(
         )
     err = capsys.readouterr().err
     assert stop.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_speed_target_search_stays_inside_a_given_rho_range() -> None:
+    """An elastic range that ends short of both the uncompressed model and half the tokens:
+    every candidate built lies inside it, and the answer reaches the target."""
+    shape = vit_shape(build_model(merge_r=None, pyra=False, **SPEED_MODEL))
+    clock = FakeClock()
+    built: list[list[int]] = []
+
+    def runner(schedule: list[int]):  # type: ignore[no-untyped-def]
+        built.append(schedule)
+        return clock.runner(schedule, shape)
+
+    low, high = solve_flops_rho(0.8, shape), solve_flops_rho(0.4, shape)
+    found = search_speed_target(
+        1.8, shape, runner, warmup=0, runs=1, iterations=20, clock=clock, min_rho=low, max_rho=high
+    )
+    assert found.speedup >= 1.8 and low <= found.rho <= high
+    assert all(low <= t["rho"] <= high for t in found.trials)
+    merged = [s for s in built if any(s)]
+    assert all(0.4 - 1e-3 <= flops_fraction(s, shape) <= 0.8 + 1e-3 for s in merged)

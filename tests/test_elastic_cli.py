@@ -185,6 +185,8 @@ def test_target_speedup_refuses_a_checkpoint_trained_at_one_schedule(tmp_path: P
     with pytest.raises(ValueError, match="--ckpt_path is an option of --target_speedup"):
         benchmark.run_benchmark(ckpt_path=str(tmp_path / "plain.ckpt"))
     out = tmp_path / "deployed"
-    with pytest.raises(ValueError, match=r"trained at one schedule \(\[8, 8, 4, 4\], no model.merging.elastic\)"):
+    with pytest.raises(
+        ValueError, match=r"trained at one schedule \(\[8, 8, 4, 4\], no model.merging.elastic\)"
+    ):
         export_main([f"--ckpt_path={tmp_path / 'plain.ckpt'}", "--merge_r=high", f"--out_dir={out}"])
     assert not out.exists()

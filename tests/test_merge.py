@@ -160,35 +160,49 @@ def test_fused_pyra_equals_the_modulation_module(num_prefix: int) -> None:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_weights_folded_for_inference_follow_every_change_of_the_weights() -> None:
-    """``fused_pyra`` keeps ``W_r^T`` and ``W_D / 2`` between inference forwards; an in-place
-    update (an optimizer step, ``load_state_dict``) or a replaced ``.data`` must be seen at once,
-    and a training forward must not use them (its gradients reach the weights)."""
+def test_weight_views_kept_for_inference_follow_every_change_of_the_weights() -> None:
+    """``fused_pyra`` keeps views of ``W_r^T`` and ``W_D^T`` between inference forwards; an optimizer
+    step, ``load_state_dict``, a ``.data.copy_`` (how Lightning's weight averaging swaps weights, which
+    no version counter sees), a replaced ``.data`` and a deep copy must all be seen at once, and a
+    training forward must record them (its gradients reach the weights)."""
+    import copy
+
     from pyra_lightning.merge import _modulate_with_size
 
     torch.manual_seed(0)
     pyra = PyraModulation(6, 10)
     src, dst = torch.randn(3, 6, 11), torch.randn(3, 6, 11)
 
-    def check() -> None:
+    def check(module: PyraModulation = pyra, batch: int = 3) -> None:
         with torch.inference_mode():
-            fused = _modulate_with_size(pyra, src, dst, 10)
-            expected = torch.cat([pyra(src[..., :10], dst[..., :10]), src[..., 10:]], dim=-1)
+            fused = _modulate_with_size(module, src[:batch], dst[:batch], 10)
+            expected = torch.cat(
+                [module(src[:batch, :, :10], dst[:batch, :, :10]), src[:batch, :, 10:]], dim=-1
+            )
         torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
 
     with torch.no_grad():
-        pyra.weight_r.normal_(), pyra.weight_d.normal_()
-    check()  # folds the weights
+        pyra.weight_r.normal_()
+        pyra.weight_d.normal_()
+    check()  # keeps the views
     with torch.no_grad():
-        pyra.weight_d.mul_(-3.0)  # in place: the version counter moves
+        pyra.weight_d.mul_(-3.0)  # an optimizer step writes in place
     check()
     pyra.load_state_dict({k: torch.randn_like(v) for k, v in pyra.state_dict().items()})
     check()
-    pyra.weight_r.data = torch.randn_like(pyra.weight_r)  # replaced storage, same version
+    pyra.weight_d.data.copy_(torch.randn_like(pyra.weight_d))  # weight averaging's swap
     check()
+    pyra.weight_r.data = torch.randn_like(pyra.weight_r)  # replaced storage
+    check()
+    check(batch=2)  # another batch size: another expand of W_D^T
+    twin = copy.deepcopy(pyra)
+    with torch.no_grad():
+        twin.weight_d.add_(1.0)
+    check(twin)
+    check()  # the original is not changed by its copy
     out = _modulate_with_size(pyra, src.requires_grad_(), dst, 10)
-    (grad_r,) = torch.autograd.grad(out.square().sum(), [pyra.weight_r])
-    assert grad_r.abs().sum() > 0
+    grads = torch.autograd.grad(out.square().sum(), [pyra.weight_r, pyra.weight_d])
+    assert all(g.abs().sum() > 0 for g in grads)
 
 
 def test_constants_cached_under_inference_mode_still_train() -> None:

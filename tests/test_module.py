@@ -139,3 +139,17 @@ def test_checkpoint_holds_only_trainable_state_and_checks_the_backbone() -> None
                 "backbone_fingerprint": checkpoint["backbone_fingerprint"],
             }
         )
+
+
+def test_hyperparameters_hold_the_setting_groups_as_plain_dicts() -> None:
+    """What hparams.yaml, the loggers (``hparams_initial``) and checkpoints get: plain data that
+    ``yaml.safe_load`` reads back, one dict per group, and a module rebuilt from it is the same."""
+    import yaml
+
+    module = tiny_module(lora={"rank": 3}, merging={"merge_r": [4, 2], "pyra": False})
+    for hparams in (module.hparams, module.hparams_initial):
+        assert hparams["lora"] == {"rank": 3, "alpha": None, "dropout": 0.1, "method": "lora"}
+        assert hparams["merging"]["merge_r"] == [4, 2] and hparams["merging"]["pyra"] is False
+        assert yaml.safe_load(yaml.safe_dump(dict(hparams))) == dict(hparams)
+    rebuilt = PyraClassifier(**dict(module.hparams))
+    assert rebuilt.lora == module.lora and rebuilt.merging == module.merging

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import stat
 from collections.abc import Iterator
@@ -340,3 +341,50 @@ def test_an_elastic_run_has_a_default_folder_of_its_own(tmp_path: Path) -> None:
     )
     assert elastic.run_dir == tmp_path / "runs" / "demo" / "pyra_elastic"
     assert elastic.model.method == "pyra_elastic"
+
+
+def test_explicit_settings_are_named_field_by_field_whatever_way_a_group_is_given(tmp_path: Path) -> None:
+    """A ``--ckpt_path`` run compares what the user set with the checkpoint: one field
+    (``--model.lora.rank``), a whole group on the command line or in a file, or a group in a
+    config file all name fields, so that equal values never conflict and one changed field does."""
+    from jsonargparse import Namespace
+
+    from pyra_lightning.training.runs import conflicting_hparams, explicit_keys
+
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  lora:\n    rank: 16\n  merging: merging.yaml\n  model_name: vit\n")
+    keys = explicit_keys([f"--config={config}", "--model.optim.lr=0.1", "--model.recipe={}"], "model")
+    assert {"lora.rank", "model_name", "optim.lr", "merging.merge_r", "merging.elastic"} <= keys
+    assert (
+        {"recipe.scheduler_step", "recipe.lora_init"} <= keys
+        and "lora" not in keys
+        and "lora.dropout" not in keys
+    )
+    hparams = {"lora": {"rank": 16, "dropout": 0.1}, "optim": {"lr": 0.1}, "model_name": "vit"}
+    same = Namespace(lora=Namespace(rank=16, dropout=0.0), optim=Namespace(lr=0.1), model_name="vit")
+    assert conflicting_hparams(hparams, same, keys, "last.ckpt") == []
+    other = Namespace(lora=Namespace(rank=8, dropout=0.1), optim=Namespace(lr=0.1), model_name="vit")
+    assert conflicting_hparams(hparams, other, keys, "last.ckpt") == [
+        "model.lora.rank: 16 in last.ckpt vs 8 now"
+    ]
+
+
+def test_a_checkpoint_with_the_old_flat_settings_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from helpers import tiny_module
+
+    from pyra_lightning.commands.export import main as export_main
+
+    module = tiny_module()
+    flat = {k: v for k, v in dict(module.hparams).items() if k not in ("lora", "merging", "optim", "recipe")}
+    checkpoint = {"state_dict": {}, "hyper_parameters": {**flat, "lora_rank": 4, "merge_r": [8, 8, 4, 4]}}
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    expected = r"flat model settings \(lora_rank -> model.lora.rank, merge_r -> model.merging.merge_r\)"
+    with pytest.raises(ValueError, match=expected):
+        export_main([f"--ckpt_path={tmp_path / 'old.ckpt'}", f"--out_dir={tmp_path / 'out'}"])
+    old = f"--ckpt_path={tmp_path / 'old.ckpt'}"
+    with pytest.raises(SystemExit) as stopped:
+        main(["test", *quickstart_args(tmp_path / "run", tmp_path / "data"), old])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and re.search(expected, err) and "Traceback" not in err

@@ -273,3 +273,26 @@ def test_an_fgvc_sweep_runs_fgvc_tasks_with_their_benchmark(
     vtab = run_sweep([str(QUICKSTART)], ["flowers"], str(tmp_path), dry_run=True)
     assert [run.task for run in vtab.runs] == ["oxford_flowers102"]
     assert not any("--data.benchmark" in arg for arg in vtab.runs[0].command)
+
+
+def test_sweep_json_is_written_where_the_lock_cannot_be_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file system without locks (NotImplementedError from filelock 3) or a lock left by a holder
+    killed on another host (Timeout) must not stop the sweep: sweep.json is written, with a warning."""
+    import filelock
+
+    import pyra_lightning.commands.sweep_state as state
+
+    for error in (NotImplementedError("no flock here"), filelock.Timeout(str(tmp_path / ".sweep.lock"))):
+
+        def refuse(
+            self: filelock.BaseFileLock, *args: object, error: Exception = error, **kwargs: object
+        ) -> None:
+            raise error
+
+        monkeypatch.setattr(filelock.FileLock, "acquire", refuse)
+        path = state.write_sweep_json(tmp_path, ["demo"], {"name": "s"})
+        assert json.loads(path.read_text())["tasks"]["demo"]["status"] == "pending"
+        err = capsys.readouterr().err
+        assert "sweep: cannot lock" in err and type(error).__name__ in err and "unlocked" in err

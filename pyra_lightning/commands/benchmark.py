@@ -215,6 +215,8 @@ def run_benchmark(
     args = dict(locals())
     if ckpt_path is not None and target_speedup is None:
         raise ValueError("--ckpt_path is an option of --target_speedup (the search on an elastic run)")
+    if ckpt_path is not None and not target_pyra:
+        raise ValueError("--target_pyra false with --ckpt_path: an elastic PYRA run deploys with its PYRA")
     schedules = _as_schedule_list(merge_r)
     args["merge_r"] = schedules
     args["engine"] = parse_engines(engine)
@@ -431,7 +433,14 @@ def _elastic_builder(args: dict[str, Any]) -> tuple[Callable[..., nn.Module], An
             "fit an elastic run (configs/method/pyra_elastic.yaml)"
         )
     module.to(torch.device(args["device"]))
-    args.update(model_name=module.hparams.model_name, img_size=int(module.hparams.img_size))
+    hp = module.hparams  # what was timed is the checkpoint's model: record its arguments
+    args.update(
+        model_name=hp.model_name,
+        img_size=int(hp.img_size),
+        num_classes=int(hp.num_classes),
+        model_kwargs=hp.model_kwargs,
+        lora_rank=module.lora.rank,
+    )
 
     def build(spec: list[int] | None, pyra: bool, fold: bool = True) -> nn.Module:
         schedule = [0] * plan.shape.depth if spec is None else list(spec)
@@ -439,13 +448,13 @@ def _elastic_builder(args: dict[str, Any]) -> tuple[Callable[..., nn.Module], An
             plan.check(schedule, "target schedule")
         return module.folded_copy(schedule)
 
-    fastest = plan.config.min_fraction
-    max_rho = solve_flops_rho(fastest, plan.shape) if fastest < 1.0 else 0.0
-    return (
-        build,
-        plan.shape,
-        {"max_rho": max_rho, "bound": f"the trained range's fastest point, {plan.describe()}"},
-    )
+    fastest, gentlest = plan.config.min_fraction, plan.config.max_fraction
+    bounds = {
+        "max_rho": solve_flops_rho(fastest, plan.shape) if fastest < 1.0 else 0.0,
+        "min_rho": solve_flops_rho(gentlest, plan.shape) if gentlest < 1.0 else 0.0,
+        "bound": f"the trained range's fastest point, {plan.describe()}",
+    }
+    return build, plan.shape, bounds
 
 
 def main(argv: list[str] | None = None) -> None:

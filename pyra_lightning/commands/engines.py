@@ -183,6 +183,7 @@ def search_speed_target(
     clock: Clock = time.perf_counter,
     max_rho: float = 1.0,
     bound: str = "half the tokens in every block",
+    min_rho: float = 0.0,
 ) -> SpeedTarget:
     """The gentlest proportional schedule whose measured speed-up reaches ``target``.
 
@@ -201,6 +202,8 @@ def search_speed_target(
         iterations: Bisection steps after the first trial.
         max_rho: The strongest ``rho`` allowed (an elastic checkpoint's fastest trained point);
             ``bound`` says what it is in the refusal.
+        min_rho: The gentlest ``rho`` allowed (an elastic range that ends below the uncompressed
+            model); no candidate gentler than it is built.
 
     Raises:
         ValueError: for a target <= 1, or one that even ``rho = 1`` does not reach (the message
@@ -229,7 +232,7 @@ def search_speed_target(
             f"target speed-up {target:g} is out of reach: the strongest schedule allowed ({bound}, "
             f"{proportional_schedule(max_rho, shape)}) measured {strongest:.3f}x"
         )
-    gentle, strong = 0.0, max_rho
+    gentle, strong = min_rho, max_rho
     for _ in range(iterations):
         mid = (gentle + strong) / 2
         if speedup_at(mid) >= target:

@@ -228,6 +228,7 @@ def module_from_checkpoint(
     from lightning.pytorch import seed_everything
 
     from pyra_lightning.training.module import PyraClassifier
+    from pyra_lightning.training.settings import refuse_flat
 
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
     if "model_name" not in hparams:
@@ -236,6 +237,7 @@ def module_from_checkpoint(
             "it was not written by `pyra-lightning fit`. Export it with the fit's arguments instead: "
             "pyra-lightning export --config <fit config> --ckpt_path ... --out_dir ..."
         )
+    refuse_flat(hparams, "this checkpoint")
     if merge_r is not None:
         merging = dict(hparams.get("merging") or {})
         if merging.get("elastic") is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from pyra_lightning.files import atomic_write_text
 from pyra_lightning.results import RESULTS_FILENAME, read_result
@@ -28,6 +29,7 @@ LOG_FILE = "train.log"
 RUN_HEADER = "===== pyra-lightning sweep: run"  # starts the block each (re)run appends to train.log
 Status = Literal["pending", "running", "done", "skipped", "failed", "interrupted"]
 _LOG_TAIL_LINES = 20
+LOCK_TIMEOUT_S = 60.0  # sweep.json is rewritten in milliseconds; a lock held this long is stale
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # tqdm's cursor moves
 
 
@@ -152,9 +154,23 @@ def save_task_state(run: TaskRun) -> None:
 
 
 def write_sweep_json(sweep_dir: Path, tasks: Sequence[str], meta: dict[str, Any]) -> Path:
-    """Gather every task's ``sweep_task.json`` into ``sweep.json`` (atomically, under a lock)."""
+    """Gather every task's ``sweep_task.json`` into ``sweep.json`` (atomically, under a lock).
+
+    Where the file system cannot lock (some NFS/Lustre mounts) or the lock stays taken past
+    ``LOCK_TIMEOUT_S`` (a holder killed on another host), the file is written unlocked, with a
+    warning: a concurrent update may then be lost until the next write, which repairs it, and the
+    sweep itself never stops for its summary file.
+    """
     path = sweep_dir / SWEEP_FILE
-    with FileLock(sweep_dir / ".sweep.lock"):
+    lock = FileLock(sweep_dir / ".sweep.lock", timeout=LOCK_TIMEOUT_S)
+    try:
+        lock.acquire()
+    except (Timeout, NotImplementedError, OSError) as error:
+        print(
+            f"sweep: cannot lock {lock.lock_file} ({type(error).__name__}: {error}); writing {path} unlocked",
+            file=sys.stderr,
+        )
+    try:
         entries = {
             task: read_task_state(sweep_dir / task) or asdict(TaskRun(task, str(sweep_dir / task)))
             for task in tasks
@@ -162,4 +178,7 @@ def write_sweep_json(sweep_dir: Path, tasks: Sequence[str], meta: dict[str, Any]
         counts = Counter(entry["status"] for entry in entries.values())
         document = {**meta, "updated": now_utc(), "counts": dict(counts), "tasks": entries}
         atomic_write_text(path, json.dumps(document, indent=2) + "\n")
+    finally:
+        if lock.is_locked:
+            lock.release()
     return path

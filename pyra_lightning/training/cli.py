@@ -63,6 +63,7 @@ from pyra_lightning.training.runs import (
     suggest_run_dir,
     write_run_record,
 )
+from pyra_lightning.training.settings import refuse_flat
 
 EVALUATIONS = ("validate", "test", "predict")
 
@@ -117,6 +118,7 @@ class PyraCLI(BriefHelp, LightningCLI):
             config.ckpt_path = ckpt_path = str(found)
         if ckpt_path:
             hparams = load_checkpoint(ckpt_path).get("hyper_parameters") or {}
+            refuse_flat(hparams, f"--ckpt_path {ckpt_path}")
             keys = explicit_keys(self.raw_args, "model", subcommand)
             conflicts = conflicting_hparams(hparams, config.model, keys, ckpt_path)
             if conflicts:

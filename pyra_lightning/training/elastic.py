@@ -41,7 +41,7 @@ import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any
 
 from torch import nn
 
@@ -57,34 +57,13 @@ from pyra_lightning.schedules import (
     fraction_schedule,
     resolve_schedule,
 )
+from pyra_lightning.training.settings import ElasticRange
 
 # A schedule's fraction may exceed the one it was solved for by rounding; this much is "inside".
 FRACTION_TOLERANCE = 1e-3
 
 
 ELASTIC_KEY, SCHEDULE_KEY = "model.merging.elastic", "model.merging.merge_r"  # in run settings
-
-
-class ElasticRange(TypedDict, total=False):
-    """``model.merging.elastic`` as configs and the command line give it (every key optional).
-
-    Attributes:
-        min_fraction: Fastest point, as a fraction of the uncompressed model's FLOPs (0.289, the
-            paper's ``high``).
-        max_fraction: Gentlest point (1.0: the uncompressed model).
-        sandwich: Also train the fastest schedule every step (the sandwich rule); off trains the
-            drawn schedule only.
-        include_full: Also train the uncompressed model every step (costs one more full pass).
-        curve: Points ``test`` evaluates: FLOPs fractions and/or ``"low"``/``"high"``; empty means
-            the default (``max_fraction``, ``low``, ``high`` and the two midpoints between them,
-            those inside the range).
-    """
-
-    min_fraction: float
-    max_fraction: float
-    sandwich: bool
-    include_full: bool
-    curve: list[float | str]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ from pyra_lightning.peft import parameter_group, peft_method
 from pyra_lightning.training import elastic as elastic_merge
 from pyra_lightning.training.elastic import ElasticPlan, elastic_curve
 from pyra_lightning.training.settings import (
-    GROUPS,
     LoRASettings,
     MergingSettings,
     OptimSettings,
@@ -77,14 +76,17 @@ class PyraClassifier(pl.LightningModule):
         recipe: RecipeSettings = RecipeSettings(),
     ) -> None:
         super().__init__()
-        self.lora = lora = coerce(LoRASettings, lora, "lora")
-        self.merging = merging = coerce(MergingSettings, merging, "merging")
+        self.lora = coerce(LoRASettings, lora, "lora")
+        self.merging = coerce(MergingSettings, merging, "merging")
         self.optim = coerce(OptimSettings, optim, "optim")
-        self.recipe = recipe = coerce(RecipeSettings, recipe, "recipe")
-        peft_method(lora.method)  # an unregistered name fails here, naming the registered ones
+        self.recipe = coerce(RecipeSettings, recipe, "recipe")
+        peft_method(self.lora.method)  # an unregistered name fails here, naming the registered ones
+        # save_hyperparameters records these locals: plain dicts, so that hparams.yaml, the loggers,
+        # checkpoints and the run identity hold plain data.
+        lora, merging = as_dict(self.lora), as_dict(self.merging)
+        optim, recipe = as_dict(self.optim), as_dict(self.recipe)
         self.save_hyperparameters()
-        # hparams hold plain dicts: hparams.yaml, checkpoints and the run identity stay plain data.
-        self.hparams.update({group: as_dict(getattr(self, group)) for group in GROUPS})
+        lora, merging, recipe = self.lora, self.merging, self.recipe
         self.model = create_backbone(
             model_name, num_classes, pretrained, pretrained_file, img_size, drop_path_rate, model_kwargs
         )

@@ -18,6 +18,7 @@ evaluated only where the settings match, and a refusal lists the settings that d
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -301,14 +302,29 @@ def explicit_keys(args: Sequence[str], group: str, subcommand: str | None = None
         for section in (document, document.get(subcommand) if subcommand else None):
             if isinstance(section, dict) and isinstance(section.get(group), dict):
                 for key, value in section[group].items():
-                    nested = key in SETTING_GROUPS and isinstance(value, dict)
-                    keys.update([f"{key}.{field}" for field in value] if nested else [key])
+                    if key in SETTING_GROUPS:  # a dict of some fields, or a file naming any of them
+                        keys.update(
+                            f"{key}.{field}" for field in (value if isinstance(value, dict) else _fields(key))
+                        )
+                    else:
+                        keys.add(key)
     prefix = f"--{group}."
     for arg in args:
         if arg.startswith(prefix):
             parts = arg[len(prefix) :].split("=", 1)[0].split(".")
-            keys.add(".".join(parts[:2]) if parts[0] in SETTING_GROUPS and len(parts) > 1 else parts[0])
+            if parts[0] not in SETTING_GROUPS:
+                keys.add(parts[0])
+            else:  # --model.lora.rank, or the whole group: --model.lora '{rank: 16}' / a file
+                keys.update(
+                    [f"{parts[0]}.{parts[1]}"]
+                    if len(parts) > 1
+                    else [f"{parts[0]}.{f}" for f in _fields(parts[0])]
+                )
     return keys
+
+
+def _fields(group: str) -> list[str]:
+    return [field.name for field in dataclasses.fields(SETTING_GROUPS[group])]
 
 
 def _lookup(hparams: dict[str, Any], key: str) -> tuple[bool, Any]:

@@ -26,15 +26,36 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypedDict, TypeVar
 
 from pyra_lightning.lora import LoRAInit
 from pyra_lightning.modulation import Variant
 from pyra_lightning.schedules import MergeArg
-from pyra_lightning.training.elastic import ElasticRange
 
 SchedulerStep = Literal["paper", "reference"]
 DistilledTraining = Literal["average", "class_head"]
+
+
+class ElasticRange(TypedDict, total=False):
+    """``model.merging.elastic`` as configs and the command line give it (every key optional).
+
+    Attributes:
+        min_fraction: Fastest point, as a fraction of the uncompressed model's FLOPs (0.289, the
+            paper's ``high``).
+        max_fraction: Gentlest point (1.0: the uncompressed model).
+        sandwich: Also train the fastest schedule every step (the sandwich rule); off trains the
+            drawn schedule only.
+        include_full: Also train the uncompressed model every step (costs one more full pass).
+        curve: Points ``test`` evaluates: FLOPs fractions and/or ``"low"``/``"high"``; empty means
+            the default (``max_fraction``, ``low``, ``high`` and the two midpoints between them,
+            those inside the range).
+    """
+
+    min_fraction: float
+    max_fraction: float
+    sandwich: bool
+    include_full: bool
+    curve: list[float | str]
 
 
 @dataclass(frozen=True)
@@ -179,3 +200,29 @@ def coerce(kind: type[Settings], value: Settings | dict[str, Any] | None, group:
 def as_dict(value: Any) -> dict[str, Any]:
     """A group as the plain dict that ``hparams``, checkpoints and ``hparams.yaml`` hold."""
     return dataclasses.asdict(value)
+
+
+# The flat names of the versions before the groups: a checkpoint holding them is refused
+# with one line instead of failing inside Lightning or the constructor.
+FLAT_NAMES: dict[str, str] = {
+    f"{prefix}{field}" if prefix else field: f"{group}.{field}"
+    for group, kind in GROUPS.items()
+    for field in (f.name for f in dataclasses.fields(kind))
+    if (group, field) != ("lora", "method")
+    for prefix in (("lora_",) if group == "lora" else ("",))
+} | {"peft": "lora.method"}
+
+
+def refuse_flat(hparams: dict[str, Any], source: object) -> None:
+    """Refuse hyperparameters written before the setting groups (``lora_rank``, ``merge_r``, ...).
+
+    Raises:
+        ValueError: naming the file, its flat keys and their grouped names.
+    """
+    flat = [name for name in FLAT_NAMES if name in hparams and not isinstance(hparams.get(name), dict)]
+    if flat:
+        renamed = ", ".join(f"{name} -> model.{FLAT_NAMES[name]}" for name in flat[:4])
+        raise ValueError(
+            f"{source} was written by an earlier pyra-lightning, with flat model settings ({renamed}"
+            f"{', ...' if len(flat) > 4 else ''}); this version groups them. Retrain it, or load it with the version that wrote it"
+        )
