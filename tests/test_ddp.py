@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import quickstart_args
+from helpers import CONFIGS, quickstart_args
 
 from pyra_lightning.training.cli import build_cli, main
 
@@ -64,6 +64,39 @@ def test_two_process_ddp_fit_and_test_on_cpu(tmp_path: Path) -> None:
     single_results = json.loads(next(single.rglob("results.json")).read_text())
     assert ddp_results["test_acc"] == pytest.approx(single_results["test_acc"], abs=1e-6)
     assert ddp_results["config"]["merge_r"] == [16, 12, 8, 6, 4, 2]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_elastic_fit_trains_every_rank_and_writes_the_curve(tmp_path: Path) -> None:
+    """Elastic merging under DDP: each rank runs the same seeded schedules per step (the sandwich's
+    fastest and one drawn), so every parameter gets a gradient on every rank and DDP needs no
+    find_unused_parameters; test writes the accuracy curve once, from rank 0."""
+    runs = tmp_path / "ddp"
+    command = [
+        sys.executable,
+        "-m",
+        "pyra_lightning.training.cli",
+        "fit",
+        *quickstart_args(runs, tmp_path / "data", f"--config={CONFIGS / 'method/pyra_elastic.yaml'}"),
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=1",
+        "--trainer.limit_test_batches=2",
+        "--throughput.enabled=false",
+        "--train_throughput.enabled=false",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    assert "GLOBAL_RANK: 1" in output and "find_unused_parameters" not in output
+    (results_file,) = sorted(runs.rglob("results.json"))
+    result = json.loads(results_file.read_text())
+    assert result["method"] == "pyra_elastic" and len(result["curve"]) >= 3
+    assert all(0.0 <= point["test_acc"] <= 1.0 for point in result["curve"])
 
 
 @pytest.mark.slow

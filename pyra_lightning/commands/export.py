@@ -402,6 +402,9 @@ def main(argv: list[str] | None = None) -> None:
     Given other arguments (``--config``, ``--model.*``, ``--data.*``, ``--seed_everything``), the
     module is instead built exactly as ``pyra-lightning fit`` parses them.
     """
+    # argparse, unlike the other commands: every argument export does not know is fit's, parsed by
+    # fit's own parser below, and jsonargparse refuses parse_known_args (a typo would pass unseen;
+    # here fit's parser still rejects it).
     parser = argparse.ArgumentParser(
         prog="pyra-lightning export",
         allow_abbrev=False,
