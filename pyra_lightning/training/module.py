@@ -86,7 +86,7 @@ class PyraClassifier(pl.LightningModule):
         lora, merging = as_dict(self.lora), as_dict(self.merging)
         optim, recipe = as_dict(self.optim), as_dict(self.recipe)
         self.save_hyperparameters()
-        lora, merging, recipe = self.lora, self.merging, self.recipe
+        lora, merging, recipe = self.lora, self.merging, self.recipe  # the typed groups from here on
         self.model = create_backbone(
             model_name, num_classes, pretrained, pretrained_file, img_size, drop_path_rate, model_kwargs
         )
