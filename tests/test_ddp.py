@@ -21,28 +21,29 @@ from helpers import CONFIGS, quickstart_args
 from pyra_lightning.training.cli import build_cli, main
 
 
+def ddp_fit(runs: Path, data: Path, *extra: str) -> str:
+    """A quickstart fit in two gloo processes on the CPU, as a user starts one; its output."""
+    command = [sys.executable, "-m", "pyra_lightning.training.cli", "fit", *quickstart_args(runs, data)]
+    command += ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    return output
+
+
 @pytest.mark.slow
 def test_two_process_ddp_fit_and_test_on_cpu(tmp_path: Path) -> None:
     data, runs = tmp_path / "data", tmp_path / "ddp"
-    command = [
-        sys.executable,
-        "-m",
-        "pyra_lightning.training.cli",
-        "fit",
-        *quickstart_args(runs, data),
-        "--trainer.strategy=ddp",
-        "--trainer.devices=2",
-        "--trainer.accelerator=cpu",
+    output = ddp_fit(
+        runs,
+        data,
         "--trainer.max_epochs=2",
         "--trainer.limit_train_batches=4",
         "--trainer.limit_val_batches=2",
         "--trainer.log_every_n_steps=1",
         "--train_throughput.window_size=2",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-6000:]
+    )
     assert "distributed_backend=gloo" in output and "GLOBAL_RANK: 1" in output
     assert "unused parameters" not in output.lower() and "find_unused_parameters" not in output
 
@@ -72,26 +73,17 @@ def test_two_process_ddp_elastic_fit_trains_every_rank_and_writes_the_curve(tmp_
     fastest and one drawn), so every parameter gets a gradient on every rank and DDP needs no
     find_unused_parameters; test writes the accuracy curve once, from rank 0."""
     runs = tmp_path / "ddp"
-    command = [
-        sys.executable,
-        "-m",
-        "pyra_lightning.training.cli",
-        "fit",
-        *quickstart_args(runs, tmp_path / "data", f"--config={CONFIGS / 'method/pyra_elastic.yaml'}"),
-        "--trainer.strategy=ddp",
-        "--trainer.devices=2",
-        "--trainer.accelerator=cpu",
+    output = ddp_fit(
+        runs,
+        tmp_path / "data",
+        f"--config={CONFIGS / 'method/pyra_elastic.yaml'}",
         "--trainer.max_epochs=1",
         "--trainer.limit_train_batches=3",
         "--trainer.limit_val_batches=1",
         "--trainer.limit_test_batches=2",
         "--throughput.enabled=false",
         "--train_throughput.enabled=false",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-6000:]
+    )
     assert "GLOBAL_RANK: 1" in output and "find_unused_parameters" not in output
     (results_file,) = sorted(runs.rglob("results.json"))
     result = json.loads(results_file.read_text())
