@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from helpers import randomize_
 from torch import nn
 
 from pyra_lightning import apply_lora, apply_merging, count_parameters, fold_lora, mark_trainable
@@ -55,16 +56,6 @@ def pooled_over_tokens(backbone: str) -> dict:
     """Average pooling, so that the last block's merge reaches the loss; distilled DeiT's two heads
     read the class and distillation tokens only (timm refuses another pool)."""
     return {} if backbone == "deit_distilled" else {"global_pool": "avg"}
-
-
-def randomize_(module: nn.Module, std: float = 0.2, seed: int = 1) -> nn.Module:
-    """Give every parameter that starts at zero (LoRA B, PYRA W_D, ...) a random value."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if ".lora_b" in name or ".pyra." in name:
-                param.add_(torch.randn(param.shape, generator=generator) * std)
-    return module
 
 
 def set_fused(model: nn.Module, fused: bool) -> None:

@@ -203,16 +203,10 @@ def test_stable_wandb_id_is_made_once_per_run_folder(tmp_path: Path) -> None:
     assert stable_wandb_id(tmp_path / "b") != first
 
 
-def test_test_throughput_takes_threads_and_clock_and_results_say_how_it_was_measured(tmp_path: Path) -> None:
-    # The issue: results.json speed-ups of one model ranged 0.22x-2.2x on a shared CPU, and the file
-    # did not say how they were taken; the callback had no --threads/--clock like `benchmark`.
-    from pyra_lightning.results import COMPARABLE_CONDITIONS, read_result
-    from pyra_lightning.training.callbacks import InferenceThroughput, LoRAFolding, ResultsJSON
+def run_test_with(tmp_path: Path, throughput: pl.Callback, results: pl.Callback) -> None:
+    """``trainer.test`` of the tiny module (LoRA folded) with these throughput and results callbacks."""
+    from pyra_lightning.training.callbacks import LoRAFolding
 
-    threads = torch.get_num_threads()
-    asked = threads + 1  # not the session's count, so that giving it back is seen
-    throughput = InferenceThroughput(batch_size=2, warmup=0, runs=1, threads=asked, clock="cpu")
-    results = ResultsJSON()
     trainer = pl.Trainer(
         accelerator="cpu",
         logger=CSVLogger(tmp_path, name="csv"),
@@ -221,6 +215,19 @@ def test_test_throughput_takes_threads_and_clock_and_results_say_how_it_was_meas
         enable_model_summary=False,
     )
     trainer.test(tiny_module(), loader(count=8))
+
+
+def test_test_throughput_takes_threads_and_clock_and_results_say_how_it_was_measured(tmp_path: Path) -> None:
+    # The issue: results.json speed-ups of one model ranged 0.22x-2.2x on a shared CPU, and the file
+    # did not say how they were taken; the callback had no --threads/--clock like `benchmark`.
+    from pyra_lightning.results import COMPARABLE_CONDITIONS, read_result
+    from pyra_lightning.training.callbacks import InferenceThroughput, ResultsJSON
+
+    threads = torch.get_num_threads()
+    asked = threads + 1  # not the session's count, so that giving it back is seen
+    throughput = InferenceThroughput(batch_size=2, warmup=0, runs=1, threads=asked, clock="cpu")
+    results = ResultsJSON()
+    run_test_with(tmp_path, throughput, results)
     assert torch.get_num_threads() == threads, "the thread count is given back"
     written = read_result(results.path)
     benchmark = written["benchmark"]
@@ -237,18 +244,11 @@ def test_test_throughput_runs_on_compile_for_inference_engines_and_names_them(tm
     """``--throughput.engine auto`` times both models through compile_for_inference on one engine
     (on a CPU: eager) and results.json names it."""
     from pyra_lightning.results import read_result
-    from pyra_lightning.training.callbacks import InferenceThroughput, LoRAFolding, ResultsJSON
+    from pyra_lightning.training.callbacks import InferenceThroughput, ResultsJSON
 
     throughput = InferenceThroughput(batch_size=2, warmup=0, runs=1, engine="auto")
     results = ResultsJSON()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=CSVLogger(tmp_path, name="csv"),
-        callbacks=[LoRAFolding(), throughput, results],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.test(tiny_module(), loader(count=8))
+    run_test_with(tmp_path, throughput, results)
     written = read_result(results.path)
     assert written["throughput_engine"] == written["benchmark"]["engine"] == "eager"
     assert written["throughput"] > 0 and written["speedup"] > 0
