@@ -127,6 +127,11 @@ def to_onnx(
     program = (
         model if isinstance(model, torch.export.ExportedProgram) else export_program(model, example_input)
     )
+    if any("flex_attention" in str(node.target) for node in program.graph.nodes):
+        raise ValueError(
+            "ONNX has no operator for FlexAttention: export a model patched with attention='sdpa' "
+            "(model.merging.attention; the same function) to ONNX, or use the pt2/aoti formats"
+        )
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     big = sum(t.numel() * t.element_size() for t in program.state_dict.values()) > _ONNX_SINGLE_FILE_BYTES

@@ -292,6 +292,14 @@ def _modulate_with_size(modulate: Modulate, src: torch.Tensor, dst: torch.Tensor
     return torch.cat([modulate(src_x, dst[..., :c]), src_size], dim=-1)
 
 
+def fusable_pyra(modulate: Any, rows: int) -> bool:
+    """Whether ``modulate`` is PYRA's eqs. 4-7 (``PyraModulation``, variant ``"pyra"``) for ``rows``
+    pairs: its own ``merge_r``, or fewer for an elastic layer (the first rows of ``W_r``)."""
+    built = getattr(modulate, "merge_r", -1)
+    elastic = getattr(modulate, "elastic", False) and 0 < rows < built
+    return getattr(modulate, "variant", None) == "pyra" and (rows == built or elastic)
+
+
 def fused_pyra(modulate: Any, src: torch.Tensor, dst: torch.Tensor, c: int) -> torch.Tensor | None:
     """PYRA's eqs. 4-7 in 10 operators on (B, r, C + 1) pairs whose channel C is the size.
 
@@ -303,9 +311,8 @@ def fused_pyra(modulate: Any, src: torch.Tensor, dst: torch.Tensor, c: int) -> t
     ``alpha`` (exact in floating point). ``None`` for every other modulation (ablation variants,
     user callables): they run as themselves.
     """
-    rows, built = src.shape[-2], getattr(modulate, "merge_r", -1)
-    elastic = getattr(modulate, "elastic", False) and 0 < rows < built  # the first rows of W_r
-    if getattr(modulate, "variant", None) != "pyra" or not (rows == built or elastic):
+    rows = src.shape[-2]
+    if not fusable_pyra(modulate, rows):
         return None
     norm = modulate.norm
     n = src.shape[0]

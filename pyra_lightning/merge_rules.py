@@ -115,12 +115,35 @@ class WeightedAverage:
         return merge_wavg(merge, x, size, modulate=modulate)
 
 
+class TritonWeightedAverage:
+    """The size-weighted average with PYRA's modulation and the size update in two Triton kernels.
+
+    ``kernels.merging.triton_merge_wavg``: in inference on CUDA tensors (eager or under CUDA-graph
+    capture) one layer's merge is two launches instead of about 30 operators; where autograd must
+    record it (training), while a graph is traced, on CPU, and for the ablation modulations it is
+    ``merge_wavg`` itself. Equal to ``"wavg"`` up to the order of fp32 sums.
+    """
+
+    name = "triton"
+
+    def __call__(
+        self,
+        merge: MergeFn,
+        x: torch.Tensor,
+        size: torch.Tensor | None = None,
+        modulate: Modulate | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from pyra_lightning.kernels.merging import triton_merge_wavg
+
+        return triton_merge_wavg(merge, x, size, modulate=modulate)
+
+
 MATCHERS: dict[str, Callable[[], Matcher]] = {
     "bipartite": BipartiteMatcher,
     "bipartite_reference": ReferenceBipartiteMatcher,
     "triton": TritonMatcher,
 }
-MERGERS: dict[str, Callable[[], Merger]] = {"wavg": WeightedAverage}
+MERGERS: dict[str, Callable[[], Merger]] = {"wavg": WeightedAverage, "triton": TritonWeightedAverage}
 
 
 def register_matcher(name: str, factory: Callable[[], Matcher]) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from torch import nn
 
 from pyra_lightning.families import check_model, family_of, model_shape, register_family
+from pyra_lightning.kernels.attention import check_attention
 from pyra_lightning.merge_rules import build_matcher, build_merger
 from pyra_lightning.modulation import PyraModulation, Variant, resolve_variant
 from pyra_lightning.patch_common import Family, TokenState
@@ -62,6 +63,7 @@ def apply_merging(
     trace_source: bool = False,
     matcher: str = "bipartite",
     merger: str = "wavg",
+    attention: str = "sdpa",
 ) -> nn.Module:
     """Merge tokens in every block (ToMe), with PYRA token modulation unless ``pyra=False``.
 
@@ -82,11 +84,14 @@ def apply_merging(
             (``"bipartite"``, eqs. 2-3, by default).
         merger: How they combine: a name registered in ``merge_rules.MERGERS`` (``"wavg"``, the
             size-weighted average, by default).
+        attention: The kernel that attends with proportional attention: a name registered in
+            ``kernels.attention.ATTENTIONS`` (``"sdpa"`` by default, ``"flex"``).
     """
     family = family_of(model)
     variant = resolve_variant(pyra)
     schedule = resolve_schedule(merge_r, family.shape(model))
     matcher_rule, merger_rule = build_matcher(matcher), build_merger(merger)
+    check_attention(attention)
     family.patch(model)
     always_trace = family.traces_source(model)
     for block, block_r in zip(model.blocks, schedule, strict=True):
@@ -97,6 +102,7 @@ def apply_merging(
         block.num_prefix_tokens = model.num_prefix_tokens
         block.matcher = matcher_rule
         block.merger = merger_rule
+        block.attn.attention = attention
         if variant is None or block_r == 0:
             block.pyra = None
         elif isinstance(old, PyraModulation) and old.merge_r == block_r and old.variant == variant:
@@ -112,6 +118,14 @@ def apply_merging(
 def merge_schedule(model: nn.Module) -> list[int]:
     """The per-block ``merge_r`` of a patched model (zeros for an unpatched one)."""
     return [getattr(block, "merge_r", 0) for block in model.blocks]
+
+
+def attention_kernel(model: nn.Module) -> str:
+    """The ``kernels.attention.ATTENTIONS`` name a patched model's attentions run (``"sdpa"`` unpatched)."""
+    names = {getattr(block.attn, "attention", "sdpa") for block in model.blocks}
+    if len(names) != 1:
+        raise ValueError(f"expected one attention kernel in every block, found {sorted(names)}")
+    return names.pop()
 
 
 def merge_rule(model: nn.Module) -> tuple[str, str]:

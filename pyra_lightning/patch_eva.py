@@ -36,6 +36,7 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pyra_lightning.kernels.attention import ATTENTIONS
 from pyra_lightning.merge import merge_source
 from pyra_lightning.merge_rules import Matcher, Merger
 from pyra_lightning.modulation import PyraModulation
@@ -66,8 +67,13 @@ class _MetricAttention:
      - ``forward_metric(x, rope, size)`` adds ``log(size)`` over keys (proportional attention) and
        returns ``(out, k.mean(heads))``, the keys after LoRA and k-norm and before rotation,
        averaged over (key/value) heads: the similarity metric of eq. 3. The keys are taken before
-       rotation so that similarity measures content, not position.
+       rotation so that similarity measures content, not position;
+     - the attention itself runs on the kernel named by ``attention``
+       (``kernels.attention.ATTENTIONS``), except under a caller's own mask or ``is_causal``,
+       which go to SDPA as in timm.
     """
+
+    attention: str = "sdpa"  # set by apply_merging
 
     def _attend(
         self,
@@ -108,7 +114,10 @@ class _MetricAttention:
         if kv_heads != heads:  # grouped-query attention: head h reads kv head h // groups, as timm
             k = k.repeat_interleave(heads // kv_heads, dim=1)
             v = v.repeat_interleave(heads // kv_heads, dim=1)
-        bias = size_bias(size, q.dtype) if attn_mask is None else attn_mask
+        if attn_mask is None and not is_causal and (self.fused_attn or self.attention != "sdpa"):
+            out = ATTENTIONS[self.attention](q, k, v, size, self.attn_drop.p if self.training else 0.0)
+            return self._project(out, gate, B, N), metric
+        bias = size_bias(size, q.dtype) if attn_mask is None else attn_mask  # a caller's mask: SDPA
         if self.fused_attn:
             out = F.scaled_dot_product_attention(
                 q,
@@ -122,10 +131,14 @@ class _MetricAttention:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
             attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, bias, is_causal=is_causal))
             out = self.attn_drop(attn.softmax(dim=-1)) @ v
+        return self._project(out, gate, B, N), metric
+
+    def _project(self, out: torch.Tensor, gate: torch.Tensor | None, B: int, N: int) -> torch.Tensor:
+        """(B, H, N, hd) heads -> (B, N, C): timm's norm, gate, output projection and dropout."""
         out = self.norm(out.transpose(1, 2).reshape(B, N, -1))
         if gate is not None:
             out = out * gate
-        return dropout(self.proj_drop, self.proj(out)), metric
+        return dropout(self.proj_drop, self.proj(out))
 
     def forward(
         self,

@@ -15,12 +15,12 @@ the families share lives in ``patch_common``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pyra_lightning.kernels.attention import ATTENTIONS
 from pyra_lightning.merge import merge_source
 from pyra_lightning.merge_rules import Matcher, Merger
 from pyra_lightning.modulation import PyraModulation
@@ -42,10 +42,13 @@ class PyraAttention(Attention):
 
     Modifications relative to timm:
      - ``forward(x, size)`` adds ``log(size)`` to the attention logits (proportional attention)
-       as an additive mask through ``scaled_dot_product_attention``;
+       on the kernel named by ``attention`` (``kernels.attention.ATTENTIONS``: SDPA with an
+       additive mask by default, FlexAttention's ``score_mod``);
      - returns ``(out, k.mean(heads))``: the keys after LoRA and k-norm, averaged over heads,
        are the similarity metric of eq. 3.
     """
+
+    attention: str = "sdpa"  # set by apply_merging
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, size: torch.Tensor | None = None
@@ -57,13 +60,11 @@ class PyraAttention(Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, N, head_dim) each
         q, k = self.q_norm(q), self.k_norm(k)
-        bias = size_bias(size, q.dtype)  # over keys
-        if self.fused_attn:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0
-            )
-        else:
+        if self.fused_attn or self.attention != "sdpa":  # log(size) over keys, on the chosen kernel
+            out = ATTENTIONS[self.attention](q, k, v, size, self.attn_drop.p if self.training else 0.0)
+        else:  # timm's explicit path (fused_attn off)
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+            bias = size_bias(size, q.dtype)  # over keys
             if bias is not None:
                 attn = attn + bias
             attn = self.attn_drop(attn.softmax(dim=-1))

@@ -130,7 +130,9 @@ def load_exported(path: str | os.PathLike[str], map_location: str | torch.device
     """Rebuild an exported model with its preprocessing: ``timm.create_model`` + ``apply_merging`` + a strict load.
 
     The merge rule (``config["matcher"]``/``["merger"]``) is looked up by name in
-    ``merge_rules``, so a model exported with a registered rule needs that registration here too.
+    ``merge_rules``, and the attention kernel (``config["attention"]``) in
+    ``kernels.attention``, so a model exported with a registered one needs that registration
+    here too.
 
     Needs only torch, timm, safetensors and ``pyra_lightning.patch`` (never Lightning)::
 
@@ -164,6 +166,7 @@ def load_exported(path: str | os.PathLike[str], map_location: str | torch.device
             prop_attn=config["prop_attn"],
             matcher=config.get("matcher") or "bipartite",
             merger=config.get("merger") or "wavg",
+            attention=config.get("attention") or "sdpa",
         )
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=str(map_location)), strict=True)
     model = model.to(map_location).eval()

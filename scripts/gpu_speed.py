@@ -14,8 +14,23 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-# Compiling is the expensive part: at most these (model, batch) pairs, in this order.
-COMPILED = [("uncompressed", 256), ("pyra/high", 256), ("uncompressed", 64), ("pyra/high", 64)]
+# Compiling is the expensive part: at most these (model, batch) pairs, in this order, and none
+# that would start later than COMPILE_DEADLINE_S into the part (its limit is 360 s).
+COMPILED = [
+    ("uncompressed", 256),
+    ("pyra/high", 256),
+    ("uncompressed", 64),
+    ("pyra/high", 64),
+    ("pyra/high+flex", 256),
+]
+COMPILE_DEADLINE_S = 240
+# The merge rule and attention kernel of a model variant: "+kernels" runs the Triton matcher and
+# merger (eager and CUDA graphs), "+flex" FlexAttention (fused only when compiled).
+RULES = {
+    "": {},
+    "+kernels": {"matcher": "triton", "merger": "triton"},
+    "+flex": {"attention": "flex"},
+}
 
 
 def _settings(dry_run: bool) -> dict[str, Any]:
@@ -24,7 +39,12 @@ def _settings(dry_run: bool) -> dict[str, Any]:
             "model_name": "vit_tiny_patch16_224",
             "img_size": 32,
             "kwargs": {"patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 3},
-            "models": {"uncompressed": (None, False), "tome/8": (8, False), "pyra/8": (8, True)},
+            "models": {
+                "uncompressed": (None, False),
+                "tome/8": (8, False),
+                "pyra/8": (8, True),
+                "pyra/8+kernels": (8, True),
+            },
             "batch_sizes": [1, 2],
             "runs": 2,
         }
@@ -37,6 +57,9 @@ def _settings(dry_run: bool) -> dict[str, Any]:
             "tome/high": ("high", False),
             "pyra/low": ("low", True),
             "pyra/high": ("high", True),
+            "tome/high+kernels": ("high", False),
+            "pyra/high+kernels": ("high", True),
+            "pyra/high+flex": ("high", True),
         },
         "batch_sizes": [1, 64, 256],
         "runs": 20,
@@ -102,17 +125,29 @@ def part_speed(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, A
     if not cuda:
         out["skipped"].append("cudagraph, inductor-cudagraph: need CUDA")
     compiled_budget = list(COMPILED) if not args.dry_run else []
+    started = time.perf_counter()
     for name, (spec, pyra) in s["models"].items():
         torch.manual_seed(0)
         model = timm.create_model(s["model_name"], pretrained=False, img_size=s["img_size"], **s["kwargs"])
+        rule = RULES["+" + name.split("+")[1] if "+" in name else ""]
         if spec is not None:
-            pyra_lightning.apply_merging(model, spec, pyra=pyra)
+            pyra_lightning.apply_merging(model, spec, pyra=pyra, **rule)
         model = model.to(device).eval()
         for batch in s["batch_sizes"]:
             x = torch.randn(batch, 3, s["img_size"], s["img_size"], device=device)
             for engine in engines:
                 if engine == "inductor-cudagraph" and (name, batch) not in compiled_budget:
                     out["skipped"].append(f"{engine} {name} batch {batch}: outside the compile budget")
+                    continue
+                if engine == "inductor-cudagraph" and time.perf_counter() - started > COMPILE_DEADLINE_S:
+                    out["skipped"].append(
+                        f"{engine} {name} batch {batch}: past the {COMPILE_DEADLINE_S} s compile deadline"
+                    )
+                    continue
+                if "attention" in rule and engine != "inductor-cudagraph":
+                    out["skipped"].append(
+                        f"{engine} {name} batch {batch}: FlexAttention is fused only compiled"
+                    )
                     continue
                 tic = time.perf_counter()
                 try:
@@ -142,7 +177,7 @@ def part_speed(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, A
                         lambda run=run, x=x: run(x), device
                     )
                 save(out)
-        if cuda:
+        if cuda and "attention" not in rule:  # eager FlexAttention is its unfused reference
             x = torch.randn(s["batch_sizes"][-1], 3, s["img_size"], s["img_size"], device=device)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -156,6 +191,8 @@ def part_speed(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, A
     out["attention"] = _attention(device, args.dry_run)
     save(out)
     out["matcher"] = _matcher(device, args.dry_run)
+    save(out)
+    out["merger"] = _merger(device, args.dry_run)
     save(out)
     return out
 
@@ -223,6 +260,36 @@ def _matcher(device: Any, dry_run: bool) -> dict[str, Any]:
         got, want = triton_match(metric, 10, 1), match(metric, 10, 1)
         result["same_sources"] = bool(torch.equal(got[0], want[0]))
         result["triton_ms"] = _time_ms(lambda: triton_match(metric, 10, 1), device, 20)
+    return result
+
+
+def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
+    """ms of one ViT-B PYRA merge (197 tokens, merge_r 16, sizes given): Triton kernels vs torch."""
+    import torch
+
+    from pyra_lightning.kernels import use_triton
+    from pyra_lightning.merge import bipartite_soft_matching, merge_wavg
+    from pyra_lightning.modulation import PyraModulation
+
+    b, n, c, merge_r = (2, 37, 24, 8) if dry_run else (256, 197, 768, 16)
+    torch.manual_seed(0)
+    x = torch.randn(b, n, c, device=device)
+    size = torch.randint(1, 4, (b, n, 1), device=device).float()
+    merge, _ = bipartite_soft_matching(torch.randn(b, n, 64, device=device), merge_r, 1)
+    mod = PyraModulation(merge_r, c).to(device)
+    with torch.no_grad():
+        mod.weight_d.normal_(std=0.1)
+    result: dict[str, Any] = {"shape": [b, n, c], "merge_r": merge_r}
+    with torch.inference_mode():
+        result["torch_ms"] = _time_ms(lambda: merge_wavg(merge, x, size, mod), device, 20)
+        if not use_triton(x):
+            result["triton"] = "not run: needs CUDA tensors and Triton"
+            return result
+        from pyra_lightning.kernels.merging import triton_merge_wavg
+
+        got, want = triton_merge_wavg(merge, x, size, mod), merge_wavg(merge, x, size, mod)
+        result["max_abs_diff"] = max((g - w).abs().max().item() for g, w in zip(got, want, strict=True))
+        result["triton_ms"] = _time_ms(lambda: triton_merge_wavg(merge, x, size, mod), device, 20)
     return result
 
 

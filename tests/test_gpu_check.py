@@ -81,11 +81,12 @@ def test_speed_and_ddp_parts_dry_run(tmp_path: Path) -> None:
     assert list(parts) == ["speed", "ddp_fit"]
     speed = parts["speed"]["result"]
     assert {(r["model"], r["batch_size"]) for r in speed["rows"]} == {
-        (m, b) for m in ("uncompressed", "tome/8", "pyra/8") for b in (1, 2)
+        (m, b) for m in ("uncompressed", "tome/8", "pyra/8", "pyra/8+kernels") for b in (1, 2)
     }
     assert all(r["images_per_s"] > 0 and r["speedup"] > 0 for r in speed["rows"])
     assert speed["skipped"] == ["cudagraph, inductor-cudagraph: need CUDA"]
     assert speed["attention"]["flex_max_abs_diff"] < 1e-4
+    assert speed["merger"]["torch_ms"] > 0 and "needs CUDA" in speed["merger"]["triton"]
     assert (tmp_path / "part_speed.partial.json").exists(), "measurements are saved as they finish"
     ddp = parts["ddp_fit"]["result"]
     assert ddp["world_size"] == 2 and ddp["ranks_agree"] and ddp["images_per_s_all_ranks"] > 0

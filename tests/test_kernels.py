@@ -1,4 +1,5 @@
-"""The Triton matcher under Triton's CPU interpreter, and FlexAttention's proportional attention."""
+"""The Triton matcher and merge kernels under Triton's CPU interpreter, and FlexAttention's
+proportional attention."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
+from pyra_lightning import apply_merging
 from pyra_lightning.kernels import triton_available
-from pyra_lightning.kernels.attention import flex_proportional_attention
+from pyra_lightning.kernels.attention import ATTENTIONS, flex_proportional_attention
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,6 +87,106 @@ def test_the_triton_matcher_is_a_registered_merge_rule_with_the_same_model_outpu
     assert "same output" in run_interpreted(_MODEL_CHECK)
 
 
+_MERGE_CHECK = """
+import torch
+from pyra_lightning.kernels.merging import kernel_applies, triton_merge_wavg
+from pyra_lightning.merge import bipartite_soft_matching, max_merge_r, merge_wavg
+from pyra_lightning.modulation import PyraModulation
+torch.manual_seed(0)
+
+def modulation(merge_r, dim, elastic=False):
+    mod = PyraModulation(merge_r, dim, elastic=elastic)
+    with torch.no_grad():  # W_D starts at 0 (the identity): give every weight a value
+        for param in mod.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+    return mod
+
+def check(x, size, merge, mod, tol):
+    with torch.no_grad():
+        assert kernel_applies(merge, x, size, mod)
+        got, want = triton_merge_wavg(merge, x, size, mod), merge_wavg(merge, x, size, mod)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, w.shape, g.dtype, w.dtype)
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+
+cases = 0
+for prefix in range(5):
+    for tokens in (17, 38, 197):  # none a multiple of 16
+        for merge_r in sorted({1, max_merge_r(tokens, prefix)}):
+            for pyra in (False, True):
+                x = torch.randn(3, tokens, 40)  # 40 channels: not a power of 2
+                size = torch.randint(1, 5, (3, tokens, 1)).float() if (tokens + prefix) % 2 else None
+                merge, _ = bipartite_soft_matching(torch.randn(3, tokens, 8), merge_r, prefix)
+                check(x, size, merge, modulation(merge_r, 40) if pyra else None, 1e-5)
+                cases += 1
+# an elastic layer built for more pairs than this layer merges: its first rows of W_r
+merge, _ = bipartite_soft_matching(torch.randn(2, 197, 8), 20, 1)
+check(torch.randn(2, 197, 40), torch.rand(2, 197, 1) + 1, merge, modulation(32, 40, elastic=True), 1e-5)
+# sizes as the previous merge leaves them: a view with the token stride of its (B, N, C + 1) sum
+wide = torch.rand(2, 197, 41) + 1
+check(torch.randn(2, 197, 40), wide[..., 40:], merge, modulation(20, 40), 1e-5)
+# bf16 tokens: the kernel computes in fp32, the torch path in bf16
+x = torch.randn(2, 197, 40).bfloat16()
+check(x, None, merge, modulation(20, 40).bfloat16(), 5e-2)
+# where autograd records the merge, the torch path runs (the kernels have no backward)
+mod = modulation(20, 40)
+assert not kernel_applies(merge, x.float(), None, mod)
+with torch.no_grad():
+    assert kernel_applies(merge, x.float(), None, mod)
+mod.variant = "w_r"  # an ablation: not eqs. 4-7, so not the kernel's
+with torch.no_grad():
+    assert not kernel_applies(merge, x.float(), None, mod)
+print("cases", cases + 3)
+"""
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_triton_merge_kernels_equal_the_torch_merge_under_the_interpreter() -> None:
+    """ToMe and PYRA (eqs. 4-7), with and without sizes, odd token and channel counts, 0-4 prefix
+    tokens, merge_r 1 and at its maximum, an elastic layer, strided sizes and bf16, against
+    ``merge_wavg``; and the torch path wherever autograd records the merge."""
+    assert "cases 63" in run_interpreted(_MERGE_CHECK)
+
+
+_MERGER_MODEL_CHECK = """
+import timm, torch
+from pyra_lightning import apply_merging
+from pyra_lightning.merge_rules import MERGERS
+import pyra_lightning.kernels.merging as kernels
+assert "triton" in MERGERS
+
+def fell_back(*args, **kwargs):
+    raise AssertionError("the triton merger ran the torch path")
+
+kernels.merge_wavg = fell_back  # the kernels must run (the "wavg" rule holds its own reference)
+kw = dict(pretrained=False, img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=5)
+for name, extra in (("vit_tiny_patch16_224", {}), ("eva02_base_patch14_224", {}),
+                    ("vit_base_patch16_dinov3_qkvb", {})):  # ViT; Eva with rope; 4 storage tokens
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kw, **extra).eval()
+    x = torch.randn(2, 3, 32, 32)
+    outputs = {}
+    for matcher, merger in (("bipartite", "wavg"), ("triton", "triton")):
+        apply_merging(model, [12, 8, 6, 4], pyra=True, matcher=matcher, merger=merger)
+        with torch.no_grad():
+            if merger == "wavg":  # the second call keeps these PYRA layers (same merge_r)
+                for block in model.blocks:
+                    for param in block.pyra.parameters():
+                        param.add_(torch.randn_like(param) * 0.2)
+            outputs[merger] = model(x)
+    torch.testing.assert_close(outputs["triton"], outputs["wavg"], rtol=1e-4, atol=1e-4)
+    print("same output", name)
+"""
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_the_triton_merger_is_a_registered_merge_rule_with_the_same_model_output() -> None:
+    """``apply_merging(..., matcher="triton", merger="triton")`` on a ViT, an Eva with rotary
+    embeddings and a 4-register model: the logits of the torch rule, under the interpreter."""
+    out = run_interpreted(_MERGER_MODEL_CHECK)
+    assert out.count("same output") == 3, out
+
+
 def test_triton_matcher_falls_back_to_torch_on_cpu_without_the_interpreter() -> None:
     from pyra_lightning.kernels import use_triton
 
@@ -100,3 +203,76 @@ def test_flex_proportional_attention_equals_sdpa_with_the_log_size_mask(with_siz
     mask = size.log().view(2, 1, 1, 37) if size is not None else None
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(flex_proportional_attention(q, k, v, size), expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the attention kernel table
+ATTENTION_MODELS = {
+    "vit": ("vit_tiny_patch16_224", {}),
+    "eva02": ("eva02_base_patch14_224", {}),  # separate q/k/v, rotary embeddings
+    "pe_core": (  # grouped-query attention, attention pooling
+        "vit_pe_core_base_patch16_224",
+        {"embed_dim": 64, "num_heads": 4, "num_kv_heads": 2, "qkv_fused": False},
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(ATTENTION_MODELS))
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_gives_the_logits_of_sdpa_on_every_family(family: str) -> None:
+    """``apply_merging(..., attention="flex")``: every merged block attends through FlexAttention's
+    ``score_mod`` (the sizes are not all 1 after the first merge), with SDPA's logits."""
+    from pyra_lightning.patch import attention_kernel
+
+    name, extra = ATTENTION_MODELS[family]
+    torch.manual_seed(0)
+    kw = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=5)
+    model = timm.create_model(name, pretrained=False, **{**kw, **extra}).eval()
+    x = torch.randn(2, 3, 32, 32)
+    logits = {}
+    for kernel in ("sdpa", "flex"):
+        apply_merging(model, [12, 8, 6, 4], pyra=True, attention=kernel)
+        assert attention_kernel(model) == kernel
+        calls = []
+        original = ATTENTIONS[kernel]
+        ATTENTIONS[kernel] = lambda *args, original=original, calls=calls: (
+            calls.append(args[3]) or original(*args)
+        )
+        try:
+            with torch.no_grad():
+                logits[kernel] = model(x)
+        finally:
+            ATTENTIONS[kernel] = original
+        assert len(calls) == 4 and calls[0] is None and all(size is not None for size in calls[1:])
+    torch.testing.assert_close(logits["flex"], logits["sdpa"], rtol=1e-5, atol=1e-5)
+
+
+def test_flex_attention_refuses_attention_dropout_in_training() -> None:
+    torch.manual_seed(0)
+    kw = dict(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, num_classes=5)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, attn_drop_rate=0.1, **kw)
+    apply_merging(model, 4, attention="flex").train()
+    with pytest.raises(ValueError, match=r"attention='flex' has no attention dropout \(attn_drop_rate 0.1"):
+        model(torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_the_attention_setting_reaches_the_blocks_and_the_exported_recipe(tmp_path: Path) -> None:
+    """``model.merging.attention: flex`` in a run's settings: the module's blocks attend with it, the
+    export records it, ``load_exported`` rebuilds it, and ONNX refuses it in one line."""
+    from helpers import tiny_module
+
+    from pyra_lightning.commands.export import export_model, load_exported
+    from pyra_lightning.deploy import to_onnx
+    from pyra_lightning.patch import attention_kernel
+
+    module = tiny_module(merging={"attention": "flex"}).eval()
+    assert attention_kernel(module.model) == "flex"
+    out = export_model(module, tmp_path / "model", mean=(0.5,) * 3, std=(0.5,) * 3)
+    served = load_exported(out)
+    assert served.config["attention"] == "flex" and attention_kernel(served.model) == "flex"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(served.model(x), module.model(x))
+    pytest.importorskip("onnxscript", reason="the onnx extra (pip install '.[onnx]') is not installed")
+    with pytest.raises(ValueError, match="ONNX has no operator for FlexAttention"):
+        to_onnx(served.model, tmp_path / "m.onnx", x)

@@ -164,8 +164,10 @@ def test_a_toy_family_and_a_toy_matcher_plug_in_from_outside(
 def test_unknown_rules_and_methods_are_named() -> None:
     with pytest.raises(ValueError, match=r"matcher='nope' is not registered; expected one of .*bipartite"):
         apply_merging(tiny(), 4, matcher="nope")
-    with pytest.raises(ValueError, match=r"merger='nope' is not registered; expected one of wavg"):
+    with pytest.raises(ValueError, match=r"merger='nope' is not registered; expected one of triton, wavg"):
         apply_merging(tiny(), 4, merger="nope")
+    with pytest.raises(ValueError, match=r"attention='nope' is not registered; expected one of flex, sdpa"):
+        apply_merging(tiny(), 4, attention="nope")
     with pytest.raises(ValueError, match=r"peft='nope' is not registered; expected one of dora, lora"):
         apply_lora(tiny(), 4, method="nope")
 

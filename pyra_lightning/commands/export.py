@@ -155,7 +155,7 @@ def export_config(
     """The JSON recipe that ``load_exported`` rebuilds ``folded`` from (see the module docstring)."""
     import timm
 
-    from pyra_lightning.patch import merge_rule, merge_schedule
+    from pyra_lightning.patch import attention_kernel, merge_rule, merge_schedule
     from pyra_lightning.training.elastic import export_record as elastic_record
 
     hp = module.hparams
@@ -177,6 +177,7 @@ def export_config(
         "prop_attn": bool(hp["merging"]["prop_attn"]),
         "matcher": matcher,
         "merger": merger,
+        "attention": attention_kernel(folded) if merging else None,
         "preprocess": {
             "img_size": int(hp.img_size),
             "resize": "bicubic, antialiased, straight to img_size x img_size (no crop)",

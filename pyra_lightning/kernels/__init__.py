@@ -2,8 +2,10 @@
 
 - ``matching``: bipartite soft matching (eq. 3) as one Triton kernel: normalise, a·bᵀ, prefix
   mask and row max/argmax without storing the (B, Na, Nb) scores (``triton_match``);
-- ``merging``: the size-weighted merge with its size update (``triton_merge_wavg``);
-- ``attention``: proportional attention through FlexAttention's ``score_mod``.
+- ``merging``: the size-weighted merge with PYRA's modulation (eqs. 4-7) and the size update
+  in two Triton kernels (``triton_merge_wavg``; the ``"triton"`` merger);
+- ``attention``: the table of kernels proportional attention runs on (``ATTENTIONS``: SDPA with
+  a ``log(size)`` mask, FlexAttention with a ``score_mod``).
 
 Each kernel function has the semantics of its torch counterpart and dispatches to Triton only
 for CUDA tensors when Triton imports (``use_triton``); anything else runs the torch path. Tests

@@ -1,27 +1,43 @@
-"""Proportional attention (ToMe §3; PYRA keeps it) through FlexAttention's ``score_mod``.
+"""Proportional attention (ToMe §3; PYRA keeps it) on a choice of kernels: the ``ATTENTIONS`` table.
 
 Proportional attention adds ``log(size_j)`` to every logit over key j, so a merged token weighs
-as much as the patches it stands for. Through SDPA it is an additive (B, 1, 1, N) mask
-(``patch_vit.size_bias``); flash attention refuses any mask, so on Hopper SDPA runs it on
-cuDNN's kernel or the memory-efficient one (which pads the mask's last axis to a multiple of
-8/16 and expands it). FlexAttention instead compiles the bias into the kernel as a
-``score_mod``: nothing is materialised, the bias is one load per key.
+as much as the patches it stands for. The patched attentions (``patch_vit``, ``patch_eva``) call
+``ATTENTIONS[self.attention](q, k, v, size, dropout_p)``; the name is set by
+``apply_merging(..., attention=...)`` (``model.merging.attention`` in a config):
 
-``flex_proportional_attention`` is a drop-in for
-``F.scaled_dot_product_attention(q, k, v, attn_mask=size_bias(size))`` at inference. Eager
-FlexAttention runs a reference implementation (fine for tests, slow); wrap the model in
-``torch.compile`` (or ``compile_for_inference(..., engine="inductor")``) for the fused kernel.
+- ``"sdpa"`` (the default): ``F.scaled_dot_product_attention`` with the additive (B, 1, 1, N)
+  mask ``patch_common.size_bias``. Flash attention refuses any mask, so with one SDPA runs on
+  cuDNN's kernel or the memory-efficient one (which pads the mask's last axis to a multiple of
+  8/16 and expands it); without sizes (the first block, ``prop_attn=False``) it may use flash.
+- ``"flex"``: FlexAttention with the bias as a ``score_mod``: nothing is materialised, the bias
+  is one load per key. Eager FlexAttention runs an unfused reference implementation (fine for
+  tests, slow); under ``torch.compile`` (``compile_for_inference(..., engine="inductor")``) it
+  is one generated kernel. It has no attention dropout, and ONNX has no operator for it.
+
+Which is faster on a given GPU is measured, not assumed (``scripts/gpu_check.sh``'s ``speed``
+part times both); both compute the same function. Another kernel is one function and one
+``register_attention`` line.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
+
+from pyra_lightning.patch_common import size_bias
+
+# (q, k, v) (B, H, N, d) each, size (B, N, 1) or None, dropout probability -> (B, H, N, d)
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float], torch.Tensor]
 
 
 def flex_proportional_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor | None, scale: float | None = None
 ) -> torch.Tensor:
     """Softmax attention with ``log(size)`` added over keys: (B, H, N, d) x3, size (B, N, 1) -> (B, H, N, d).
+
+    A drop-in for ``F.scaled_dot_product_attention(q, k, v, attn_mask=size_bias(size))``.
 
     Args:
         q: Queries, (B, H, N, d).
@@ -46,3 +62,39 @@ def flex_proportional_attention(
         return score + log_size[batch, kv_idx]
 
     return flex_attention(q, k, v, score_mod=score_mod, scale=scale)
+
+
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor | None, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """SDPA with the ``log(size)`` mask over keys (``size_bias``); timm's call when ``size`` is None."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=size_bias(size, q.dtype), dropout_p=dropout_p)
+
+
+def flex(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor | None, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """``flex_proportional_attention``; refuses attention dropout, which FlexAttention does not have."""
+    if dropout_p > 0:
+        raise ValueError(
+            f"attention='flex' has no attention dropout (attn_drop_rate {dropout_p} in training); "
+            "train with attention='sdpa' (the same function) or attn_drop_rate=0"
+        )
+    return flex_proportional_attention(q, k, v, size)
+
+
+ATTENTIONS: dict[str, Attention] = {"sdpa": sdpa_attention, "flex": flex}
+
+
+def register_attention(name: str, fn: Attention) -> None:
+    """Make ``apply_merging(..., attention=name)`` attend with ``fn(q, k, v, size, dropout_p)``."""
+    ATTENTIONS[name] = fn
+
+
+def check_attention(name: str) -> str:
+    """``name`` if registered; ``ValueError`` naming the registered ones otherwise."""
+    if name not in ATTENTIONS:
+        raise ValueError(
+            f"attention={name!r} is not registered; expected one of {', '.join(sorted(ATTENTIONS))}"
+        )
+    return name

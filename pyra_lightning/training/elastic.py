@@ -198,8 +198,12 @@ def elastic_merging(
     merge_r: MergeSpec,
     pyra: bool | str = True,
     prop_attn: bool = True,
+    matcher: str = "bipartite",
+    merger: str = "wavg",
+    attention: str = "sdpa",
 ) -> ElasticPlan:
-    """``apply_merging`` for a range: PYRA layers at the range's capacity, blocks at ``merge_r``.
+    """``apply_merging`` for a range: PYRA layers at the range's capacity, blocks at ``merge_r``,
+    merging by the named ``matcher`` and ``merger`` (``merge_rules``), attending with ``attention``.
 
     Raises:
         ValueError: a bad range, or a nominal ``merge_r`` outside it.
@@ -217,7 +221,9 @@ def elastic_merging(
     nominal = resolve_schedule(merge_r, shape)
     plan.check(nominal, "model.merging.merge_r")
     variant = resolve_variant(pyra)
-    apply_merging(model, nominal, pyra=False, prop_attn=prop_attn)  # blocks patched, at merge_r
+    # blocks patched, at merge_r
+    rule = {"matcher": matcher, "merger": merger, "attention": attention}
+    apply_merging(model, nominal, pyra=False, prop_attn=prop_attn, **rule)
     for block, block_cap in zip(model.blocks, capacity, strict=True):
         if variant is not None and block_cap > 0:  # a capacity list is no valid schedule itself
             ref = block.norm1.weight

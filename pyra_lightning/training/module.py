@@ -51,7 +51,8 @@ class PyraClassifier(pl.LightningModule):
         model_kwargs: Extra ``timm.create_model`` arguments, e.g. ``depth`` for tiny test models.
         drop_path_rate: Stochastic depth of the frozen backbone.
         lora: ``model.lora`` (``LoRASettings``): rank, alpha, dropout, method.
-        merging: ``model.merging`` (``MergingSettings``): merge_r, pyra, prop_attn, matcher, elastic.
+        merging: ``model.merging`` (``MergingSettings``): merge_r, pyra, prop_attn, matcher, merger, attention,
+            elastic.
         optim: ``model.optim`` (``OptimSettings``): lr, pyra_lr, weight_decay, the warm-up and
             cosine schedule, label smoothing.
         recipe: ``model.recipe`` (``RecipeSettings``): where the paper's recipe and the
@@ -101,12 +102,13 @@ class PyraClassifier(pl.LightningModule):
             raise ValueError(
                 "model.merging.elastic needs merging: set model.merging.merge_r (the nominal schedule) too"
             )
+        rule = {"matcher": merging.matcher, "merger": merging.merger, "attention": merging.attention}
         if merging.elastic is not None:
             self.elastic_plan = elastic_merge.elastic_merging(
-                self.model, merging.elastic, merge_r, pyra, prop_attn
+                self.model, merging.elastic, merge_r, pyra, prop_attn, **rule
             )
         elif merge_r is not None:
-            apply_merging(self.model, merge_r, pyra=pyra, prop_attn=prop_attn, matcher=merging.matcher)
+            apply_merging(self.model, merge_r, pyra=pyra, prop_attn=prop_attn, **rule)
         mark_trainable(self.model, head=True)
         # Saved like trainable tensors although it never trains (distilled_training="class_head").
         self._untrained_saved: set[str] = set()

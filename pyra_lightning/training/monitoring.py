@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import default_collate
 
-from pyra_lightning.patch import apply_merging, merge_rule, merge_schedule
+from pyra_lightning.patch import apply_merging, attention_kernel, merge_rule, merge_schedule
 from pyra_lightning.visualize import layer_sources, merge_overlay
 
 
@@ -274,6 +274,7 @@ class MergeVisualization(pl.Callback):
             trace_source=True,
             matcher=matcher,
             merger=merger,
+            attention=attention_kernel(traced),
         )
         sources = layer_sources(traced, images)  # per block: (B, N_l, N0)
         patch_size = tuple(traced.patch_embed.patch_size)

@@ -86,7 +86,15 @@ class MergingSettings:
         pyra: PYRA modulation (``True``), plain ToMe (``False``) or an ablation variant name.
         prop_attn: Proportional attention (``log(size)`` added to attention logits).
         matcher: Which tokens merge, a name registered in ``pyra_lightning.merge_rules``
-            (``"bipartite"``: ToMe's bipartite soft matching, eqs. 2-3).
+            (``"bipartite"``: ToMe's bipartite soft matching, eqs. 2-3; ``"triton"``: the same
+            with its scores' row maxima in one Triton kernel on CUDA).
+        merger: How matched tokens combine, a name registered there (``"wavg"``: the
+            size-weighted average with PYRA's modulation; ``"triton"``: the same in two Triton
+            kernels for inference on CUDA, the torch path wherever autograd records it).
+        attention: The kernel proportional attention runs on, a name registered in
+            ``pyra_lightning.kernels.attention`` (``"sdpa"``: SDPA with a ``log(size)`` mask;
+            ``"flex"``: FlexAttention with a ``score_mod``, fused under ``torch.compile``). The
+            same function either way; which is faster is measured per GPU.
         elastic: Train one model for a range of merge rates instead of the one ``merge_r``
             (``training.elastic``): ``{min_fraction: 0.289, max_fraction: 1.0, sandwich: true,
             include_full: false, curve: []}``, FLOPs fractions of the uncompressed model; every key
@@ -98,6 +106,8 @@ class MergingSettings:
     pyra: bool | Variant = True
     prop_attn: bool = True
     matcher: str = "bipartite"
+    merger: str = "wavg"
+    attention: str = "sdpa"
     elastic: ElasticRange | None = None
 
 

@@ -1,0 +1,234 @@
+"""The size-weighted merge, PYRA's modulation (eqs. 4-7) and the size update in two Triton kernels.
+
+The torch path (``merge.BipartiteMerge.wavg``) runs about 30 operators per merging layer, each
+reading and writing whole (B, N, C) tensors. Here one layer's merge is two launches:
+
+- ``modulate_kernel`` (PYRA only), one program per image: gathers the ``merge_r`` sources and
+  their destinations straight from the layer's tokens, weights them by size, and computes
+  ``M_info = LN(M_s + M_t)`` (eq. 4), ``δ_D = M_info W_r`` summed over the pairs (eq. 5), then
+  in a second sweep ``δ_r = W_D M_info`` (eq. 5) and ``M_s + (2σ(δ_D) ⊙ M_s) ⊙ (2σ(δ_r) - 1)``
+  (eqs. 6-7), written as a (B, merge_r, C) fp32 buffer;
+- ``merge_kernel``, one program per image, block of kept tokens and block of channels: gathers
+  the kept tokens in output order, weights them by size, adds every source whose destination
+  falls in the block through a one-hot (tokens x sources) matrix product (``tl.dot``, exact:
+  each product is a source times 0 or 1), adds the sources' sizes alike, divides, and writes
+  the merged tokens and their sizes.
+
+Which token goes where is the torch plan's (``BipartiteMerge.perm`` and ``dst_out``), so the
+token order is the reference's by construction. Arithmetic is fp32 throughout, whatever the
+input dtype; products run in IEEE fp32 (no TF32). Results equal the torch path's up to rounding
+(sums are taken in another order; under bf16 autocast the torch path's modulation matmuls run
+in bf16, the kernel's in fp32).
+
+There is no backward: where autograd must record the merge (a training step) the torch path
+runs, and so it does while a graph is traced (``torch.compile`` fuses the torch path itself,
+exports need it), for CPU tensors without the interpreter, for modulations other than
+``"pyra"`` (the ablations), and for a matcher's merge that is not a ``BipartiteMerge``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pyra_lightning.kernels import use_triton
+from pyra_lightning.merge import BipartiteMerge, Modulate, fusable_pyra, merge_wavg
+
+try:  # ships with torch's CUDA builds; the kernels below are defined only where it imports
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover (every CI install has it)
+    triton = None
+
+if triton is not None:  # module level, so the jitted functions find each other by name
+
+    @triton.jit
+    def weighted_rows(
+        xb, sb, pos, rmask, chans, cmask, stride_xn, stride_xc, stride_sn, HAS_SIZE: tl.constexpr
+    ):
+        """Tokens ``pos`` times their sizes (fp32) and the sizes: (R, C), (R,); 0 where masked."""
+        tok = tl.load(
+            xb + pos[:, None] * stride_xn + chans[None, :] * stride_xc,
+            mask=rmask[:, None] & cmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if HAS_SIZE:
+            size = tl.load(sb + pos * stride_sn, mask=rmask, other=0.0).to(tl.float32)
+        else:
+            size = tl.where(rmask, 1.0, 0.0)
+        return tok * size[:, None], size
+
+    @triton.jit
+    def pair_info(
+        xb, sb, pb, num_kept, merge_r, rows, rmask, chans, cmask, channels, norm_w, norm_b, eps,
+        stride_xn, stride_xc, stride_sn, HAS_SIZE: tl.constexpr,
+    ):  # fmt: skip
+        """Size-weighted sources ``M_s`` and ``M_info = LN(M_s + M_t)`` (eq. 4) of pairs ``rows``."""
+        src_pos = tl.load(pb + num_kept + rows, mask=rmask, other=0)
+        dst_pos = tl.load(pb + num_kept + merge_r + rows, mask=rmask, other=0)
+        src, _ = weighted_rows(
+            xb, sb, src_pos, rmask, chans, cmask, stride_xn, stride_xc, stride_sn, HAS_SIZE
+        )
+        dst, _ = weighted_rows(
+            xb, sb, dst_pos, rmask, chans, cmask, stride_xn, stride_xc, stride_sn, HAS_SIZE
+        )
+        both = src + dst  # (R, C), 0 on masked rows and channels
+        mean = tl.sum(both, axis=1) / channels
+        centred = tl.where(cmask[None, :], both - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / channels + eps)
+        return src, centred * rstd[:, None] * norm_w[None, :] + norm_b[None, :]
+
+    @triton.jit
+    def modulate_kernel(
+        x, size, perm, norm_w, norm_b, weight_r, weight_d, out,
+        num_kept, merge_r, channels, eps,
+        stride_xb, stride_xn, stride_xc, stride_sb, stride_sn, stride_pb, stride_wr,
+        HAS_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        batch = tl.program_id(0)
+        chans = tl.arange(0, BLOCK_C)
+        cmask = chans < channels
+        ln_w = tl.load(norm_w + chans, mask=cmask, other=0.0).to(tl.float32)
+        ln_b = tl.load(norm_b + chans, mask=cmask, other=0.0).to(tl.float32)
+        w_d = tl.load(weight_d + chans, mask=cmask, other=0.0).to(tl.float32)
+        xb, sb, pb = x + batch * stride_xb, size + batch * stride_sb, perm + batch * stride_pb
+        delta_d = tl.zeros((BLOCK_C,), tl.float32)  # δ_D = M_info W_r (eq. 5), over all pairs
+        for start in range(0, merge_r, BLOCK_R):
+            rows = start + tl.arange(0, BLOCK_R)
+            rmask = rows < merge_r
+            _, info = pair_info(
+                xb, sb, pb, num_kept, merge_r, rows, rmask, chans, cmask, channels, ln_w, ln_b, eps,
+                stride_xn, stride_xc, stride_sn, HAS_SIZE,
+            )  # fmt: skip
+            w_r = tl.load(weight_r + rows * stride_wr, mask=rmask, other=0.0).to(tl.float32)
+            delta_d += tl.sum(w_r[:, None] * info, axis=0)
+        gate_d = 2.0 * tl.sigmoid(delta_d)  # eq. 6
+        for start in range(0, merge_r, BLOCK_R):
+            rows = start + tl.arange(0, BLOCK_R)
+            rmask = rows < merge_r
+            src, info = pair_info(
+                xb, sb, pb, num_kept, merge_r, rows, rmask, chans, cmask, channels, ln_w, ln_b, eps,
+                stride_xn, stride_xc, stride_sn, HAS_SIZE,
+            )  # fmt: skip
+            delta_r = tl.sum(info * w_d[None, :], axis=1)  # δ_r = W_D M_info (eq. 5): (R,)
+            modulated = src + (src * gate_d[None, :]) * (2.0 * tl.sigmoid(delta_r) - 1.0)[:, None]  # eq. 7
+            offsets = (batch * merge_r + rows)[:, None] * channels + chans[None, :]
+            tl.store(out + offsets, modulated, mask=rmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def merge_kernel(
+        x, size, perm, dst_out, sources, out, out_size,
+        num_kept, merge_r, channels,
+        stride_xb, stride_xn, stride_xc, stride_sb, stride_sn, stride_pb, stride_db,
+        HAS_SIZE: tl.constexpr, MODULATED: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        batch = tl.program_id(0)
+        toks = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # output positions
+        chans = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        tmask, cmask = toks < num_kept, chans < channels
+        xb, sb, pb = x + batch * stride_xb, size + batch * stride_sb, perm + batch * stride_pb
+        pos = tl.load(pb + toks, mask=tmask, other=0)
+        total, count = weighted_rows(
+            xb, sb, pos, tmask, chans, cmask, stride_xn, stride_xc, stride_sn, HAS_SIZE
+        )
+        for start in range(0, merge_r, BLOCK_R):
+            rows = start + tl.arange(0, BLOCK_R)
+            rmask = rows < merge_r
+            src_pos = tl.load(pb + num_kept + rows, mask=rmask, other=0)
+            if MODULATED:
+                offsets = (batch * merge_r + rows)[:, None] * channels + chans[None, :]
+                src = tl.load(sources + offsets, mask=rmask[:, None] & cmask[None, :], other=0.0)
+                if HAS_SIZE:
+                    src_size = tl.load(sb + src_pos * stride_sn, mask=rmask, other=0.0).to(tl.float32)
+                else:
+                    src_size = tl.where(rmask, 1.0, 0.0)
+            else:
+                src, src_size = weighted_rows(
+                    xb, sb, src_pos, rmask, chans, cmask, stride_xn, stride_xc, stride_sn, HAS_SIZE
+                )
+            dst = tl.load(dst_out + batch * stride_db + rows, mask=rmask, other=-1)
+            onehot = tl.where(toks[:, None] == dst[None, :], 1.0, 0.0)  # (T, R): source j -> token i
+            total = tl.dot(onehot, src, total, input_precision="ieee")
+            count += tl.sum(onehot * src_size[None, :], axis=1)
+        count = tl.where(tmask, count, 1.0)  # rows past the last token are never stored
+        merged = total / count[:, None]
+        rows_out = batch * num_kept + toks
+        tl.store(
+            out + rows_out[:, None] * channels + chans[None, :],
+            merged.to(out.dtype.element_ty),
+            mask=tmask[:, None] & cmask[None, :],
+        )
+        if tl.program_id(2) == 0:
+            tl.store(out_size + rows_out, count.to(out_size.dtype.element_ty), mask=tmask)
+
+
+def _needs_autograd(x: torch.Tensor, size: torch.Tensor | None, modulate: Modulate | None) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    params = modulate.parameters() if isinstance(modulate, torch.nn.Module) else ()
+    return (
+        x.requires_grad or (size is not None and size.requires_grad) or any(p.requires_grad for p in params)
+    )
+
+
+def kernel_applies(merge: Any, x: torch.Tensor, size: torch.Tensor | None, modulate: Modulate | None) -> bool:
+    """Whether ``triton_merge_wavg`` runs its kernels for these arguments (else the torch path)."""
+    if not isinstance(merge, BipartiteMerge) or torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+        return False
+    if modulate is not None and not fusable_pyra(modulate, merge.merge_r):
+        return False
+    tensors = (x,) if size is None else (x, size)
+    return use_triton(*tensors) and not _needs_autograd(x, size, modulate)
+
+
+def triton_merge_wavg(
+    merge: Any, x: torch.Tensor, size: torch.Tensor | None = None, modulate: Modulate | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``merge.merge_wavg`` in two Triton kernels where they apply (``kernel_applies``), else itself.
+
+    Args:
+        merge: From ``bipartite_soft_matching`` (a ``BipartiteMerge``).
+        x: Tokens, (B, N, C).
+        size: Patches per token, (B, N, 1); ``None``: all ones.
+        modulate: ``None`` (ToMe) or a ``PyraModulation`` of variant ``"pyra"``.
+
+    Returns:
+        Merged tokens (B, N - merge_r, C) and their sizes (B, N - merge_r, 1), both in ``x.dtype``.
+    """
+    if not kernel_applies(merge, x, size, modulate):
+        return merge_wavg(merge, x, size, modulate=modulate)
+    batch, num_tokens, channels = x.shape
+    if num_tokens != merge.num_tokens:
+        raise ValueError(f"merge was matched on {merge.num_tokens} tokens but got a tensor of {num_tokens}")
+    merge_r = merge.merge_r
+    kept = num_tokens - merge_r
+    perm = merge.perm(with_dst=modulate is not None).contiguous()  # (B, kept + r [+ r])
+    dst_out = merge.dst_out.contiguous()  # (B, r)
+    size_arg = x if size is None else size  # a placeholder pointer when there are no sizes
+    size_strides = (0, 0) if size is None else (size.stride(0), size.stride(1))
+    out = torch.empty(batch, kept, channels, device=x.device, dtype=x.dtype)
+    out_size = torch.empty(batch, kept, 1, device=x.device, dtype=x.dtype)
+    sources = out  # a placeholder pointer for ToMe
+    if modulate is not None:
+        norm = modulate.norm
+        sources = torch.empty(batch, merge_r, channels, device=x.device, dtype=torch.float32)
+        full_c = triton.next_power_of_2(channels)
+        modulate_kernel[(batch,)](
+            x, size_arg, perm, norm.weight, norm.bias, modulate.weight_r, modulate.weight_d, sources,
+            kept, merge_r, channels, norm.eps,
+            x.stride(0), x.stride(1), x.stride(2), *size_strides, perm.stride(0), modulate.weight_r.stride(0),
+            HAS_SIZE=size is not None, BLOCK_R=max(2, min(16, 4096 // full_c)), BLOCK_C=full_c,
+        )  # fmt: skip
+    block_t, block_r = 32, 16
+    block_c = min(128, max(16, triton.next_power_of_2(channels)))
+    grid = (batch, triton.cdiv(kept, block_t), triton.cdiv(channels, block_c))
+    merge_kernel[grid](
+        x, size_arg, perm, dst_out, sources, out, out_size,
+        kept, merge_r, channels,
+        x.stride(0), x.stride(1), x.stride(2), *size_strides, perm.stride(0), dst_out.stride(0),
+        HAS_SIZE=size is not None, MODULATED=modulate is not None,
+        BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_C=block_c,
+    )  # fmt: skip
+    return out, out_size
