@@ -19,8 +19,16 @@ if TYPE_CHECKING:
     from pyra_lightning.families import register_family
     from pyra_lightning.inference import InferenceModel, compile_for_inference
     from pyra_lightning.interop import import_reference
+    from pyra_lightning.kernels.attention import register_attention
     from pyra_lightning.merge_rules import register_matcher, register_merger
-    from pyra_lightning.patch import TokenState, apply_lora, apply_merging, fold_lora, mark_trainable
+    from pyra_lightning.patch import (
+        TokenState,
+        apply_lora,
+        apply_merging,
+        fold_lora,
+        mark_trainable,
+        set_merge_rule,
+    )
     from pyra_lightning.peft import register_peft_method
 
 _EXPORTS: dict[str, str] = {
@@ -38,6 +46,8 @@ _EXPORTS: dict[str, str] = {
     "apply_merging": "pyra_lightning.patch",
     "fold_lora": "pyra_lightning.patch",
     "mark_trainable": "pyra_lightning.patch",
+    "set_merge_rule": "pyra_lightning.patch",
+    "register_attention": "pyra_lightning.kernels.attention",
     "register_family": "pyra_lightning.families",
     "register_matcher": "pyra_lightning.merge_rules",
     "register_merger": "pyra_lightning.merge_rules",
@@ -58,10 +68,12 @@ __all__ = [
     "import_reference",
     "load_exported",
     "mark_trainable",
+    "register_attention",
     "register_family",
     "register_matcher",
     "register_merger",
     "register_peft_method",
+    "set_merge_rule",
     "to_onnx",
 ]
 __version__ = "0.1.0"

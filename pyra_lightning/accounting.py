@@ -111,7 +111,8 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int] | None = None,
     ``latent.expand(B, -1, -1)``, still requires grad but has no ``grad_fn``, and the counter's
     module tracker fails on it ("Expected gradient function to be set"). An inference forward
     needs no gradients; training FLOPs (``training.monitoring``) are counted with grad on, where
-    such views have their ``grad_fn``.
+    such views have their ``grad_fn``. A model attending with another kernel than SDPA
+    (``attention="flex"``) is counted as SDPA, which computes the same products.
     """
     if img_size is None:
         img_size = model.patch_embed.img_size  # type: ignore[union-attr]
@@ -120,14 +121,23 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int] | None = None,
     x = torch.zeros(1, in_chans, height, width, device=param.device, dtype=param.dtype)
     was_training = model.training
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # FlexAttention cannot run under the counter; it computes SDPA's products, so count those.
+    flex = [
+        m for m in model.modules() if isinstance(getattr(m, "attention", None), str) and m.attention != "sdpa"
+    ]
     model.eval()
     try:
         for p in trainable:
             p.requires_grad_(False)
+        for module in flex:
+            module.__dict__["_counted_attention"] = module.attention
+            module.attention = "sdpa"
         with torch.no_grad(), flop_counter_mode() as counter:
             model(x)
     finally:
         for p in trainable:
             p.requires_grad_(True)
+        for module in flex:
+            module.attention = module.__dict__.pop("_counted_attention")
         model.train(was_training)
     return int(counter.get_total_flops())

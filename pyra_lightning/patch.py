@@ -120,6 +120,25 @@ def merge_schedule(model: nn.Module) -> list[int]:
     return [getattr(block, "merge_r", 0) for block in model.blocks]
 
 
+def set_merge_rule(
+    model: nn.Module, matcher: str | None = None, merger: str | None = None, attention: str | None = None
+) -> nn.Module:
+    """Swap a patched model's matcher, merger or attention kernel by name (``None`` keeps it),
+    leaving its schedule and PYRA layers as they are: how a trained model is deployed with the
+    fused kernels (``matcher="triton", merger="triton"``). Returns ``model``."""
+    matcher_rule = None if matcher is None else build_matcher(matcher)
+    merger_rule = None if merger is None else build_merger(merger)
+    if attention is not None:
+        check_attention(attention)
+    for block in model.blocks:
+        if not hasattr(block, "matcher"):
+            raise ValueError("set_merge_rule needs a model patched by apply_merging")
+        block.matcher = block.matcher if matcher_rule is None else matcher_rule
+        block.merger = block.merger if merger_rule is None else merger_rule
+        block.attn.attention = block.attn.attention if attention is None else attention
+    return model
+
+
 def attention_kernel(model: nn.Module) -> str:
     """The ``kernels.attention.ATTENTIONS`` name a patched model's attentions run (``"sdpa"`` unpatched)."""
     names = {getattr(block.attn, "attention", "sdpa") for block in model.blocks}

@@ -405,3 +405,34 @@ def test_speed_target_search_stays_inside_a_given_rho_range() -> None:
     assert all(low <= t["rho"] <= high for t in found.trials)
     merged = [s for s in built if any(s)]
     assert all(0.4 - 1e-3 <= flops_fraction(s, shape) <= 0.8 + 1e-3 for s in merged)
+
+
+def test_the_merge_rule_and_attention_kernel_reach_every_merged_model(one_thread: None, monkeypatch) -> None:
+    """``benchmark --matcher triton --merger triton --attention flex``: what is timed is built
+    with them (on CPU the Triton rules run their torch fallback, so the figures stay valid)."""
+    from pyra_lightning.commands import benchmark as bench
+    from pyra_lightning.patch import attention_kernel, merge_rule
+
+    built = []
+    original = bench.build_model
+
+    def recording(*args: Any, **kwargs: Any) -> torch.nn.Module:
+        model = original(*args, **kwargs)
+        if hasattr(model.blocks[0], "matcher"):
+            built.append((merge_rule(model), attention_kernel(model)))
+        return model
+
+    monkeypatch.setattr(bench, "build_model", recording)
+    monkeypatch.setattr("warnings.warn", lambda *args, **kwargs: None)  # eager FlexAttention's warning
+    result = run_benchmark(
+        merge_r=[2],
+        batch_size=1,
+        runs=1,
+        warmup=0,
+        matcher="triton",
+        merger="triton",
+        attention="flex",
+        **TINY_ARGS,
+    )
+    assert result["args"]["merger"] == "triton" and result["args"]["attention"] == "flex"
+    assert built and set(built) == {(("triton", "triton"), "flex")}

@@ -161,6 +161,23 @@ def test_a_toy_family_and_a_toy_matcher_plug_in_from_outside(
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=1e-5)
 
 
+def test_set_merge_rule_swaps_the_kernels_and_keeps_the_trained_pyra_layers() -> None:
+    from pyra_lightning import set_merge_rule
+    from pyra_lightning.patch import attention_kernel, merge_rule
+
+    model = apply_merging(tiny(), 4)
+    layers = [block.pyra for block in model.blocks]
+    set_merge_rule(model, matcher="triton", merger="triton", attention="flex")
+    assert merge_rule(model) == ("triton", "triton") and attention_kernel(model) == "flex"
+    assert [block.pyra for block in model.blocks] == layers
+    set_merge_rule(model, merger="wavg")  # None keeps the others
+    assert merge_rule(model) == ("triton", "wavg") and attention_kernel(model) == "flex"
+    with pytest.raises(ValueError, match="set_merge_rule needs a model patched by apply_merging"):
+        set_merge_rule(tiny(), merger="wavg")
+    with pytest.raises(ValueError, match="attention='nope' is not registered"):
+        set_merge_rule(model, attention="nope")
+
+
 def test_unknown_rules_and_methods_are_named() -> None:
     with pytest.raises(ValueError, match=r"matcher='nope' is not registered; expected one of .*bipartite"):
         apply_merging(tiny(), 4, matcher="nope")

@@ -64,6 +64,8 @@ from pyra_lightning.timing import (
 # One schedule as ``apply_merging`` takes it; ``(r, inflection)`` tuples are left out because a
 # command line cannot tell them from per-layer lists.
 ScheduleSpec = int | float | str | list[int]
+# apply_merging's merge rule and attention kernel, as the command's arguments default them
+DEFAULT_RULE = {"matcher": "bipartite", "merger": "wavg", "attention": "sdpa"}
 
 
 def build_model(
@@ -76,11 +78,13 @@ def build_model(
     fold: bool = True,
     device: str | torch.device = "cpu",
     model_kwargs: dict[str, Any] | None = None,
+    rule: dict[str, str] | None = None,
 ) -> nn.Module:
     """A randomly initialised timm ViT with LoRA, merging (unless ``merge_r`` is None), folded.
 
     Every model starts from the same seed, so the variants differ only in what the patch adds.
-    ``model_kwargs`` go to ``timm.create_model`` (e.g. ``{"depth": 4}``).
+    ``model_kwargs`` go to ``timm.create_model`` (e.g. ``{"depth": 4}``); ``rule`` to
+    ``apply_merging`` (``matcher``, ``merger``, ``attention``).
     """
     import timm
 
@@ -98,7 +102,7 @@ def build_model(
     check_model(model)  # the one-line refusal apply_merging gives, before LoRA is attempted
     apply_lora(model, lora_rank)
     if merge_r is not None:
-        apply_merging(model, merge_r, pyra=pyra)
+        apply_merging(model, merge_r, pyra=pyra, **(rule or {}))
     if fold:
         fold_lora(model)
     return model.to(device)
@@ -161,6 +165,9 @@ def run_benchmark(
     target_pyra: bool = True,
     target_iterations: int = 7,
     ckpt_path: str | None = None,
+    matcher: str = "bipartite",
+    merger: str = "wavg",
+    attention: str = "sdpa",
 ) -> dict[str, Any]:
     """Compare the uncompressed, ToMe and PYRA versions of one ViT, per engine and batch size.
 
@@ -203,6 +210,9 @@ def run_benchmark(
             and only inside the range it was trained for; a target the range cannot reach, or a
             checkpoint trained at one schedule, is refused. The model arguments above are then
             the checkpoint's.
+        matcher: The merged models' matcher (``merge_rules.MATCHERS``; ``triton`` on CUDA).
+        merger: Their merger (``merge_rules.MERGERS``; ``triton``: the fused merge kernels).
+        attention: Their attention kernel (``kernels.attention.ATTENTIONS``: ``sdpa``, ``flex``).
 
     Returns:
         ``{"args", "environment", "models", "table", "skipped", "pyra_vs_tome"[, "training"]}``:
@@ -247,6 +257,7 @@ def _builder(args: dict[str, Any]) -> Callable[..., nn.Module]:
             fold,
             torch.device(args["device"]),
             args["model_kwargs"],
+            {key: args[key] for key in DEFAULT_RULE},
         )
 
     return build
@@ -418,6 +429,7 @@ def _elastic_builder(args: dict[str, Any]) -> tuple[Callable[..., nn.Module], An
         read_checkpoint,
         recorded_seed,
     )
+    from pyra_lightning.patch import set_merge_rule
     from pyra_lightning.schedules import solve_flops_rho
 
     path = args["ckpt_path"]
@@ -442,11 +454,16 @@ def _elastic_builder(args: dict[str, Any]) -> tuple[Callable[..., nn.Module], An
         lora_rank=module.lora.rank,
     )
 
+    merging = module.hparams["merging"]  # the fit's own rule, unless the command names another
+    rule = {key: args[key] if args[key] != DEFAULT_RULE[key] else merging[key] for key in DEFAULT_RULE}
+    args.update(rule)
+
     def build(spec: list[int] | None, pyra: bool, fold: bool = True) -> nn.Module:
         schedule = [0] * plan.shape.depth if spec is None else list(spec)
-        if any(schedule):
-            plan.check(schedule, "target schedule")
-        return module.folded_copy(schedule)
+        if not any(schedule):
+            return module.folded_copy(schedule)
+        plan.check(schedule, "target schedule")
+        return set_merge_rule(module.folded_copy(schedule), **rule)
 
     fastest, gentlest = plan.config.min_fraction, plan.config.max_fraction
     bounds = {
