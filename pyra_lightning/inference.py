@@ -20,7 +20,10 @@ Engines (``ENGINES``):
   CUDA events (a few replays each: the inductor engines cost a compile, so they run only when
   named); on CPU ``eager``: there is no launch overhead to remove, the eager CPU path already
   runs at 0.95-1.0 of its FLOPs-proportional ideal (BENCHMARKS.md, "CPU"), and an inductor
-  compile costs tens of seconds per model and shape.
+  compile costs tens of seconds per model and shape. A model attending with FlexAttention
+  (``attention="flex"``) gets ``inductor-cudagraph`` on CUDA: eager FlexAttention is its unfused
+  reference. On a CPU whose inductor cannot compile FlexAttention, ``inductor`` refuses in one
+  line naming ``attention='sdpa'``.
 
 The contract. The returned ``InferenceModel`` runs the model at the example's shape, dtype and
 device only; any other input is refused with a ``ValueError`` naming both (no silent recompile,
@@ -121,13 +124,31 @@ def _forward(fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device, d
     return run
 
 
+def _attention(model: nn.Module) -> str:
+    """The attention kernel of a patched model's blocks (``"sdpa"`` for an unpatched one)."""
+    blocks = getattr(model, "blocks", ())
+    return next(
+        (b.attn.attention for b in blocks if isinstance(getattr(b.attn, "attention", None), str)), "sdpa"
+    )
+
+
 def _compiled(
     model: nn.Module, example: torch.Tensor, dtype: torch.dtype | None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``torch.compile``d now, on ``example``; afterwards any recompile is an error."""
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
-    with torch.no_grad(), _autocast(example.device, dtype):
-        compiled(example)
+    try:
+        with torch.no_grad(), _autocast(example.device, dtype):
+            compiled(example)
+    except Exception as error:
+        if example.device.type != "cpu" or _attention(model) == "sdpa":
+            raise
+        reason = str(error).strip().splitlines()[0][:300]
+        raise ValueError(
+            f"attention={_attention(model)!r} did not compile on this CPU ({type(error).__name__}: "
+            f"{reason}); inductor's CPU FlexAttention template needs CPU features this one may lack: "
+            "use attention='sdpa' here (the same function)"
+        ) from error
 
     def run(x: torch.Tensor) -> torch.Tensor:
         # A guard that no longer holds (shapes are checked before this is reached) raises
@@ -201,6 +222,8 @@ def compile_for_inference(
     model = prepare_model(model)
     eager = _forward(model, device, autocast_dtype)
     timings: dict[str, float] = {}
+    if engine == "auto" and device.type == "cuda" and _attention(model) != "sdpa":
+        engine = "inductor-cudagraph"  # FlexAttention is one fused kernel only when compiled
     if engine == "auto":
         if device.type != "cuda":
             return InferenceModel(eager, model, "eager", example_input, autocast_dtype)

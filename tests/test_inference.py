@@ -107,3 +107,26 @@ def test_benchmark_runs_the_inference_engines_and_skips_cuda_graphs_on_cpu() -> 
     assert built.run().shape == (2, 1000)
     with pytest.raises(EngineUnavailable, match="needs a CUDA input"):
         build_runner("cudagraph", model, 2, 32)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_on_cpu_either_compiles_to_the_sdpa_logits_or_refuses_in_one_line() -> None:
+    """Inductor's CPU FlexAttention template needs CPU features some machines lack (this CI's
+    among them): then the refusal names the attention kernel and the way out, never a stack of
+    lowering errors; where it compiles, the logits are SDPA's."""
+    torch.manual_seed(0)
+    kw = dict(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, num_classes=5)
+    model = apply_merging(timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw), 4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    apply_merging(model, 4, attention="flex")
+    torch._dynamo.reset()
+    try:
+        run = pyra_lightning.compile_for_inference(model, x, engine="inductor")
+    except ValueError as error:
+        message = str(error)
+        assert message.startswith("attention='flex' did not compile on this CPU (") and "\n" not in message
+        assert "use attention='sdpa' here" in message
+    else:
+        torch.testing.assert_close(run(x), expected, rtol=1e-5, atol=1e-5)
