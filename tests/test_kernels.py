@@ -276,3 +276,20 @@ def test_the_attention_setting_reaches_the_blocks_and_the_exported_recipe(tmp_pa
     pytest.importorskip("onnxscript", reason="the onnx extra (pip install '.[onnx]') is not installed")
     with pytest.raises(ValueError, match="ONNX has no operator for FlexAttention"):
         to_onnx(served.model, tmp_path / "m.onnx", x)
+
+
+@pytest.mark.parametrize(("pyra", "most", "launches"), [(False, 381, 24), (True, 405, 36)])
+def test_the_triton_rules_dispatch_fewer_operators_per_forward(pyra: bool, most: int, launches: int) -> None:
+    """ViT-B/16 at 'high' with the ``triton`` matcher and merger, counted as a CUDA forward would
+    dispatch (meta device, launches recorded, not run: ``tools/count_ops.py``): 381 ToMe / 405
+    PYRA operators including the kernel launches, from 476 / 596 with the torch rules."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from count_ops import count
+
+    with torch.device("meta"):
+        model = timm.create_model("vit_base_patch16_224", pretrained=False)
+    apply_merging(model, "high", pyra=pyra, matcher="triton", merger="triton")
+    ops = count(model)
+    assert ops["triton_launch"] == launches  # per merging layer: the matcher's, PYRA's, the merge's
+    assert sum(ops.values()) <= most
+    assert "index_put_" not in ops and "baddbmm" not in ops  # the torch merge and matcher did not run

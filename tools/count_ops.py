@@ -5,13 +5,19 @@
 Counted the way issue 17 counts them: a ``TorchDispatchMode`` under ``torch.inference_mode``
 (which sees composite operators such as ``linear`` once), after one warm-up forward that fills
 ``pyra_lightning.merge``'s cache of constant index tensors.
+
+The ``+kernels`` rows (the ``triton`` matcher and merger) count what a CUDA forward dispatches:
+on the meta device, with the Triton kernels' launches recorded instead of run (``launches``),
+each launch counted as one operator under the name ``triton_launch``.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import timm
@@ -31,12 +37,50 @@ class OperatorCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _Launch:
+    """Stands in for a jitted kernel: ``kernel[grid](...)`` records one launch and writes nothing."""
+
+    def __init__(self, ops: collections.Counter[str]) -> None:
+        self.ops = ops
+
+    def __getitem__(self, grid: object) -> Callable[..., None]:
+        def launch(*args: object, **kwargs: object) -> None:
+            self.ops["triton_launch"] += 1
+
+        return launch
+
+
+@contextlib.contextmanager
+def launches(ops: collections.Counter[str]) -> Iterator[None]:
+    """The Triton rules take their kernel path on any tensor, and every launch is counted in ``ops``."""
+    from pyra_lightning.kernels import matching, merging
+
+    saved = (
+        matching.use_triton,
+        merging.use_triton,
+        matching._KERNEL,
+        merging.modulate_kernel,
+        merging.merge_kernel,
+    )
+    matching.use_triton = merging.use_triton = lambda *tensors: True
+    matching._KERNEL = merging.modulate_kernel = merging.merge_kernel = _Launch(ops)
+    try:
+        yield
+    finally:
+        matching.use_triton, merging.use_triton, matching._KERNEL = saved[:3]
+        merging.modulate_kernel, merging.merge_kernel = saved[3:]
+
+
 def count(model: torch.nn.Module, batch: int = 1) -> collections.Counter[str]:
-    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    """Operators of one forward; a model with the ``triton`` rules is counted on the meta device."""
+    kernels = any(getattr(b, "merger", None) is not None and b.merger.name == "triton" for b in model.blocks)
+    device = next(model.parameters()).device
+    x = torch.randn(batch, 3, 224, 224, device=device)
     model.eval()
-    with torch.inference_mode():
+    counter = OperatorCounter()
+    with torch.inference_mode(), launches(counter.ops) if kernels else contextlib.nullcontext():
         model(x)  # warm-up: builds the cached constants once
-        counter = OperatorCounter()
+        counter.ops.clear()
         with counter:
             model(x)
     return counter.ops
@@ -49,11 +93,15 @@ def models() -> dict[str, torch.nn.Module]:
         ("tome/high", "high", False),
         ("pyra/low", "low", True),
         ("pyra/high", "high", True),
+        ("tome/high+kernels", "high", False),
+        ("pyra/high+kernels", "high", True),
     ]:
         torch.manual_seed(0)
-        model = timm.create_model("vit_base_patch16_224", pretrained=False)
+        rule = {"matcher": "triton", "merger": "triton"} if name.endswith("+kernels") else {}
+        with torch.device("meta" if rule else "cpu"):
+            model = timm.create_model("vit_base_patch16_224", pretrained=False)
         if spec is not None:
-            pyra_lightning.apply_merging(model, spec, pyra=pyra)
+            pyra_lightning.apply_merging(model, spec, pyra=pyra, **rule)
         out[name] = model
     return out
 
