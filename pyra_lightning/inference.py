@@ -125,11 +125,10 @@ def _forward(fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device, d
 
 
 def _attention(model: nn.Module) -> str:
-    """The attention kernel of a patched model's blocks (``"sdpa"`` for an unpatched one)."""
-    blocks = getattr(model, "blocks", ())
-    return next(
-        (b.attn.attention for b in blocks if isinstance(getattr(b.attn, "attention", None), str)), "sdpa"
-    )
+    """The attention kernel of a model's blocks (``patch.attention_kernel``; ``"sdpa"`` without blocks)."""
+    from pyra_lightning.patch import attention_kernel
+
+    return attention_kernel(model) if hasattr(model, "blocks") else "sdpa"
 
 
 def _compiled(
@@ -143,7 +142,7 @@ def _compiled(
     except Exception as error:
         if example.device.type != "cpu" or _attention(model) == "sdpa":
             raise
-        reason = str(error).strip().splitlines()[0][:300]
+        reason = (str(error).strip().splitlines() or [""])[0][:300]
         raise ValueError(
             f"attention={_attention(model)!r} did not compile on this CPU ({type(error).__name__}: "
             f"{reason}); inductor's CPU FlexAttention template needs CPU features this one may lack: "

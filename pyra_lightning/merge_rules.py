@@ -94,7 +94,7 @@ class TritonMatcher:
     ) -> tuple[MergeFn, UnmergeFn]:
         from pyra_lightning.kernels.matching import triton_match
 
-        traced = torch.compiler.is_compiling() or type(metric) is not torch.Tensor
+        traced = torch.compiler.is_compiling() or torch.jit.is_tracing() or type(metric) is not torch.Tensor
         return bipartite_soft_matching(
             metric, merge_r, num_prefix_tokens, match_fn=None if traced else triton_match
         )
@@ -120,8 +120,10 @@ class TritonWeightedAverage:
 
     ``kernels.merging.triton_merge_wavg``: in inference on CUDA tensors (eager or under CUDA-graph
     capture) one layer's merge is two launches instead of about 30 operators; where autograd must
-    record it (training), while a graph is traced, on CPU, and for the ablation modulations it is
-    ``merge_wavg`` itself. Equal to ``"wavg"`` up to the order of fp32 sums.
+    record it (training), while a graph is traced (so under the inductor engines it is the torch
+    path, compiled), on CPU, for fp64 and for the ablation modulations it is ``merge_wavg`` itself.
+    The kernels compute in fp32: equal to ``"wavg"`` up to the order of sums for fp32 tokens, and
+    closer to exact than the torch path for bf16/fp16 tokens (or matmuls under bf16 autocast).
     """
 
     name = "triton"

@@ -102,6 +102,11 @@ def apply_merging(
         block.num_prefix_tokens = model.num_prefix_tokens
         block.matcher = matcher_rule
         block.merger = merger_rule
+        if not hasattr(type(block.attn), "attention"):  # a family whose attention reads no table
+            raise ValueError(
+                f"attention={attention!r}: {type(block.attn).__name__} does not attend through "
+                "kernels.attention.ATTENTIONS (give it an `attention` class attribute that its forward reads)"
+            )
         block.attn.attention = attention
         if variant is None or block_r == 0:
             block.pyra = None
@@ -123,9 +128,23 @@ def merge_schedule(model: nn.Module) -> list[int]:
 def set_merge_rule(
     model: nn.Module, matcher: str | None = None, merger: str | None = None, attention: str | None = None
 ) -> nn.Module:
-    """Swap a patched model's matcher, merger or attention kernel by name (``None`` keeps it),
-    leaving its schedule and PYRA layers as they are: how a trained model is deployed with the
-    fused kernels (``matcher="triton", merger="triton"``). Returns ``model``."""
+    """Swap a patched model's matcher, merger or attention kernel by name, in place.
+
+    The schedule and the PYRA layers stay as they are: this is how a trained model is deployed on
+    the fused kernels (``matcher="triton", merger="triton"``) or on FlexAttention.
+
+    Args:
+        model: A model patched by ``apply_merging``.
+        matcher: A name in ``merge_rules.MATCHERS``; ``None`` keeps the model's.
+        merger: A name in ``merge_rules.MERGERS``; ``None`` keeps the model's.
+        attention: A name in ``kernels.attention.ATTENTIONS``; ``None`` keeps the model's.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: for an unpatched model or a name that is not registered.
+    """
     matcher_rule = None if matcher is None else build_matcher(matcher)
     merger_rule = None if merger is None else build_merger(merger)
     if attention is not None:
@@ -140,7 +159,11 @@ def set_merge_rule(
 
 
 def attention_kernel(model: nn.Module) -> str:
-    """The ``kernels.attention.ATTENTIONS`` name a patched model's attentions run (``"sdpa"`` unpatched)."""
+    """The ``kernels.attention.ATTENTIONS`` name a model's attentions run (``"sdpa"`` unpatched).
+
+    Raises:
+        ValueError: if its blocks disagree.
+    """
     names = {getattr(block.attn, "attention", "sdpa") for block in model.blocks}
     if len(names) != 1:
         raise ValueError(f"expected one attention kernel in every block, found {sorted(names)}")

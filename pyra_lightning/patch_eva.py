@@ -70,7 +70,7 @@ class _MetricAttention:
        rotation so that similarity measures content, not position;
      - the attention itself runs on the kernel named by ``attention``
        (``kernels.attention.ATTENTIONS``), except under a caller's own mask or ``is_causal``,
-       which go to SDPA as in timm.
+       which take timm's own path (SDPA, or its explicit softmax when ``fused_attn`` is off).
     """
 
     attention: str = "sdpa"  # set by apply_merging

@@ -285,8 +285,11 @@ def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
         if not use_triton(x):
             result["triton"] = "not run: needs CUDA tensors and Triton"
             return result
-        from pyra_lightning.kernels.merging import triton_merge_wavg
+        from pyra_lightning.kernels.merging import kernel_applies, triton_merge_wavg
 
+        if not kernel_applies(merge, x, size, mod):  # a fallback would time torch twice
+            result["triton"] = "not run: the kernels do not apply to these tensors"
+            return result
         got, want = triton_merge_wavg(merge, x, size, mod), merge_wavg(merge, x, size, mod)
         result["max_abs_diff"] = max((g - w).abs().max().item() for g, w in zip(got, want, strict=True))
         result["triton_ms"] = _time_ms(lambda: triton_merge_wavg(merge, x, size, mod), device, 20)

@@ -125,9 +125,16 @@ check(torch.randn(2, 197, 40), torch.rand(2, 197, 1) + 1, merge, modulation(32, 
 # sizes as the previous merge leaves them: a view with the token stride of its (B, N, C + 1) sum
 wide = torch.rand(2, 197, 41) + 1
 check(torch.randn(2, 197, 40), wide[..., 40:], merge, modulation(20, 40), 1e-5)
-# bf16 tokens: the kernel computes in fp32, the torch path in bf16
+# 200 channels (two channel blocks of the merge kernel), tokens with a channel stride of 2
+check(torch.randn(2, 197, 400)[..., ::2], torch.rand(2, 197, 1) + 1, merge, modulation(20, 200), 1e-5)
+merge_tome, _ = bipartite_soft_matching(torch.randn(2, 197, 8), 20, 1)
+check(torch.randn(2, 197, 400)[..., ::2], None, merge_tome, None, 1e-5)
+# bf16 and fp16 tokens: the kernel computes in fp32, the torch path in their precision
 x = torch.randn(2, 197, 40).bfloat16()
 check(x, None, merge, modulation(20, 40).bfloat16(), 5e-2)
+check(torch.randn(2, 197, 40).half(), (torch.rand(2, 197, 1) + 1).half(), merge, None, 5e-3)
+# fp64 is left to torch (the kernels would compute it in fp32)
+assert not kernel_applies(merge, torch.randn(2, 197, 40, dtype=torch.float64), None, None)
 # where autograd records the merge, the torch path runs (the kernels have no backward)
 mod = modulation(20, 40)
 assert not kernel_applies(merge, x.float(), None, mod)
@@ -136,16 +143,17 @@ with torch.no_grad():
 mod.variant = "w_r"  # an ablation: not eqs. 4-7, so not the kernel's
 with torch.no_grad():
     assert not kernel_applies(merge, x.float(), None, mod)
-print("cases", cases + 3)
+print("cases", cases + 6)
 """
 
 
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 def test_triton_merge_kernels_equal_the_torch_merge_under_the_interpreter() -> None:
     """ToMe and PYRA (eqs. 4-7), with and without sizes, odd token and channel counts, 0-4 prefix
-    tokens, merge_r 1 and at its maximum, an elastic layer, strided sizes and bf16, against
-    ``merge_wavg``; and the torch path wherever autograd records the merge."""
-    assert "cases 63" in run_interpreted(_MERGE_CHECK)
+    tokens, merge_r 1 and at its maximum, an elastic layer, strided sizes and tokens, two channel
+    blocks, bf16 and fp16, against ``merge_wavg``; and the torch path wherever autograd records
+    the merge, and for fp64."""
+    assert "cases 66" in run_interpreted(_MERGE_CHECK)
 
 
 _MERGER_MODEL_CHECK = """
@@ -278,12 +286,15 @@ def test_the_attention_setting_reaches_the_blocks_and_the_exported_recipe(tmp_pa
         to_onnx(served.model, tmp_path / "m.onnx", x)
 
 
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 @pytest.mark.parametrize(("pyra", "most", "launches"), [(False, 381, 24), (True, 405, 36)])
-def test_the_triton_rules_dispatch_fewer_operators_per_forward(pyra: bool, most: int, launches: int) -> None:
+def test_the_triton_rules_dispatch_fewer_operators_per_forward(
+    pyra: bool, most: int, launches: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """ViT-B/16 at 'high' with the ``triton`` matcher and merger, counted as a CUDA forward would
     dispatch (meta device, launches recorded, not run: ``tools/count_ops.py``): 381 ToMe / 405
     PYRA operators including the kernel launches, from 476 / 596 with the torch rules."""
-    sys.path.insert(0, str(REPO / "tools"))
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
     from count_ops import count
 
     with torch.device("meta"):

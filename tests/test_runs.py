@@ -388,3 +388,27 @@ def test_a_checkpoint_with_the_old_flat_settings_is_refused_in_one_line(
         main(["test", *quickstart_args(tmp_path / "run", tmp_path / "data"), old])
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and re.search(expected, err) and "Traceback" not in err
+
+
+def test_the_kernels_are_no_part_of_a_runs_identity() -> None:
+    """``model.merging.merger``/``attention`` choose how the same numbers are computed: they stay out
+    of the settings a resume or an evaluation compares, and a command may change them over a
+    checkpoint; ``matcher`` and every other setting still count."""
+    from types import SimpleNamespace
+
+    from helpers import tiny_module
+    from jsonargparse import Namespace
+
+    from pyra_lightning.training.runs import conflicting_hparams, run_settings
+
+    trainer = SimpleNamespace(precision="32-true")
+    settings = run_settings(trainer, tiny_module(merging={"merger": "triton", "attention": "flex"}), None)
+    assert "model.merging.merger" not in settings and "model.merging.attention" not in settings
+    assert settings == run_settings(trainer, tiny_module(), None)
+    assert settings["model.merging.matcher"] == "bipartite"
+    hparams = {"merging": {"merger": "wavg", "attention": "sdpa", "pyra": True}}
+    config = Namespace(merging=Namespace(merger="triton", attention="flex", pyra=False))
+    keys = {"merging.merger", "merging.attention", "merging.pyra"}
+    assert conflicting_hparams(hparams, config, keys, "x.ckpt") == [
+        "model.merging.pyra: true in x.ckpt vs false now"
+    ]

@@ -75,7 +75,7 @@ def count(model: torch.nn.Module, batch: int = 1) -> collections.Counter[str]:
     """Operators of one forward; a model with the ``triton`` rules is counted on the meta device."""
     kernels = any(getattr(b, "merger", None) is not None and b.merger.name == "triton" for b in model.blocks)
     device = next(model.parameters()).device
-    x = torch.randn(batch, 3, 224, 224, device=device)
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
     model.eval()
     counter = OperatorCounter()
     with torch.inference_mode(), launches(counter.ops) if kernels else contextlib.nullcontext():

@@ -64,7 +64,7 @@ from pyra_lightning.timing import (
 # One schedule as ``apply_merging`` takes it; ``(r, inflection)`` tuples are left out because a
 # command line cannot tell them from per-layer lists.
 ScheduleSpec = int | float | str | list[int]
-# apply_merging's merge rule and attention kernel, as the command's arguments default them
+# apply_merging's merge rule and attention kernel where neither the command nor a checkpoint names them
 DEFAULT_RULE = {"matcher": "bipartite", "merger": "wavg", "attention": "sdpa"}
 
 
@@ -165,9 +165,9 @@ def run_benchmark(
     target_pyra: bool = True,
     target_iterations: int = 7,
     ckpt_path: str | None = None,
-    matcher: str = "bipartite",
-    merger: str = "wavg",
-    attention: str = "sdpa",
+    matcher: str | None = None,
+    merger: str | None = None,
+    attention: str | None = None,
 ) -> dict[str, Any]:
     """Compare the uncompressed, ToMe and PYRA versions of one ViT, per engine and batch size.
 
@@ -210,9 +210,12 @@ def run_benchmark(
             and only inside the range it was trained for; a target the range cannot reach, or a
             checkpoint trained at one schedule, is refused. The model arguments above are then
             the checkpoint's.
-        matcher: The merged models' matcher (``merge_rules.MATCHERS``; ``triton`` on CUDA).
-        merger: Their merger (``merge_rules.MERGERS``; ``triton``: the fused merge kernels).
-        attention: Their attention kernel (``kernels.attention.ATTENTIONS``: ``sdpa``, ``flex``).
+        matcher: The merged models' matcher (``merge_rules.MATCHERS``; ``triton`` on CUDA);
+            ``None``: ``bipartite``, or with ``ckpt_path`` the checkpoint's own.
+        merger: Their merger (``merge_rules.MERGERS``; ``triton``: the fused merge kernels);
+            ``None``: ``wavg``, or the checkpoint's.
+        attention: Their attention kernel (``kernels.attention.ATTENTIONS``: ``sdpa``, ``flex``);
+            ``None``: ``sdpa``, or the checkpoint's.
 
     Returns:
         ``{"args", "environment", "models", "table", "skipped", "pyra_vs_tome"[, "training"]}``:
@@ -223,6 +226,8 @@ def run_benchmark(
         ``target_speedup``: ``{"args", "environment", "target"}``.
     """
     args = dict(locals())
+    if ckpt_path is None:  # with ckpt_path, unset ones become the checkpoint's (``_elastic_builder``)
+        args.update({key: args[key] or default for key, default in DEFAULT_RULE.items()})
     if ckpt_path is not None and target_speedup is None:
         raise ValueError("--ckpt_path is an option of --target_speedup (the search on an elastic run)")
     if ckpt_path is not None and not target_pyra:
@@ -455,7 +460,7 @@ def _elastic_builder(args: dict[str, Any]) -> tuple[Callable[..., nn.Module], An
     )
 
     merging = module.hparams["merging"]  # the fit's own rule, unless the command names another
-    rule = {key: args[key] if args[key] != DEFAULT_RULE[key] else merging[key] for key in DEFAULT_RULE}
+    rule = {key: args[key] or merging.get(key) or DEFAULT_RULE[key] for key in DEFAULT_RULE}
     args.update(rule)
 
     def build(spec: list[int] | None, pyra: bool, fold: bool = True) -> nn.Module:

@@ -122,6 +122,11 @@ def model_spec(result: Result) -> dict[str, Any]:
         "img_size": int(config.get("img_size") or settings.get("model.img_size") or 224),
         "num_classes": int(settings.get("model.num_classes") or 100),
         "model_kwargs": settings.get("model.model_kwargs") or {},
+        # the kernels the run was measured with (results.json's config; older files: the defaults)
+        "rule": {
+            key: config.get(key) or settings.get(f"model.merging.{key}") or default
+            for key, default in (("matcher", "bipartite"), ("merger", "wavg"), ("attention", "sdpa"))
+        },
     }
 
 
@@ -182,7 +187,8 @@ def measure_rows(
                 spec["model_kwargs"],
             )  # fmt: skip
             if spec["merge_r"] is not None:
-                apply_merging(model, spec["merge_r"], pyra=spec["pyra"], prop_attn=spec["prop_attn"])
+                merging = {"pyra": spec["pyra"], "prop_attn": spec["prop_attn"], **spec["rule"]}
+                apply_merging(model, spec["merge_r"], **merging)
             models[name] = model.eval()
             inputs[name] = random_images(batch_size, spec["img_size"], dev)
         fns = {name: (lambda model=model, x=inputs[name]: model(x)) for name, model in models.items()}

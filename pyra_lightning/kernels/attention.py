@@ -33,21 +33,39 @@ Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | N
 
 
 def flex_proportional_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor | None, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    size: torch.Tensor | None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
 ) -> torch.Tensor:
-    """Softmax attention with ``log(size)`` added over keys: (B, H, N, d) x3, size (B, N, 1) -> (B, H, N, d).
+    """Softmax attention with ``log(size)`` added over keys, on FlexAttention (a ``score_mod``).
 
-    A drop-in for ``F.scaled_dot_product_attention(q, k, v, attn_mask=size_bias(size))``.
+    A drop-in for ``F.scaled_dot_product_attention(q, k, v, attn_mask=size_bias(size))``; the
+    ``"flex"`` entry of ``ATTENTIONS``.
 
     Args:
         q: Queries, (B, H, N, d).
         k: Keys, (B, H, N, d).
         v: Values, (B, H, N, d).
         size: Patches per token, (B, N, 1) (``TokenState.size``); ``None``: plain attention.
+        dropout_p: Attention dropout; FlexAttention has none, so anything above 0 is refused.
         scale: Logit scale; ``None`` is SDPA's ``d ** -0.5``.
+
+    Returns:
+        (B, H, N, d).
+
+    Raises:
+        ValueError: for ``dropout_p > 0``.
     """
     from torch.nn.attention.flex_attention import flex_attention
 
+    if dropout_p > 0:
+        raise ValueError(
+            f"attention='flex' has no attention dropout (attn_drop_rate {dropout_p} in training); "
+            "train with attention='sdpa' (the same function) or attn_drop_rate=0"
+        )
     if size is None:
         return flex_attention(q, k, v, scale=scale)
     log_size = size.reshape(size.shape[0], size.shape[1]).log().to(q.dtype)  # (B, N)
@@ -64,35 +82,43 @@ def flex_proportional_attention(
     return flex_attention(q, k, v, score_mod=score_mod, scale=scale)
 
 
-def sdpa_attention(
+def sdpa_proportional_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor | None, dropout_p: float = 0.0
 ) -> torch.Tensor:
-    """SDPA with the ``log(size)`` mask over keys (``size_bias``); timm's call when ``size`` is None."""
+    """SDPA with the ``log(size)`` mask over keys (``size_bias``); the ``"sdpa"`` entry of ``ATTENTIONS``.
+
+    Args:
+        q: Queries, (B, H, N, d).
+        k: Keys, (B, H, N, d).
+        v: Values, (B, H, N, d).
+        size: Patches per token, (B, N, 1); ``None``: timm's own unmasked call.
+        dropout_p: Attention dropout (training).
+
+    Returns:
+        (B, H, N, d).
+    """
     return F.scaled_dot_product_attention(q, k, v, attn_mask=size_bias(size, q.dtype), dropout_p=dropout_p)
 
 
-def flex(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor | None, dropout_p: float = 0.0
-) -> torch.Tensor:
-    """``flex_proportional_attention``; refuses attention dropout, which FlexAttention does not have."""
-    if dropout_p > 0:
-        raise ValueError(
-            f"attention='flex' has no attention dropout (attn_drop_rate {dropout_p} in training); "
-            "train with attention='sdpa' (the same function) or attn_drop_rate=0"
-        )
-    return flex_proportional_attention(q, k, v, size)
-
-
-ATTENTIONS: dict[str, Attention] = {"sdpa": sdpa_attention, "flex": flex}
+ATTENTIONS: dict[str, Attention] = {"sdpa": sdpa_proportional_attention, "flex": flex_proportional_attention}
 
 
 def register_attention(name: str, fn: Attention) -> None:
-    """Make ``apply_merging(..., attention=name)`` attend with ``fn(q, k, v, size, dropout_p)``."""
+    """Make ``apply_merging(..., attention=name)`` attend with ``fn``.
+
+    Args:
+        name: What configs call it (``model.merging.attention``).
+        fn: ``fn(q, k, v, size, dropout_p)`` with the semantics of ``sdpa_proportional_attention``.
+    """
     ATTENTIONS[name] = fn
 
 
 def check_attention(name: str) -> str:
-    """``name`` if registered; ``ValueError`` naming the registered ones otherwise."""
+    """``name``, if it is registered.
+
+    Raises:
+        ValueError: naming the registered kernels, for any other name.
+    """
     if name not in ATTENTIONS:
         raise ValueError(
             f"attention={name!r} is not registered; expected one of {', '.join(sorted(ATTENTIONS))}"

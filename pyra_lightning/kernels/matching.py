@@ -20,6 +20,8 @@ rounding, so an argmax may differ only where two scores are within rounding of e
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from pyra_lightning.kernels import use_triton
@@ -46,7 +48,7 @@ def _kernel():  # type: ignore[no-untyped-def]
         BLOCK_B: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        batch = tl.program_id(0)
+        batch = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements at large batches
         na = (num_tokens + 1) // 2
         nb = num_tokens // 2
         rows = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)  # A indices
@@ -104,6 +106,23 @@ def triton_node_max(metric: torch.Tensor, num_prefix_tokens: int) -> tuple[torch
     node_idx = torch.empty(batch, na, device=metric.device, dtype=torch.int64)
     block_a, block_b = 16, 16
     grid = (batch, triton.cdiv(na, block_a))
+    with torch.cuda.device(metric.device) if metric.is_cuda else contextlib.nullcontext():  # metric's GPU
+        _launch_match(metric, node_max, node_idx, num_prefix_tokens, grid, block_a, block_b)
+    return node_max, node_idx
+
+
+def _launch_match(
+    metric: torch.Tensor,
+    node_max: torch.Tensor,
+    node_idx: torch.Tensor,
+    num_prefix_tokens: int,
+    grid: tuple[int, int],
+    block_a: int,
+    block_b: int,
+) -> None:
+    import triton
+
+    batch, num_tokens, channels = metric.shape
     _KERNEL[grid](
         metric,
         node_max,
@@ -120,7 +139,6 @@ def triton_node_max(metric: torch.Tensor, num_prefix_tokens: int) -> tuple[torch
         BLOCK_B=block_b,
         BLOCK_C=max(16, triton.next_power_of_2(channels)),
     )
-    return node_max, node_idx
 
 
 def triton_match(metric: torch.Tensor, merge_r: int, num_prefix_tokens: int) -> tuple[torch.Tensor, ...]:

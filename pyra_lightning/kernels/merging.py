@@ -21,13 +21,16 @@ input dtype; products run in IEEE fp32 (no TF32). Results equal the torch path's
 in bf16, the kernel's in fp32).
 
 There is no backward: where autograd must record the merge (a training step) the torch path
-runs, and so it does while a graph is traced (``torch.compile`` fuses the torch path itself,
-exports need it), for CPU tensors without the interpreter, for modulations other than
-``"pyra"`` (the ablations), and for a matcher's merge that is not a ``BipartiteMerge``.
+runs, and so it does while a graph is traced (``torch.compile``, which fuses the torch path
+itself, so a ``+kernels`` model compiled computes what the plain one does; ``torch.jit.trace``;
+exports), for CPU tensors without the interpreter, for fp64 (the kernels compute in fp32), for
+modulations other than ``"pyra"`` (the ablations), and for a matcher's merge that is not a
+``BipartiteMerge``. Launches go to the GPU that holds ``x``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -86,7 +89,7 @@ if triton is not None:  # module level, so the jitted functions find each other 
         stride_xb, stride_xn, stride_xc, stride_sb, stride_sn, stride_pb, stride_wr,
         HAS_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
-        batch = tl.program_id(0)
+        batch = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements at large batches
         chans = tl.arange(0, BLOCK_C)
         cmask = chans < channels
         ln_w = tl.load(norm_w + chans, mask=cmask, other=0.0).to(tl.float32)
@@ -124,7 +127,7 @@ if triton is not None:  # module level, so the jitted functions find each other 
         HAS_SIZE: tl.constexpr, MODULATED: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
-        batch = tl.program_id(0)
+        batch = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements at large batches
         toks = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # output positions
         chans = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         tmask, cmask = toks < num_kept, chans < channels
@@ -164,6 +167,10 @@ if triton is not None:  # module level, so the jitted functions find each other 
             tl.store(out_size + rows_out, count.to(out_size.dtype.element_ty), mask=tmask)
 
 
+# fp64 is left to torch: the kernels compute in fp32
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _needs_autograd(x: torch.Tensor, size: torch.Tensor | None, modulate: Modulate | None) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -175,7 +182,9 @@ def _needs_autograd(x: torch.Tensor, size: torch.Tensor | None, modulate: Modula
 
 def kernel_applies(merge: Any, x: torch.Tensor, size: torch.Tensor | None, modulate: Modulate | None) -> bool:
     """Whether ``triton_merge_wavg`` runs its kernels for these arguments (else the torch path)."""
-    if not isinstance(merge, BipartiteMerge) or torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+    if not isinstance(merge, BipartiteMerge) or type(x) is not torch.Tensor or x.dtype not in KERNEL_DTYPES:
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if modulate is not None and not fusable_pyra(modulate, merge.merge_r):
         return False
@@ -206,10 +215,29 @@ def triton_merge_wavg(
     kept = num_tokens - merge_r
     perm = merge.perm(with_dst=modulate is not None).contiguous()  # (B, kept + r [+ r])
     dst_out = merge.dst_out.contiguous()  # (B, r)
-    size_arg = x if size is None else size  # a placeholder pointer when there are no sizes
-    size_strides = (0, 0) if size is None else (size.stride(0), size.stride(1))
     out = torch.empty(batch, kept, channels, device=x.device, dtype=x.dtype)
     out_size = torch.empty(batch, kept, 1, device=x.device, dtype=x.dtype)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # launch on x's GPU
+        _launch(x, size, modulate, merge, perm, dst_out, out, out_size)
+    return out, out_size
+
+
+def _launch(
+    x: torch.Tensor,
+    size: torch.Tensor | None,
+    modulate: Any,
+    merge: BipartiteMerge,
+    perm: torch.Tensor,
+    dst_out: torch.Tensor,
+    out: torch.Tensor,
+    out_size: torch.Tensor,
+) -> None:
+    """Run the kernels: ``modulate_kernel`` for PYRA into a (B, merge_r, C) fp32 buffer, then ``merge_kernel``."""
+    batch, num_tokens, channels = x.shape
+    merge_r = merge.merge_r
+    kept = num_tokens - merge_r
+    size_arg = x if size is None else size  # a placeholder pointer when there are no sizes
+    size_strides = (0, 0) if size is None else (size.stride(0), size.stride(1))
     sources = out  # a placeholder pointer for ToMe
     if modulate is not None:
         norm = modulate.norm
@@ -231,4 +259,3 @@ def triton_merge_wavg(
         HAS_SIZE=size is not None, MODULATED=modulate is not None,
         BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_C=block_c,
     )  # fmt: skip
-    return out, out_size

@@ -10,12 +10,12 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Subset
 from torchmetrics.aggregation import SumMetric
 
 from pyra_lightning.accounting import count_flops
-from pyra_lightning.patch import apply_merging, merge_schedule
+from pyra_lightning.patch import apply_merging, attention_kernel, merge_schedule
 from pyra_lightning.results import RESULTS_FILENAME, RunResult
 from pyra_lightning.timing import (
     ClockName,
@@ -113,6 +113,12 @@ class InferenceThroughput(pl.Callback):
         model = (
             pl_module.inference_model if pl_module.inference_model is not None else pl_module.folded_copy()
         )
+        if self.engine in ("eager", "cudagraph") and attention_kernel(model) != "sdpa":
+            rank_zero_warn(
+                f"throughput.engine={self.engine} times FlexAttention's unfused eager reference "
+                f"(model.merging.attention: {attention_kernel(model)}); throughput.engine inductor-cudagraph "
+                "times its fused kernel"
+            )
         unmerged = apply_merging(copy.deepcopy(model), 0, pyra=False) if any(merge_schedule(model)) else model
         img_size = pl_module.hparams.img_size
         times, self.conditions = self.time_models(
@@ -353,6 +359,8 @@ class ResultsJSON(pl.Callback):
                 "lora_rank": hp["lora"]["rank"],
                 "pyra": hp["merging"]["pyra"],
                 "prop_attn": hp["merging"]["prop_attn"],
+                # the kernels (not part of the identity: runs.KERNEL_CHOICES); None before they existed
+                **{key: hp["merging"].get(key) for key in ("matcher", "merger", "attention")},
                 "img_size": hp.img_size,
                 "max_epochs": trainer.max_epochs,
                 "seed": int(os.environ.get("PL_GLOBAL_SEED", "-1")),

@@ -48,7 +48,11 @@ RUN_FILE = "run.json"
 CHECKPOINT_KEY = "pyra_run"  # where a checkpoint keeps {"settings": ..., "fingerprint": ...}
 # Hyperparameters that change no number a run produces: where files are, how fast data loads.
 # The frozen weights that pretrained/pretrained_file load are covered by model.backbone_fingerprint.
-EXCLUDED: frozenset[str] = frozenset(
+# Which kernels compute the merge and the attention: the same numbers up to rounding (the Triton
+# merger, FlexAttention), so they are not part of a run's identity, and a command may choose
+# other ones than a checkpoint was trained with (``test --model.merging.attention flex``).
+KERNEL_CHOICES: frozenset[str] = frozenset({"model.merging.merger", "model.merging.attention"})
+EXCLUDED: frozenset[str] = KERNEL_CHOICES | frozenset(
     {
         "model.pretrained",
         "model.pretrained_file",
@@ -340,9 +344,12 @@ def _lookup(hparams: dict[str, Any], key: str) -> tuple[bool, Any]:
 def conflicting_hparams(
     hparams: dict[str, Any], config: Any, keys: Iterable[str], source: str | Path
 ) -> list[str]:
-    """Lines for the explicitly set ``keys`` whose value differs from the checkpoint's ``hparams``."""
+    """Lines for the explicitly set ``keys`` whose value differs from the checkpoint's ``hparams``
+    (``KERNEL_CHOICES`` may differ)."""
     lines = []
     for key in sorted(keys):
+        if f"model.{key}" in KERNEL_CHOICES:
+            continue
         found, recorded = _lookup(hparams, key)
         if found and _plain(config.get(key)) != _plain(recorded):
             lines.append(
