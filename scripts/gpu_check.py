@@ -36,6 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 PARTS: dict[str, tuple[int, str]] = {
     "speed": (360, "issue 17: engines x models x batch 1/64/256, kernels, memory, attention, matcher"),
     "ddp_fit": (150, "2-process DDP (gloo) on one GPU, bf16 autocast: trains, throughput over ranks"),
+    "train_step": (
+        100,
+        "issue 17: ViT-B/16 training steps, uncompressed / ToMe / PYRA high, batch 64 and 128",
+    ),
     "env": (60, "versions and device"),
     "throughput": (120, "ViT-B/16 eager bf16 throughput, efficiency, peak memory"),
     "fit_bf16": (120, "1-epoch quickstart fit + test, bf16-mixed"),
@@ -85,6 +89,13 @@ def part_ddp_fit(args: argparse.Namespace) -> dict[str, Any]:
     from gpu_speed import part_ddp_fit as ddp_fit
 
     return ddp_fit(args)
+
+
+def part_train_step(args: argparse.Namespace) -> dict[str, Any]:
+    sys.path.insert(0, str(REPO / "scripts"))
+    from gpu_speed import part_train_step as train_step
+
+    return train_step(args)
 
 
 def part_env(args: argparse.Namespace) -> dict[str, Any]:
@@ -388,6 +399,10 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"| {name} | {entry['status']} | {entry.get('seconds', '-')} | {entry.get('reason', '')} |"
         )
     lines += _speed_lines(parts.get("speed", {}))
+    sys.path.insert(0, str(REPO / "scripts"))
+    from gpu_speed import train_step_lines
+
+    lines += train_step_lines(parts.get("train_step", {}))
     table = []
     for name in ("throughput", "compile", "compile_cudagraphs", "onnxruntime_cuda"):
         if parts.get(name, {}).get("status") in ("ok", "partial"):
@@ -449,7 +464,7 @@ def _speed_lines(entry: dict[str, Any]) -> list[str]:
     if result.get("kernels"):
         lines += ["", "Kernels per forward (torch.profiler; CPU: ATen operators): "]
         lines.append(", ".join(f"{k} {v}" for k, v in result["kernels"].items()))
-    for key in ("peak_memory_mib", "attention", "matcher"):
+    for key in ("peak_memory_mib", "attention", "matcher", "merger"):
         if result.get(key):
             lines += ["", f"{key}: {json.dumps(result[key], default=str)}"]
     if result.get("skipped"):

@@ -1,4 +1,5 @@
-"""The ``speed`` and ``ddp_fit`` parts of scripts/gpu_check.py (kept apart so each file stays short).
+"""The ``speed``, ``ddp_fit`` and ``train_step`` parts of scripts/gpu_check.py (kept apart so each
+file stays short).
 
 ``speed`` answers issue 17's question first: ViT-B/16 bf16 at batch 1, 64, 256, uncompressed /
 ToMe high / PYRA low / PYRA high, on eager, ``cudagraph`` and ``inductor-cudagraph``
@@ -294,6 +295,57 @@ def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
         result["max_abs_diff"] = max((g - w).abs().max().item() for g, w in zip(got, want, strict=True))
         result["triton_ms"] = _time_ms(lambda: triton_merge_wavg(merge, x, size, mod), device, 20)
     return result
+
+
+def part_train_step(args: Any) -> dict[str, Any]:
+    """Training steps (forward, loss, backward; LoRA, PYRA and head trainable) of ViT-B/16
+    uncompressed / ToMe high / PYRA high at batch 64 and 128, bf16 autocast, eager: issue 17's
+    training target (``benchmark --train``), timed interleaved per batch size."""
+    from pyra_lightning.commands.benchmark import run_benchmark
+
+    s = _settings(args.dry_run)
+    cuda = args.device.startswith("cuda")
+    out: dict[str, Any] = {"precision": "bf16" if cuda else "32", "rows": []}
+    for batch in [1, 2] if args.dry_run else [64, 128]:
+        result = run_benchmark(
+            model_name=s["model_name"],
+            merge_r=[8] if args.dry_run else ["high"],
+            batch_sizes=[batch],
+            img_size=s["img_size"],
+            device=args.device,
+            precision=out["precision"],
+            runs=2 if args.dry_run else 10,
+            warmup=1 if args.dry_run else 3,
+            model_kwargs=s["kwargs"] or None,
+            train=True,
+        )
+        base = result["training"]["uncompressed"]["images_per_s"]
+        for name, row in result["training"].items():
+            out["rows"].append(
+                {
+                    "batch_size": batch,
+                    "model": name,
+                    "images_per_s": row["images_per_s"],
+                    "speedup": row["images_per_s"] / base,
+                    "peak_memory_mb": row["peak_memory_mb"],
+                }
+            )
+    return out
+
+
+def train_step_lines(entry: dict[str, Any]) -> list[str]:
+    """The train_step part's table for BENCHMARKS.md."""
+    rows = (entry.get("result") or {}).get("rows") or []
+    if not rows:
+        return []
+    lines = ["", "Training step (forward + backward, eager; speed-up over the uncompressed step):", ""]
+    lines += ["| batch | model | img/s | speedup | peak MiB |", "|---:|---|---:|---:|---:|"]
+    for row in rows:
+        memory = "-" if row["peak_memory_mb"] is None else f"{row['peak_memory_mb']:.0f}"
+        lines.append(
+            f"| {row['batch_size']} | {row['model']} | {row['images_per_s']:.1f} | {row['speedup']:.2f}x | {memory} |"
+        )
+    return lines
 
 
 def _ddp_worker(rank: int, world: int, device: str, dry_run: bool, out: str, port: int) -> None:

@@ -66,11 +66,12 @@ def test_a_failing_part_is_recorded_and_the_rest_still_runs(tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_speed_and_ddp_parts_dry_run(tmp_path: Path) -> None:
-    """The speed part (first in the check) and the 2-process DDP fit, on a CPU, tiny ViT: each
-    measurement recorded, the graph engines skipped with their reason, the ranks in agreement."""
+    """The speed part (first in the check), the 2-process DDP fit and the training steps, on a
+    CPU, tiny ViT: each measurement recorded, the graph engines skipped with their reason, the
+    ranks in agreement."""
     done = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--device", "cpu", "--dry_run"]
-        + ["--out", str(tmp_path), "--parts", "speed,ddp_fit"],
+        + ["--out", str(tmp_path), "--parts", "speed,ddp_fit,train_step"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -78,7 +79,7 @@ def test_speed_and_ddp_parts_dry_run(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
-    assert list(parts) == ["speed", "ddp_fit"]
+    assert list(parts) == ["speed", "ddp_fit", "train_step"]
     speed = parts["speed"]["result"]
     assert {(r["model"], r["batch_size"]) for r in speed["rows"]} == {
         (m, b) for m in ("uncompressed", "tome/8", "pyra/8", "pyra/8+kernels") for b in (1, 2)
@@ -90,7 +91,13 @@ def test_speed_and_ddp_parts_dry_run(tmp_path: Path) -> None:
     assert (tmp_path / "part_speed.partial.json").exists(), "measurements are saved as they finish"
     ddp = parts["ddp_fit"]["result"]
     assert ddp["world_size"] == 2 and ddp["ranks_agree"] and ddp["images_per_s_all_ranks"] > 0
-    assert "| eager | 2 | pyra/8 |" in (tmp_path / "gpu_check.md").read_text()
+    train = parts["train_step"]["result"]["rows"]
+    assert {(r["model"], r["batch_size"]) for r in train} == {
+        (m, b) for m in ("uncompressed", "tome/r=8", "pyra/r=8") for b in (1, 2)
+    }
+    assert all(r["images_per_s"] > 0 for r in train)
+    markdown = (tmp_path / "gpu_check.md").read_text()
+    assert "| eager | 2 | pyra/8 |" in markdown and "| 2 | pyra/r=8 |" in markdown
 
 
 def test_speed_part_runs_first() -> None:
