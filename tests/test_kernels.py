@@ -254,6 +254,24 @@ def test_flex_attention_gives_the_logits_of_sdpa_on_every_family(family: str) ->
     torch.testing.assert_close(logits["flex"], logits["sdpa"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_refuses_to_train_on_a_cpu_in_one_line() -> None:
+    """FlexAttention has no backward on CPU: a training forward there is refused by name, not with
+    torch's NotImplementedError from inside autograd; inference on the same model still runs."""
+    torch.manual_seed(0)
+    kw = dict(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, num_classes=5)
+    model = apply_merging(
+        timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw), 4, attention="flex"
+    )
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(
+        ValueError, match=r"attention='flex' cannot train on a CPU: .* train with attention='sdpa'"
+    ):
+        model(x)
+    with torch.no_grad():
+        assert model.eval()(x).shape == (2, 5)
+
+
 def test_flex_attention_refuses_attention_dropout_in_training() -> None:
     torch.manual_seed(0)
     kw = dict(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, num_classes=5)

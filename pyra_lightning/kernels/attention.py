@@ -57,7 +57,8 @@ def flex_proportional_attention(
         (B, H, N, d).
 
     Raises:
-        ValueError: for ``dropout_p > 0``.
+        ValueError: for ``dropout_p > 0``, and where autograd must record it on a CPU
+            (FlexAttention has no backward there).
     """
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -65,6 +66,12 @@ def flex_proportional_attention(
         raise ValueError(
             f"attention='flex' has no attention dropout (attn_drop_rate {dropout_p} in training); "
             "train with attention='sdpa' (the same function) or attn_drop_rate=0"
+        )
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if grad and q.device.type == "cpu":
+        raise ValueError(
+            "attention='flex' cannot train on a CPU: FlexAttention has no backward there; train with "
+            "attention='sdpa' (the same function) and deploy with 'flex' on a GPU"
         )
     if size is None:
         return flex_attention(q, k, v, scale=scale)
