@@ -95,7 +95,7 @@ def part_train_step(args: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(REPO / "scripts"))
     from gpu_speed import part_train_step as train_step
 
-    return train_step(args)
+    return train_step(args, lambda result: _save_partial(args, result))
 
 
 def part_env(args: argparse.Namespace) -> dict[str, Any]:

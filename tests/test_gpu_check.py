@@ -97,7 +97,10 @@ def test_speed_and_ddp_parts_dry_run(tmp_path: Path) -> None:
     }
     assert all(r["images_per_s"] > 0 for r in train)
     markdown = (tmp_path / "gpu_check.md").read_text()
-    assert "| eager | 2 | pyra/8 |" in markdown and "| 2 | pyra/r=8 |" in markdown
+    assert "| eager | 2 | pyra/8 |" in markdown and "| eager | 2 | pyra/r=8 |" in markdown
+    assert parts["train_step"]["result"]["skipped"], (
+        "the compiled steps are skipped on a CPU, with the reason"
+    )
 
 
 def test_speed_part_runs_first() -> None:

@@ -157,6 +157,7 @@ def run_benchmark(
     lora_rank: int = 8,
     num_classes: int = 100,
     train: bool = False,
+    train_compile: bool = False,
     threads: int | None = None,
     clock: ClockName = "wall",
     output: str | None = None,
@@ -193,6 +194,7 @@ def run_benchmark(
         num_classes: Classes of the random head (the paper's VTAB-1k tasks have up to 397).
         train: Also time a training step (LoRA unfolded, backbone frozen) of every model, at the
             first batch size.
+        train_compile: Compile those training steps (``torch.compile``, forward and backward).
         threads: ``torch.set_num_threads`` (and ONNX Runtime's intra-op threads) for CPU runs;
             ``None`` keeps torch's default.
         clock: ``"wall"`` (``time.perf_counter``), or ``"cpu"`` (process CPU time) for inference
@@ -228,6 +230,8 @@ def run_benchmark(
     args = dict(locals())
     if ckpt_path is None:  # with ckpt_path, unset ones become the checkpoint's (``_elastic_builder``)
         args.update({key: args[key] or default for key, default in DEFAULT_RULE.items()})
+    if train_compile and not train:
+        raise ValueError("--train_compile compiles the training steps of --train; add --train")
     if ckpt_path is not None and target_speedup is None:
         raise ValueError("--ckpt_path is an option of --target_speedup (the search on an elastic run)")
     if ckpt_path is not None and not target_pyra:
@@ -355,6 +359,7 @@ def _run(args: dict[str, Any], schedules: list[ScheduleSpec]) -> dict[str, Any]:
             args["warmup"],
             args["runs"],
             _clock(args),
+            compiled=args["train_compile"],
         )
     result["environment"]["loadavg_after"] = load_average()
     return result

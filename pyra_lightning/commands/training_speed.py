@@ -40,14 +40,16 @@ def _saved_activation_bytes(step: Callable[[], object], params: Sequence[nn.Para
 
 
 def _training_step(
-    model: nn.Module, x: torch.Tensor, device: torch.device, precision: Precision
+    model: nn.Module, x: torch.Tensor, device: torch.device, precision: Precision, compiled: bool = False
 ) -> tuple[Callable[[], None], Callable[[], torch.Tensor]]:
-    """``step()`` (forward, cross-entropy, backward, drop the gradients) and ``loss()`` alone."""
+    """``step()`` (forward, cross-entropy, backward, drop the gradients) and ``loss()`` alone;
+    ``compiled``: the forward (and so its backward) through ``torch.compile(fullgraph=True)``."""
     target = torch.arange(x.shape[0], device=device) % model.num_classes
+    forward = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
 
     def loss() -> torch.Tensor:
         with autocast(device, precision):
-            out = model(x)
+            out = forward(x)
         outputs = out if isinstance(out, tuple) else (out,)  # distilled DeiT trains two heads
         return sum(F.cross_entropy(o.float(), target) for o in outputs)
 
@@ -67,6 +69,7 @@ def time_training_steps(
     warmup: int = 3,
     runs: int = 10,
     clock: Callable[[], float] = time.perf_counter,
+    compiled: bool = False,
 ) -> dict[str, dict[str, float | str | None]]:
     """Images/s of a training step (forward, cross-entropy, backward) and its memory, per model.
 
@@ -78,6 +81,8 @@ def time_training_steps(
     Args:
         models: Timm ViTs with LoRA (not folded) and optionally merging, on ``device``.
         batch_size, img_size, device, precision, warmup, runs, clock: As in ``time_forwards``.
+        compiled: Compile each model's training forward and backward (``torch.compile``,
+            inductor, one graph per model); the compile happens in the warm-up, untimed.
 
     Returns:
         Per model: ``images_per_s``; ``median_s``; ``trainable_params``; ``peak_memory_mb`` and
@@ -85,7 +90,8 @@ def time_training_steps(
         above what was allocated before it, plus the model's own weights (what the model alone
         would reach, whatever else is resident); on CPU ``None``, because the CPU allocator keeps
         no peak and the process RSS high-water mark would include every other model; and
-        ``saved_activations_mb``, the tensors autograd keeps for backward, on every device.
+        ``saved_activations_mb``, the tensors autograd keeps for backward, on every device
+        (eager only: a compiled graph decides what it saves; ``None`` there).
     """
     from pyra_lightning.patch import mark_trainable  # timm: imported when a benchmark runs
 
@@ -95,7 +101,7 @@ def time_training_steps(
     for name, model in models.items():
         mark_trainable(model)
         model.train()
-        steps[name], losses[name] = _training_step(model, x, device, precision)
+        steps[name], losses[name] = _training_step(model, x, device, precision, compiled)
     for _ in range(warmup):
         for step in steps.values():
             step()
@@ -120,7 +126,9 @@ def time_training_steps(
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "peak_memory_mb": (transient[name] + weights) / 2**20 if cuda else None,
             "peak_memory_source": "torch.cuda.max_memory_allocated" if cuda else None,
-            "saved_activations_mb": _saved_activation_bytes(losses[name], list(model.parameters())) / 2**20,
+            "saved_activations_mb": None
+            if compiled
+            else _saved_activation_bytes(losses[name], list(model.parameters())) / 2**20,
         }
     return results
 
