@@ -153,3 +153,42 @@ def test_hyperparameters_hold_the_setting_groups_as_plain_dicts() -> None:
         assert yaml.safe_load(yaml.safe_dump(dict(hparams))) == dict(hparams)
     rebuilt = PyraClassifier(**dict(module.hparams))
     assert rebuilt.lora == module.lora and rebuilt.merging == module.merging
+
+
+def test_compile_model_compiles_the_backbone_once_in_place_with_the_eager_numbers() -> None:
+    """``model.compile_model: true``: Lightning's ``configure_model`` compiles the backbone in place
+    (checkpoint keys unchanged, a second call does nothing), a training forward and backward give
+    the eager loss and gradients, deep copies (the folded inference model) are eager, and an
+    elastic run is refused."""
+    import copy
+
+    import torch.nn.functional as F
+    from helpers import randomize_, tiny_module
+
+    one_block = {"model_kwargs": {"patch_size": 4, "embed_dim": 48, "depth": 1, "num_heads": 3}}
+    one_block["merging"] = {"merge_r": [8]}  # one block keeps the compile short
+    modules = {False: tiny_module(**one_block), True: tiny_module(compile_model=True, **one_block)}
+    torch._dynamo.reset()
+    modules[True].configure_model()
+    compiled = modules[True].model.__dict__.get("_compiled_call_impl")
+    modules[True].configure_model()
+    assert compiled is not None and modules[True].model.__dict__.get("_compiled_call_impl") is compiled
+    assert modules[False].model.__dict__.get("_compiled_call_impl") is None
+    assert modules[True].state_dict().keys() == modules[False].state_dict().keys()
+    assert copy.deepcopy(modules[True].model).__dict__.get("_compiled_call_impl") is None
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 3])
+    results = {}
+    for key, module in modules.items():
+        randomize_(module.model)  # LoRA B and PYRA's W_D start at zero
+        loss = F.cross_entropy(module.model.train()(x), y)
+        loss.backward()
+        grads = {n: p.grad for n, p in module.model.named_parameters() if p.grad is not None}
+        results[key] = (loss.detach(), grads)
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    assert results[True][1].keys() == results[False][1].keys() and any(
+        ".pyra." in n for n in results[False][1]
+    )
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="model.compile_model with model.merging.elastic: every schedule"):
+        tiny_module(compile_model=True, merging={"merge_r": "low", "elastic": {}})

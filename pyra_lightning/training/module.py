@@ -57,6 +57,12 @@ class PyraClassifier(pl.LightningModule):
             cosine schedule, label smoothing.
         recipe: ``model.recipe`` (``RecipeSettings``): where the paper's recipe and the
             reference's ``train.py`` differ (scheduler step, LoRA init, distilled training).
+        compile_model: Compile the backbone's forward and backward with ``torch.compile``
+            (``nn.Module.compile``, so checkpoints keep their keys) when a trainer sets the module
+            up: the merged model's many small operators become a few fused kernels, which is what
+            a GPU step at moderate batch sizes needs (``benchmark --train --train_compile``
+            measures it). The same numbers up to rounding, so not part of a run's identity.
+            Refused for elastic runs, whose every drawn schedule would be another graph.
 
     Each group is a dataclass of ``training.settings``, or a dict of its fields (a checkpoint's
     ``hyper_parameters`` hold dicts); ``hparams`` holds the dicts.
@@ -75,6 +81,7 @@ class PyraClassifier(pl.LightningModule):
         merging: MergingSettings = MergingSettings(),
         optim: OptimSettings = OptimSettings(),
         recipe: RecipeSettings = RecipeSettings(),
+        compile_model: bool = False,
     ) -> None:
         super().__init__()
         self.lora = coerce(LoRASettings, lora, "lora")
@@ -98,6 +105,11 @@ class PyraClassifier(pl.LightningModule):
             init_lora_(self.model, recipe.lora_init)
         self.elastic_plan: ElasticPlan | None = None
         merge_r, pyra, prop_attn = merging.merge_r, merging.pyra, merging.prop_attn
+        if compile_model and merging.elastic is not None:
+            raise ValueError(
+                "model.compile_model with model.merging.elastic: every schedule an elastic step draws "
+                "is another graph to compile; train elastic runs without model.compile_model"
+            )
         if merging.elastic is not None and merge_r is None:
             raise ValueError(
                 "model.merging.elastic needs merging: set model.merging.merge_r (the nominal schedule) too"
@@ -130,6 +142,16 @@ class PyraClassifier(pl.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.curve: list[dict[str, Any]] | None = None  # elastic runs: results.json["curve"]
         self._curve_models: list[tuple[float | str, list[int], nn.Module, MulticlassAccuracy]] = []
+
+    def configure_model(self) -> None:
+        """Lightning's set-up hook: compile the backbone in place for ``compile_model`` (once).
+
+        Copies of it (the LoRA-folded ``inference_model``, the throughput callback's and the
+        export's) are deep copies, which ``nn.Module.compile`` leaves uncompiled: each is run by
+        the engine its user chooses (``compile_for_inference``).
+        """
+        if self.hparams.get("compile_model") and self.model.__dict__.get("_compiled_call_impl") is None:
+            self.model.compile()
 
     @property
     def method(self) -> str:

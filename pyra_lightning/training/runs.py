@@ -49,9 +49,11 @@ CHECKPOINT_KEY = "pyra_run"  # where a checkpoint keeps {"settings": ..., "finge
 # Hyperparameters that change no number a run produces: where files are, how fast data loads.
 # The frozen weights that pretrained/pretrained_file load are covered by model.backbone_fingerprint.
 # Which kernels compute the merge and the attention: the same numbers up to rounding (the Triton
-# merger, FlexAttention), so they are not part of a run's identity, and a command may choose
+# merger, FlexAttention, torch.compile), so they are not part of a run's identity, and a command may choose
 # other ones than a checkpoint was trained with (``test --model.merging.attention flex``).
-KERNEL_CHOICES: frozenset[str] = frozenset({"model.merging.merger", "model.merging.attention"})
+KERNEL_CHOICES: frozenset[str] = frozenset(
+    {"model.merging.merger", "model.merging.attention", "model.compile_model"}
+)
 EXCLUDED: frozenset[str] = KERNEL_CHOICES | frozenset(
     {
         "model.pretrained",
