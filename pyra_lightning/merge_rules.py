@@ -100,10 +100,19 @@ class TritonMatcher:
         )
 
 
+def _triton_merge_wavg(
+    merge: MergeFn, x: torch.Tensor, size: torch.Tensor | None, modulate: Modulate | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from pyra_lightning.kernels.merging import triton_merge_wavg  # imports Triton: on first use only
+
+    return triton_merge_wavg(merge, x, size, modulate=modulate)
+
+
 class WeightedAverage:
     """The size-weighted average of ToMe and PYRA (``merge.merge_wavg``); PYRA modulates the sources."""
 
     name = "wavg"
+    average = staticmethod(merge_wavg)
 
     def __call__(
         self,
@@ -112,10 +121,10 @@ class WeightedAverage:
         size: torch.Tensor | None = None,
         modulate: Modulate | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return merge_wavg(merge, x, size, modulate=modulate)
+        return self.average(merge, x, size, modulate=modulate)
 
 
-class TritonWeightedAverage:
+class TritonWeightedAverage(WeightedAverage):
     """The size-weighted average with PYRA's modulation and the size update in two Triton kernels.
 
     ``kernels.merging.triton_merge_wavg``: in inference on CUDA tensors (eager or under CUDA-graph
@@ -127,17 +136,7 @@ class TritonWeightedAverage:
     """
 
     name = "triton"
-
-    def __call__(
-        self,
-        merge: MergeFn,
-        x: torch.Tensor,
-        size: torch.Tensor | None = None,
-        modulate: Modulate | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        from pyra_lightning.kernels.merging import triton_merge_wavg
-
-        return triton_merge_wavg(merge, x, size, modulate=modulate)
+    average = staticmethod(_triton_merge_wavg)
 
 
 MATCHERS: dict[str, Callable[[], Matcher]] = {

@@ -64,10 +64,13 @@ if triton is not None:  # module level, so the jitted functions find each other 
 
     @triton.jit
     def pair_info(
-        xb, sb, pb, num_kept, merge_r, rows, rmask, chans, cmask, channels, norm_w, norm_b, eps,
-        stride_xn, stride_xc, stride_sn, HAS_SIZE: tl.constexpr,
+        xb, sb, pb, num_kept, merge_r, start, chans, cmask, channels, norm_w, norm_b, eps,
+        stride_xn, stride_xc, stride_sn, HAS_SIZE: tl.constexpr, BLOCK_R: tl.constexpr,
     ):  # fmt: skip
-        """Size-weighted sources ``M_s`` and ``M_info = LN(M_s + M_t)`` (eq. 4) of pairs ``rows``."""
+        """Pairs ``start ..< start + BLOCK_R``: their indices and mask, size-weighted sources
+        ``M_s`` and ``M_info = LN(M_s + M_t)`` (eq. 4)."""
+        rows = start + tl.arange(0, BLOCK_R)
+        rmask = rows < merge_r
         src_pos = tl.load(pb + num_kept + rows, mask=rmask, other=0)
         dst_pos = tl.load(pb + num_kept + merge_r + rows, mask=rmask, other=0)
         src, _ = weighted_rows(
@@ -80,7 +83,7 @@ if triton is not None:  # module level, so the jitted functions find each other 
         mean = tl.sum(both, axis=1) / channels
         centred = tl.where(cmask[None, :], both - mean[:, None], 0.0)
         rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / channels + eps)
-        return src, centred * rstd[:, None] * norm_w[None, :] + norm_b[None, :]
+        return rows, rmask, src, centred * rstd[:, None] * norm_w[None, :] + norm_b[None, :]
 
     @triton.jit
     def modulate_kernel(
@@ -98,21 +101,17 @@ if triton is not None:  # module level, so the jitted functions find each other 
         xb, sb, pb = x + batch * stride_xb, size + batch * stride_sb, perm + batch * stride_pb
         delta_d = tl.zeros((BLOCK_C,), tl.float32)  # δ_D = M_info W_r (eq. 5), over all pairs
         for start in range(0, merge_r, BLOCK_R):
-            rows = start + tl.arange(0, BLOCK_R)
-            rmask = rows < merge_r
-            _, info = pair_info(
-                xb, sb, pb, num_kept, merge_r, rows, rmask, chans, cmask, channels, ln_w, ln_b, eps,
-                stride_xn, stride_xc, stride_sn, HAS_SIZE,
+            rows, rmask, _, info = pair_info(
+                xb, sb, pb, num_kept, merge_r, start, chans, cmask, channels, ln_w, ln_b, eps,
+                stride_xn, stride_xc, stride_sn, HAS_SIZE, BLOCK_R,
             )  # fmt: skip
             w_r = tl.load(weight_r + rows * stride_wr, mask=rmask, other=0.0).to(tl.float32)
             delta_d += tl.sum(w_r[:, None] * info, axis=0)
         gate_d = 2.0 * tl.sigmoid(delta_d)  # eq. 6
-        for start in range(0, merge_r, BLOCK_R):
-            rows = start + tl.arange(0, BLOCK_R)
-            rmask = rows < merge_r
-            src, info = pair_info(
-                xb, sb, pb, num_kept, merge_r, rows, rmask, chans, cmask, channels, ln_w, ln_b, eps,
-                stride_xn, stride_xc, stride_sn, HAS_SIZE,
+        for start in range(0, merge_r, BLOCK_R):  # second sweep: modulate with the finished δ_D
+            rows, rmask, src, info = pair_info(
+                xb, sb, pb, num_kept, merge_r, start, chans, cmask, channels, ln_w, ln_b, eps,
+                stride_xn, stride_xc, stride_sn, HAS_SIZE, BLOCK_R,
             )  # fmt: skip
             delta_r = tl.sum(info * w_d[None, :], axis=1)  # δ_r = W_D M_info (eq. 5): (R,)
             modulated = src + (src * gate_d[None, :]) * (2.0 * tl.sigmoid(delta_r) - 1.0)[:, None]  # eq. 7
