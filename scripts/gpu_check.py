@@ -37,7 +37,7 @@ PARTS: dict[str, tuple[int, str]] = {
     "speed": (360, "issue 17: engines x models x batch 1/64/256, kernels, memory, attention, matcher"),
     "ddp_fit": (150, "2-process DDP (gloo) on one GPU, bf16 autocast: trains, throughput over ranks"),
     "train_step": (
-        100,
+        200,
         "issue 17: ViT-B/16 training steps, uncompressed / ToMe / PYRA high, batch 64 and 128",
     ),
     "env": (60, "versions and device"),

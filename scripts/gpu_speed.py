@@ -300,9 +300,9 @@ def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
 def part_train_step(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Training steps (forward, loss, backward; LoRA, PYRA and head trainable) of ViT-B/16
     uncompressed / ToMe high / PYRA high at batch 64 and 128, bf16 autocast, eager: issue 17's
-    training target (``benchmark --train``), timed interleaved per batch size. Then, on CUDA,
-    uncompressed and PYRA high at 128 with the steps compiled (``--train_compile``: two compiles
-    of forward and backward), what a compiled training loop would get."""
+    training target (``benchmark --train``), timed interleaved per batch size. Then, on CUDA, the
+    three at 128 with the steps compiled (``--train_compile``: three compiles of forward and
+    backward), what a compiled training loop would get."""
     from pyra_lightning.commands.benchmark import run_benchmark
 
     s = _settings(args.dry_run)
@@ -331,8 +331,6 @@ def part_train_step(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[s
         )
         base = result["training"]["uncompressed"]["images_per_s"]
         for name, row in result["training"].items():
-            if compiled and name.startswith("tome"):
-                continue  # two compiles fit the part's time; ToMe's is the least informative
             out["rows"].append(
                 {
                     "batch_size": batch,

@@ -469,3 +469,13 @@ def test_compiled_training_steps_compute_the_eager_loss_and_gradients(one_thread
         ValueError, match="--train_compile compiles the training steps of --train; add --train"
     ):
         run_benchmark(train_compile=True, **TINY_ARGS)
+
+
+def test_the_table_prints_compiled_training_steps_without_saved_activations(one_thread: None) -> None:
+    """A compiled step has no ``saved_activations_mb`` (the graph decides what it saves): the
+    printed table shows "-" there instead of failing after everything was measured."""
+    result = run_benchmark(merge_r=[2], batch_size=1, runs=1, warmup=0, train=True, **TINY_ARGS)
+    for row in result["training"].values():
+        row["saved_activations_mb"] = None  # as time_training_steps(compiled=True) reports it
+    lines = [line for line in format_table(result).splitlines() if line.startswith("| pyra/r=2")]
+    assert lines and lines[-1].rstrip(" |").endswith("-")

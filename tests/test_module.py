@@ -177,6 +177,7 @@ def test_compile_model_compiles_the_backbone_once_in_place_with_the_eager_number
     assert modules[True].state_dict().keys() == modules[False].state_dict().keys()
     assert copy.deepcopy(modules[True].model).__dict__.get("_compiled_call_impl") is None
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 3])
+    torch._dynamo.utils.counters.clear()
     results = {}
     for key, module in modules.items():
         randomize_(module.model)  # LoRA B and PYRA's W_D start at zero
@@ -184,6 +185,8 @@ def test_compile_model_compiles_the_backbone_once_in_place_with_the_eager_number
         loss.backward()
         grads = {n: p.grad for n, p in module.model.named_parameters() if p.grad is not None}
         results[key] = (loss.detach(), grads)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "dynamo compiled a graph"
+    assert not torch._dynamo.utils.counters["graph_break"], "one graph, no eager fallback inside"
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
     assert results[True][1].keys() == results[False][1].keys() and any(
         ".pyra." in n for n in results[False][1]

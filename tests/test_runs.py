@@ -402,8 +402,9 @@ def test_the_kernels_are_no_part_of_a_runs_identity() -> None:
     from pyra_lightning.training.runs import conflicting_hparams, run_settings
 
     trainer = SimpleNamespace(precision="32-true")
-    settings = run_settings(trainer, tiny_module(merging={"merger": "triton", "attention": "flex"}), None)
-    assert "model.merging.merger" not in settings and "model.merging.attention" not in settings
+    kernels = tiny_module(merging={"merger": "triton", "attention": "flex"}, compile_model=True)
+    settings = run_settings(trainer, kernels, None)
+    assert not {"model.merging.merger", "model.merging.attention", "model.compile_model"} & set(settings)
     assert settings == run_settings(trainer, tiny_module(), None)
     assert settings["model.merging.matcher"] == "bipartite"
     hparams = {"merging": {"merger": "wavg", "attention": "sdpa", "pyra": True}}
@@ -412,3 +413,20 @@ def test_the_kernels_are_no_part_of_a_runs_identity() -> None:
     assert conflicting_hparams(hparams, config, keys, "x.ckpt") == [
         "model.merging.pyra: true in x.ckpt vs false now"
     ]
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.filterwarnings("ignore:throughput.engine=eager times FlexAttention")
+def test_a_kernel_given_with_ckpt_path_is_the_one_that_runs(workdir: Path, tmp_path: Path) -> None:
+    """``test --ckpt_path X --model.merging.attention flex``: LightningCLI merges the checkpoint's
+    hyperparameters over the command line; a kernel choice given explicitly survives that merge."""
+    last = workdir / "runs" / "demo" / "pyra" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "flex"
+    main(
+        [
+            "test",
+            *quickstart_args(out, workdir / "data", f"--ckpt_path={last}", "--model.merging.attention=flex"),
+        ]
+    )
+    result = json.loads((out / "test" / "results.json").read_text())  # a test of a trained run
+    assert result["config"]["attention"] == "flex" and result["config"]["merger"] == "wavg"

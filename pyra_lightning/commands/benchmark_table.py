@@ -115,7 +115,7 @@ def format_table(result: dict[str, Any]) -> str:
                     f"{row['images_per_s']:.2f}",
                     f"{1e3 * row['median_s']:.1f}",
                     _fmt(row["peak_memory_mb"], ".0f"),
-                    f"{row['saved_activations_mb']:.0f}",
+                    _fmt(row["saved_activations_mb"], ".0f"),
                 ]
                 for name, row in result["training"].items()
             ],

@@ -361,6 +361,7 @@ class ResultsJSON(pl.Callback):
                 "prop_attn": hp["merging"]["prop_attn"],
                 # the kernels (not part of the identity: runs.KERNEL_CHOICES); None before they existed
                 **{key: hp["merging"].get(key) for key in ("matcher", "merger", "attention")},
+                "compile_model": hp.get("compile_model"),
                 "img_size": hp.img_size,
                 "max_epochs": trainer.max_epochs,
                 "seed": int(os.environ.get("PL_GLOBAL_SEED", "-1")),

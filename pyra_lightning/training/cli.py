@@ -47,6 +47,7 @@ from pyra_lightning.training.monitoring import (
 )
 from pyra_lightning.training.predict import PREDICTIONS_FILENAME, ImageFiles, PredictionsCSV, find_images
 from pyra_lightning.training.runs import (
+    KERNEL_CHOICES,
     RUNS_ROOT,
     START_FRESH,
     RunIdentity,
@@ -89,6 +90,7 @@ class PyraCLI(BriefHelp, LightningCLI):
     run_dir: Path
     run_dir_given: bool = False
     finished_results: Path | None = None
+    kernel_choices: dict[str, Any] = {}  # explicit runs.KERNEL_CHOICES given with --ckpt_path
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then settle the run folder and ``--ckpt_path`` before LightningCLI reads the checkpoint.
@@ -120,6 +122,8 @@ class PyraCLI(BriefHelp, LightningCLI):
             hparams = load_checkpoint(ckpt_path).get("hyper_parameters") or {}
             refuse_flat(hparams, f"--ckpt_path {ckpt_path}")
             keys = explicit_keys(self.raw_args, "model", subcommand)
+            # Kernels may differ from the checkpoint's; LightningCLI's merge would replace them.
+            self.kernel_choices = {k: config.model.get(k) for k in keys if f"model.{k}" in KERNEL_CHOICES}
             conflicts = conflicting_hparams(hparams, config.model, keys, ckpt_path)
             if conflicts:
                 raise refusal(
@@ -194,6 +198,8 @@ class PyraCLI(BriefHelp, LightningCLI):
     # ------------------------------------------------------------------------- the run folder
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        for key, value in self.kernel_choices.items():  # as given, over the checkpoint's
+            config.model[key] = value
         self.run_dir = self._run_dir(config)
         # The saved config.yaml names the folder exactly: `--config <run>/config.yaml` comes back here.
         config.run_dir = config.trainer.default_root_dir = str(self.run_dir)

@@ -59,9 +59,12 @@ class PyraClassifier(pl.LightningModule):
             reference's ``train.py`` differ (scheduler step, LoRA init, distilled training).
         compile_model: Compile the backbone's forward and backward with ``torch.compile``
             (``nn.Module.compile``, so checkpoints keep their keys) when a trainer sets the module
-            up: the merged model's many small operators become a few fused kernels, which is what
-            a GPU step at moderate batch sizes needs (``benchmark --train --train_compile``
-            measures it). The same numbers up to rounding, so not part of a run's identity.
+            up (training and validation; test and predict run the folded copy, eager): the merged
+            model's many small operators become a few fused kernels, which is what a GPU step at
+            moderate batch sizes needs (``benchmark --train --train_compile`` measures a close
+            relative: one full graph at static shapes; here torch's defaults apply). The same
+            function, so not part of a run's identity; bitwise equal to eager only without
+            dropout and drop-path, whose masks inductor draws from its own random stream.
             Refused for elastic runs, whose every drawn schedule would be another graph.
 
     Each group is a dataclass of ``training.settings``, or a dict of its fields (a checkpoint's

@@ -48,9 +48,10 @@ RUN_FILE = "run.json"
 CHECKPOINT_KEY = "pyra_run"  # where a checkpoint keeps {"settings": ..., "fingerprint": ...}
 # Hyperparameters that change no number a run produces: where files are, how fast data loads.
 # The frozen weights that pretrained/pretrained_file load are covered by model.backbone_fingerprint.
-# Which kernels compute the merge and the attention: the same numbers up to rounding (the Triton
-# merger, FlexAttention, torch.compile), so they are not part of a run's identity, and a command may choose
-# other ones than a checkpoint was trained with (``test --model.merging.attention flex``).
+# Which kernels compute the model: the same function (the Triton merger and FlexAttention up to
+# rounding; torch.compile also draws dropout masks from inductor's own random stream), so they are
+# not part of a run's identity, and a command may choose other ones than a checkpoint was trained
+# with (``test --ckpt_path X --model.merging.attention flex``; the CLI keeps them over the checkpoint's).
 KERNEL_CHOICES: frozenset[str] = frozenset(
     {"model.merging.merger", "model.merging.attention", "model.compile_model"}
 )
