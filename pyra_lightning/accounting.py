@@ -122,22 +122,23 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int] | None = None,
     was_training = model.training
     trainable = [p for p in model.parameters() if p.requires_grad]
     # FlexAttention cannot run under the counter; it computes SDPA's products, so count those.
-    flex = [
-        m for m in model.modules() if isinstance(getattr(m, "attention", None), str) and m.attention != "sdpa"
-    ]
+    flex = {
+        m: m.attention
+        for m in model.modules()
+        if isinstance(getattr(m, "attention", None), str) and m.attention != "sdpa"
+    }
     model.eval()
     try:
         for p in trainable:
             p.requires_grad_(False)
         for module in flex:
-            module.__dict__["_counted_attention"] = module.attention
             module.attention = "sdpa"
         with torch.no_grad(), flop_counter_mode() as counter:
             model(x)
     finally:
         for p in trainable:
             p.requires_grad_(True)
-        for module in flex:
-            module.attention = module.__dict__.pop("_counted_attention")
+        for module, name in flex.items():
+            module.attention = name
         model.train(was_training)
     return int(counter.get_total_flops())

@@ -102,12 +102,13 @@ def apply_merging(
         block.num_prefix_tokens = model.num_prefix_tokens
         block.matcher = matcher_rule
         block.merger = merger_rule
-        if not hasattr(type(block.attn), "attention"):  # a family whose attention reads no table
+        if hasattr(type(block.attn), "attention"):
+            block.attn.attention = attention
+        elif attention != "sdpa":  # a registered family whose attention reads no table: its own SDPA
             raise ValueError(
                 f"attention={attention!r}: {type(block.attn).__name__} does not attend through "
                 "kernels.attention.ATTENTIONS (give it an `attention` class attribute that its forward reads)"
             )
-        block.attn.attention = attention
         if variant is None or block_r == 0:
             block.pyra = None
         elif isinstance(old, PyraModulation) and old.merge_r == block_r and old.variant == variant:

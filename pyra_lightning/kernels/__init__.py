@@ -14,8 +14,10 @@ run the kernels on CPU under Triton's interpreter (``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from typing import Any
 
 import torch
 
@@ -35,3 +37,8 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if not triton_available():
         return False
     return interpreting() or all(t.is_cuda for t in tensors)
+
+
+def on_device_of(tensor: torch.Tensor) -> Any:
+    """A context in which Triton launches on ``tensor``'s GPU (it launches on the current one)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

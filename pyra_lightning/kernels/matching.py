@@ -20,11 +20,9 @@ rounding, so an argmax may differ only where two scores are within rounding of e
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from pyra_lightning.kernels import use_triton
+from pyra_lightning.kernels import on_device_of, use_triton
 
 
 def _kernel():  # type: ignore[no-untyped-def]
@@ -106,7 +104,7 @@ def triton_node_max(metric: torch.Tensor, num_prefix_tokens: int) -> tuple[torch
     node_idx = torch.empty(batch, na, device=metric.device, dtype=torch.int64)
     block_a, block_b = 16, 16
     grid = (batch, triton.cdiv(na, block_a))
-    with torch.cuda.device(metric.device) if metric.is_cuda else contextlib.nullcontext():  # metric's GPU
+    with on_device_of(metric):  # metric's GPU
         _launch_match(metric, node_max, node_idx, num_prefix_tokens, grid, block_a, block_b)
     return node_max, node_idx
 

@@ -30,12 +30,11 @@ modulations other than ``"pyra"`` (the ablations), and for a matcher's merge tha
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 
-from pyra_lightning.kernels import use_triton
+from pyra_lightning.kernels import on_device_of, use_triton
 from pyra_lightning.merge import BipartiteMerge, Modulate, fusable_pyra, merge_wavg
 
 try:  # ships with torch's CUDA builds; the kernels below are defined only where it imports
@@ -216,7 +215,7 @@ def triton_merge_wavg(
     dst_out = merge.dst_out.contiguous()  # (B, r)
     out = torch.empty(batch, kept, channels, device=x.device, dtype=x.dtype)
     out_size = torch.empty(batch, kept, 1, device=x.device, dtype=x.dtype)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # launch on x's GPU
+    with on_device_of(x):  # launch on x's GPU
         _launch(x, size, modulate, merge, perm, dst_out, out, out_size)
     return out, out_size
 
