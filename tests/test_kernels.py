@@ -322,3 +322,19 @@ def test_the_triton_rules_dispatch_fewer_operators_per_forward(
     assert ops["triton_launch"] == launches  # per merging layer: the matcher's, PYRA's, the merge's
     assert sum(ops.values()) <= most
     assert "index_put_" not in ops and "baddbmm" not in ops  # the torch merge and matcher did not run
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_the_kernels_compile_for_hopper_without_spilling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interpreter runs a kernel whatever its tiles; the GPU compiler does not. Every kernel,
+    at the block sizes its launcher picks for ViT-B/16 (C 768, head 64) in bf16, with and without
+    sizes, compiles for sm_90 with Triton's own ptxas, no GPU needed (``tools/aot_kernels.py``),
+    and keeps its registers without spilling to the stack."""
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
+    from aot_kernels import build
+
+    rows = build("cuda:90", channels=[768], head_dim=64, dtypes=["bf16"])
+    assert sorted({row.kernel for row in rows}) == ["match_kernel", "merge_kernel", "modulate_kernel"]
+    assert len(rows) == 7  # 1 matcher, 2 modulations (sizes or not), 4 merges (x modulated or not)
+    assert all(0 < row.registers <= 255 for row in rows), rows
+    assert [row for row in rows if row.stack_bytes] == [], "a kernel spills registers at ViT-B/16's width"

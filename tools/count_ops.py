@@ -19,6 +19,7 @@ import contextlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest import mock
 
 import timm
 import torch
@@ -55,20 +56,14 @@ def launches(ops: collections.Counter[str]) -> Iterator[None]:
     """The Triton rules take their kernel path on any tensor, and every launch is counted in ``ops``."""
     from pyra_lightning.kernels import matching, merging
 
-    saved = (
-        matching.use_triton,
-        merging.use_triton,
-        matching._KERNEL,
-        merging.modulate_kernel,
-        merging.merge_kernel,
-    )
-    matching.use_triton = merging.use_triton = lambda *tensors: True
-    matching._KERNEL = merging.modulate_kernel = merging.merge_kernel = _Launch(ops)
-    try:
+    launch = _Launch(ops)
+    with contextlib.ExitStack() as stack:
+        for module in (matching, merging):
+            stack.enter_context(mock.patch.object(module, "use_triton", lambda *tensors: True))
+        stack.enter_context(mock.patch.object(matching, "match_kernel", lambda: launch))
+        stack.enter_context(mock.patch.object(merging, "modulate_kernel", launch))
+        stack.enter_context(mock.patch.object(merging, "merge_kernel", launch))
         yield
-    finally:
-        matching.use_triton, merging.use_triton, matching._KERNEL = saved[:3]
-        merging.modulate_kernel, merging.merge_kernel = saved[3:]
 
 
 def count(model: torch.nn.Module, batch: int = 1) -> collections.Counter[str]:

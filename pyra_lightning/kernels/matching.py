@@ -20,6 +20,9 @@ rounding, so an argmax may differ only where two scores are within rounding of e
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 
 from pyra_lightning.kernels import on_device_of, use_triton
@@ -88,25 +91,32 @@ def _kernel():  # type: ignore[no-untyped-def]
     return match_kernel
 
 
-_KERNEL = None
+@functools.cache
+def match_kernel() -> Any:
+    """The jitted ``match_kernel``, defined on first use (Triton is imported only then)."""
+    return _kernel()
 
 
 def triton_node_max(metric: torch.Tensor, num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best B partner of every A token: (B, Na) cosine maxima (fp32) and their B indices (int64)."""
     import triton
 
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = _kernel()
     batch, num_tokens, channels = metric.shape
     na = (num_tokens + 1) // 2
     node_max = torch.empty(batch, na, device=metric.device, dtype=torch.float32)
     node_idx = torch.empty(batch, na, device=metric.device, dtype=torch.int64)
-    block_a, block_b = 16, 16
-    grid = (batch, triton.cdiv(na, block_a))
+    grid = (batch, triton.cdiv(na, match_blocks(channels)["BLOCK_A"]))
     with on_device_of(metric):  # metric's GPU
-        _launch_match(metric, node_max, node_idx, num_prefix_tokens, grid, block_a, block_b)
+        _launch_match(metric, node_max, node_idx, num_prefix_tokens, grid)
     return node_max, node_idx
+
+
+def match_blocks(channels: int) -> dict[str, int]:
+    """``match_kernel``'s block sizes: 16 A x 16 B tokens a step (``tl.dot``'s smallest tile) and
+    the metric's whole channel width (a head's width, 64 on ViT-B/16) in one tile."""
+    import triton
+
+    return {"BLOCK_A": 16, "BLOCK_B": 16, "BLOCK_C": max(16, triton.next_power_of_2(channels))}
 
 
 def _launch_match(
@@ -115,13 +125,9 @@ def _launch_match(
     node_idx: torch.Tensor,
     num_prefix_tokens: int,
     grid: tuple[int, int],
-    block_a: int,
-    block_b: int,
 ) -> None:
-    import triton
-
     batch, num_tokens, channels = metric.shape
-    _KERNEL[grid](
+    match_kernel()[grid](
         metric,
         node_max,
         node_idx,
@@ -133,9 +139,7 @@ def _launch_match(
         (num_prefix_tokens + 1) // 2,
         num_prefix_tokens // 2,
         IEEE=metric.dtype == torch.float32,
-        BLOCK_A=block_a,
-        BLOCK_B=block_b,
-        BLOCK_C=max(16, triton.next_power_of_2(channels)),
+        **match_blocks(channels),
     )
 
 

@@ -220,6 +220,24 @@ def triton_merge_wavg(
     return out, out_size
 
 
+def modulate_blocks(channels: int) -> dict[str, int]:
+    """``modulate_kernel``'s launch: all channels in one tile (LayerNorm needs the whole row), as
+    many pairs as keep a tile at 4096 elements, and 4 warps, or 8 past 2048 channels, where 4
+    would spill registers (``tools/aot_kernels.py`` prints the registers and spills per width)."""
+    full_c = triton.next_power_of_2(channels)
+    return {
+        "BLOCK_R": max(2, min(16, 4096 // full_c)),
+        "BLOCK_C": full_c,
+        "num_warps": 4 if full_c <= 2048 else 8,
+    }
+
+
+def merge_blocks(channels: int) -> dict[str, int]:
+    """``merge_kernel``'s block sizes: 32 kept tokens x 128 channels per program (fewer channels
+    where C is narrower, at least 16), 16 sources per one-hot ``tl.dot``."""
+    return {"BLOCK_T": 32, "BLOCK_R": 16, "BLOCK_C": min(128, max(16, triton.next_power_of_2(channels)))}
+
+
 def _launch(
     x: torch.Tensor,
     size: torch.Tensor | None,
@@ -240,20 +258,17 @@ def _launch(
     if modulate is not None:
         norm = modulate.norm
         sources = torch.empty(batch, merge_r, channels, device=x.device, dtype=torch.float32)
-        full_c = triton.next_power_of_2(channels)
         modulate_kernel[(batch,)](
             x, size_arg, perm, norm.weight, norm.bias, modulate.weight_r, modulate.weight_d, sources,
             kept, merge_r, channels, norm.eps,
             x.stride(0), x.stride(1), x.stride(2), *size_strides, perm.stride(0), modulate.weight_r.stride(0),
-            HAS_SIZE=size is not None, BLOCK_R=max(2, min(16, 4096 // full_c)), BLOCK_C=full_c,
+            HAS_SIZE=size is not None, **modulate_blocks(channels),
         )  # fmt: skip
-    block_t, block_r = 32, 16
-    block_c = min(128, max(16, triton.next_power_of_2(channels)))
-    grid = (batch, triton.cdiv(kept, block_t), triton.cdiv(channels, block_c))
+    blocks = merge_blocks(channels)
+    grid = (batch, triton.cdiv(kept, blocks["BLOCK_T"]), triton.cdiv(channels, blocks["BLOCK_C"]))
     merge_kernel[grid](
         x, size_arg, perm, dst_out, sources, out, out_size,
         kept, merge_r, channels,
         x.stride(0), x.stride(1), x.stride(2), *size_strides, perm.stride(0), dst_out.stride(0),
-        HAS_SIZE=size is not None, MODULATED=modulate is not None,
-        BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_C=block_c,
+        HAS_SIZE=size is not None, MODULATED=modulate is not None, **blocks,
     )  # fmt: skip

@@ -1,0 +1,130 @@
+"""Compile the Triton merge kernels for a GPU that is not here, and print what each costs in registers.
+
+The interpreter (``TRITON_INTERPRET=1``) checks what the kernels compute, not whether they compile:
+it accepts a ``tl.dot`` tile under 16, a block that is not a power of two, or a tile too wide for
+the registers. Triton compiles for any target without a device (its ``ptxas`` ships with it), so
+this builds every kernel at the block sizes its launcher picks, for the given widths and dtypes,
+and reads registers, spills (the stack frame) and shared memory from the cubin with the bundled
+``cuobjdump``::
+
+    PYTHONPATH=$PWD python tools/aot_kernels.py                       # sm_90 (H100/H200)
+    PYTHONPATH=$PWD python tools/aot_kernels.py --target cuda:80 --channels 768 1024
+
+``--channels`` are the token widths C the merge kernels see (the model's embed_dim); the matcher
+sees the metric's width, a head's (``--head_dim``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+from typing import Any
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from pyra_lightning.kernels import matching, merging
+
+_INT = "i32"
+_DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """One kernel built for one target: its configuration and what the cubin says it uses."""
+
+    kernel: str
+    config: str
+    registers: int
+    stack_bytes: int  # > 0: registers spilled to the stack (local memory)
+    shared_bytes: int
+
+
+def _compile(kernel: Any, pointers: dict[str, str], launch: dict[str, Any], target: GPUTarget) -> Any:
+    """``triton.compile`` of ``kernel`` with the named pointer types; every other argument an int32
+    (``eps`` an fp32), the constexprs and ``num_warps`` (default 4, as Triton's) from ``launch``."""
+    constexprs = {key: value for key, value in launch.items() if key != "num_warps"}
+    num_warps = launch.get("num_warps", 4)
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = pointers.get(name, "fp32" if name == "eps" else _INT)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=target, options={"num_warps": num_warps})
+
+
+def _usage(compiled: Any) -> tuple[int, int, int]:
+    """(registers, stack bytes, shared bytes) of a compiled kernel, from ``cuobjdump``.
+
+    Spilled registers show as the function's STACK frame (and STL/LDL in its SASS).
+    """
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as handle:
+            handle.write(compiled.asm["cubin"])
+        dump = subprocess.run(
+            [tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True
+        )
+    fields = dict(re.findall(r"(REG|STACK):(\d+)", dump.stdout))
+    return int(fields["REG"]), int(fields["STACK"]), int(compiled.metadata.shared)
+
+
+def _record(name: str, config: dict[str, Any], compiled: Any) -> Compiled:
+    text = " ".join(f"{key}={value}" for key, value in config.items())
+    return Compiled(name, text, *_usage(compiled))
+
+
+def build(target: str, channels: list[int], head_dim: int, dtypes: list[str]) -> list[Compiled]:
+    """Every kernel at every width and dtype, with and without sizes, as the launchers configure them."""
+    backend, arch = target.split(":")
+    gpu = GPUTarget(backend, int(arch), 32)
+    rows = []
+    for dtype in (_DTYPES[d] for d in dtypes):
+        blocks = matching.match_blocks(head_dim)
+        config = {"dtype": dtype, "C": head_dim, "IEEE": dtype == "fp32", **blocks}
+        pointers = {"metric": f"*{dtype}", "node_max": "*fp32", "node_idx": "*i64"}
+        compiled = _compile(matching.match_kernel(), pointers, {"IEEE": dtype == "fp32", **blocks}, gpu)
+        rows.append(_record("match_kernel", config, compiled))
+        for width in channels:
+            for has_size in (True, False):
+                blocks = merging.modulate_blocks(width)
+                pointers = {n: f"*{dtype}" for n in ("x", "size", "norm_w", "norm_b", "weight_r", "weight_d")}
+                pointers |= {"perm": "*i64", "out": "*fp32"}
+                constexprs = {"HAS_SIZE": has_size, **blocks}
+                compiled = _compile(merging.modulate_kernel, pointers, constexprs, gpu)
+                rows.append(_record("modulate_kernel", {"dtype": dtype, "C": width, **constexprs}, compiled))
+                for modulated in (True, False):
+                    blocks = merging.merge_blocks(width)
+                    pointers = {n: f"*{dtype}" for n in ("x", "size", "out", "out_size")}
+                    pointers |= {"perm": "*i64", "dst_out": "*i64", "sources": "*fp32"}
+                    constexprs = {"HAS_SIZE": has_size, "MODULATED": modulated, **blocks}
+                    compiled = _compile(merging.merge_kernel, pointers, constexprs, gpu)
+                    rows.append(_record("merge_kernel", {"dtype": dtype, "C": width, **constexprs}, compiled))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--target", default="cuda:90", help="backend:arch, e.g. cuda:90 (Hopper), cuda:80")
+    parser.add_argument("--channels", type=int, nargs="+", default=[384, 768, 1024, 1280, 1536])
+    parser.add_argument("--head_dim", type=int, default=64)
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(_DTYPES), default=["bf16", "fp32"])
+    args = parser.parse_args()
+    rows = build(args.target, args.channels, args.head_dim, args.dtypes)
+    print(
+        f"{'kernel':<16} {'regs':>4} {'stack':>6} {'shared':>7}  config ({args.target}, triton {triton.__version__})"
+    )
+    for row in rows:
+        print(f"{row.kernel:<16} {row.registers:>4} {row.stack_bytes:>6} {row.shared_bytes:>7}  {row.config}")
+
+
+if __name__ == "__main__":
+    main()
