@@ -47,6 +47,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pyra_lightning.merge import cached_constants
+
 ENGINES: tuple[str, ...] = ("eager", "inductor", "cudagraph", "inductor-cudagraph")
 _GRAPH_WARMUP = 3  # forwards on the side stream before capture (the torch docs use 3)
 
@@ -137,7 +139,9 @@ def _compiled(
     """``torch.compile``d now, on ``example``; afterwards any recompile is an error."""
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     try:
-        with torch.no_grad(), _autocast(example.device, dtype):
+        # Compiled and always run under inference_mode, whatever the caller's grad mode: its
+        # tensors carry other dispatch keys than no_grad's, which a graph's guards check.
+        with torch.inference_mode(), _autocast(example.device, dtype):
             compiled(example)
     except Exception as error:
         if example.device.type != "cpu" or _attention(model) == "sdpa":
@@ -152,10 +156,27 @@ def _compiled(
     def run(x: torch.Tensor) -> torch.Tensor:
         # A guard that no longer holds (shapes are checked before this is reached) raises
         # instead of compiling a second graph silently.
-        with torch.compiler.set_stance("fail_on_recompile"):
+        with torch.inference_mode(), torch.compiler.set_stance("fail_on_recompile"):
             return compiled(x)
 
     return run
+
+
+class _CapturedGraph:
+    """One CUDA graph with its static input and output, and everything its replays read."""
+
+    def __init__(
+        self, graph: torch.cuda.CUDAGraph, static_in: torch.Tensor, static_out: torch.Tensor
+    ) -> None:
+        self.graph, self.static_in, self.static_out = graph, static_in, static_out
+        # merge.py's cached index tensors the graph read at capture: held as long as the graph,
+        # so that the cache dropping them cannot free memory a replay reads
+        self.constants = cached_constants()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.static_in.copy_(x)
+        self.graph.replay()
+        return self.static_out.clone()
 
 
 def _capture(
@@ -172,13 +193,7 @@ def _capture(
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad(), _autocast(example.device, dtype, cache=False), torch.cuda.graph(graph):
         static_out = fn(static_in)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        static_in.copy_(x)
-        graph.replay()
-        return static_out.clone()
-
-    return run
+    return _CapturedGraph(graph, static_in, static_out)
 
 
 def _ms_per_forward(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, runs: int = 10) -> float:

@@ -68,10 +68,25 @@ def max_merge_r(num_tokens: int, num_prefix_tokens: int) -> int:
 
 
 def _tracing(ref: torch.Tensor, plain: tuple[type, ...] = (torch.Tensor,)) -> bool:
-    """Whether a graph is being built: then constants are made inline, never cached."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(ref) not in plain:
-        return True  # fake and functional tensors (torch.export, ONNX export) are subclasses
+    """Whether a graph is being traced (``torch.compile``, ``torch.jit.trace``, exports): then the
+    merge takes the layout its exporters and compilers handle, and constants are made inline."""
+    # fake and functional tensors (torch.export, ONNX export) are subclasses
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or type(ref) not in plain
+
+
+def _capturing(ref: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream. The eager plan is captured
+    as it is (its kernels are capturable), reading the constants a warm-up cached; only a missing
+    constant is built inline and not cached: a tensor made during capture holds nothing until the
+    graph is replayed."""
     return ref.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def cached_constants() -> list[torch.Tensor]:
+    """The constant index tensors cached now. A captured CUDA graph reads the ones it used at
+    their addresses on every replay, so whoever holds the graph holds these too: the cache may
+    drop them later (``_CACHE_LIMIT``), and freed memory would be reused under the graph."""
+    return list(_CACHE.values())
 
 
 def _constant(key: tuple[Any, ...], ref: torch.Tensor, build: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -80,6 +95,8 @@ def _constant(key: tuple[Any, ...], ref: torch.Tensor, build: Callable[[], torch
         return build()
     key = (*key, ref.device)
     hit = _CACHE.get(key)
+    if hit is None and _capturing(ref):
+        return build()  # recorded into the graph, replayed with it; not cached
     if hit is None:
         if len(_CACHE) >= _CACHE_LIMIT:
             _CACHE.clear()

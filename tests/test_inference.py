@@ -12,6 +12,7 @@ from helpers import randomize_, tiny_vit
 import pyra_lightning
 from pyra_lightning import apply_merging
 from pyra_lightning.lora import LoRALinear
+from pyra_lightning.timing import time_forwards
 
 
 def _model() -> torch.nn.Module:
@@ -71,6 +72,12 @@ def test_inductor_engine_matches_eager_and_never_recompiles() -> None:
     with torch.no_grad():
         torch.testing.assert_close(compiled(y), model(y), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+    # Callers time it under inference_mode (timing.time_forwards, the throughput callback) or
+    # none: neither changes the graph's guards, so neither is a recompile (which would raise)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(y), model(y), rtol=1e-4, atol=1e-4)
+    seconds = time_forwards({"inductor": compiled}, 1, 32, "cpu", "32", warmup=1, runs=2)["inductor"]
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)
     with pytest.raises(ValueError, match="built for input"):
         compiled(torch.randn(2, 3, 32, 32))
 

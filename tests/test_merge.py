@@ -217,3 +217,34 @@ def test_constants_cached_under_inference_mode_still_train() -> None:
     merged, size = merge_wavg(merge, x, None, modulate=PyraModulation(5, 8))
     merged.sum().backward()
     assert x.grad is not None and size.is_contiguous()
+
+
+@pytest.mark.parametrize("pyra", [False, True])
+def test_a_cuda_graph_capture_records_the_eager_plan_from_the_warm_cache(
+    pyra: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ``cudagraph`` engine replays what its capture recorded, so the capture must record the
+    eager plan (one gather, in-place accumulate) with the constants its warm-up cached, every one
+    a kernel less per replay, not the traced plan meant for exporters; and it must not fill the
+    cache: a tensor made during capture holds nothing until a replay. Capture is simulated
+    (``merge._capturing`` forced true), since this machine has no GPU."""
+    from pyra_lightning import merge as merge_module
+
+    metric, x, size = torch.randn(2, 197, 16), torch.randn(2, 197, 16), torch.rand(2, 197, 1) + 1
+    modulate = PyraModulation(40, 16) if pyra else None
+
+    def layer() -> tuple[torch.Tensor, torch.Tensor]:
+        merge, _ = bipartite_soft_matching(metric, 40, 1)
+        return merge_wavg(merge, x, size, modulate=modulate)
+
+    eager_ops = _count(layer)  # warm: the constants are cached
+    with torch.inference_mode():
+        want = layer()
+    monkeypatch.setattr(merge_module, "_capturing", lambda ref: True)
+    assert _count(layer) == eager_ops  # captured as eager runs it, constants from the cache
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(), want, rtol=0, atol=0)
+    merge_module._CACHE.clear()  # a capture that finds the cache cold
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(), want, rtol=0, atol=0)
+    assert merge_module.cached_constants() == []  # built inline, nothing cached while capturing
