@@ -263,6 +263,12 @@ class BipartiteMerge:
             src = src if src.dtype == out.dtype else src.to(out.dtype)
         out = _accumulate(out, (_batch_rows(n, x), self.dst_out), src)
         total, size = out.split([c, 1], dim=-1)
+        if torch.is_grad_enabled():
+            # Sizes are patch counts: no parameter reaches them (the index plan is not
+            # differentiable), and the reference computes them outside autograd. Riding in the
+            # gather beside the tokens they would carry a graph, and the next layer's log(size)
+            # mask would make SDPA's backward compute a (B, H, N, N) mask gradient for nothing.
+            size = size.detach()
         # The next layer's SDPA mask is log(size). In eager inference log() writes a fresh dense
         # tensor (stride 1 on the token axis), so the split's view is enough; traced graphs
         # (torch.export's decompositions) and autograd's saved tensors get a contiguous copy.

@@ -248,3 +248,32 @@ def test_a_cuda_graph_capture_records_the_eager_plan_from_the_warm_cache(
     with torch.inference_mode():
         torch.testing.assert_close(layer(), want, rtol=0, atol=0)
     assert merge_module.cached_constants() == []  # built inline, nothing cached while capturing
+
+
+@pytest.mark.parametrize("pyra", [False, True])
+def test_sizes_stay_out_of_autograd_in_a_training_step(pyra: bool) -> None:
+    """Token sizes are patch counts, which no parameter reaches: the reference computes them
+    outside autograd. They ride in the gather beside the tokens, so without a ``detach`` every
+    later block's ``log(size)`` mask would require grad and SDPA's backward would compute a
+    (B, H, N, N) mask gradient for nothing. The parameters still get their gradients."""
+    from helpers import randomize_, tiny_vit
+
+    model = tiny_vit()
+    apply_merging(model, [8, 8, 4, 4], pyra=pyra)
+    randomize_(model)
+    model.train()
+    seen: list[bool] = []
+    for block in model.blocks:
+        block.attn.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(
+                kwargs["size"] is not None and kwargs["size"].requires_grad
+            ),
+            with_kwargs=True,
+        )
+    model(torch.randn(2, 3, 32, 32)).square().sum().backward()
+    assert len(seen) == 4 and not any(seen)
+    # (the last block's merge reaches no output: the head reads the class token, never merged)
+    params = [p for n, p in model.named_parameters() if "pyra" in n and not n.startswith("blocks.3.")]
+    params = params if pyra else [model.blocks[0].attn.qkv.weight]
+    assert len(params) == (12 if pyra else 1)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
