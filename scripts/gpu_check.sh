@@ -15,21 +15,24 @@ started=$(date +%s)
 
 PY=${PYTHON:-python3}
 # A machine with no package index (a lent GPU box) gets the pure-Python packages it lacks as wheels
-# in .whl/ (pip download --no-deps ... -d .whl jsonargparse docstring_parser typeshed_client timm).
+# in .whl/, made here by scripts/gpu_wheels.sh and carried with the call.
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install --quiet --no-index --no-deps --no-compile --target /tmp/pyra-site .whl/*.whl \
         && export PYTHONPATH=/tmp/pyra-site${PYTHONPATH:+:$PYTHONPATH} \
         && echo "gpu_check: installed $(ls .whl | tr '\n' ' ')from .whl/"
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-if ! "$PY" -c "import torch, timm, lightning, jsonargparse, safetensors" 2>/dev/null; then
-    # Reuse the machine's torch (its CUDA build) and install only what is missing.
-    echo "gpu_check: installing pyra-lightning[dev] into .venv-gpu (system site packages visible)"
-    if [ ! -x .venv-gpu/bin/python ]; then
-        "$PY" -m venv --system-site-packages .venv-gpu || exit 1
-    fi
-    .venv-gpu/bin/python -m pip install --quiet -e ".[dev]" || echo "gpu_check: pip install failed; trying anyway"
-    PY=.venv-gpu/bin/python
+# What every part imports, and what only the CLI parts (fit_bf16, fit_16) need. Nothing is
+# installed here: the machine's own torch is the one with its CUDA, and a venv made from an
+# interpreter that is itself a venv would not see that torch.
+missing=$("$PY" -c "import importlib.util as u; print(' '.join(n for n in ('torch', 'timm', 'lightning', 'safetensors') if u.find_spec(n) is None))" 2>&1) \
+    || { echo "gpu_check: $PY does not run: $missing"; exit 2; }
+if [ -n "$missing" ]; then
+    echo "gpu_check: $PY has no $missing; install pyra-lightning into it (pip install -e '.[dev]'), or with no package index carry wheels in .whl/ (bash scripts/gpu_wheels.sh)"
+    exit 2
 fi
-echo "gpu_check: install/check took $(( $(date +%s) - started )) s, python: $PY"
+if ! "$PY" -c "import jsonargparse" 2>/dev/null; then
+    echo "gpu_check: note: no jsonargparse, so fit_bf16 and fit_16 (the CLI) will fail; bash scripts/gpu_wheels.sh makes .whl/"
+fi
+echo "gpu_check: ready in $(( $(date +%s) - started )) s; $("$PY" -c "import sys, torch, triton; print(f'python {sys.version.split()[0]} ({sys.executable}), torch {torch.__version__}, triton {triton.__version__}')" 2>&1 | tail -1)"
 exec "$PY" scripts/gpu_check.py "$@"

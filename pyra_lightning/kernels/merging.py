@@ -222,13 +222,14 @@ def triton_merge_wavg(
 
 def modulate_blocks(channels: int) -> dict[str, int]:
     """``modulate_kernel``'s launch: all channels in one tile (LayerNorm needs the whole row), as
-    many pairs as keep a tile at 4096 elements, and 4 warps, or 8 past 2048 channels, where 4
-    would spill registers (``tools/aot_kernels.py`` prints the registers and spills per width)."""
+    many pairs as keep a tile at 4096 elements, and 8 warps (16 past 2048 channels). With 4 warps
+    Triton 3.6 (the H200 image's) spills registers from 384 channels up and Triton 3.8 at 4096;
+    8 spill in neither up to 2048 (``tools/aot_kernels.py`` prints registers and spills)."""
     full_c = triton.next_power_of_2(channels)
     return {
         "BLOCK_R": max(2, min(16, 4096 // full_c)),
         "BLOCK_C": full_c,
-        "num_warps": 4 if full_c <= 2048 else 8,
+        "num_warps": 8 if full_c <= 2048 else 16,
     }
 
 
