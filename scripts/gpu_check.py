@@ -2,10 +2,17 @@
 
 Without ``--part`` this is the driver: it runs every part in order of value, each as
 ``python scripts/gpu_check.py --part NAME`` under a timeout, so a crash, a hang or a CUDA error
-in one part loses only that part. It writes ``<out>/gpu_check.json`` (everything) and
-``<out>/gpu_check.md`` (the block for BENCHMARKS.md), and prints the Markdown.
+in one part loses only that part (a part that stops early keeps what it measured: it saves as
+it goes). After every part it rewrites ``<out>/gpu_check.json`` (everything) and
+``<out>/gpu_check.md`` (the block for BENCHMARKS.md), so a call cut short still returns them;
+at the end it prints the Markdown.
 
-Parts:
+Parts (the first three are issue 17's; ``scripts/gpu_speed.py`` has them):
+  speed          ViT-B/16 bf16, batch 1/64/256, uncompressed / ToMe high / PYRA low / PYRA high
+                 (and with the Triton kernels, FlexAttention) on eager, cudagraph and
+                 inductor-cudagraph: img/s, speed-up, kernels per forward, peak memory, micro-benchmarks
+  ddp_fit        2 processes, gloo, both on cuda:0, bf16 autocast: trains, aggregates, writes once
+  train_step     training steps of uncompressed / ToMe high / PYRA high at batch 64 and 128
   env            versions, GPU, CUDA, CPU
   throughput     ViT-B/16 uncompressed / ToMe / PYRA at low and high, bf16, batch 1, 64, 256,
                  eager: img/s, speedup, efficiency (speedup / FLOPs ratio), peak memory
@@ -22,20 +29,27 @@ Parts:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from gpu_report import to_markdown  # noqa: E402 (the scripts folder is not a package)
+
 # name -> (time limit in seconds on a GPU, what it measures)
 PARTS: dict[str, tuple[int, str]] = {
-    "speed": (360, "issue 17: engines x models x batch 1/64/256, kernels, memory, attention, matcher"),
-    "ddp_fit": (150, "2-process DDP (gloo) on one GPU, bf16 autocast: trains, throughput over ranks"),
+    "speed": (280, "issue 17: engines x models x batch 1/64/256, kernels, memory, attention, matcher"),
+    "ddp_fit": (60, "2-process DDP (gloo) on one GPU, bf16 autocast: trains, throughput over ranks"),
     "train_step": (
         200,
         "issue 17: ViT-B/16 training steps, uncompressed / ToMe / PYRA high, batch 64 and 128",
@@ -78,21 +92,18 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------- parts
 def part_speed(args: argparse.Namespace) -> dict[str, Any]:
-    sys.path.insert(0, str(REPO / "scripts"))
     from gpu_speed import part_speed as speed
 
     return speed(args, lambda result: _save_partial(args, result))
 
 
 def part_ddp_fit(args: argparse.Namespace) -> dict[str, Any]:
-    sys.path.insert(0, str(REPO / "scripts"))
     from gpu_speed import part_ddp_fit as ddp_fit
 
     return ddp_fit(args)
 
 
 def part_train_step(args: argparse.Namespace) -> dict[str, Any]:
-    sys.path.insert(0, str(REPO / "scripts"))
     from gpu_speed import part_train_step as train_step
 
     return train_step(args, lambda result: _save_partial(args, result))
@@ -167,7 +178,7 @@ def _throughput(args: argparse.Namespace, engine: str, compile_mode: str | None 
 
 
 def _save_partial(args: argparse.Namespace, result: dict[str, Any]) -> None:
-    Path(args.out, f"part_{args.part}.partial.json").write_text(json.dumps(result, indent=2, default=str))
+    write_json(Path(args.out, f"part_{args.part}.partial.json"), result)
 
 
 def _peak_memory(args: argparse.Namespace, s: dict[str, Any], precision: str) -> dict[str, float] | None:
@@ -301,7 +312,64 @@ def _env() -> dict[str, str]:
 def run_part(name: str, args: argparse.Namespace) -> None:
     """Child process: run one part, write ``<out>/part_<name>.json``."""
     result = globals()[f"part_{name}"](args)
-    Path(args.out, f"part_{name}.json").write_text(json.dumps(result, indent=2, default=str))
+    write_json(Path(args.out, f"part_{name}.json"), result)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Written whole or not at all (a temporary file renamed): a kill mid-write leaves the old file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _text(stream: str | bytes | None) -> str:
+    """What a process printed, also when ``TimeoutExpired`` hands it over as bytes."""
+    if isinstance(stream, bytes):
+        return stream.decode(errors="replace")
+    return stream or ""
+
+
+def _run(command: list[str], timeout: float, log: Path) -> tuple[int | None, str]:
+    """Run a part in its own process group, killed whole (compile workers, DDP ranks) on timeout,
+    so nothing it started keeps the GPU busy under the next part. Returns (exit code or None on
+    timeout, the last line of its stderr); everything it printed goes to ``log``."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+        code: int | None = process.returncode
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        code = None
+    log.write_text(_text(stdout) + _text(stderr))
+    tail = [line for line in _text(stderr).strip().splitlines() if line.strip()][-1:]
+    return code, " ".join(tail)[:400]
+
+
+def _finish(report: dict[str, Any], out: Path, started: float, export: str | None) -> str:
+    """Write gpu_check.json and gpu_check.md as they stand (after every part: a kill keeps them);
+    with ``export``, copy both there with every log and part file in one ``gpu_check_files.tar.gz``
+    (three files: the device tool brings at most 8 back from its $OUT)."""
+    report["total_s"] = round(time.monotonic() - started, 1)
+    write_json(out / "gpu_check.json", report)
+    markdown = to_markdown(report)
+    (out / "gpu_check.md.tmp").write_text(markdown)
+    os.replace(out / "gpu_check.md.tmp", out / "gpu_check.md")
+    if export:
+        target = Path(export)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("gpu_check.json", "gpu_check.md"):
+            shutil.copyfile(out / name, target / f"{name}.tmp")
+            os.replace(target / f"{name}.tmp", target / name)
+        with tarfile.open(target / "gpu_check_files.tar.gz.tmp", "w:gz") as bundle:
+            for path in sorted(out.glob("*")):
+                if path.is_file() and not path.name.endswith(".tmp"):
+                    bundle.add(path, arcname=path.name)
+        os.replace(target / "gpu_check_files.tar.gz.tmp", target / "gpu_check_files.tar.gz")
+    return markdown
 
 
 def drive(args: argparse.Namespace) -> dict[str, Any]:
@@ -324,152 +392,38 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
         limit, what = PARTS[name]
         left = args.budget_s - (time.monotonic() - started)
         entry: dict[str, Any] = {"what": what}
+        report["parts"][name] = entry
         if left < 20:
             entry.update(status="skipped", reason=f"time budget of {args.budget_s} s spent")
+            _finish(report, out, started, args.export)
+            continue
+        timeout = min(limit, left) if not args.dry_run else max(limit, 300)
+        print(f"gpu_check: [{name}] {what} (limit {timeout:.0f} s) ...", flush=True)
+        result_path, partial = out / f"part_{name}.json", out / f"part_{name}.partial.json"
+        result_path.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
+        command = [sys.executable, __file__, "--part", name, "--device", args.device, "--out", str(out)]
+        command += ["--part_limit_s", f"{timeout:.0f}"] + (["--dry_run"] if args.dry_run else [])
+        tic = time.monotonic()
+        code, tail = _run(command, timeout, out / f"part_{name}.log")
+        if code == 0 and result_path.exists():
+            entry.update(status="ok", result=json.loads(result_path.read_text()))
         else:
-            timeout = min(limit, left) if not args.dry_run else max(limit, 300)
-            print(f"gpu_check: [{name}] {what} (limit {timeout:.0f} s) ...", flush=True)
-            (out / f"part_{name}.json").unlink(missing_ok=True)
-            (out / f"part_{name}.partial.json").unlink(missing_ok=True)
-            command = [sys.executable, __file__, "--part", name, "--device", args.device, "--out", str(out)]
-            command += ["--dry_run"] if args.dry_run else []
-            tic = time.monotonic()
-            try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env())
-                (out / f"part_{name}.log").write_text(done.stdout + done.stderr)
-                if done.returncode == 0 and (out / f"part_{name}.json").exists():
-                    entry.update(status="ok", result=json.loads((out / f"part_{name}.json").read_text()))
-                else:
-                    tail = [line for line in done.stderr.strip().splitlines() if line.strip()][-1:]
-                    entry.update(status="failed", reason=f"exit {done.returncode}: {' '.join(tail)[:400]}")
-            except subprocess.TimeoutExpired:
-                partial = out / f"part_{name}.partial.json"
-                if partial.exists():
-                    entry.update(status="partial", result=json.loads(partial.read_text()))
-                entry.setdefault("status", "skipped")
-                entry["reason"] = f"timed out after {timeout:.0f} s" + (
-                    "; the measurements it finished are kept" if partial.exists() else ""
-                )
-            entry["seconds"] = round(time.monotonic() - tic, 1)
-            print(
-                f"gpu_check: [{name}] {entry['status']} in {entry['seconds']} s {entry.get('reason', '')}",
-                flush=True,
-            )
-        report["parts"][name] = entry
-    report["total_s"] = round(time.monotonic() - started, 1)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
-    markdown = to_markdown(report)
-    (out / "gpu_check.md").write_text(markdown)
+            why = f"timed out after {timeout:.0f} s" if code is None else f"exit {code}: {tail}"
+            entry.update(status="failed", reason=why)
+            if partial.exists():  # what it measured before it stopped
+                entry.update(status="partial", result=json.loads(partial.read_text()))
+                entry["reason"] += "; the measurements it finished are kept"
+        entry["seconds"] = round(time.monotonic() - tic, 1)
+        print(
+            f"gpu_check: [{name}] {entry['status']} in {entry['seconds']} s {entry.get('reason', '')}",
+            flush=True,
+        )
+        _finish(report, out, started, args.export)
+    markdown = _finish(report, out, started, args.export)
     print("\n" + markdown)
     print(f"gpu_check: wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} in {report['total_s']} s")
     return report
-
-
-def _throughput_rows(name: str, result: dict[str, Any]) -> list[str]:
-    rows = []
-    for row in result["table"]:
-        rows.append(
-            f"| {name} | {row['batch_size']} | {row['model']} | {row['images_per_s']:.1f} | "
-            f"{row['speedup']:.2f}x | {result['gflops']['uncompressed'] / result['gflops'][row['model']]:.2f}x | "
-            f"{row['efficiency']:.3f} |"
-        )
-    return rows
-
-
-def _num(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def to_markdown(report: dict[str, Any]) -> str:
-    """The block for BENCHMARKS.md: what ran, then the throughput table, memory, fits."""
-    parts = report["parts"]
-    env = parts.get("env", {}).get("result", {})
-    lines = [
-        f"### GPU check, {report['date']}{' (dry run)' if report['dry_run'] else ''}",
-        "",
-        f"`{report['command']}`: {env.get('gpu', report['device'])}, torch {env.get('torch')} "
-        f"(CUDA {env.get('cuda')}), timm {env.get('timm')}, lightning {env.get('lightning')}, "
-        f"onnxruntime {env.get('onnxruntime')}; {report['total_s']} s in all.",
-        "",
-        "| part | status | seconds | note |",
-        "|---|---|---:|---|",
-    ]
-    for name, entry in parts.items():
-        lines.append(
-            f"| {name} | {entry['status']} | {entry.get('seconds', '-')} | {entry.get('reason', '')} |"
-        )
-    lines += _speed_lines(parts.get("speed", {}))
-    sys.path.insert(0, str(REPO / "scripts"))
-    from gpu_speed import train_step_lines
-
-    lines += train_step_lines(parts.get("train_step", {}))
-    table = []
-    for name in ("throughput", "compile", "compile_cudagraphs", "onnxruntime_cuda"):
-        if parts.get(name, {}).get("status") in ("ok", "partial"):
-            result = parts[name]["result"]
-            label = {
-                "throughput": "eager",
-                "compile": "compile",
-                "compile_cudagraphs": "compile (CUDA graphs)",
-            }
-            table += _throughput_rows(label.get(name, f"onnxruntime ({report['device']}, fp32)"), result)
-    if table:
-        lines += [
-            "",
-            "Inference throughput (precision bf16 autocast unless noted; speed-up over the same engine's "
-            "uncompressed model; efficiency = speed-up / FLOPs reduction):",
-            "",
-            "| engine | batch | model | img/s | speedup | FLOPs reduction | efficiency |",
-            "|---|---:|---|---:|---:|---:|---:|",
-            *table,
-        ]
-    peaks = parts.get("throughput", {}).get("result", {}).get("peak_memory_mib")
-    if peaks:
-        lines += ["", "Peak memory of one inference forward at the largest batch (MiB, weights included): "]
-        lines.append(", ".join(f"{name} {mib:.0f}" for name, mib in peaks.items()))
-    fits = [parts[n]["result"] for n in ("fit_bf16", "fit_16") if parts.get(n, {}).get("status") == "ok"]
-    if fits:
-        lines += [
-            "",
-            "| fit (quickstart, 1 epoch) | test acc | throughput img/s | speedup |",
-            "|---|---:|---:|---:|",
-        ]
-        lines += [
-            f"| {f['precision']} | {_num(f['test_acc'], '.4f')} | {_num(f['throughput'], '.1f')} | "
-            f"{_num(f['speedup'], '.2f')} |"
-            for f in fits
-        ]
-    if parts.get("pytest_gpu", {}).get("status") == "ok":
-        lines += ["", f"pytest -m gpu: {parts['pytest_gpu']['result']['summary']}"]
-    return "\n".join(lines) + "\n"
-
-
-def _speed_lines(entry: dict[str, Any]) -> list[str]:
-    """The speed part's tables: img/s and speed-up per engine, then what was skipped."""
-    result = entry.get("result")
-    if not result:
-        return []
-    lines = [
-        "",
-        "Speed (issue 17; bf16 autocast on CUDA; speed-up over the uncompressed model on the same engine):",
-        "",
-    ]
-    lines += ["| engine | batch | model | img/s | speedup | build s |", "|---|---:|---|---:|---:|---:|"]
-    for row in result.get("rows", []):
-        speedup = row.get("speedup")
-        lines.append(
-            f"| {row['engine']} | {row['batch_size']} | {row['model']} | {row['images_per_s']:.1f} | "
-            f"{'-' if speedup is None else f'{speedup:.2f}x'} | {row['build_s']} |"
-        )
-    if result.get("kernels"):
-        lines += ["", "Kernels per forward (torch.profiler; CPU: ATen operators): "]
-        lines.append(", ".join(f"{k} {v}" for k, v in result["kernels"].items()))
-    for key in ("peak_memory_mib", "attention", "matcher", "merger"):
-        if result.get(key):
-            lines += ["", f"{key}: {json.dumps(result[key], default=str)}"]
-    if result.get("skipped"):
-        lines += ["", "Skipped: " + "; ".join(result["skipped"])]
-    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -477,11 +431,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu with --dry_run")
     parser.add_argument("--dry_run", action="store_true", help="tiny model, 1 run: check the code paths")
     parser.add_argument("--out", default="gpu_check", help="folder for the JSON, the Markdown and logs")
+    parser.add_argument(
+        "--export",
+        default=None,
+        help="also keep gpu_check.json, gpu_check.md and a tar.gz of every log there, after every part "
+        "(e.g. $OUT/gpu_check on the lent GPU, which returns at most 8 files)",
+    )
     parser.add_argument("--parts", default="", help=f"comma-separated subset of: {', '.join(PARTS)}")
     parser.add_argument(
-        "--budget_s", type=float, default=570, help="seconds; no part starts once they are spent"
+        "--budget_s",
+        type=float,
+        default=440,
+        help="seconds (default 440: speed, ddp_fit and the start of train_step fit one 7-8 minute "
+        "device call); no part starts once they are spent, and the last one gets what is left",
     )
     parser.add_argument("--part", help=argparse.SUPPRESS)
+    parser.add_argument("--part_limit_s", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.part:
         run_part(args.part, args)

@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-# Compiling is the expensive part: at most these (model, batch) pairs, in this order, and none
-# that would start later than COMPILE_DEADLINE_S into the part (its limit is 360 s).
+# Compiling is the expensive part: at most these (model, batch) pairs, in this order, each only
+# if it should finish inside the part's limit (at the slowest compile seen so far, at least 60 s).
 COMPILED = [
     ("uncompressed", 256),
     ("pyra/high", 256),
@@ -24,7 +24,6 @@ COMPILED = [
     ("pyra/high", 64),
     ("pyra/high+flex", 256),
 ]
-COMPILE_DEADLINE_S = 240
 # The merge rule and attention kernel of a model variant: "+kernels" runs the Triton matcher and
 # merger (eager and CUDA graphs), "+flex" FlexAttention (fused only when compiled).
 RULES = {
@@ -45,6 +44,7 @@ def _settings(dry_run: bool) -> dict[str, Any]:
                 "tome/8": (8, False),
                 "pyra/8": (8, True),
                 "pyra/8+kernels": (8, True),
+                "pyra/flops0.8-align8": (("flops", 0.8, 8), True),
             },
             "batch_sizes": [1, 2],
             "runs": 2,
@@ -61,6 +61,8 @@ def _settings(dry_run: bool) -> dict[str, Any]:
             "tome/high+kernels": ("high", False),
             "pyra/high+kernels": ("high", True),
             "pyra/high+flex": ("high", True),
+            # high's FLOPs fraction (0.289) from the solver with every token count a multiple of 8
+            "pyra/high-align8": (("flops", 0.289, 8), True),
         },
         "batch_sizes": [1, 64, 256],
         "runs": 20,
@@ -105,97 +107,157 @@ def _kernels_per_forward(fn: Callable[[], Any], device: Any, forwards: int = 3) 
     return round(count / forwards)
 
 
-def part_speed(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+def _build(s: dict[str, Any], name: str, device: Any) -> Any:
+    """Model variant ``name`` of the settings, seeded, on ``device``, in eval mode."""
     import timm
     import torch
 
     import pyra_lightning
 
+    spec, pyra = s["models"][name]
+    torch.manual_seed(0)
+    model = timm.create_model(s["model_name"], pretrained=False, img_size=s["img_size"], **s["kwargs"])
+    if isinstance(spec, tuple):  # ("flops", fraction, align): the FLOPs solver's aligned schedule
+        from pyra_lightning.families import model_shape
+        from pyra_lightning.schedules import solve_flops_schedule
+
+        spec = solve_flops_schedule(spec[1], model_shape(model), align=spec[2])
+    if spec is not None:
+        pyra_lightning.apply_merging(model, spec, pyra=pyra, **_rule(name))
+    return model.to(device).eval()
+
+
+def _rule(name: str) -> dict[str, str]:
+    return RULES["+" + name.split("+")[1] if "+" in name else ""]
+
+
+def _say(message: str) -> None:
+    print(f"speed: {message}", flush=True)  # the part's log shows how far it got
+
+
+def _measure(out: dict[str, Any], model: Any, name: str, x: Any, engine: str, s: dict[str, Any]) -> float:
+    """Build ``engine`` for ``model`` at ``x``'s batch, time it, record the row; the build's seconds."""
+    import torch
+
+    import pyra_lightning
+
+    device = x.device
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    tic = time.perf_counter()
+    try:
+        run = pyra_lightning.compile_for_inference(model, x, engine=engine, autocast_dtype=dtype)
+    except Exception as error:  # recorded, the next engine still runs
+        out["skipped"].append(f"{engine} {name} batch {len(x)}: {type(error).__name__}: {error}"[:300])
+        return time.perf_counter() - tic
+    build_s = time.perf_counter() - tic
+    ms = _time_ms(lambda: run(x), device, s["runs"])
+    row = {"engine": engine, "model": name, "batch_size": len(x), "ms": ms, "images_per_s": 1e3 * len(x) / ms}
+    out["rows"].append({**row, "build_s": round(build_s, 1)})
+    if len(x) == s["batch_sizes"][min(1, len(s["batch_sizes"]) - 1)] and engine != "inductor-cudagraph":
+        out["kernels"][f"{engine} {name} batch {len(x)}"] = _kernels_per_forward(lambda: run(x), device)
+    _say(f"{engine} {name} batch {len(x)}: {row['images_per_s']:.0f} img/s (built in {build_s:.1f} s)")
+    return build_s
+
+
+def part_speed(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Eager and ``cudagraph`` for every model and batch, then the micro-benchmarks (no compile),
+    then the compiled pairs of ``COMPILED`` in that order, each started only if it should end
+    inside the part's limit, then FlexAttention alone (one more compile)."""
+    import torch
+
     s = _settings(args.dry_run)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else None
-    engines = ["eager", "cudagraph", "inductor-cudagraph"] if cuda else ["eager"]
-    out: dict[str, Any] = {
-        "rows": [],
-        "skipped": [],
-        "kernels": {},
-        "peak_memory_mib": {},
-        "engines": engines,
-    }
+    limit = args.part_limit_s or 360
+    out: dict[str, Any] = {"rows": [], "skipped": [], "kernels": {}, "peak_memory_mib": {}}
+    out["versions"] = _versions(device)
+    out["engines"] = ["eager", "cudagraph", "inductor-cudagraph"] if cuda else ["eager"]
     if not cuda:
         out["skipped"].append("cudagraph, inductor-cudagraph: need CUDA")
-    compiled_budget = list(COMPILED) if not args.dry_run else []
+
+    def keep() -> None:
+        _speedups(out)
+        save(out)
+
     started = time.perf_counter()
-    for name, (spec, pyra) in s["models"].items():
-        torch.manual_seed(0)
-        model = timm.create_model(s["model_name"], pretrained=False, img_size=s["img_size"], **s["kwargs"])
-        rule = RULES["+" + name.split("+")[1] if "+" in name else ""]
-        if spec is not None:
-            pyra_lightning.apply_merging(model, spec, pyra=pyra, **rule)
-        model = model.to(device).eval()
+    for name in s["models"]:
+        model = _build(s, name, device)
         for batch in s["batch_sizes"]:
             x = torch.randn(batch, 3, s["img_size"], s["img_size"], device=device)
-            for engine in engines:
-                if engine == "inductor-cudagraph" and (name, batch) not in compiled_budget:
-                    out["skipped"].append(f"{engine} {name} batch {batch}: outside the compile budget")
-                    continue
-                if engine == "inductor-cudagraph" and time.perf_counter() - started > COMPILE_DEADLINE_S:
-                    out["skipped"].append(
-                        f"{engine} {name} batch {batch}: past the {COMPILE_DEADLINE_S} s compile deadline"
-                    )
-                    continue
-                if "attention" in rule and engine != "inductor-cudagraph":
+            for engine in [e for e in out["engines"] if e != "inductor-cudagraph"]:
+                if "attention" in _rule(name):
                     out["skipped"].append(
                         f"{engine} {name} batch {batch}: FlexAttention is fused only compiled"
                     )
                     continue
-                tic = time.perf_counter()
-                try:
-                    run = pyra_lightning.compile_for_inference(model, x, engine=engine, autocast_dtype=dtype)
-                except Exception as error:  # recorded, the next engine still runs
-                    out["skipped"].append(
-                        f"{engine} {name} batch {batch}: {type(error).__name__}: {error}"[:300]
-                    )
-                    continue
-                build_s = time.perf_counter() - tic
-                ms = _time_ms(lambda run=run, x=x: run(x), device, s["runs"])
-                out["rows"].append(
-                    {
-                        "engine": engine,
-                        "model": name,
-                        "batch_size": batch,
-                        "ms": ms,
-                        "images_per_s": 1e3 * batch / ms,
-                        "build_s": round(build_s, 1),
-                    }
-                )
-                if (
-                    batch == s["batch_sizes"][min(1, len(s["batch_sizes"]) - 1)]
-                    and engine != "inductor-cudagraph"
-                ):
-                    out["kernels"][f"{engine} {name} batch {batch}"] = _kernels_per_forward(
-                        lambda run=run, x=x: run(x), device
-                    )
-                save(out)
-        if cuda and "attention" not in rule:  # eager FlexAttention is its unfused reference
-            x = torch.randn(s["batch_sizes"][-1], 3, s["img_size"], s["img_size"], device=device)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-                model(x)
-            torch.cuda.synchronize()
-            out["peak_memory_mib"][name] = torch.cuda.max_memory_allocated() / 2**20
+                _measure(out, model, name, x, engine, s)
+                keep()
+        if cuda and "attention" not in _rule(name):  # eager FlexAttention is its unfused reference
+            out["peak_memory_mib"][name] = _peak_memory_mib(model, s)
         del model
-        save(out)
-    _speedups(out)
-    out["attention"] = _attention(device, args.dry_run)
-    save(out)
-    out["matcher"] = _matcher(device, args.dry_run)
-    save(out)
-    out["merger"] = _merger(device, args.dry_run)
-    save(out)
+        keep()
+    for key, micro in (("matcher", _matcher), ("merger", _merger)):
+        out[key] = _guarded(micro, device, args.dry_run)
+        keep()
+    if cuda and not args.dry_run:
+        estimate = 60.0  # seconds per ViT-B/16 compile and capture, until one is measured
+        for name, batch in COMPILED:
+            left = limit - (time.perf_counter() - started)
+            if left < estimate + 20:
+                out["skipped"].append(
+                    f"inductor-cudagraph {name} batch {batch}: {left:.0f} s left, a compile takes ~{estimate:.0f} s"
+                )
+                continue
+            model = _build(s, name, device)
+            x = torch.randn(batch, 3, s["img_size"], s["img_size"], device=device)
+            estimate = max(estimate, _measure(out, model, name, x, "inductor-cudagraph", s))
+            del model
+            keep()
+    else:
+        out["skipped"].append(
+            "inductor-cudagraph: compiled on CUDA only (a CPU compile of the dry run costs minutes)"
+        )
+    out["attention"] = _guarded(_attention, device, args.dry_run)
+    keep()
     return out
+
+
+def _versions(device: Any) -> dict[str, Any]:
+    """What the figures depend on, recorded with them (the env part may not run)."""
+    import timm
+    import torch
+
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "timm": timm.__version__}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        versions["triton"] = None
+    if device.type == "cuda":
+        versions["gpu"] = torch.cuda.get_device_name(device)
+    return versions
+
+
+def _guarded(micro: Callable[[Any, bool], dict[str, Any]], device: Any, dry_run: bool) -> dict[str, Any]:
+    """A micro-benchmark's result, or the error that stopped it (the part's rows are kept)."""
+    try:
+        return micro(device, dry_run)
+    except Exception as error:
+        return {"error": f"{type(error).__name__}: {error}"[:300]}
+
+
+def _peak_memory_mib(model: Any, s: dict[str, Any]) -> float:
+    """Peak CUDA memory of one eager bf16 forward at the largest batch, from a clean slate."""
+    import torch
+
+    x = torch.randn(s["batch_sizes"][-1], 3, s["img_size"], s["img_size"], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model(x)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def _speedups(out: dict[str, Any]) -> None:
@@ -258,8 +320,11 @@ def _matcher(device: Any, dry_run: bool) -> dict[str, Any]:
             return result
         from pyra_lightning.kernels.matching import triton_match
 
-        got, want = triton_match(metric, 10, 1), match(metric, 10, 1)
-        result["same_sources"] = bool(torch.equal(got[0], want[0]))
+        # Against the torch matcher on the same values in fp32, as the kernel computes: torch on
+        # bf16 rounds the scores to bf16, whose ties pick other sources on most rows.
+        got, want = triton_match(metric, 10, 1), match(metric.float(), 10, 1)
+        same = (got[0].sort(dim=1).values == want[0].sort(dim=1).values).all(dim=1)
+        result["rows_with_the_same_sources_as_fp32_torch"] = same.float().mean().item()
         result["triton_ms"] = _time_ms(lambda: triton_match(metric, 10, 1), device, 20)
     return result
 
@@ -299,38 +364,38 @@ def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
 
 def part_train_step(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Training steps (forward, loss, backward; LoRA, PYRA and head trainable) of ViT-B/16
-    uncompressed / ToMe high / PYRA high at batch 64 and 128, bf16 autocast, eager: issue 17's
-    training target (``benchmark --train``), timed interleaved per batch size. Then, on CUDA, the
-    three at 128 with the steps compiled (``--train_compile``: three compiles of forward and
-    backward), what a compiled training loop would get."""
-    from pyra_lightning.commands.benchmark import run_benchmark
+    uncompressed / ToMe high / PYRA high at batch 64 and 128, bf16 autocast, eager, timed
+    interleaved per batch size (``time_training_steps``, what ``benchmark --train`` runs): issue
+    17's training target. Then, on CUDA and if two compiles should fit the part's limit,
+    uncompressed and PYRA high at 128 with the steps compiled (forward and backward), what a
+    compiled training loop would get."""
+    import torch
+
+    from pyra_lightning.commands.benchmark import build_model
+    from pyra_lightning.commands.training_speed import time_training_steps
 
     s = _settings(args.dry_run)
     cuda = args.device.startswith("cuda")
+    limit = args.part_limit_s or 200
+    spec = 8 if args.dry_run else "high"
+    variants = {"uncompressed": (None, False), f"tome/{spec}": (spec, False), f"pyra/{spec}": (spec, True)}
     out: dict[str, Any] = {"precision": "bf16" if cuda else "32", "rows": [], "skipped": []}
-    plan = [(batch, False) for batch in ([1, 2] if args.dry_run else [64, 128])]
-    if cuda and not args.dry_run:
-        plan.append((128, True))
-    else:
-        out["skipped"].append(
-            "compiled training steps: CUDA only (a CPU compile of the dry run costs minutes)"
-        )
-    for batch, compiled in plan:
-        result = run_benchmark(
-            model_name=s["model_name"],
-            merge_r=[8] if args.dry_run else ["high"],
-            batch_sizes=[batch],
-            img_size=s["img_size"],
-            device=args.device,
-            precision=out["precision"],
-            runs=2 if args.dry_run else 10,
-            warmup=1 if args.dry_run else 3,
-            model_kwargs=s["kwargs"] or None,
-            train=True,
-            train_compile=compiled,
-        )
-        base = result["training"]["uncompressed"]["images_per_s"]
-        for name, row in result["training"].items():
+    started = time.perf_counter()
+
+    def measure(names: list[str], batch: int, compiled: bool) -> None:
+        models = {
+            name: build_model(
+                s["model_name"], variants[name][0], variants[name][1], img_size=s["img_size"],
+                fold=False, device=args.device, model_kwargs=s["kwargs"] or None,
+            )
+            for name in names
+        }  # fmt: skip
+        result = time_training_steps(
+            models, batch, s["img_size"], args.device, out["precision"],
+            warmup=1 if args.dry_run else 3, runs=2 if args.dry_run else 10, compiled=compiled,
+        )  # fmt: skip
+        base = result["uncompressed"]["images_per_s"]
+        for name, row in result.items():
             out["rows"].append(
                 {
                     "batch_size": batch,
@@ -341,29 +406,24 @@ def part_train_step(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[s
                     "peak_memory_mb": row["peak_memory_mb"],
                 }
             )
+        print(f"train_step: {'compiled' if compiled else 'eager'} batch {batch} done", flush=True)
         save(out)
-    return out
+        del models
+        if cuda:
+            torch.cuda.empty_cache()
 
-
-def train_step_lines(entry: dict[str, Any]) -> list[str]:
-    """The train_step part's table for BENCHMARKS.md."""
-    rows = (entry.get("result") or {}).get("rows") or []
-    if not rows:
-        return []
-    lines = [
-        "",
-        "Training step (forward + backward; speed-up over the uncompressed step on the same engine):",
-        "",
-    ]
-    lines += ["| engine | batch | model | img/s | speedup | peak MiB |", "|---|---:|---|---:|---:|---:|"]
-    for row in rows:
-        memory = "-" if row["peak_memory_mb"] is None else f"{row['peak_memory_mb']:.0f}"
-        lines.append(
-            f"| {row['engine']} | {row['batch_size']} | {row['model']} | {row['images_per_s']:.1f} | "
-            f"{row['speedup']:.2f}x | {memory} |"
+    for batch in [1, 2] if args.dry_run else [64, 128]:
+        measure(list(variants), batch, compiled=False)
+    left = limit - (time.perf_counter() - started)
+    if not cuda or args.dry_run:
+        out["skipped"].append(
+            "compiled training steps: CUDA only (a CPU compile of the dry run costs minutes)"
         )
-    skipped = (entry.get("result") or {}).get("skipped")
-    return lines + (["", "Skipped: " + "; ".join(skipped)] if skipped else [])
+    elif left < 2 * 60 + 20:  # two forward + backward compiles of ViT-B/16, about a minute each
+        out["skipped"].append(f"compiled training steps: {left:.0f} s left, two compiles take ~120 s")
+    else:
+        measure(["uncompressed", f"pyra/{spec}"], 128, compiled=True)
+    return out
 
 
 def _ddp_worker(rank: int, world: int, device: str, dry_run: bool, out: str, port: int) -> None:

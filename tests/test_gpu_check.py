@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -71,7 +73,7 @@ def test_speed_and_ddp_parts_dry_run(tmp_path: Path) -> None:
     ranks in agreement."""
     done = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--device", "cpu", "--dry_run"]
-        + ["--out", str(tmp_path), "--parts", "speed,ddp_fit,train_step"],
+        + ["--out", str(tmp_path), "--parts", "speed,ddp_fit,train_step", "--export", str(tmp_path / "out")],
         capture_output=True,
         text=True,
         timeout=600,
@@ -82,10 +84,13 @@ def test_speed_and_ddp_parts_dry_run(tmp_path: Path) -> None:
     assert list(parts) == ["speed", "ddp_fit", "train_step"]
     speed = parts["speed"]["result"]
     assert {(r["model"], r["batch_size"]) for r in speed["rows"]} == {
-        (m, b) for m in ("uncompressed", "tome/8", "pyra/8", "pyra/8+kernels") for b in (1, 2)
+        (m, b)
+        for m in ("uncompressed", "tome/8", "pyra/8", "pyra/8+kernels", "pyra/flops0.8-align8")
+        for b in (1, 2)
     }
     assert all(r["images_per_s"] > 0 and r["speedup"] > 0 for r in speed["rows"])
-    assert speed["skipped"] == ["cudagraph, inductor-cudagraph: need CUDA"]
+    assert speed["skipped"][0] == "cudagraph, inductor-cudagraph: need CUDA"
+    assert all("Error" not in skipped for skipped in speed["skipped"]), speed["skipped"]
     assert speed["attention"]["flex_max_abs_diff"] < 1e-4
     assert speed["merger"]["torch_ms"] > 0 and "needs CUDA" in speed["merger"]["triton"]
     assert (tmp_path / "part_speed.partial.json").exists(), "measurements are saved as they finish"
@@ -93,11 +98,21 @@ def test_speed_and_ddp_parts_dry_run(tmp_path: Path) -> None:
     assert ddp["world_size"] == 2 and ddp["ranks_agree"] and ddp["images_per_s_all_ranks"] > 0
     train = parts["train_step"]["result"]["rows"]
     assert {(r["model"], r["batch_size"]) for r in train} == {
-        (m, b) for m in ("uncompressed", "tome/r=8", "pyra/r=8") for b in (1, 2)
+        (m, b) for m in ("uncompressed", "tome/8", "pyra/8") for b in (1, 2)
     }
     assert all(r["images_per_s"] > 0 for r in train)
     markdown = (tmp_path / "gpu_check.md").read_text()
-    assert "| eager | 2 | pyra/8 |" in markdown and "| eager | 2 | pyra/r=8 |" in markdown
+    assert "| eager | 2 | pyra/8 |" in markdown and "Training step" in markdown
+    # what the device tool brings back (at most 8 files): the report, its Markdown, one bundle
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "gpu_check.json",
+        "gpu_check.md",
+        "gpu_check_files.tar.gz",
+    ]
+    with tarfile.open(tmp_path / "out" / "gpu_check_files.tar.gz") as bundle:
+        assert {"part_speed.log", "part_train_step.partial.json", "ddp_results.json"} <= set(
+            bundle.getnames()
+        )
     assert parts["train_step"]["result"]["skipped"], (
         "the compiled steps are skipped on a CPU, with the reason"
     )
@@ -108,3 +123,25 @@ def test_speed_part_runs_first() -> None:
     from gpu_check import PARTS
 
     assert list(PARTS)[:2] == ["speed", "ddp_fit"] and PARTS["speed"][0] <= 360
+
+
+def test_a_part_out_of_time_is_killed_with_what_it_started(tmp_path: Path) -> None:
+    """The driver kills a part's whole process group on timeout (a compile worker or a DDP rank
+    left running would share the GPU with the next part), and keeps what it printed."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from gpu_check import _run
+
+    script = (  # the grandchild does not hold the part's pipes, so only a group kill ends it
+        "import subprocess, time; c = subprocess.Popen(['sleep', '120'], stdout=subprocess.DEVNULL, "
+        "stderr=subprocess.DEVNULL); print(c.pid, flush=True); time.sleep(120)"
+    )
+    log = tmp_path / "part.log"
+    code, _ = _run([sys.executable, "-c", script], timeout=5, log=log)
+    assert code is None  # timed out
+    child = int(log.read_text().split()[0])  # printed before the kill, kept in the log
+    status = Path(f"/proc/{child}/status")
+    for _ in range(50):
+        if not status.exists() or "State:\tZ" in status.read_text():
+            break
+        time.sleep(0.1)
+    assert not status.exists() or "State:\tZ" in status.read_text(), "the part's child still runs"
