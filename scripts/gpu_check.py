@@ -98,7 +98,7 @@ def part_speed(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def part_ddp_fit(args: argparse.Namespace) -> dict[str, Any]:
-    from gpu_speed import part_ddp_fit as ddp_fit
+    from gpu_ddp import part_ddp_fit as ddp_fit
 
     return ddp_fit(args)
 
