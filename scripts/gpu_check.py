@@ -242,30 +242,11 @@ def part_onnxruntime_cuda(args: argparse.Namespace) -> dict[str, Any]:
 
 def _fit(args: argparse.Namespace, precision: str) -> dict[str, Any]:
     """``pyra-lightning fit`` of the quickstart, one epoch, in its own folder; read its results.json."""
+    from gpu_ddp import fit_command
+
     folder = Path(args.out).resolve() / f"fit_{precision}"
     folder.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "pyra_lightning",
-        "fit",
-        f"--config={REPO / 'configs' / 'quickstart.yaml'}",
-        f"--data.root={Path(args.out).resolve() / 'data'}",
-        f"--run_dir={folder / 'runs'}",
-        f"--trainer.accelerator={'cuda' if args.device.startswith('cuda') else 'cpu'}",
-        "--trainer.devices=1",
-        f"--trainer.precision={precision}",
-        "--trainer.max_epochs=1",
-        "--trainer.enable_progress_bar=false",
-    ]
-    if args.dry_run:
-        command += [
-            "--trainer.limit_train_batches=2",
-            "--trainer.limit_val_batches=1",
-            "--trainer.limit_test_batches=1",
-            "--throughput.runs=1",
-            "--throughput.warmup=0",
-        ]
+    command = fit_command(args, precision, folder)
     done = subprocess.run(command, cwd=folder, capture_output=True, text=True, env=_env())
     (folder / "log.txt").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
@@ -351,7 +332,8 @@ def _run(command: list[str], timeout: float, log: Path) -> tuple[int | None, str
 
 def _finish(report: dict[str, Any], out: Path, started: float, export: str | None) -> str:
     """Write gpu_check.json and gpu_check.md as they stand (after every part: a kill keeps them);
-    with ``export``, copy both there with every log and part file in one ``gpu_check_files.tar.gz``
+    with ``export``, copy both there with every log and result file (no data, no checkpoints) in
+    one ``gpu_check_files.tar.gz``
     (three files: the device tool brings at most 8 back from its $OUT)."""
     report["total_s"] = round(time.monotonic() - started, 1)
     write_json(out / "gpu_check.json", report)
@@ -365,9 +347,11 @@ def _finish(report: dict[str, Any], out: Path, started: float, export: str | Non
             shutil.copyfile(out / name, target / f"{name}.tmp")
             os.replace(target / f"{name}.tmp", target / name)
         with tarfile.open(target / "gpu_check_files.tar.gz.tmp", "w:gz") as bundle:
-            for path in sorted(out.glob("*")):
-                if path.is_file() and not path.name.endswith(".tmp"):
-                    bundle.add(path, arcname=path.name)
+            for path in sorted(out.rglob("*")):
+                inner = path.relative_to(out)
+                skip = inner.parts[0] == "data" or path.suffix in (".ckpt", ".tmp")  # data, weights
+                if path.is_file() and not skip:
+                    bundle.add(path, arcname=str(inner))
         os.replace(target / "gpu_check_files.tar.gz.tmp", target / "gpu_check_files.tar.gz")
     return markdown
 

@@ -1,97 +1,115 @@
-"""The ``ddp_fit`` part of scripts/gpu_check.py: two processes, gloo, both on one GPU, bf16 autocast;
-it checks that the multi-process path trains, that throughput is summed over the ranks, that
-the ranks agree on the weights, and that the results file is written once."""
+"""The ``ddp_fit`` part of scripts/gpu_check.py: ``pyra-lightning fit`` in two DDP processes on one GPU.
+
+A user's multi-GPU fit is Lightning's DDP through the CLI, so that is what this runs: the
+quickstart, one epoch, bf16-mixed, two processes started as a cluster starts them (``LOCAL_RANK``
+set, so Lightning launches nothing itself: ``--trainer.num_nodes 2 --trainer.devices 1``, node
+ranks 0 and 1), both on ``cuda:0`` through gloo (NCCL refuses two ranks on one GPU). It checks
+that both ranks train to the end, that the throughput Lightning logs is summed over the ranks
+(``train/samples_per_sec`` = 2 x ``train/device/samples_per_sec``), and that ``results.json`` is
+written once, by rank 0.
+"""
 
 from __future__ import annotations
 
-import time
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
-from gpu_speed import _settings
+REPO = Path(__file__).resolve().parents[1]
 
 
-def _ddp_worker(rank: int, world: int, device: str, dry_run: bool, out: str, port: int) -> None:
-    import json
-    import os
-    from pathlib import Path
+def fit_command(args: Any, precision: str, folder: Path) -> list[str]:
+    """``pyra-lightning fit`` of the quickstart for one epoch in ``precision``, its run in ``folder``."""
+    command = [
+        sys.executable,
+        "-m",
+        "pyra_lightning",
+        "fit",
+        f"--config={REPO / 'configs' / 'quickstart.yaml'}",
+        f"--data.root={Path(args.out).resolve() / 'data'}",
+        f"--run_dir={folder / 'runs'}",
+        f"--trainer.accelerator={'cuda' if args.device.startswith('cuda') else 'cpu'}",
+        "--trainer.devices=1",
+        f"--trainer.precision={precision}",
+        "--trainer.max_epochs=1",
+        "--trainer.enable_progress_bar=false",
+    ]
+    if args.dry_run:
+        command += [
+            "--trainer.limit_train_batches=4",
+            "--trainer.limit_val_batches=1",
+            "--trainer.limit_test_batches=1",
+            "--throughput.runs=1",
+            "--throughput.warmup=0",
+        ]
+    return command
 
-    import timm
-    import torch
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
-    import pyra_lightning
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    s = _settings(dry_run)
-    torch.manual_seed(0)
-    model = timm.create_model(
-        s["model_name"], pretrained=False, img_size=s["img_size"], num_classes=4, **s["kwargs"]
-    )
-    pyra_lightning.apply_lora(model, lora_rank=8)
-    pyra_lightning.apply_merging(model, 8 if dry_run else "high", pyra=True)
-    pyra_lightning.mark_trainable(model)
-    dev = torch.device(device)  # every rank on the same GPU (cuda:0)
-    model = model.to(dev)
-    ddp = DistributedDataParallel(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    batch = 4 if dry_run else 64
-    gen = torch.Generator().manual_seed(rank)
-    x = torch.randn(batch, 3, s["img_size"], s["img_size"], generator=gen).to(dev)
-    y = torch.randint(0, 4, (batch,), generator=gen).to(dev)
-    losses, steps = [], 3 if dry_run else 20
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16)
-    tic = time.perf_counter()
-    for _ in range(steps):
-        with amp:
-            loss = torch.nn.functional.cross_entropy(ddp(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    seconds = time.perf_counter() - tic
-    rate = torch.tensor([batch * steps / seconds])
-    dist.all_reduce(rate)  # images/s summed over ranks
-    same = [torch.zeros(1) for _ in range(world)]
-    dist.all_gather(
-        same, sum(p.detach().float().sum().cpu() for p in model.parameters() if p.requires_grad).view(1)
-    )
-    if rank == 0:
-        path = Path(out) / "ddp_results.json"
-        if path.exists():
-            raise RuntimeError(f"{path} exists: results.json would be written twice")
-        path.write_text(
-            json.dumps(
-                {
-                    "world_size": world,
-                    "losses": losses,
-                    "trained": losses[-1] < losses[0],
-                    "images_per_s_all_ranks": rate.item(),
-                    "ranks_agree": bool(torch.allclose(same[0], same[1])),
-                }
-            )
-        )
-    dist.destroy_process_group()
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def part_ddp_fit(args: Any) -> dict[str, Any]:
-    """2 processes, gloo, both on ``args.device``, bf16 autocast: trains, aggregates, writes once."""
-    import json
-    import socket
-    from pathlib import Path
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    path = Path(args.out) / "ddp_results.json"
-    path.unlink(missing_ok=True)
-    mp.spawn(_ddp_worker, args=(2, args.device, args.dry_run, args.out, port), nprocs=2, join=True)
-    result = json.loads(path.read_text())
-    if not result["ranks_agree"]:
-        raise RuntimeError(
-            "the two ranks hold different weights after training: gradients were not synchronised"
+    """Two ranks of one fit, each its own process on the same device; the checks above."""
+    folder = Path(args.out).resolve() / "ddp_fit"
+    folder.mkdir(parents=True, exist_ok=True)
+    command = fit_command(args, "bf16-mixed", folder) + [
+        "--trainer.num_nodes=2",
+        "--trainer.strategy=DDPStrategy",
+        "--trainer.strategy.process_group_backend=gloo",
+        "--trainer.log_every_n_steps=1",
+        "--train_throughput.window_size=2",
+    ]
+    port = _free_port()
+    ranks = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": "2",
+            "NODE_RANK": str(rank),
+            "LOCAL_RANK": "0",  # both on cuda:0
+            "RANK": str(rank),
+            "OMP_NUM_THREADS": "1",
+        }
+        log = open(folder / f"rank{rank}.log", "w")  # noqa: SIM115 (closed below, after the wait)
+        ranks.append(
+            (subprocess.Popen(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT), log)
         )
-    return result
+    codes = []
+    for process, log in ranks:
+        codes.append(process.wait())  # the driver's timeout kills the whole group if they hang
+        log.close()
+    outputs = [(folder / f"rank{rank}.log").read_text() for rank in range(2)]
+    for rank, (code, output) in enumerate(zip(codes, outputs, strict=True)):
+        if code != 0:
+            tail = [line for line in output.strip().splitlines() if line.strip()][-3:]
+            raise RuntimeError(f"rank {rank} exited {code}: {tail}")
+    for rank, output in enumerate(outputs):
+        if f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" not in output:
+            raise RuntimeError(f"process {rank} did not join the 2-process group as rank {rank}")
+    found = sorted((folder / "runs").rglob("results.json"))
+    if len(found) != 1:
+        raise RuntimeError(f"results.json written {len(found)} times under {folder / 'runs'}: {found}")
+    results = json.loads(found[0].read_text())
+    with open(found[0].parent / "metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("train/samples_per_sec")]
+    ratios = [float(r["train/samples_per_sec"]) / float(r["train/device/samples_per_sec"]) for r in rows]
+    if not ratios or any(abs(ratio - 2.0) > 1e-6 for ratio in ratios):
+        raise RuntimeError(f"throughput is not summed over the 2 ranks: samples_per_sec / device = {ratios}")
+    keys = ("test_acc", "throughput", "throughput_unmerged", "speedup", "throughput_engine")
+    return {
+        "world_size": 2,
+        "results_json": str(found[0]),
+        "train_samples_per_sec_all_ranks": float(rows[-1]["train/samples_per_sec"]),
+        "train_samples_per_sec_per_rank": float(rows[-1]["train/device/samples_per_sec"]),
+        **{key: results.get(key) for key in keys},
+    }

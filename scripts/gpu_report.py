@@ -42,6 +42,17 @@ def to_markdown(report: dict[str, Any]) -> str:
         )
     lines += _speed_lines(parts.get("speed", {}))
     lines += train_step_lines(parts.get("train_step", {}))
+    ddp = parts.get("ddp_fit", {})
+    if ddp.get("status") == "ok":
+        r = ddp["result"]
+        lines += [
+            "",
+            f"DDP fit (2 processes, gloo, one device, bf16-mixed, the quickstart for 1 epoch): "
+            f"train/samples_per_sec {r['train_samples_per_sec_all_ranks']:.1f} over both ranks "
+            f"({r['train_samples_per_sec_per_rank']:.1f} per rank), one results.json "
+            f"(test acc {_num(r['test_acc'], '.4f')}, throughput {_num(r['throughput'], '.1f')} img/s "
+            f"on {r['throughput_engine']}, speed-up {_num(r['speedup'], '.2f')})",
+        ]
     table = []
     for name in ("throughput", "compile", "compile_cudagraphs", "onnxruntime_cuda"):
         if parts.get(name, {}).get("status") in ("ok", "partial"):
