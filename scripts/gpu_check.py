@@ -49,7 +49,7 @@ from gpu_report import to_markdown  # noqa: E402 (the scripts folder is not a pa
 # name -> (time limit in seconds on a GPU, what it measures)
 PARTS: dict[str, tuple[int, str]] = {
     "speed": (280, "issue 17: engines x models x batch 1/64/256, kernels, memory, attention, matcher"),
-    "ddp_fit": (60, "2-process DDP (gloo) on one GPU, bf16 autocast: trains, throughput over ranks"),
+    "ddp_fit": (90, "2-process DDP (gloo) on one GPU, bf16 autocast: trains, throughput over ranks"),
     "train_step": (
         200,
         "issue 17: ViT-B/16 training steps, uncompressed / ToMe / PYRA high, batch 64 and 128",
