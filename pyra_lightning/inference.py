@@ -8,7 +8,9 @@ once and replayed, which removes the host from the loop.
 Engines (``ENGINES``):
 
 - ``eager``: the model itself under ``torch.no_grad`` (and autocast, if asked);
-- ``inductor``: ``torch.compile(fullgraph=True, dynamic=False)``, compiled at construction;
+- ``inductor``: ``torch.compile(fullgraph=True, dynamic=False)``, compiled at construction and
+  always run under ``torch.inference_mode`` (its guards check the grad mode), so its outputs are
+  inference tensors;
 - ``cudagraph``: the eager model captured whole into one CUDA graph with a static input and
   output buffer (warm-up on a side stream, then ``torch.cuda.graph``, as the CUDA-graph
   section of the torch docs prescribes); capture costs seconds, not a compile;

@@ -19,8 +19,9 @@ host issues operators (BENCHMARKS.md, "GPU"), so the plan is built to need few o
   size riding along as an extra channel ``[x * size, size]`` that is split off at the end;
 - the constant index tensors (batch rows, the offsets of set B, the prefix mask) are built once
   per shape and device and cached (``_constant``), except while a graph is being traced
-  (``torch.compile``, ``torch.export``, ONNX export, CUDA graph capture), where they are built
-  inline and become constants of the graph;
+  (``torch.compile``, ``torch.export``, ONNX export), where they are built inline and become
+  constants of the graph; a CUDA graph capture reads the cached ones (its engine holds them)
+  and builds only a missing one inline, uncached;
 - the prefix mask is an additive (Na, Nb) matrix of 0/-inf fused into the score matmul
   (``baddbmm``); the order of sources is ``torch.sort(descending=True)``, the very call the
   reference's ``argsort`` makes, so ties resolve as in the reference.

@@ -245,6 +245,7 @@ def _fit(args: argparse.Namespace, precision: str) -> dict[str, Any]:
     from gpu_ddp import fit_command
 
     folder = Path(args.out).resolve() / f"fit_{precision}"
+    shutil.rmtree(folder / "runs", ignore_errors=True)  # else fit finds its finished run: old figures
     folder.mkdir(parents=True, exist_ok=True)
     command = fit_command(args, precision, folder)
     done = subprocess.run(command, cwd=folder, capture_output=True, text=True, env=_env())
@@ -282,7 +283,7 @@ def part_pytest_gpu(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ driver
 def _env() -> dict[str, str]:
     # One inductor cache for every part, so a model compiled once is not compiled again.
-    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(REPO / "gpu_check" / "inductor_cache")
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "/tmp/pyra_gpu_check_inductor_cache"
     return {
         **os.environ,
         "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -393,8 +394,10 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
         command += ["--part_limit_s", f"{timeout:.0f}"] + (["--dry_run"] if args.dry_run else [])
         tic = time.monotonic()
         code, tail = _run(command, timeout, out / f"part_{name}.log")
-        if code == 0 and result_path.exists():
+        if result_path.exists():  # finished; a crash at exit (CUDA graphs, CUPTI) is only noted
             entry.update(status="ok", result=json.loads(result_path.read_text()))
+            if code != 0:
+                entry["reason"] = f"exited {code} after writing its result: {tail}"
         else:
             why = f"timed out after {timeout:.0f} s" if code is None else f"exit {code}: {tail}"
             entry.update(status="failed", reason=why)

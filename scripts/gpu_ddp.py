@@ -4,9 +4,10 @@ A user's multi-GPU fit is Lightning's DDP through the CLI, so that is what this 
 quickstart, one epoch, bf16-mixed, two processes started as a cluster starts them (``LOCAL_RANK``
 set, so Lightning launches nothing itself: ``--trainer.num_nodes 2 --trainer.devices 1``, node
 ranks 0 and 1), both on ``cuda:0`` through gloo (NCCL refuses two ranks on one GPU). It checks
-that both ranks train to the end, that the throughput Lightning logs is summed over the ranks
-(``train/samples_per_sec`` = 2 x ``train/device/samples_per_sec``), and that ``results.json`` is
-written once, by rank 0.
+that both ranks train to the end (rank 1 doing none of rank 0's run-folder work: it would be
+refused the folder's lock), that Lightning's throughput counts both ranks
+(``train/samples_per_sec`` = world size x ``train/device/samples_per_sec``), and that the run
+folder holds one ``results.json``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +62,7 @@ def _free_port() -> int:
 def part_ddp_fit(args: Any) -> dict[str, Any]:
     """Two ranks of one fit, each its own process on the same device; the checks above."""
     folder = Path(args.out).resolve() / "ddp_fit"
+    shutil.rmtree(folder / "runs", ignore_errors=True)  # a finished run there would make fit a no-op
     folder.mkdir(parents=True, exist_ok=True)
     command = fit_command(args, "bf16-mixed", folder) + [
         "--trainer.num_nodes=2",
@@ -76,17 +80,21 @@ def part_ddp_fit(args: Any) -> dict[str, Any]:
             "MASTER_PORT": str(port),
             "WORLD_SIZE": "2",
             "NODE_RANK": str(rank),
-            "LOCAL_RANK": "0",  # both on cuda:0
-            "RANK": str(rank),
+            "LOCAL_RANK": "0",  # both on cuda:0; no RANK, as Lightning's manual multi-node launch
             "OMP_NUM_THREADS": "1",
         }
         log = open(folder / f"rank{rank}.log", "w")  # noqa: SIM115 (closed below, after the wait)
         ranks.append(
             (subprocess.Popen(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT), log)
         )
-    codes = []
-    for process, log in ranks:
-        codes.append(process.wait())  # the driver's timeout kills the whole group if they hang
+    while any(p.poll() is None for p, _ in ranks):  # a rank that dies stops the other (not a hang)
+        if any(p.poll() not in (None, 0) for p, _ in ranks):
+            for p, _ in ranks:
+                if p.poll() is None:
+                    p.kill()
+        time.sleep(0.5)
+    codes = [p.wait() for p, _ in ranks]
+    for _, log in ranks:
         log.close()
     outputs = [(folder / f"rank{rank}.log").read_text() for rank in range(2)]
     for rank, (code, output) in enumerate(zip(codes, outputs, strict=True)):

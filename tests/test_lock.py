@@ -81,3 +81,35 @@ def test_two_fits_in_one_folder_the_second_refuses_at_once(tmp_path: Path) -> No
         first.send_signal(signal.SIGKILL)
         first.wait()
     assert json.loads((root / "run.json").read_text())["status"] == "running"
+
+
+@pytest.mark.parametrize(
+    ("env", "rank"),
+    [
+        ({}, 0),
+        ({"LOCAL_RANK": "1"}, 1),  # Lightning's own launcher, second process
+        ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, 1),  # a manual multi-node launch: not rank 0
+        ({"RANK": "3", "NODE_RANK": "1", "LOCAL_RANK": "1"}, 3),  # torchrun says it outright
+        ({"SLURM_PROCID": "2", "LOCAL_RANK": "0"}, 2),  # srun
+    ],
+)
+def test_the_launch_rank_knows_a_second_node(
+    env: dict[str, str], rank: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only global rank 0 takes the run folder's lock; a node-1 process with LOCAL_RANK 0 and no
+    RANK (Lightning's manual multi-node launch) must not think it is rank 0."""
+    from pyra_lightning.training.lock import launch_rank
+
+    for name in (
+        "RANK",
+        "LOCAL_RANK",
+        "NODE_RANK",
+        "GROUP_RANK",
+        "SLURM_PROCID",
+        "JSM_NAMESPACE_RANK",
+        "LOCAL_WORLD_SIZE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert launch_rank() == rank

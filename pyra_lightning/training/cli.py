@@ -15,7 +15,7 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
@@ -35,7 +35,7 @@ from pyra_lightning.training.checkpointing import (
     named_checkpoint,
 )
 from pyra_lightning.training.cli_help import BriefHelp
-from pyra_lightning.training.lock import hold, release_all
+from pyra_lightning.training.lock import hold, launch_rank, release_all
 from pyra_lightning.training.module import PyraClassifier
 from pyra_lightning.training.monitoring import (
     WANDB_ID_FILE,
@@ -203,12 +203,12 @@ class PyraCLI(BriefHelp, LightningCLI):
         self.run_dir = self._run_dir(config)
         # The saved config.yaml names the folder exactly: `--config <run>/config.yaml` comes back here.
         config.run_dir = config.trainer.default_root_dir = str(self.run_dir)
-        if rank_zero_only.rank == 0:  # DDP's other ranks run inside this command
+        if launch_rank() == 0:  # DDP's other ranks run inside this command
             hold(self.run_dir)
         if config.get("checkpoint") is not None:
             config.checkpoint.dirpath = str(self._checkpoint_dir(config))
         fresh = self.subcommand == "fit" and not self._holds_run(config.checkpoint.dirpath)
-        if fresh and rank_zero_only.rank == 0:
+        if fresh and launch_rank() == 0:
             # A new run is a new W&B run, and a start that failed before its first checkpoint left
             # nothing worth continuing: its metrics must not open the new run's metrics.csv.
             for stale in (WANDB_ID_FILE, "metrics.csv", "hparams.yaml"):
@@ -282,7 +282,7 @@ class PyraCLI(BriefHelp, LightningCLI):
 
     def _mark_run(self, trainer: Trainer, module: Any, status: str, error: str | None = None) -> None:
         """Write ``run.json`` with ``status`` (``RunStatus`` calls this when a fit ends early)."""
-        if rank_zero_only.rank != 0:
+        if launch_rank() != 0:
             return
         try:
             write_run_record(self.run_dir, run_settings(trainer, module, trainer.datamodule), status, error)
@@ -339,7 +339,7 @@ class PyraCLI(BriefHelp, LightningCLI):
                 self._check_checkpoint(found, settings, what, fresh_fix, evaluation=False, strict=True)
                 rank_zero_info(f"auto_resume: continuing from {found}")
                 config["ckpt_path"] = str(found)
-        if rank_zero_only.rank == 0:
+        if launch_rank() == 0:
             write_run_record(self.run_dir, settings, "running")
 
     def _finished(self, record: dict[str, Any], settings: dict[str, Any]) -> Path | None:
@@ -380,7 +380,7 @@ class PyraCLI(BriefHelp, LightningCLI):
                 results.identity = {"settings": settings, "fingerprint": fingerprint(settings)}
                 results.checkpoint = last or None
             self.trainer.test(self.model, datamodule=self.datamodule)
-        if completed and rank_zero_only.rank == 0:
+        if completed and launch_rank() == 0:
             write_run_record(self.run_dir, settings, "finished")
 
     def _before_evaluation(self) -> None:

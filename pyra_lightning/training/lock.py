@@ -103,3 +103,21 @@ def release_all() -> None:
     """Release every run-folder lock this process holds (the end of one command)."""
     while _HELD:
         _HELD.pop().release()
+
+
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it, before a Trainer exists.
+
+    Lightning's ``rank_zero_only.rank`` reads ``RANK``, else ``LOCAL_RANK``: right for torchrun
+    and Lightning's own single-node launcher, but on a multi-node launch that sets ``NODE_RANK``
+    and ``LOCAL_RANK`` only (Lightning's documented manual launch) every node's first process
+    would think it is rank 0 and take the shared run folder's lock. A node rank above 0 is
+    therefore never rank 0 here.
+    """
+    env = os.environ
+    for name in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if name in env:
+            return int(env[name])
+    local = int(env.get("LOCAL_RANK", 0))
+    node = int(env.get("NODE_RANK", env.get("GROUP_RANK", 0)))
+    return local if node == 0 else node * max(1, int(env.get("LOCAL_WORLD_SIZE", 1))) + local
