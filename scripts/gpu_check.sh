@@ -17,7 +17,7 @@ PY=${PYTHON:-python3}
 # A machine with no package index (a lent GPU box) gets the pure-Python packages it lacks as wheels
 # in .whl/, made here by scripts/gpu_wheels.sh and carried with the call.
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install --quiet --no-index --no-deps --no-compile --target /tmp/pyra-site .whl/*.whl \
+    "$PY" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target /tmp/pyra-site .whl/*.whl \
         && export PYTHONPATH=/tmp/pyra-site${PYTHONPATH:+:$PYTHONPATH} \
         && echo "gpu_check: installed $(ls .whl | tr '\n' ' ')from .whl/"
 fi
@@ -25,7 +25,15 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # What every part imports, and what only the CLI parts (fit_bf16, fit_16) need. Nothing is
 # installed here: the machine's own torch is the one with its CUDA, and a venv made from an
 # interpreter that is itself a venv would not see that torch.
-missing=$("$PY" -c "import importlib.util as u; print(' '.join(n for n in ('torch', 'timm', 'lightning', 'safetensors') if u.find_spec(n) is None))" 2>&1) \
+missing=$("$PY" -c "
+import importlib
+missing = []
+for name in ('torch', 'timm', 'lightning', 'safetensors'):
+    try:
+        importlib.import_module(name)  # imported, not only found: a carried timm needs torchvision
+    except Exception as error:
+        missing.append(f'{name} ({type(error).__name__}: {error})')
+print('; '.join(missing))" 2>&1) \
     || { echo "gpu_check: $PY does not run: $missing"; exit 2; }
 if [ -n "$missing" ]; then
     echo "gpu_check: $PY has no $missing; install pyra-lightning into it (pip install -e '.[dev]'), or with no package index carry wheels in .whl/ (bash scripts/gpu_wheels.sh)"
