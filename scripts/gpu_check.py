@@ -46,6 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from gpu_report import to_markdown  # noqa: E402 (the scripts folder is not a package)
 
+from pyra_lightning.files import atomic_write_text  # noqa: E402
+
 # name -> (time limit in seconds on a GPU, what it measures)
 PARTS: dict[str, tuple[int, str]] = {
     "speed": (280, "issue 17: engines x models x batch 1/64/256, kernels, memory, attention, matcher"),
@@ -301,10 +303,8 @@ def run_part(name: str, args: argparse.Namespace) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Written whole or not at all (a temporary file renamed): a kill mid-write leaves the old file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    """Written whole or not at all (``files.atomic_write_text``): a kill mid-write leaves the old file."""
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def _text(stream: str | bytes | None) -> str:
@@ -342,14 +342,12 @@ def _finish(report: dict[str, Any], out: Path, started: float, export: str | Non
     report["total_s"] = round(time.monotonic() - started, 1)
     write_json(out / "gpu_check.json", report)
     markdown = to_markdown(report)
-    (out / "gpu_check.md.tmp").write_text(markdown)
-    os.replace(out / "gpu_check.md.tmp", out / "gpu_check.md")
+    atomic_write_text(out / "gpu_check.md", markdown)
     if export:
         target = Path(export)
         target.mkdir(parents=True, exist_ok=True)
         for name in ("gpu_check.json", "gpu_check.md"):
-            shutil.copyfile(out / name, target / f"{name}.tmp")
-            os.replace(target / f"{name}.tmp", target / name)
+            atomic_write_text(target / name, (out / name).read_text())
         with tarfile.open(target / "gpu_check_files.tar.gz.tmp", "w:gz") as bundle:
             for path in sorted(out.rglob("*")):
                 inner = path.relative_to(out)

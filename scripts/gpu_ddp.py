@@ -16,12 +16,13 @@ import csv
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,12 +54,6 @@ def fit_command(args: Any, precision: str, folder: Path) -> list[str]:
     return command
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def part_ddp_fit(args: Any) -> dict[str, Any]:
     """Two ranks of one fit, each its own process on the same device; the checks above."""
     folder = Path(args.out).resolve() / "ddp_fit"
@@ -71,7 +66,7 @@ def part_ddp_fit(args: Any) -> dict[str, Any]:
         "--trainer.log_every_n_steps=1",
         "--train_throughput.window_size=2",
     ]
-    port = _free_port()
+    port = find_free_network_port()
     ranks = []
     for rank in range(2):
         env = {
