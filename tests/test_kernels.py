@@ -50,14 +50,24 @@ for prefix in range(5):
             for name, g, w in zip(("src", "dst", "unm"), got, want):
                 assert torch.equal(g, w), (prefix, tokens, merge_r, name)
             cases += 1
+# bf16 and fp16 metrics (what autocast feeds it): matched in fp32, as torch matches .float()
+for dtype in (torch.bfloat16, torch.float16):
+    for prefix in (0, 1, 4):
+        metric = torch.randn(3, 197, 64).to(dtype)
+        got, want = triton_match(metric, 16, prefix), match(metric.float(), 16, prefix)
+        for name, g, w in zip(("src", "dst", "unm"), got, want):
+            assert torch.equal(g, w), (dtype, prefix, name)
+        cases += 1
 print("cases", cases)
 """
 
 
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 def test_triton_matcher_equals_the_torch_matcher_under_the_interpreter() -> None:
-    """Odd token counts, 0-4 prefix tokens, merge_r 1 and at its maximum, fp32, random data."""
-    assert "cases 30" in run_interpreted(_CHECK)
+    """Odd token counts, 0-4 prefix tokens, merge_r 1 and at its maximum, fp32, random data; and
+    bf16 / fp16 metrics against the torch matcher on their fp32 values (the kernel upcasts: a
+    bf16 ``tl.dot`` would be unchecked here, the interpreter multiplies bf16 bit patterns)."""
+    assert "cases 36" in run_interpreted(_CHECK)
 
 
 _MODEL_CHECK = """

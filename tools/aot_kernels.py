@@ -89,9 +89,9 @@ def build(target: str, channels: list[int], head_dim: int, dtypes: list[str]) ->
     rows = []
     for dtype in (_DTYPES[d] for d in dtypes):
         blocks = matching.match_blocks(head_dim)
-        config = {"dtype": dtype, "C": head_dim, "IEEE": dtype == "fp32", **blocks}
+        config = {"dtype": dtype, "C": head_dim, **blocks}
         pointers = {"metric": f"*{dtype}", "node_max": "*fp32", "node_idx": "*i64"}
-        compiled = _compile(matching.match_kernel(), pointers, {"IEEE": dtype == "fp32", **blocks}, gpu)
+        compiled = _compile(matching.match_kernel(), pointers, dict(blocks), gpu)
         rows.append(_record("match_kernel", config, compiled))
         for width in channels:
             for has_size in (True, False):

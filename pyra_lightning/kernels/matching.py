@@ -12,10 +12,15 @@ the maximum keeps it; inside a block ``tl.argmax`` takes the first). torch's ``m
 makes the same choice on CPU; on CUDA it does not promise one. The tests draw random data, on
 which exact ties do not occur.
 
-Precision: fp32 inputs are multiplied in IEEE fp32 (``input_precision="ieee"``, no TF32), bf16
-and fp16 inputs in their own precision with an fp32 accumulator, as cuBLAS does. Scores are
-``(a · b) / (|a| |b|)`` rather than the torch path's ``(a / |a|) · (b / |b|)``: equal up to
-rounding, so an argmax may differ only where two scores are within rounding of each other.
+Precision: every input is upcast to fp32 and multiplied in IEEE fp32 (``input_precision="ieee"``,
+no TF32), so bf16 and fp16 metrics are matched on exact products with fp32 sums, as the torch
+matcher matches ``metric.float()``. Tensor cores would buy nothing here (a ViT-B/16 layer at
+batch 256 is about 0.3 GFLOP of scores), and Triton's interpreter, which the tests run, cannot
+multiply bf16 (it multiplies the bit patterns: triton-lang/triton#11584), so a bf16 ``tl.dot``
+would be code no CPU test checks. Scores are ``(a · b) / (|a| |b|)`` rather than the torch path's
+``(a / |a|) · (b / |b|)``: equal up to rounding, so an argmax may differ only where two scores
+are within rounding of each other. The torch matcher on bf16 rounds its scores to bf16, so on
+bf16 metrics the two pick other partners where scores tie in bf16.
 """
 
 from __future__ import annotations
@@ -44,7 +49,6 @@ def _kernel():  # type: ignore[no-untyped-def]
         stride_c,
         prefix_a,
         prefix_b,
-        IEEE: tl.constexpr,
         BLOCK_A: tl.constexpr,
         BLOCK_B: tl.constexpr,
         BLOCK_C: tl.constexpr,
@@ -59,8 +63,9 @@ def _kernel():  # type: ignore[no-untyped-def]
             base + (2 * rows)[:, None] * stride_n + chans[None, :] * stride_c,
             mask=(rows[:, None] < na) & (chans[None, :] < channels),
             other=0.0,
-        )  # (BLOCK_A, BLOCK_C)
-        a_norm = tl.sqrt(tl.sum(a.to(tl.float32) * a.to(tl.float32), axis=1))
+        ).to(tl.float32)  # (BLOCK_A, BLOCK_C)
+        # padding rows and columns get norm 1, not 0: their scores are -inf below, never 0 / 0
+        a_norm = tl.where(rows < na, tl.sqrt(tl.sum(a * a, axis=1)), 1.0)
         best = tl.full((BLOCK_A,), float("-inf"), tl.float32)
         best_idx = tl.zeros((BLOCK_A,), tl.int32)
         for start in range(0, nb, BLOCK_B):
@@ -69,12 +74,9 @@ def _kernel():  # type: ignore[no-untyped-def]
                 base + (2 * cols + 1)[:, None] * stride_n + chans[None, :] * stride_c,
                 mask=(cols[:, None] < nb) & (chans[None, :] < channels),
                 other=0.0,
-            )  # (BLOCK_B, BLOCK_C)
-            b_norm = tl.sqrt(tl.sum(b.to(tl.float32) * b.to(tl.float32), axis=1))
-            if IEEE:  # noqa: SIM108 (a constexpr branch: one of the two is compiled)
-                dots = tl.dot(a, tl.trans(b), input_precision="ieee")
-            else:
-                dots = tl.dot(a, tl.trans(b))
+            ).to(tl.float32)  # (BLOCK_B, BLOCK_C)
+            b_norm = tl.where(cols < nb, tl.sqrt(tl.sum(b * b, axis=1)), 1.0)
+            dots = tl.dot(a, tl.trans(b), input_precision="ieee")  # (BLOCK_A, BLOCK_B)
             scores = dots / (a_norm[:, None] * b_norm[None, :])  # (BLOCK_A, BLOCK_B)
             invalid = (cols[None, :] >= nb) | (cols[None, :] < prefix_b)
             invalid = invalid | (rows[:, None] < prefix_a) | (rows[:, None] >= na)
@@ -138,7 +140,6 @@ def _launch_match(
         metric.stride(2),
         (num_prefix_tokens + 1) // 2,
         num_prefix_tokens // 2,
-        IEEE=metric.dtype == torch.float32,
         **match_blocks(channels),
     )
 
