@@ -7,10 +7,12 @@ it goes). After every part it rewrites ``<out>/gpu_check.json`` (everything) and
 ``<out>/gpu_check.md`` (the block for BENCHMARKS.md), so a call cut short still returns them;
 at the end it prints the Markdown.
 
-Parts (the first three are issue 17's; ``scripts/gpu_speed.py`` has them):
+Parts (the first four are issue 17's; ``scripts/gpu_speed.py`` and ``gpu_kernels.py`` have them):
   speed          ViT-B/16 bf16, batch 1/64/256, uncompressed / ToMe high / PYRA low / PYRA high
-                 (and with the Triton kernels, FlexAttention) on eager, cudagraph and
-                 inductor-cudagraph: img/s, speed-up, kernels per forward, peak memory, micro-benchmarks
+                 (and FlexAttention, align=8) on eager, cudagraph and inductor-cudagraph: img/s,
+                 speed-up, kernels per forward, peak memory, attention micro-benchmark
+  kernels        the Triton matcher and merger, first run on a GPU, in a process of their own:
+                 logits parity with the torch rule, eager/cudagraph rows beside torch's, micro-benchmarks
   ddp_fit        2 processes, gloo, both on cuda:0, bf16 autocast: trains, aggregates, writes once
   train_step     training steps of uncompressed / ToMe high / PYRA high at batch 64 and 128
   env            versions, GPU, CUDA, CPU
@@ -50,7 +52,8 @@ from pyra_lightning.files import atomic_write_text  # noqa: E402
 
 # name -> (time limit in seconds on a GPU, what it measures)
 PARTS: dict[str, tuple[int, str]] = {
-    "speed": (280, "issue 17: engines x models x batch 1/64/256, kernels, memory, attention, matcher"),
+    "speed": (250, "issue 17: engines x models x batch 1/64/256, kernel counts, memory, attention"),
+    "kernels": (70, "issue 17: the Triton matcher and merger on the GPU: parity, eager/cudagraph rows"),
     "ddp_fit": (90, "2-process DDP (gloo) on one GPU, bf16 autocast: trains, throughput over ranks"),
     "train_step": (
         200,
@@ -97,6 +100,12 @@ def part_speed(args: argparse.Namespace) -> dict[str, Any]:
     from gpu_speed import part_speed as speed
 
     return speed(args, lambda result: _save_partial(args, result))
+
+
+def part_kernels(args: argparse.Namespace) -> dict[str, Any]:
+    from gpu_kernels import part_kernels as kernels
+
+    return kernels(args, lambda result: _save_partial(args, result))
 
 
 def part_ddp_fit(args: argparse.Namespace) -> dict[str, Any]:
@@ -314,6 +323,18 @@ def _text(stream: str | bytes | None) -> str:
     return stream or ""
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGINT reached the driver (a device call's time limit, a Ctrl-C)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise Stopped(signum)
+
+
 def _run(command: list[str], timeout: float, log: Path) -> tuple[int | None, str]:
     """Run a part in its own process group, killed whole (compile workers, DDP ranks) on timeout,
     so nothing it started keeps the GPU busy under the next part. Returns (exit code or None on
@@ -329,6 +350,12 @@ def _run(command: list[str], timeout: float, log: Path) -> tuple[int | None, str
             os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
         code = None
+    except Stopped:  # the driver itself is being stopped: the part goes with it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        log.write_text(_text(stdout) + _text(stderr))
+        raise
     log.write_text(_text(stdout) + _text(stderr))
     tail = [line for line in _text(stderr).strip().splitlines() if line.strip()][-1:]
     return code, " ".join(tail)[:400]
@@ -366,6 +393,10 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"gpu_check: unknown part(s) {unknown}; known: {', '.join(PARTS)}")
     started = time.monotonic()
+    # A device call that runs out of time stops the driver: the part running is killed with its
+    # process group and the report keeps what finished, instead of the part running on orphaned.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _raise_stopped)
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "command": " ".join(sys.argv),
@@ -391,7 +422,16 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
         command = [sys.executable, __file__, "--part", name, "--device", args.device, "--out", str(out)]
         command += ["--part_limit_s", f"{timeout:.0f}"] + (["--dry_run"] if args.dry_run else [])
         tic = time.monotonic()
-        code, tail = _run(command, timeout, out / f"part_{name}.log")
+        try:
+            code, tail = _run(command, timeout, out / f"part_{name}.log")
+        except Stopped as stop:  # record the part and what it measured, then stop like a signal
+            entry.update(status="failed", reason=f"{stop}: the check ends here")
+            if partial.exists():
+                entry.update(status="partial", result=json.loads(partial.read_text()))
+            entry["seconds"] = round(time.monotonic() - tic, 1)
+            _finish(report, out, started, args.export)
+            print(f"gpu_check: [{name}] {entry['status']}: {stop}; wrote what finished", flush=True)
+            raise SystemExit(128 + stop.signum) from None
         if result_path.exists():  # finished; a crash at exit (CUDA graphs, CUPTI) is only noted
             entry.update(status="ok", result=json.loads(result_path.read_text()))
             if code != 0:
@@ -430,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
         "--budget_s",
         type=float,
         default=440,
-        help="seconds (default 440: speed, ddp_fit and the start of train_step fit one 7-8 minute "
+        help="seconds (default 440: speed, kernels, ddp_fit and the start of train_step fit one 7-8 minute "
         "device call); no part starts once they are spent, and the last one gets what is left",
     )
     parser.add_argument("--part", help=argparse.SUPPRESS)

@@ -40,7 +40,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {entry['status']} | {entry.get('seconds', '-')} | {entry.get('reason', '')} |"
         )
-    lines += _speed_lines(parts.get("speed", {}))
+    lines += _speed_lines(parts.get("speed", {}), "Speed")
+    lines += _speed_lines(parts.get("kernels", {}), "The Triton kernels, measured in their own process")
     lines += train_step_lines(parts.get("train_step", {}))
     ddp = parts.get("ddp_fit", {})
     if ddp.get("status") == "ok":
@@ -94,14 +95,15 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _speed_lines(entry: dict[str, Any]) -> list[str]:
-    """The speed part's tables: img/s and speed-up per engine, then what was skipped."""
+def _speed_lines(entry: dict[str, Any], title: str) -> list[str]:
+    """The speed or kernels part's tables: img/s and speed-up per engine, then what was skipped."""
     result = entry.get("result")
     if not result:
         return []
     lines = [
         "",
-        "Speed (issue 17; bf16 autocast on CUDA; speed-up over the uncompressed model on the same engine):",
+        f"{title} (issue 17; bf16 autocast on CUDA; speed-up over the uncompressed model on the same "
+        "engine, in the same process):",
         "",
     ]
     lines += ["| engine | batch | model | img/s | speedup | build s |", "|---|---:|---|---:|---:|---:|"]
@@ -114,7 +116,7 @@ def _speed_lines(entry: dict[str, Any]) -> list[str]:
     if result.get("kernels"):
         lines += ["", "Kernels per forward (torch.profiler; CPU: ATen operators): "]
         lines.append(", ".join(f"{k} {v}" for k, v in result["kernels"].items()))
-    for key in ("versions", "peak_memory_mib", "attention", "matcher", "merger"):
+    for key in ("versions", "peak_memory_mib", "parity", "attention", "matcher", "merger"):
         if result.get(key):
             lines += ["", f"{key}: {json.dumps(result[key], default=str)}"]
     if result.get("skipped"):

@@ -4,8 +4,10 @@ file stays short).
 ``speed`` answers issue 17's question first: ViT-B/16 bf16 at batch 1, 64, 256, uncompressed /
 ToMe high / PYRA low / PYRA high, on eager, ``cudagraph`` and ``inductor-cudagraph``
 (``pyra_lightning.compile_for_inference``); kernel launches per forward (``torch.profiler``),
-peak memory, SDPA with the ``log(size)`` mask against FlexAttention, the Triton matcher against
-torch. Every finished measurement is saved at once (``save``), so a timeout keeps them.
+peak memory, SDPA with the ``log(size)`` mask against FlexAttention. Every finished measurement
+is saved at once (``save``), so a timeout keeps them. The Triton kernels, which no GPU has run
+yet, are measured by the ``kernels`` part (``scripts/gpu_kernels.py``) in a process of their own:
+a fault in one of them (an illegal address poisons the CUDA context) cannot cost these rows.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ COMPILED = [
     ("pyra/high", 64),
     ("pyra/high+flex", 256),
 ]
+KERNELS = "+kernels"
 # The merge rule and attention kernel of a model variant: "+kernels" runs the Triton matcher and
 # merger (eager and CUDA graphs), "+flex" FlexAttention (fused only when compiled).
 RULES = {
@@ -161,9 +164,10 @@ def _measure(out: dict[str, Any], model: Any, name: str, x: Any, engine: str, s:
 
 
 def part_speed(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Eager and ``cudagraph`` for every model and batch, then the micro-benchmarks (no compile),
-    then the compiled pairs of ``COMPILED`` in that order, each started only if it should end
-    inside the part's limit, then FlexAttention alone (one more compile)."""
+    """Eager and ``cudagraph`` for every model and batch but the ``+kernels`` ones (the
+    ``kernels`` part runs those in a process of their own), then the compiled pairs of
+    ``COMPILED`` in that order, each started only if it should end inside the part's limit, then
+    FlexAttention alone (one more compile)."""
     import torch
 
     s = _settings(args.dry_run)
@@ -181,7 +185,7 @@ def part_speed(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, A
         save(out)
 
     started = time.perf_counter()
-    for name in s["models"]:
+    for name in [m for m in s["models"] if not m.endswith(KERNELS)]:  # those: the kernels part
         model = _build(s, name, device)
         for batch in s["batch_sizes"]:
             x = torch.randn(batch, 3, s["img_size"], s["img_size"], device=device)
@@ -196,9 +200,6 @@ def part_speed(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, A
         if cuda and "attention" not in _rule(name):  # eager FlexAttention is its unfused reference
             out["peak_memory_mib"][name] = _peak_memory_mib(model, s)
         del model
-        keep()
-    for key, micro in (("matcher", _matcher), ("merger", _merger)):
-        out[key] = _guarded(micro, device, args.dry_run)
         keep()
     if cuda and not args.dry_run:
         estimate = 60.0  # seconds per ViT-B/16 compile and capture, until one is measured
@@ -299,67 +300,6 @@ def _attention(device: Any, dry_run: bool) -> dict[str, Any]:
             result["flex_max_abs_diff"] = (flex(q, k, v, size).float() - ref).abs().max().item()
         except Exception as error:
             result["flex_error"] = f"{type(error).__name__}: {error}"[:300]
-    return result
-
-
-def _matcher(device: Any, dry_run: bool) -> dict[str, Any]:
-    """ms of matching one ViT-B layer (197 tokens, merge_r 40): Triton kernel vs torch."""
-    import torch
-
-    from pyra_lightning.kernels import use_triton
-    from pyra_lightning.merge import match
-
-    b, n, c = (2, 37, 24) if dry_run else (256, 197, 64)
-    metric = torch.randn(
-        b, n, c, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
-    )
-    result: dict[str, Any] = {"shape": [b, n, c]}
-    with torch.inference_mode():
-        result["torch_ms"] = _time_ms(lambda: match(metric, 10, 1), device, 20)
-        if not use_triton(metric):
-            result["triton"] = "not run: needs CUDA tensors and Triton"
-            return result
-        from pyra_lightning.kernels.matching import triton_match
-
-        # Against the torch matcher on the same values in fp32, as the kernel computes: torch on
-        # bf16 rounds the scores to bf16, whose ties pick other sources on most rows.
-        got, want = triton_match(metric, 10, 1), match(metric.float(), 10, 1)
-        same = (got[0].sort(dim=1).values == want[0].sort(dim=1).values).all(dim=1)
-        result["rows_with_the_same_sources_as_fp32_torch"] = same.float().mean().item()
-        result["triton_ms"] = _time_ms(lambda: triton_match(metric, 10, 1), device, 20)
-    return result
-
-
-def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
-    """ms of one ViT-B PYRA merge (197 tokens, merge_r 16, sizes given): Triton kernels vs torch."""
-    import torch
-
-    from pyra_lightning.kernels import use_triton
-    from pyra_lightning.merge import bipartite_soft_matching, merge_wavg
-    from pyra_lightning.modulation import PyraModulation
-
-    b, n, c, merge_r = (2, 37, 24, 8) if dry_run else (256, 197, 768, 16)
-    torch.manual_seed(0)
-    x = torch.randn(b, n, c, device=device)
-    size = torch.randint(1, 4, (b, n, 1), device=device).float()
-    merge, _ = bipartite_soft_matching(torch.randn(b, n, 64, device=device), merge_r, 1)
-    mod = PyraModulation(merge_r, c).to(device)
-    with torch.no_grad():
-        mod.weight_d.normal_(std=0.1)
-    result: dict[str, Any] = {"shape": [b, n, c], "merge_r": merge_r}
-    with torch.inference_mode():
-        result["torch_ms"] = _time_ms(lambda: merge_wavg(merge, x, size, mod), device, 20)
-        if not use_triton(x):
-            result["triton"] = "not run: needs CUDA tensors and Triton"
-            return result
-        from pyra_lightning.kernels.merging import kernel_applies, triton_merge_wavg
-
-        if not kernel_applies(merge, x, size, mod):  # a fallback would time torch twice
-            result["triton"] = "not run: the kernels do not apply to these tensors"
-            return result
-        got, want = triton_merge_wavg(merge, x, size, mod), merge_wavg(merge, x, size, mod)
-        result["max_abs_diff"] = max((g - w).abs().max().item() for g, w in zip(got, want, strict=True))
-        result["triton_ms"] = _time_ms(lambda: triton_merge_wavg(merge, x, size, mod), device, 20)
     return result
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -73,7 +74,14 @@ def test_speed_and_ddp_parts_dry_run(tmp_path: Path) -> None:
     DDP fit's throughput summed over its two ranks and its results written once."""
     done = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--device", "cpu", "--dry_run"]
-        + ["--out", str(tmp_path), "--parts", "speed,ddp_fit,train_step", "--export", str(tmp_path / "out")],
+        + [
+            "--out",
+            str(tmp_path),
+            "--parts",
+            "speed,kernels,ddp_fit,train_step",
+            "--export",
+            str(tmp_path / "out"),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -81,19 +89,24 @@ def test_speed_and_ddp_parts_dry_run(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
-    assert list(parts) == ["speed", "ddp_fit", "train_step"]
+    assert list(parts) == ["speed", "kernels", "ddp_fit", "train_step"]
     speed = parts["speed"]["result"]
     assert {(r["model"], r["batch_size"]) for r in speed["rows"]} == {
-        (m, b)
-        for m in ("uncompressed", "tome/8", "pyra/8", "pyra/8+kernels", "pyra/flops0.8-align8")
-        for b in (1, 2)
+        (m, b) for m in ("uncompressed", "tome/8", "pyra/8", "pyra/flops0.8-align8") for b in (1, 2)
     }
     assert all(r["images_per_s"] > 0 and r["speedup"] > 0 for r in speed["rows"])
     assert speed["skipped"][0] == "cudagraph, inductor-cudagraph: need CUDA"
     assert all("Error" not in skipped for skipped in speed["skipped"]), speed["skipped"]
     assert speed["attention"]["flex_max_abs_diff"] < 1e-4
-    assert speed["merger"]["torch_ms"] > 0 and "needs CUDA" in speed["merger"]["triton"]
     assert (tmp_path / "part_speed.partial.json").exists(), "measurements are saved as they finish"
+    # the Triton kernels in a process of their own, beside the torch rule measured with them
+    kernels = parts["kernels"]["result"]
+    assert {(r["model"], r["batch_size"]) for r in kernels["rows"]} == {
+        (m, b) for m in ("uncompressed", "pyra/8", "pyra/8+kernels") for b in (1, 2)
+    }
+    assert all(r["speedup"] > 0 for r in kernels["rows"]) and "needs CUDA" in kernels["parity"]["triton"]
+    assert kernels["merger"]["torch_ms"] > 0 and "needs CUDA" in kernels["merger"]["triton"]
+    assert kernels["matcher"]["torch_ms"] > 0
     ddp = parts["ddp_fit"]["result"]
     # pyra-lightning fit in two processes started as a cluster starts them; one results.json
     assert ddp["world_size"] == 2 and ddp["results_json"].endswith("results.json")
@@ -106,6 +119,7 @@ def test_speed_and_ddp_parts_dry_run(tmp_path: Path) -> None:
     assert all(r["images_per_s"] > 0 for r in train)
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert "| eager | 2 | pyra/8 |" in markdown and "Training step" in markdown
+    assert "| eager | 2 | pyra/8+kernels |" in markdown
     # what the device tool brings back (at most 8 files): the report, its Markdown, one bundle
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "gpu_check.json",
@@ -128,7 +142,7 @@ def test_speed_part_runs_first() -> None:
     sys.path.insert(0, str(REPO / "scripts"))
     from gpu_check import PARTS
 
-    assert list(PARTS)[:2] == ["speed", "ddp_fit"] and PARTS["speed"][0] <= 360
+    assert list(PARTS)[:3] == ["speed", "kernels", "ddp_fit"] and PARTS["speed"][0] <= 360
 
 
 def test_a_part_out_of_time_is_killed_with_what_it_started(tmp_path: Path) -> None:
@@ -151,3 +165,51 @@ def test_a_part_out_of_time_is_killed_with_what_it_started(tmp_path: Path) -> No
             break
         time.sleep(0.1)
     assert not status.exists() or "State:\tZ" in status.read_text(), "the part's child still runs"
+
+
+def _processes_with(text: str) -> list[int]:
+    """Live (not zombie) processes whose command line holds ``text``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit():
+                continue
+            command = (proc / "cmdline").read_bytes().decode(errors="replace")
+            if text in command and "State:\tZ" not in (proc / "status").read_text():
+                found.append(int(proc.name))
+        except OSError:  # gone while we looked
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_stopped_driver_stops_its_part_and_keeps_what_finished(tmp_path: Path) -> None:
+    """A device call that runs out of time sends SIGTERM: the driver kills the running part with
+    its process group, records it as partial with the rows it saved, and exits 128 + 15."""
+    driver = subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--device", "cpu", "--dry_run"]
+        + ["--out", str(tmp_path), "--parts", "speed,kernels", "--export", str(tmp_path / "out")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    partial = tmp_path / "part_speed.partial.json"
+    for _ in range(600):
+        if partial.exists() or driver.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert partial.exists(), "the speed part saved nothing in 60 s"
+    driver.send_signal(signal.SIGTERM)
+    stdout, _ = driver.communicate(timeout=60)
+    assert driver.returncode == 128 + signal.SIGTERM, stdout[-2000:]
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    speed = report["parts"]["speed"]
+    assert speed["status"] == "partial" and "stopped by SIGTERM" in speed["reason"]
+    assert speed["result"]["rows"], "the rows measured before the signal are in the report"
+    assert "kernels" not in report["parts"], "no part starts after the signal"
+    for _ in range(50):
+        if not _processes_with(f"--part\0speed\0--device\0cpu\0--out\0{tmp_path}"):
+            break
+        time.sleep(0.1)
+    assert not _processes_with(f"--part\0speed\0--device\0cpu\0--out\0{tmp_path}"), "the part still runs"

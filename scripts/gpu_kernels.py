@@ -1,0 +1,170 @@
+"""The ``kernels`` part of scripts/gpu_check.py: the Triton matcher and merger on the GPU.
+
+No GPU has run these kernels before this part (the test suite runs them under Triton's
+interpreter, ``tools/aot_kernels.py`` compiles them for Hopper), so they get a process of their
+own, after ``speed``: an illegal address in a kernel poisons the CUDA context, and here it costs
+only this part. In order, each result saved as it finishes:
+
+1. parity: PYRA high with its modulation weights drawn at random (zeros would hide the
+   modulation), logits with the torch rule against the same model on the Triton rule
+   (``set_merge_rule``), fp32 and bf16 autocast;
+2. eager and ``cudagraph`` rows of the uncompressed model, PYRA high on torch, and ToMe high and
+   PYRA high on the kernels (``+kernels``), side by side in this process, so the speed-ups compare
+   figures measured together; kernels per forward;
+3. one layer's matching and one layer's merge alone, Triton against torch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gpu_speed import KERNELS, _build, _guarded, _measure, _say, _settings, _speedups, _time_ms, _versions
+
+
+def part_kernels(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Parity, then eager and ``cudagraph`` rows, then the micro-benchmarks (see the module)."""
+    import torch
+
+    from pyra_lightning.kernels import use_triton
+
+    s = _settings(args.dry_run)
+    device = torch.device(args.device)
+    out: dict[str, Any] = {"rows": [], "skipped": [], "kernels": {}, "versions": _versions(device)}
+    out["engines"] = ["eager", "cudagraph"] if device.type == "cuda" else ["eager"]
+    if device.type != "cuda":
+        out["skipped"].append("cudagraph: needs CUDA")
+    if not use_triton(torch.empty(0, device=device)):
+        out["skipped"].append("the Triton kernels: need CUDA and Triton (the +kernels rows ran torch)")
+
+    def keep() -> None:
+        _speedups(out)
+        save(out)
+
+    pyra = next(m for m in s["models"] if m.startswith("pyra/") and "+" not in m and "align" not in m)
+    out["parity"] = _guarded(lambda dev, dry: _parity(s, pyra, dev), device, args.dry_run)
+    keep()
+    names = ["uncompressed", pyra] + [m for m in s["models"] if m.endswith(KERNELS)]
+    started = time.perf_counter()
+    for name in names:
+        model = _build(s, name, device)
+        for batch in s["batch_sizes"]:
+            x = torch.randn(batch, 3, s["img_size"], s["img_size"], device=device)
+            for engine in out["engines"]:
+                _measure(out, model, name, x, engine, s)
+                keep()
+        del model
+    _say(f"kernels: rows in {time.perf_counter() - started:.0f} s")
+    for key, micro in (("matcher", _matcher), ("merger", _merger)):
+        out[key] = _guarded(micro, device, args.dry_run)
+        keep()
+    return out
+
+
+def _parity(s: dict[str, Any], name: str, device: Any) -> dict[str, Any]:
+    """Logits of ``name`` on the torch rule against the Triton rule, same weights, same images."""
+    import torch
+
+    from pyra_lightning.kernels import use_triton
+    from pyra_lightning.modulation import PyraModulation
+    from pyra_lightning.patch import set_merge_rule
+
+    model = _build(s, name, device)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, PyraModulation):
+                for weight in (module.weight_d, module.weight_r):
+                    if weight is not None:
+                        weight.copy_(0.1 * torch.randn(weight.shape, generator=generator))
+    x = torch.randn(s["batch_sizes"][-1], 3, s["img_size"], s["img_size"], device=device)
+    result: dict[str, Any] = {"model": name, "batch_size": len(x)}
+    if not use_triton(x):
+        result["triton"] = "not run: needs CUDA tensors and Triton"
+        return result
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for rule in ("bipartite", "triton"):
+            set_merge_rule(model, matcher=rule, merger="wavg" if rule == "bipartite" else "triton")
+            with (
+                torch.inference_mode(),
+                torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
+            ):
+                logits[rule, dtype] = model(x).float()
+    reference = logits["bipartite", torch.float32]
+    result["logit_scale"] = reference.abs().max().item()
+    # Each against torch in fp32: in bf16 the torch rule rounds where the kernels keep fp32, so
+    # the bf16 rows say which of the two stays nearer the fp32 answer.
+    for (rule, dtype), got in logits.items():
+        if (rule, dtype) == ("bipartite", torch.float32):
+            continue
+        diff = (got - reference).abs().amax(dim=1)  # (B,)
+        result[f"{rule} {str(dtype).removeprefix('torch.')} vs torch float32"] = {
+            "max_abs_diff": diff.max().item(),
+            "median_abs_diff": diff.median().item(),
+            "images_within_1e-3": (diff < 1e-3).float().mean().item(),
+            "same_top1": (got.argmax(1) == reference.argmax(1)).float().mean().item(),
+        }
+    return result
+
+
+def _matcher(device: Any, dry_run: bool) -> dict[str, Any]:
+    """ms of matching one ViT-B layer (197 tokens, merge_r 40): Triton kernel vs torch."""
+    import torch
+
+    from pyra_lightning.kernels import use_triton
+    from pyra_lightning.merge import match
+
+    b, n, c = (2, 37, 24) if dry_run else (256, 197, 64)
+    metric = torch.randn(
+        b, n, c, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
+    result: dict[str, Any] = {"shape": [b, n, c]}
+    with torch.inference_mode():
+        result["torch_ms"] = _time_ms(lambda: match(metric, 10, 1), device, 20)
+        if not use_triton(metric):
+            result["triton"] = "not run: needs CUDA tensors and Triton"
+            return result
+        from pyra_lightning.kernels.matching import triton_match
+
+        # Against the torch matcher on the same values in fp32, as the kernel computes: torch on
+        # bf16 rounds the scores to bf16, whose ties pick other sources on most rows.
+        got, want = triton_match(metric, 10, 1), match(metric.float(), 10, 1)
+        same = (got[0].sort(dim=1).values == want[0].sort(dim=1).values).all(dim=1)
+        result["rows_with_the_same_sources_as_fp32_torch"] = same.float().mean().item()
+        result["triton_ms"] = _time_ms(lambda: triton_match(metric, 10, 1), device, 20)
+    return result
+
+
+def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
+    """ms of one ViT-B PYRA merge (197 tokens, merge_r 16, sizes given): Triton kernels vs torch."""
+    import torch
+
+    from pyra_lightning.kernels import use_triton
+    from pyra_lightning.merge import bipartite_soft_matching, merge_wavg
+    from pyra_lightning.modulation import PyraModulation
+
+    b, n, c, merge_r = (2, 37, 24, 8) if dry_run else (256, 197, 768, 16)
+    torch.manual_seed(0)
+    x = torch.randn(b, n, c, device=device)
+    size = torch.randint(1, 4, (b, n, 1), device=device).float()
+    merge, _ = bipartite_soft_matching(torch.randn(b, n, 64, device=device), merge_r, 1)
+    mod = PyraModulation(merge_r, c).to(device)
+    with torch.no_grad():
+        mod.weight_d.normal_(std=0.1)
+    result: dict[str, Any] = {"shape": [b, n, c], "merge_r": merge_r}
+    with torch.inference_mode():
+        result["torch_ms"] = _time_ms(lambda: merge_wavg(merge, x, size, mod), device, 20)
+        if not use_triton(x):
+            result["triton"] = "not run: needs CUDA tensors and Triton"
+            return result
+        from pyra_lightning.kernels.merging import kernel_applies, triton_merge_wavg
+
+        if not kernel_applies(merge, x, size, mod):  # a fallback would time torch twice
+            result["triton"] = "not run: the kernels do not apply to these tensors"
+            return result
+        got, want = triton_merge_wavg(merge, x, size, mod), merge_wavg(merge, x, size, mod)
+        result["max_abs_diff"] = max((g - w).abs().max().item() for g, w in zip(got, want, strict=True))
+        result["triton_ms"] = _time_ms(lambda: triton_merge_wavg(merge, x, size, mod), device, 20)
+    return result
