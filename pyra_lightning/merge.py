@@ -79,8 +79,9 @@ def _capturing(ref: torch.Tensor) -> bool:
     """Whether a CUDA graph is being captured on the current stream. The eager plan is captured
     as it is (its kernels are capturable), reading the constants a warm-up cached; only a missing
     constant is built inline and not cached: a tensor made during capture holds nothing until the
-    graph is replayed."""
-    return ref.is_cuda and torch.cuda.is_current_stream_capturing()
+    graph is replayed. Asked also for a CPU ``ref`` once CUDA is up: a miss during a capture must
+    never clear the cache, whose constants the graph may already read."""
+    return (ref.is_cuda or torch.cuda.is_initialized()) and torch.cuda.is_current_stream_capturing()
 
 
 def cached_constants() -> list[torch.Tensor]:

@@ -250,6 +250,28 @@ def test_a_cuda_graph_capture_records_the_eager_plan_from_the_warm_cache(
     assert merge_module.cached_constants() == []  # built inline, nothing cached while capturing
 
 
+def test_a_miss_during_a_capture_keeps_the_full_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full cache is cleared on the next miss, except while a CUDA graph is being captured: the
+    graph may already read cached constants at their addresses, so they must stay alive. Also
+    for a miss on a CPU tensor (a capture is a property of the CUDA stream, not of the tensor).
+    Capture is simulated (``torch.cuda`` reports it), since this machine has no GPU."""
+    from pyra_lightning import merge as merge_module
+
+    merge_module._CACHE.clear()
+    for i in range(merge_module._CACHE_LIMIT):
+        merge_module._CACHE[("held by a graph", i)] = torch.zeros(1)
+    held = merge_module.cached_constants()
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    metric, x = torch.randn(2, 197, 16), torch.randn(2, 197, 16)
+    with torch.inference_mode():
+        merge, _ = bipartite_soft_matching(metric, 40, 1)
+        merge_wavg(merge, x)
+    kept = merge_module.cached_constants()
+    assert len(kept) == len(held) and all(a is b for a, b in zip(kept, held, strict=True))
+    merge_module._CACHE.clear()
+
+
 @pytest.mark.parametrize("pyra", [False, True])
 def test_sizes_stay_out_of_autograd_in_a_training_step(pyra: bool) -> None:
     """Token sizes are patch counts, which no parameter reaches: the reference computes them
