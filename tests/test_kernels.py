@@ -143,6 +143,22 @@ check(torch.randn(2, 197, 400)[..., ::2], None, merge_tome, None, 1e-5)
 x = torch.randn(2, 197, 40).bfloat16()
 check(x, None, merge, modulation(20, 40).bfloat16(), 5e-2)
 check(torch.randn(2, 197, 40).half(), (torch.rand(2, 197, 1) + 1).half(), merge, None, 5e-3)
+# ... and closer: within one unit in the last place of torch in fp32 on the same values, PYRA with
+# sizes (the interpreter truncates to bf16 where a GPU rounds to nearest, so one ulp, not half)
+for dtype in (torch.bfloat16, torch.float16):
+    x, size, mod = torch.randn(2, 197, 40), torch.randint(1, 4, (2, 197, 1)).float(), modulation(20, 40)
+    low = modulation(20, 40).to(dtype)
+    low.load_state_dict({k: v.to(dtype) for k, v in mod.state_dict().items()})
+    mod.load_state_dict({k: v.to(dtype).float() for k, v in mod.state_dict().items()})
+    with torch.no_grad():
+        assert kernel_applies(merge, x.to(dtype), size.to(dtype), low)
+        got, got_size = triton_merge_wavg(merge, x.to(dtype), size.to(dtype), low)
+        want, want_size = merge_wavg(merge, x.to(dtype).float(), size.to(dtype).float(), mod)
+    info = torch.finfo(dtype)
+    ulp = info.eps * 2.0 ** torch.floor(torch.log2(want.abs().clamp(min=info.tiny)))  # spacing at want
+    assert ((got.float() - want).abs() <= ulp).all(), (dtype, ((got.float() - want).abs() / ulp).max())
+    assert torch.equal(got_size.float(), want_size), dtype
+    cases += 1
 # fp64 is left to torch (the kernels would compute it in fp32)
 assert not kernel_applies(merge, torch.randn(2, 197, 40, dtype=torch.float64), None, None)
 # where autograd records the merge, the torch path runs (the kernels have no backward)
@@ -163,7 +179,7 @@ def test_triton_merge_kernels_equal_the_torch_merge_under_the_interpreter() -> N
     tokens, merge_r 1 and at its maximum, an elastic layer, strided sizes and tokens, two channel
     blocks, bf16 and fp16, against ``merge_wavg``; and the torch path wherever autograd records
     the merge, and for fp64."""
-    assert "cases 66" in run_interpreted(_MERGE_CHECK)
+    assert "cases 68" in run_interpreted(_MERGE_CHECK)
 
 
 _MERGER_MODEL_CHECK = """
