@@ -52,8 +52,8 @@ from pyra_lightning.files import atomic_write_text  # noqa: E402
 
 # name -> (time limit in seconds on a GPU, what it measures)
 PARTS: dict[str, tuple[int, str]] = {
-    "speed": (250, "issue 17: engines x models x batch 1/64/256, kernel counts, memory, attention"),
-    "kernels": (70, "issue 17: the Triton matcher and merger on the GPU: parity, eager/cudagraph rows"),
+    "speed": (240, "issue 17: engines x models x batch 1/64/256, kernel counts, memory, attention"),
+    "kernels": (100, "issue 17: the Triton matcher and merger on the GPU: parity, eager/cudagraph rows"),
     "ddp_fit": (90, "2-process DDP (gloo) on one GPU, bf16 autocast: trains, throughput over ranks"),
     "train_step": (
         200,
@@ -332,6 +332,8 @@ class Stopped(Exception):
 
 
 def _raise_stopped(signum: int, frame: Any) -> None:
+    for other in (signal.SIGTERM, signal.SIGINT):  # once: a second signal must not cut the cleanup
+        signal.signal(other, signal.SIG_IGN)
     raise Stopped(signum)
 
 
@@ -385,6 +387,49 @@ def _finish(report: dict[str, Any], out: Path, started: float, export: str | Non
     return markdown
 
 
+def _drive_part(name: str, args: argparse.Namespace, report: dict[str, Any], started: float) -> None:
+    """Run part ``name`` under its limit and record it in ``report``, then rewrite the report."""
+    out = Path(args.out)
+    limit, what = PARTS[name]
+    left = args.budget_s - (time.monotonic() - started)
+    entry: dict[str, Any] = {"what": what}
+    report["parts"][name] = entry
+    if left < 20:
+        entry.update(status="skipped", reason=f"time budget of {args.budget_s} s spent")
+        _finish(report, out, started, args.export)
+        return
+    timeout = min(limit, left) if not args.dry_run else max(limit, 300)
+    print(f"gpu_check: [{name}] {what} (limit {timeout:.0f} s) ...", flush=True)
+    result_path, partial = out / f"part_{name}.json", out / f"part_{name}.partial.json"
+    result_path.unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)
+    command = [sys.executable, __file__, "--part", name, "--device", args.device, "--out", str(out)]
+    command += ["--part_limit_s", f"{timeout:.0f}"] + (["--dry_run"] if args.dry_run else [])
+    tic = time.monotonic()
+    stopped: Stopped | None = None
+    try:
+        code, tail = _run(command, timeout, out / f"part_{name}.log")
+    except Stopped as stop:
+        stopped, code, tail = stop, None, ""
+    if result_path.exists():  # finished; a crash at exit (CUDA graphs, CUPTI) is only noted
+        entry.update(status="ok", result=json.loads(result_path.read_text()))
+        if code != 0 and stopped is None:
+            entry["reason"] = f"exited {code} after writing its result: {tail}"
+    else:
+        why = f"timed out after {timeout:.0f} s" if code is None else f"exit {code}: {tail}"
+        entry.update(status="failed", reason=f"{stopped}: the check ends here" if stopped else why)
+        if partial.exists():  # what it measured before it stopped
+            entry.update(status="partial", result=json.loads(partial.read_text()))
+            entry["reason"] += "; the measurements it finished are kept"
+    entry["seconds"] = round(time.monotonic() - tic, 1)
+    print(
+        f"gpu_check: [{name}] {entry['status']} in {entry['seconds']} s {entry.get('reason', '')}", flush=True
+    )
+    if stopped is not None:
+        raise stopped
+    _finish(report, out, started, args.export)
+
+
 def drive(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -393,10 +438,6 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"gpu_check: unknown part(s) {unknown}; known: {', '.join(PARTS)}")
     started = time.monotonic()
-    # A device call that runs out of time stops the driver: the part running is killed with its
-    # process group and the report keeps what finished, instead of the part running on orphaned.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _raise_stopped)
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "command": " ".join(sys.argv),
@@ -405,50 +446,18 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
         "budget_s": args.budget_s,
         "parts": {},
     }
-    for name in chosen:
-        limit, what = PARTS[name]
-        left = args.budget_s - (time.monotonic() - started)
-        entry: dict[str, Any] = {"what": what}
-        report["parts"][name] = entry
-        if left < 20:
-            entry.update(status="skipped", reason=f"time budget of {args.budget_s} s spent")
-            _finish(report, out, started, args.export)
-            continue
-        timeout = min(limit, left) if not args.dry_run else max(limit, 300)
-        print(f"gpu_check: [{name}] {what} (limit {timeout:.0f} s) ...", flush=True)
-        result_path, partial = out / f"part_{name}.json", out / f"part_{name}.partial.json"
-        result_path.unlink(missing_ok=True)
-        partial.unlink(missing_ok=True)
-        command = [sys.executable, __file__, "--part", name, "--device", args.device, "--out", str(out)]
-        command += ["--part_limit_s", f"{timeout:.0f}"] + (["--dry_run"] if args.dry_run else [])
-        tic = time.monotonic()
-        try:
-            code, tail = _run(command, timeout, out / f"part_{name}.log")
-        except Stopped as stop:  # record the part and what it measured, then stop like a signal
-            entry.update(status="failed", reason=f"{stop}: the check ends here")
-            if partial.exists():
-                entry.update(status="partial", result=json.loads(partial.read_text()))
-            entry["seconds"] = round(time.monotonic() - tic, 1)
-            _finish(report, out, started, args.export)
-            print(f"gpu_check: [{name}] {entry['status']}: {stop}; wrote what finished", flush=True)
-            raise SystemExit(128 + stop.signum) from None
-        if result_path.exists():  # finished; a crash at exit (CUDA graphs, CUPTI) is only noted
-            entry.update(status="ok", result=json.loads(result_path.read_text()))
-            if code != 0:
-                entry["reason"] = f"exited {code} after writing its result: {tail}"
-        else:
-            why = f"timed out after {timeout:.0f} s" if code is None else f"exit {code}: {tail}"
-            entry.update(status="failed", reason=why)
-            if partial.exists():  # what it measured before it stopped
-                entry.update(status="partial", result=json.loads(partial.read_text()))
-                entry["reason"] += "; the measurements it finished are kept"
-        entry["seconds"] = round(time.monotonic() - tic, 1)
-        print(
-            f"gpu_check: [{name}] {entry['status']} in {entry['seconds']} s {entry.get('reason', '')}",
-            flush=True,
-        )
+    # A device call that runs out of time stops the driver: the part running is killed with its
+    # process group and the report keeps what finished, instead of the part running on orphaned.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _raise_stopped)
+    try:
+        for name in chosen:
+            _drive_part(name, args, report, started)
+        markdown = _finish(report, out, started, args.export)
+    except Stopped as stop:  # the running part is killed and recorded; none starts after it
         _finish(report, out, started, args.export)
-    markdown = _finish(report, out, started, args.export)
+        print(f"gpu_check: {stop}; wrote what finished", flush=True)
+        raise SystemExit(128 + stop.signum) from None
     print("\n" + markdown)
     print(f"gpu_check: wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} in {report['total_s']} s")
     return report

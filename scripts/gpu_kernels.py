@@ -8,10 +8,11 @@ only this part. In order, each result saved as it finishes:
 1. parity: PYRA high with its modulation weights drawn at random (zeros would hide the
    modulation), logits with the torch rule against the same model on the Triton rule
    (``set_merge_rule``), fp32 and bf16 autocast;
-2. eager and ``cudagraph`` rows of the uncompressed model, PYRA high on torch, and ToMe high and
-   PYRA high on the kernels (``+kernels``), side by side in this process, so the speed-ups compare
-   figures measured together; kernels per forward;
-3. one layer's matching and one layer's merge alone, Triton against torch.
+2. one layer's matching and one layer's merge alone, Triton against torch;
+3. eager and ``cudagraph`` rows of the uncompressed model, ToMe high and PYRA high on torch and on
+   the kernels (``+kernels``), side by side in this process, so the speed-ups compare figures
+   measured together; batch 256, then 64, then 1; kernels per forward. Rows that would pass the
+   part's limit are skipped and named.
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from gpu_speed import KERNELS, _build, _guarded, _measure, _say, _settings, _spe
 
 
 def part_kernels(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Parity, then eager and ``cudagraph`` rows, then the micro-benchmarks (see the module)."""
+    """Parity, then the micro-benchmarks, then eager and ``cudagraph`` rows, largest batch first
+    (see the module): what only this part measures comes before what a timeout may cut."""
     import torch
 
     from pyra_lightning.kernels import use_triton
 
     s = _settings(args.dry_run)
     device = torch.device(args.device)
+    limit = args.part_limit_s or 100
     out: dict[str, Any] = {"rows": [], "skipped": [], "kernels": {}, "versions": _versions(device)}
     out["engines"] = ["eager", "cudagraph"] if device.type == "cuda" else ["eager"]
     if device.type != "cuda":
@@ -42,24 +45,39 @@ def part_kernels(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str,
         _speedups(out)
         save(out)
 
-    pyra = next(m for m in s["models"] if m.startswith("pyra/") and "+" not in m and "align" not in m)
+    started = time.perf_counter()
+    names = kernel_models(s["models"])
+    pyra = next(m for m in names if m.startswith("pyra/") and not m.endswith(KERNELS))
     out["parity"] = _guarded(lambda dev, dry: _parity(s, pyra, dev), device, args.dry_run)
     keep()
-    names = ["uncompressed", pyra] + [m for m in s["models"] if m.endswith(KERNELS)]
-    started = time.perf_counter()
-    for name in names:
-        model = _build(s, name, device)
-        for batch in s["batch_sizes"]:
-            x = torch.randn(batch, 3, s["img_size"], s["img_size"], device=device)
-            for engine in out["engines"]:
-                _measure(out, model, name, x, engine, s)
-                keep()
-        del model
-    _say(f"kernels: rows in {time.perf_counter() - started:.0f} s")
     for key, micro in (("matcher", _matcher), ("merger", _merger)):
         out[key] = _guarded(micro, device, args.dry_run)
         keep()
+    models = {name: _build(s, name, device) for name in names}  # ViT-B/16: ~0.35 GB each
+    for batch in sorted(s["batch_sizes"], reverse=True):  # batch 1, the cheapest to lose, last
+        x = torch.randn(batch, 3, s["img_size"], s["img_size"], device=device)
+        for name, model in models.items():
+            for engine in out["engines"]:
+                if time.perf_counter() - started > limit - 10:
+                    out["skipped"].append(
+                        f"{engine} {name} batch {batch}: the part's {limit:.0f} s are spent"
+                    )
+                    continue
+                _measure(out, model, name, x, engine, s, part="kernels")
+                keep()
+    _say(f"done in {time.perf_counter() - started:.0f} s", part="kernels")
     return out
+
+
+def kernel_models(models: dict[str, Any]) -> list[str]:
+    """The uncompressed model, every ``+kernels`` model's torch twin, then the ``+kernels`` models:
+    each kernel row has the same model on torch beside it, measured in the same process."""
+    kernels = [m for m in models if m.endswith(KERNELS)]
+    twins = [m.removesuffix(KERNELS) for m in kernels]
+    missing = [m for m in twins if m not in models]
+    if missing:
+        raise ValueError(f"settings have {kernels} but not their torch twins {missing}")
+    return ["uncompressed", *twins, *kernels]
 
 
 def _parity(s: dict[str, Any], name: str, device: Any) -> dict[str, Any]:

@@ -46,6 +46,7 @@ def _settings(dry_run: bool) -> dict[str, Any]:
                 "uncompressed": (None, False),
                 "tome/8": (8, False),
                 "pyra/8": (8, True),
+                "tome/8+kernels": (8, False),
                 "pyra/8+kernels": (8, True),
                 "pyra/flops0.8-align8": (("flops", 0.8, 8), True),
             },
@@ -135,11 +136,13 @@ def _rule(name: str) -> dict[str, str]:
     return RULES["+" + name.split("+")[1] if "+" in name else ""]
 
 
-def _say(message: str) -> None:
-    print(f"speed: {message}", flush=True)  # the part's log shows how far it got
+def _say(message: str, part: str = "speed") -> None:
+    print(f"{part}: {message}", flush=True)  # the part's log shows how far it got
 
 
-def _measure(out: dict[str, Any], model: Any, name: str, x: Any, engine: str, s: dict[str, Any]) -> float:
+def _measure(
+    out: dict[str, Any], model: Any, name: str, x: Any, engine: str, s: dict[str, Any], part: str = "speed"
+) -> float:
     """Build ``engine`` for ``model`` at ``x``'s batch, time it, record the row; the build's seconds."""
     import torch
 
@@ -159,7 +162,7 @@ def _measure(out: dict[str, Any], model: Any, name: str, x: Any, engine: str, s:
     out["rows"].append({**row, "build_s": round(build_s, 1)})
     if len(x) == s["batch_sizes"][min(1, len(s["batch_sizes"]) - 1)] and engine != "inductor-cudagraph":
         out["kernels"][f"{engine} {name} batch {len(x)}"] = _kernels_per_forward(lambda: run(x), device)
-    _say(f"{engine} {name} batch {len(x)}: {row['images_per_s']:.0f} img/s (built in {build_s:.1f} s)")
+    _say(f"{engine} {name} batch {len(x)}: {row['images_per_s']:.0f} img/s (built in {build_s:.1f} s)", part)
     return build_s
 
 

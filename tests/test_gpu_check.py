@@ -16,6 +16,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _env() -> dict[str, str]:
+    """The environment of a dry run: this checkout first, and no ``TRITON_INTERPRET`` from the
+    caller (with it the kernels would run on the CPU and the dry run check other outcomes)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return {**env, "PYTHONPATH": str(REPO)}
+
+
 @pytest.mark.slow
 def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path: Path) -> None:
     """The same code paths as on a GPU, on a tiny ViT: each part timed, its result recorded."""
@@ -59,7 +66,7 @@ def test_a_failing_part_is_recorded_and_the_rest_still_runs(tmp_path: Path) -> N
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=_env(),
     )
     assert done.returncode == 0, done.stderr[-2000:]
     parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
@@ -85,7 +92,7 @@ def test_speed_and_ddp_parts_dry_run(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=_env(),
     )
     assert done.returncode == 0, done.stderr[-2000:]
     parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
@@ -102,8 +109,11 @@ def test_speed_and_ddp_parts_dry_run(tmp_path: Path) -> None:
     # the Triton kernels in a process of their own, beside the torch rule measured with them
     kernels = parts["kernels"]["result"]
     assert {(r["model"], r["batch_size"]) for r in kernels["rows"]} == {
-        (m, b) for m in ("uncompressed", "pyra/8", "pyra/8+kernels") for b in (1, 2)
+        (m, b)
+        for m in ("uncompressed", "tome/8", "pyra/8", "tome/8+kernels", "pyra/8+kernels")
+        for b in (1, 2)
     }
+    assert [r["batch_size"] for r in kernels["rows"]][0] == 2, "the largest batch first"
     assert all(r["speedup"] > 0 for r in kernels["rows"]) and "needs CUDA" in kernels["parity"]["triton"]
     assert kernels["merger"]["torch_ms"] > 0 and "needs CUDA" in kernels["merger"]["triton"]
     assert kernels["matcher"]["torch_ms"] > 0
@@ -143,6 +153,19 @@ def test_speed_part_runs_first() -> None:
     from gpu_check import PARTS
 
     assert list(PARTS)[:3] == ["speed", "kernels", "ddp_fit"] and PARTS["speed"][0] <= 360
+
+
+def test_every_kernel_row_has_its_torch_twin_on_the_gpu_settings() -> None:
+    """The kernels part times each ``+kernels`` model beside the same model on torch: on the
+    ViT-B/16 settings the dry run does not use, too."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from gpu_kernels import kernel_models
+    from gpu_speed import _settings
+
+    names = kernel_models(_settings(dry_run=False)["models"])
+    assert names == ["uncompressed", "tome/high", "pyra/high", "tome/high+kernels", "pyra/high+kernels"]
+    with pytest.raises(ValueError, match="torch twins"):
+        kernel_models({"uncompressed": None, "pyra/low+kernels": None})
 
 
 def test_a_part_out_of_time_is_killed_with_what_it_started(tmp_path: Path) -> None:
@@ -192,7 +215,7 @@ def test_a_stopped_driver_stops_its_part_and_keeps_what_finished(tmp_path: Path)
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=_env(),
     )
     partial = tmp_path / "part_speed.partial.json"
     for _ in range(600):
