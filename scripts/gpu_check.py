@@ -347,17 +347,14 @@ def _run(command: list[str], timeout: float, log: Path) -> tuple[int | None, str
     try:
         stdout, stderr = process.communicate(timeout=timeout)
         code: int | None = process.returncode
-    except subprocess.TimeoutExpired:
+    except (subprocess.TimeoutExpired, Stopped) as error:  # Stopped: the part goes with the driver
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
         code = None
-    except Stopped:  # the driver itself is being stopped: the part goes with it
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        log.write_text(_text(stdout) + _text(stderr))
-        raise
+        if isinstance(error, Stopped):
+            log.write_text(_text(stdout) + _text(stderr))
+            raise
     log.write_text(_text(stdout) + _text(stderr))
     tail = [line for line in _text(stderr).strip().splitlines() if line.strip()][-1:]
     return code, " ".join(tail)[:400]

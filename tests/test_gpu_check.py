@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -182,27 +183,37 @@ def test_a_part_out_of_time_is_killed_with_what_it_started(tmp_path: Path) -> No
     code, _ = _run([sys.executable, "-c", script], timeout=5, log=log)
     assert code is None  # timed out
     child = int(log.read_text().split()[0])  # printed before the kill, kept in the log
-    status = Path(f"/proc/{child}/status")
-    for _ in range(50):
-        if not status.exists() or "State:\tZ" in status.read_text():
-            break
-        time.sleep(0.1)
-    assert not status.exists() or "State:\tZ" in status.read_text(), "the part's child still runs"
+    assert _all_gone(lambda: [child] if _running(child) else []), "the part's child still runs"
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # gone
+        return False
 
 
 def _processes_with(text: str) -> list[int]:
-    """Live (not zombie) processes whose command line holds ``text``."""
+    """Running processes whose command line holds ``text``."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
-            if not proc.name.isdigit():
-                continue
-            command = (proc / "cmdline").read_bytes().decode(errors="replace")
-            if text in command and "State:\tZ" not in (proc / "status").read_text():
-                found.append(int(proc.name))
+            command = (proc / "cmdline").read_bytes().decode(errors="replace") if proc.name.isdigit() else ""
         except OSError:  # gone while we looked
             continue
+        if text in command and _running(int(proc.name)):
+            found.append(int(proc.name))
     return found
+
+
+def _all_gone(find: Callable[[], list[int]], seconds: float = 5.0) -> bool:
+    """Whether ``find()`` comes back empty within ``seconds`` (a killed process takes a moment)."""
+    for _ in range(int(seconds * 10)):
+        if not find():
+            return True
+        time.sleep(0.1)
+    return not find()
 
 
 @pytest.mark.slow
@@ -231,8 +242,5 @@ def test_a_stopped_driver_stops_its_part_and_keeps_what_finished(tmp_path: Path)
     assert speed["status"] == "partial" and "stopped by SIGTERM" in speed["reason"]
     assert speed["result"]["rows"], "the rows measured before the signal are in the report"
     assert "kernels" not in report["parts"], "no part starts after the signal"
-    for _ in range(50):
-        if not _processes_with(f"--part\0speed\0--device\0cpu\0--out\0{tmp_path}"):
-            break
-        time.sleep(0.1)
-    assert not _processes_with(f"--part\0speed\0--device\0cpu\0--out\0{tmp_path}"), "the part still runs"
+    part = f"--part\0speed\0--device\0cpu\0--out\0{tmp_path}"
+    assert _all_gone(lambda: _processes_with(part)), "the part still runs"
