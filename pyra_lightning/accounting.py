@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from pyra_lightning.merge_rules import build_matcher, build_merger
 from pyra_lightning.peft import head_parameter_names, parameter_group
 
 
@@ -112,7 +113,10 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int] | None = None,
     module tracker fails on it ("Expected gradient function to be set"). An inference forward
     needs no gradients; training FLOPs (``training.monitoring``) are counted with grad on, where
     such views have their ``grad_fn``. A model attending with another kernel than SDPA
-    (``attention="flex"``) is counted as SDPA, which computes the same products.
+    (``attention="flex"``) is counted as SDPA, which computes the same products, and a merge rule
+    that launches its own kernels (the ``triton`` matcher and merger) as the torch rule it names
+    in ``counted_as``: the counter sees ATen operators only, and a CUDA model's Triton matcher
+    would otherwise drop its (B, Na, Nb) score products from the count.
     """
     if img_size is None:
         img_size = model.patch_embed.img_size  # type: ignore[union-attr]
@@ -127,12 +131,22 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int] | None = None,
         for m in model.modules()
         if isinstance(getattr(m, "attention", None), str) and m.attention != "sdpa"
     }
+    # (block, "matcher" | "merger", the rule it holds) for each rule counted as a torch rule
+    kernels = [
+        (block, part, getattr(block, part))
+        for block in model.modules()
+        for part in ("matcher", "merger")
+        if getattr(getattr(block, part, None), "counted_as", None)
+    ]
     model.eval()
     try:
         for p in trainable:
             p.requires_grad_(False)
         for module in flex:
             module.attention = "sdpa"
+        for block, part, rule in kernels:
+            build = build_matcher if part == "matcher" else build_merger
+            setattr(block, part, build(rule.counted_as))
         with torch.no_grad(), flop_counter_mode() as counter:
             model(x)
     finally:
@@ -140,5 +154,7 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int] | None = None,
             p.requires_grad_(True)
         for module, name in flex.items():
             module.attention = name
+        for block, part, rule in kernels:
+            setattr(block, part, rule)
         model.train(was_training)
     return int(counter.get_total_flops())

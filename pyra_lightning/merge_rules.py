@@ -13,6 +13,9 @@ The defaults are ToMe's and PYRA's (paper §3.1, eqs. 2-3): bipartite soft match
 ``"bipartite_reference"`` is the same matching in ToMe's plain gather/scatter/cat form
 (``merge_reference``), slower but easy to read and compare against.
 
+A rule that runs its own kernels names the registered torch rule it computes as ``counted_as``;
+``accounting.count_flops`` counts that one, since a ``FlopCounterMode`` sees ATen operators only.
+
 A matcher returns ``merge``/``unmerge`` closures with the contract of ``merge.MergeFn``: modes
 ``"sum"``, ``"mean"`` and ``"amax"``, an optional PYRA ``modulate`` of the sources, and the
 token order the next layer's alternating split expects (prefix tokens first).
@@ -88,6 +91,7 @@ class TritonMatcher:
     """
 
     name = "triton"
+    counted_as = "bipartite"  # the torch rule a FLOP counter runs instead: it cannot see a kernel
 
     def __call__(
         self, metric: torch.Tensor, merge_r: int, num_prefix_tokens: int
@@ -136,6 +140,7 @@ class TritonWeightedAverage(WeightedAverage):
     """
 
     name = "triton"
+    counted_as = "wavg"
     average = staticmethod(_triton_merge_wavg)
 
 

@@ -221,6 +221,31 @@ def test_the_triton_merger_is_a_registered_merge_rule_with_the_same_model_output
     assert out.count("same output") == 3, out
 
 
+_FLOPS_CHECK = """
+import timm, torch
+from pyra_lightning import apply_merging, count_flops
+from pyra_lightning.accounting import flop_counter_mode
+kw = dict(pretrained=False, img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=5)
+model = timm.create_model("vit_tiny_patch16_224", **kw).eval()
+counts = {}
+for rule in ("bipartite", "triton"):
+    apply_merging(model, [12, 8, 6, 4], pyra=True, matcher=rule, merger="wavg" if rule == "bipartite" else rule)
+    counts[rule] = count_flops(model)
+with torch.no_grad(), flop_counter_mode() as counter:  # the kernels themselves: invisible to it
+    model(torch.zeros(1, 3, 32, 32))
+assert model.blocks[0].matcher.name == "triton" and model.blocks[0].merger.name == "triton"
+assert counts["triton"] == counts["bipartite"] > counter.get_total_flops(), (counts, counter.get_total_flops())
+print("counted", counts["triton"], "kernels", counter.get_total_flops())
+"""
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_count_flops_counts_the_triton_rules_as_the_torch_rules_they_compute() -> None:
+    """Where the kernels run (CUDA; here the interpreter), a ``FlopCounterMode`` cannot see the
+    matcher's score products or PYRA's matmuls; ``count_flops`` counts the torch rules instead."""
+    assert "counted" in run_interpreted(_FLOPS_CHECK)
+
+
 def test_triton_matcher_falls_back_to_torch_on_cpu_without_the_interpreter() -> None:
     from pyra_lightning.kernels import use_triton
 
