@@ -342,9 +342,43 @@ def test_speed_target_search_counts_the_merge_cost_and_refuses_the_unreachable()
         search_speed_target(0.9, shape, lambda s: clock.runner(s, shape), clock=clock)
 
 
-def test_target_speedup_through_run_benchmark(one_thread: None, capsys) -> None:
+def test_the_speed_target_search_waits_for_the_gpu_around_every_timed_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a GPU a runner returns once its work is queued: unsynchronised, the search would time
+    the host's launches (a CUDA graph's replay is microseconds), not the forwards."""
+    shape = vit_shape(build_model(merge_r=None, pyra=False, **SPEED_MODEL))
+    clock, waits = FakeClock(), []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waits.append(device))
+    found = search_speed_target(
+        1.5,
+        shape,
+        lambda s: clock.runner(s, shape),
+        warmup=0,
+        runs=2,
+        iterations=2,
+        clock=clock,
+        device="cuda",
+    )
+    timed_calls = 2 * 2 * len({tuple(t["schedule"]) for t in found.trials})  # runs x (baseline, candidate)
+    assert len(waits) >= 2 * timed_calls and set(waits) == {torch.device("cuda")}
+
+
+def test_target_speedup_through_run_benchmark(
+    one_thread: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The command prints a list ready for model.merging.merge_r, measured on real models (vit_tiny at
-    224 px, where halving the tokens in every block roughly halves the time: far above 1.2x)."""
+    224 px, where halving the tokens in every block roughly halves the time: far above 1.2x), on
+    the device it was given."""
+    from pyra_lightning.commands import engines
+
+    devices, real_search = [], engines.search_speed_target
+
+    def search(*args: Any, **kwargs: Any) -> Any:
+        devices.append(kwargs.get("device"))
+        return real_search(*args, **kwargs)
+
+    monkeypatch.setattr(engines, "search_speed_target", search)
     result = run_benchmark(
         target_speedup=1.2, batch_size=2, runs=3, warmup=1, target_iterations=1, clock="cpu", **SPEED_MODEL
     )
@@ -352,6 +386,7 @@ def test_target_speedup_through_run_benchmark(one_thread: None, capsys) -> None:
     assert len(found["schedule"]) == 4 and found["speedup"] >= 1.2
     assert [t["rho"] for t in found["trials"]] == [1.0, 0.5]
     assert f"model.merging.merge_r: {found['schedule']}" in capsys.readouterr().out
+    assert devices == [torch.device("cpu")]
 
 
 def test_a_custom_schedule_is_labelled_by_its_contents(one_thread: None) -> None:

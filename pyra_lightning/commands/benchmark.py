@@ -419,6 +419,7 @@ def _run_target(args: dict[str, Any]) -> dict[str, Any]:
             runs=args["runs"],
             iterations=args["target_iterations"],
             clock=_clock(args),
+            device=dev,
             **bounds,
         )
     env_before["loadavg_after"] = load_average()

@@ -166,10 +166,20 @@ class SpeedTarget:
 
 
 def measured_speedup(
-    baseline: Runner, candidate: Runner, warmup: int, runs: int, clock: Clock = time.perf_counter
+    baseline: Runner,
+    candidate: Runner,
+    warmup: int,
+    runs: int,
+    clock: Clock = time.perf_counter,
+    device: str | torch.device = "cpu",
 ) -> float:
-    """Median baseline time over median candidate time, the two timed interleaved."""
-    times = time_interleaved({"baseline": baseline, "candidate": candidate}, warmup, runs, clock=clock)
+    """Median baseline time over median candidate time, the two timed interleaved.
+
+    ``device`` is synchronised around every timed call: on a GPU, a runner returns once its work
+    is queued, so without it the clock would time the host's launches, not the forwards.
+    """
+    pair = {"baseline": baseline, "candidate": candidate}
+    times = time_interleaved(pair, warmup, runs, device=device, clock=clock)
     return statistics.median(times["baseline"]) / statistics.median(times["candidate"])
 
 
@@ -184,6 +194,7 @@ def search_speed_target(
     max_rho: float = 1.0,
     bound: str = "half the tokens in every block",
     min_rho: float = 0.0,
+    device: str | torch.device = "cpu",
 ) -> SpeedTarget:
     """The gentlest proportional schedule whose measured speed-up reaches ``target``.
 
@@ -199,6 +210,7 @@ def search_speed_target(
         make_runner: Builds the runner of a model merging with a given schedule; the list of
             zeros is the uncompressed baseline.
         warmup, runs, clock: Timing of each comparison (``pyra_lightning.timing``).
+        device: Where the runners run, synchronised around each timed call (a CUDA device).
         iterations: Bisection steps after the first trial.
         max_rho: The strongest ``rho`` allowed (an elastic checkpoint's fastest trained point);
             ``bound`` says what it is in the refusal.
@@ -219,7 +231,7 @@ def search_speed_target(
         schedule = proportional_schedule(rho, shape)
         key = tuple(schedule)
         if key not in measured:
-            measured[key] = measured_speedup(baseline, make_runner(schedule), warmup, runs, clock)
+            measured[key] = measured_speedup(baseline, make_runner(schedule), warmup, runs, clock, device)
         fraction = flops_fraction(schedule, shape)
         trials.append(
             {"rho": rho, "schedule": schedule, "speedup": measured[key], "flops_fraction": fraction}
