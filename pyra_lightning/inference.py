@@ -184,29 +184,42 @@ class _CapturedGraph:
 def _capture(
     fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, dtype: torch.dtype | None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``fn`` captured into one CUDA graph with a static input and output; returns ``run(x)``."""
+    """``fn`` captured into one CUDA graph with a static input and output; returns ``run(x)``.
+
+    Everything runs with ``example``'s GPU current and the capture on a stream of that GPU:
+    ``torch.cuda.graph`` otherwise captures on a process-wide stream made on whichever GPU was
+    current first, and work queued for another GPU's streams would run once, outside the graph,
+    leaving an empty graph that replays the example's outputs.
+    """
     static_in = example.detach().clone()
-    stream = torch.cuda.Stream(device=example.device)
-    stream.wait_stream(torch.cuda.current_stream(example.device))
-    with torch.cuda.stream(stream), torch.no_grad(), _autocast(example.device, dtype, cache=False):
-        for _ in range(_GRAPH_WARMUP):
-            fn(static_in)  # compiles (inductor), fills allocator pools and merge.py's constant cache
-    torch.cuda.current_stream(example.device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), _autocast(example.device, dtype, cache=False), torch.cuda.graph(graph):
-        static_out = fn(static_in)
+    with torch.cuda.device(example.device):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad(), _autocast(example.device, dtype, cache=False):
+            for _ in range(_GRAPH_WARMUP):
+                fn(static_in)  # compiles (inductor), fills allocator pools and merge.py's constant cache
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with (
+            torch.no_grad(),
+            _autocast(example.device, dtype, cache=False),
+            torch.cuda.graph(graph, stream=stream),
+        ):
+            static_out = fn(static_in)
     return _CapturedGraph(graph, static_in, static_out)
 
 
 def _ms_per_forward(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, runs: int = 10) -> float:
-    for _ in range(2):
-        run(x)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(runs):
-        run(x)
-    end.record()
-    end.synchronize()
+    """Milliseconds per call of ``run(x)``, timed by CUDA events on ``x``'s GPU."""
+    with torch.cuda.device(x.device):  # events record on the current GPU's stream
+        for _ in range(2):
+            run(x)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(runs):
+            run(x)
+        end.record()
+        end.synchronize()
     return start.elapsed_time(end) / runs
 
 

@@ -144,7 +144,7 @@ def part_env(args: argparse.Namespace) -> dict[str, Any]:
     if args.device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise RuntimeError("torch.cuda.is_available() is False: no usable GPU in this process")
-        props = torch.cuda.get_device_properties(0)
+        props = torch.cuda.get_device_properties(torch.device(args.device))
         info.update(
             gpu=props.name,
             gpu_memory_gib=round(props.total_memory / 2**30, 1),
@@ -307,6 +307,10 @@ def _env() -> dict[str, str]:
 
 def run_part(name: str, args: argparse.Namespace) -> None:
     """Child process: run one part, write ``<out>/part_<name>.json``."""
+    if args.device.startswith("cuda:"):  # a part's "cuda" (streams, events, memory) is that GPU
+        import torch
+
+        torch.cuda.set_device(torch.device(args.device))
     result = globals()[f"part_{name}"](args)
     write_json(Path(args.out, f"part_{name}.json"), result)
 

@@ -102,6 +102,24 @@ def test_graph_engines_match_eager_on_cuda(engine: str) -> None:
         }
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("engine", ["auto", "cudagraph"])
+def test_a_graph_is_captured_on_the_gpu_of_its_input_when_another_is_current(engine: str) -> None:
+    """``torch.cuda.graph`` captures on one process-wide stream unless told otherwise: made on
+    cuda:0 here, it would capture nothing of a forward on cuda:1 and replay the example's logits."""
+    torch.cuda.set_device(0)
+    torch.cuda.graph.default_capture_stream = None  # made afresh on the current device, cuda:0
+    model = _model().to("cuda:1").eval()
+    x = torch.randn(4, 3, 32, 32, device="cuda:1")
+    compiled = pyra_lightning.compile_for_inference(model, x, engine=engine)
+    other = torch.randn_like(x)
+    with torch.no_grad():
+        expected = pyra_lightning.fold_lora(copy.deepcopy(model))(other)
+    torch.testing.assert_close(compiled(other), expected, rtol=1e-3, atol=1e-3)
+    assert torch.cuda.current_device() == 0
+
+
 def test_benchmark_runs_the_inference_engines_and_skips_cuda_graphs_on_cpu() -> None:
     """The benchmark's runners reach compile_for_inference's engines; on CPU a CUDA-graph engine is
     refused as unavailable (the benchmark skips it with that reason) instead of failing."""
