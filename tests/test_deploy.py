@@ -21,6 +21,7 @@ from pyra_lightning.deploy import (
     load_pt2,
     max_abs_diff,
     onnx_session,
+    run_bound,
     run_onnx,
     to_aoti,
     to_pt2,
@@ -64,6 +65,7 @@ def test_onnx_and_pt2_match_eager_at_batch_sizes_other_than_the_exports(method: 
             expected = model(x)
             from_pt2 = exported(x)
         from_onnx = run_onnx(session, x)
+        assert torch.equal(run_bound(session, x), from_onnx), "I/O binding (a CUDA batch's path)"
         assert from_onnx.shape == expected.shape == (batch, 5)
         assert max_abs_diff(expected, from_onnx) <= TOLERANCE, (method, batch)
         assert max_abs_diff(expected, from_pt2) <= TOLERANCE, (method, batch)
