@@ -15,8 +15,30 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyra_lightning.timing import Precision, autocast, random_images, round_robin, synchronize, timed
+
+
+class _WeightCasts(TorchDispatchMode):
+    """Records the copies of weights that autocast makes (``aten._to_copy`` of a weight) and keeps
+    them alive while it is on, so that no activation can take a freed copy's address."""
+
+    def __init__(self, weights: set[int]) -> None:
+        super().__init__()
+        self.weights = weights
+        self.casts: dict[int, torch.Tensor] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        source = args[0] if args else None
+        if (
+            func is torch.ops.aten._to_copy.default
+            and isinstance(source, torch.Tensor)
+            and source.untyped_storage().data_ptr() in self.weights
+        ):
+            self.casts[out.untyped_storage().data_ptr()] = out
+        return out
 
 
 def _saved_activation_bytes(step: Callable[[], object], params: Sequence[nn.Parameter]) -> int:
@@ -24,17 +46,20 @@ def _saved_activation_bytes(step: Callable[[], object], params: Sequence[nn.Para
 
     This is the activation memory that token merging shrinks, and unlike peak memory it can be
     measured on any device: a merged block saves activations of ``N - merge_r`` tokens only.
+    Under autocast a linear saves the bf16/fp16 copy of its weight that autocast made; those
+    copies are weights too (the same in every model, about 170 MB for ViT-B/16) and are left out.
     """
     weights = {p.untyped_storage().data_ptr() for p in params}
     storages: dict[int, int] = {}
+    casts = _WeightCasts(weights)
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
+        if storage.data_ptr() not in weights and storage.data_ptr() not in casts.casts:
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), casts:
         step()
     return sum(storages.values())
 
