@@ -107,7 +107,9 @@ def part_ddp_fit(args: Any) -> dict[str, Any]:
         rows = [row for row in csv.DictReader(handle) if row.get("train/samples_per_sec")]
     ratios = [float(r["train/samples_per_sec"]) / float(r["train/device/samples_per_sec"]) for r in rows]
     if not ratios or any(abs(ratio - 2.0) > 1e-6 for ratio in ratios):
-        raise RuntimeError(f"throughput is not summed over the 2 ranks: samples_per_sec / device = {ratios}")
+        # Lightning's Throughput reports rank 0's rate times the world size (DDP's gradient
+        # all-reduce keeps ranks in lock-step): what this checks is that the factor is applied.
+        raise RuntimeError(f"throughput is not scaled to the 2 ranks: samples_per_sec / device = {ratios}")
     keys = ("test_acc", "throughput", "throughput_unmerged", "speedup", "throughput_engine")
     return {
         "world_size": 2,

@@ -9,10 +9,11 @@ only this part. In order, each result saved as it finishes:
    modulation), logits with the torch rule against the same model on the Triton rule
    (``set_merge_rule``), fp32 and bf16 autocast;
 2. one layer's matching and one layer's merge alone, Triton against torch;
-3. eager and ``cudagraph`` rows of the uncompressed model, ToMe high and PYRA high on torch and on
-   the kernels (``+kernels``), side by side in this process, so the speed-ups compare figures
-   measured together; batch 256, then 64, then 1; kernels per forward. Rows that would pass the
-   part's limit are skipped and named.
+3. eager and ``cudagraph`` groups of the uncompressed model, ToMe high and PYRA high on torch
+   and on the kernels (``+kernels``), each group (one engine, one batch) timed side by side
+   (``gpu_speed._time_group``); batch 256, then 64, then 1. A group that would pass the part's
+   limit is skipped and named;
+4. kernels per forward at batch 64, after every timing.
 """
 
 from __future__ import annotations
@@ -21,7 +22,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gpu_speed import KERNELS, _build, _guarded, _measure, _say, _settings, _speedups, _time_ms, _versions
+from gpu_speed import (
+    KERNELS,
+    _build,
+    _build_runner,
+    _count_kernels,
+    _guarded,
+    _interleaved_ms,
+    _say,
+    _settings,
+    _speedups,
+    _time_group,
+    _versions,
+)
 
 
 def part_kernels(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -56,15 +69,24 @@ def part_kernels(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str,
     models = {name: _build(s, name, device) for name in names}  # ViT-B/16: ~0.35 GB each
     for batch in sorted(s["batch_sizes"], reverse=True):  # batch 1, the cheapest to lose, last
         x = torch.randn(batch, 3, s["img_size"], s["img_size"], device=device)
-        for name, model in models.items():
-            for engine in out["engines"]:
-                if time.perf_counter() - started > limit - 10:
-                    out["skipped"].append(
-                        f"{engine} {name} batch {batch}: the part's {limit:.0f} s are spent"
-                    )
-                    continue
-                _measure(out, model, name, x, engine, s, part="kernels")
-                keep()
+        for engine in out["engines"]:
+            if time.perf_counter() - started > limit - 15:
+                out["skipped"].append(f"{engine} batch {batch}: the part's {limit:.0f} s are spent")
+                continue
+            runners, built_s = {}, {}
+            for name, model in models.items():
+                run, built_s[name] = _build_runner(out, model, name, x, engine)
+                if run is not None:
+                    runners[name] = run
+            _time_group(out, runners, built_s, x, engine, s, part="kernels")
+            del runners
+            keep()
+    if time.perf_counter() - started < limit - 10:
+        batch = s["batch_sizes"][min(1, len(s["batch_sizes"]) - 1)]
+        _count_kernels(
+            out, models, torch.randn(batch, 3, s["img_size"], s["img_size"], device=device), out["engines"]
+        )
+        keep()
     _say(f"done in {time.perf_counter() - started:.0f} s", part="kernels")
     return out
 
@@ -128,7 +150,7 @@ def _parity(s: dict[str, Any], name: str, device: Any) -> dict[str, Any]:
 
 
 def _matcher(device: Any, dry_run: bool) -> dict[str, Any]:
-    """ms of matching one ViT-B layer (197 tokens, merge_r 40): Triton kernel vs torch."""
+    """ms of matching one ViT-B layer (197 tokens, merge_r 10): Triton kernel vs torch, side by side."""
     import torch
 
     from pyra_lightning.kernels import use_triton
@@ -138,20 +160,22 @@ def _matcher(device: Any, dry_run: bool) -> dict[str, Any]:
     metric = torch.randn(
         b, n, c, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
     )
-    result: dict[str, Any] = {"shape": [b, n, c]}
+    merge_r = 10
+    result: dict[str, Any] = {"shape": [b, n, c], "merge_r": merge_r}
+    fns = {"torch_ms": lambda: match(metric, merge_r, 1)}
     with torch.inference_mode():
-        result["torch_ms"] = _time_ms(lambda: match(metric, 10, 1), device, 20)
-        if not use_triton(metric):
-            result["triton"] = "not run: needs CUDA tensors and Triton"
-            return result
-        from pyra_lightning.kernels.matching import triton_match
+        if use_triton(metric):
+            from pyra_lightning.kernels.matching import triton_match
 
-        # Against the torch matcher on the same values in fp32, as the kernel computes: torch on
-        # bf16 rounds the scores to bf16, whose ties pick other sources on most rows.
-        got, want = triton_match(metric, 10, 1), match(metric.float(), 10, 1)
-        same = (got[0].sort(dim=1).values == want[0].sort(dim=1).values).all(dim=1)
-        result["rows_with_the_same_sources_as_fp32_torch"] = same.float().mean().item()
-        result["triton_ms"] = _time_ms(lambda: triton_match(metric, 10, 1), device, 20)
+            # Against the torch matcher on the same values in fp32, as the kernel computes: torch
+            # on bf16 rounds the scores to bf16, whose ties pick other sources on most rows.
+            got, want = triton_match(metric, merge_r, 1), match(metric.float(), merge_r, 1)
+            same = (got[0].sort(dim=1).values == want[0].sort(dim=1).values).all(dim=1)
+            result["rows_with_the_same_sources_as_fp32_torch"] = same.float().mean().item()
+            fns["triton_ms"] = lambda: triton_match(metric, merge_r, 1)
+        else:
+            result["triton"] = "not run: needs CUDA tensors and Triton"
+        result.update(_interleaved_ms(fns, device, 20))
     return result
 
 
@@ -172,17 +196,19 @@ def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
     with torch.no_grad():
         mod.weight_d.normal_(std=0.1)
     result: dict[str, Any] = {"shape": [b, n, c], "merge_r": merge_r}
+    fns = {"torch_ms": lambda: merge_wavg(merge, x, size, mod)}
     with torch.inference_mode():
-        result["torch_ms"] = _time_ms(lambda: merge_wavg(merge, x, size, mod), device, 20)
-        if not use_triton(x):
-            result["triton"] = "not run: needs CUDA tensors and Triton"
-            return result
-        from pyra_lightning.kernels.merging import kernel_applies, triton_merge_wavg
+        if use_triton(x):
+            from pyra_lightning.kernels.merging import kernel_applies, triton_merge_wavg
 
-        if not kernel_applies(merge, x, size, mod):  # a fallback would time torch twice
-            result["triton"] = "not run: the kernels do not apply to these tensors"
-            return result
-        got, want = triton_merge_wavg(merge, x, size, mod), merge_wavg(merge, x, size, mod)
-        result["max_abs_diff"] = max((g - w).abs().max().item() for g, w in zip(got, want, strict=True))
-        result["triton_ms"] = _time_ms(lambda: triton_merge_wavg(merge, x, size, mod), device, 20)
+            if kernel_applies(merge, x, size, mod):  # a fallback would time torch twice
+                got, want = triton_merge_wavg(merge, x, size, mod), merge_wavg(merge, x, size, mod)
+                diffs = ((g - w).abs().max().item() for g, w in zip(got, want, strict=True))
+                result["max_abs_diff"] = max(diffs)
+                fns["triton_ms"] = lambda: triton_merge_wavg(merge, x, size, mod)
+            else:
+                result["triton"] = "not run: the kernels do not apply to these tensors"
+        else:
+            result["triton"] = "not run: needs CUDA tensors and Triton"
+        result.update(_interleaved_ms(fns, device, 20))
     return result

@@ -102,8 +102,8 @@ def _speed_lines(entry: dict[str, Any], title: str) -> list[str]:
         return []
     lines = [
         "",
-        f"{title} (issue 17; bf16 autocast on CUDA; speed-up over the uncompressed model on the same "
-        "engine, in the same process):",
+        f"{title} (issue 17; bf16 autocast on CUDA; each engine and batch size timed side by side, "
+        "interleaved; speed-up over the uncompressed model of the same group):",
         "",
     ]
     lines += ["| engine | batch | model | img/s | speedup | build s |", "|---|---:|---|---:|---:|---:|"]

@@ -5,13 +5,21 @@ file stays short).
 ToMe high / PYRA low / PYRA high, on eager, ``cudagraph`` and ``inductor-cudagraph``
 (``pyra_lightning.compile_for_inference``); kernel launches per forward (``torch.profiler``),
 peak memory, SDPA with the ``log(size)`` mask against FlexAttention. Every finished measurement
-is saved at once (``save``), so a timeout keeps them. The Triton kernels, which no GPU has run
+is saved at once (``save``), so a timeout keeps them.
+
+Rows are timed in groups, side by side: every model of a group (one engine, one batch size) is
+built first, then all are timed interleaved, round robin, each call timed alone (``_interleaved_ms``),
+so a speed-up compares figures taken in the same seconds, not minutes apart as clocks and
+neighbours change. A row's ``group`` names its group; its speed-up is over that group's
+uncompressed model. Kernels are counted last, after every timing, since a profiler session can
+leave the process slower than it found it. The Triton kernels, which no GPU has run
 yet, are measured by the ``kernels`` part (``scripts/gpu_kernels.py``) in a process of their own:
 a fault in one of them (an illegal address poisons the CUDA context) cannot cost these rows.
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -19,9 +27,12 @@ from typing import Any
 
 # Compiling is the expensive part: at most these (model, batch) pairs, in this order, each only
 # if it should finish inside the part's limit (at the slowest compile seen so far, at least 60 s).
+# After each compile, that batch's compiled models are timed again, side by side; ToMe high is
+# there so that PYRA's cost over ToMe can be read on the compiled engine too.
 COMPILED = [
     ("uncompressed", 256),
     ("pyra/high", 256),
+    ("tome/high", 256),
     ("uncompressed", 64),
     ("pyra/high", 64),
     ("pyra/high+flex", 256),
@@ -73,26 +84,33 @@ def _settings(dry_run: bool) -> dict[str, Any]:
     }
 
 
-def _time_ms(fn: Callable[[], Any], device: Any, runs: int) -> float:
-    """Median ms per call: CUDA events on a GPU, the host clock (after a sync) elsewhere."""
+def _interleaved_ms(
+    fns: dict[str, Callable[[], Any]], device: Any, runs: int, warmup: int = 3
+) -> dict[str, float]:
+    """Median ms per call of each callable, timed side by side: ``warmup`` calls each, then
+    ``runs`` rounds in ``timing.round_robin``'s rotating order, each call timed alone by CUDA
+    events on a GPU (the host clock after a sync elsewhere)."""
     import torch
 
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(runs):
+    from pyra_lightning.timing import round_robin
+
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for name in round_robin(list(fns), runs):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            fns[name]()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end))
+            times[name].append(start.elapsed_time(end))
         else:
             tic = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - tic))
-    return statistics.median(times)
+            fns[name]()
+            times[name].append(1e3 * (time.perf_counter() - tic))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _kernels_per_forward(fn: Callable[[], Any], device: Any, forwards: int = 3) -> int:
@@ -140,37 +158,63 @@ def _say(message: str, part: str = "speed") -> None:
     print(f"{part}: {message}", flush=True)  # the part's log shows how far it got
 
 
-def _measure(
-    out: dict[str, Any], model: Any, name: str, x: Any, engine: str, s: dict[str, Any], part: str = "speed"
-) -> float:
-    """Build ``engine`` for ``model`` at ``x``'s batch, time it, record the row; the build's seconds."""
+def _build_runner(out: dict[str, Any], model: Any, name: str, x: Any, engine: str) -> tuple[Any, float]:
+    """``engine`` built for ``model`` at ``x``'s batch, and its seconds; ``None`` (recorded in
+    ``out["skipped"]``) where it cannot be built: the next model and engine still run."""
     import torch
 
     import pyra_lightning
 
-    device = x.device
-    dtype = torch.bfloat16 if device.type == "cuda" else None
+    dtype = torch.bfloat16 if x.device.type == "cuda" else None
     tic = time.perf_counter()
     try:
         run = pyra_lightning.compile_for_inference(model, x, engine=engine, autocast_dtype=dtype)
-    except Exception as error:  # recorded, the next engine still runs
+    except Exception as error:
         out["skipped"].append(f"{engine} {name} batch {len(x)}: {type(error).__name__}: {error}"[:300])
-        return time.perf_counter() - tic
-    build_s = time.perf_counter() - tic
-    ms = _time_ms(lambda: run(x), device, s["runs"])
-    row = {"engine": engine, "model": name, "batch_size": len(x), "ms": ms, "images_per_s": 1e3 * len(x) / ms}
-    out["rows"].append({**row, "build_s": round(build_s, 1)})
-    if len(x) == s["batch_sizes"][min(1, len(s["batch_sizes"]) - 1)] and engine != "inductor-cudagraph":
-        out["kernels"][f"{engine} {name} batch {len(x)}"] = _kernels_per_forward(lambda: run(x), device)
-    _say(f"{engine} {name} batch {len(x)}: {row['images_per_s']:.0f} img/s (built in {build_s:.1f} s)", part)
-    return build_s
+        return None, time.perf_counter() - tic
+    return run, time.perf_counter() - tic
+
+
+def _time_group(
+    out: dict[str, Any],
+    runners: dict[str, Any],
+    built_s: dict[str, float],
+    x: Any,
+    engine: str,
+    s: dict[str, Any],
+    part: str = "speed",
+) -> None:
+    """Time ``runners`` (one engine, ``x``'s batch) side by side and record one row each, in the
+    group ``"<engine> batch <B>"``; rows an earlier timing of that group left are replaced."""
+    if not runners:
+        return
+    group = f"{engine} batch {len(x)}"
+    ms = _interleaved_ms(
+        {name: (lambda run=run: run(x)) for name, run in runners.items()}, x.device, s["runs"]
+    )
+    out["rows"] = [row for row in out["rows"] if row.get("group") != group]
+    for name, value in ms.items():
+        row = {"engine": engine, "model": name, "batch_size": len(x), "group": group, "ms": value}
+        out["rows"].append({**row, "images_per_s": 1e3 * len(x) / value, "build_s": round(built_s[name], 1)})
+        _say(f"{group} {name}: {1e3 * len(x) / value:.0f} img/s (built in {built_s[name]:.1f} s)", part)
+
+
+def _count_kernels(out: dict[str, Any], models: dict[str, Any], x: Any, engines: list[str]) -> None:
+    """Kernels per forward of each model on each engine at ``x``'s batch, built afresh: run after
+    every timing of the part, because a profiler session may leave the process slower."""
+    for engine in engines:
+        for name, model in models.items():
+            run, _ = _build_runner(out, model, name, x, engine)
+            if run is not None:
+                key = f"{engine} {name} batch {len(x)}"
+                out["kernels"][key] = _kernels_per_forward(functools.partial(run, x), x.device)
 
 
 def part_speed(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Eager and ``cudagraph`` for every model and batch but the ``+kernels`` ones (the
-    ``kernels`` part runs those in a process of their own), then the compiled pairs of
+    """Eager and ``cudagraph`` groups for every batch (every model but the ``+kernels`` ones, which
+    the ``kernels`` part runs in a process of its own), peak memory, then the compiled models of
     ``COMPILED`` in that order, each started only if it should end inside the part's limit, then
-    FlexAttention alone (one more compile)."""
+    the attention micro-benchmark, and last the kernel counts."""
     import torch
 
     s = _settings(args.dry_run)
@@ -188,24 +232,33 @@ def part_speed(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, A
         save(out)
 
     started = time.perf_counter()
-    for name in [m for m in s["models"] if not m.endswith(KERNELS)]:  # those: the kernels part
-        model = _build(s, name, device)
-        for batch in s["batch_sizes"]:
-            x = torch.randn(batch, 3, s["img_size"], s["img_size"], device=device)
-            for engine in [e for e in out["engines"] if e != "inductor-cudagraph"]:
-                if "attention" in _rule(name):
-                    out["skipped"].append(
-                        f"{engine} {name} batch {batch}: FlexAttention is fused only compiled"
-                    )
-                    continue
-                _measure(out, model, name, x, engine, s)
-                keep()
-        if cuda and "attention" not in _rule(name):  # eager FlexAttention is its unfused reference
+    models = {name: _build(s, name, device) for name in s["models"] if not name.endswith(KERNELS)}
+    sdpa = {name: model for name, model in models.items() if "attention" not in _rule(name)}
+    uncompiled = [e for e in out["engines"] if e != "inductor-cudagraph"]
+    flex = [name for name in models if name not in sdpa]
+    if flex:  # eager FlexAttention is its unfused reference
+        out["skipped"].append(
+            f"{', '.join(uncompiled)} {', '.join(flex)}: FlexAttention is fused only compiled"
+        )
+    for batch in s["batch_sizes"]:
+        x = torch.randn(batch, 3, s["img_size"], s["img_size"], device=device)
+        for engine in uncompiled:
+            runners, built_s = {}, {}
+            for name, model in sdpa.items():
+                run, built_s[name] = _build_runner(out, model, name, x, engine)
+                if run is not None:
+                    runners[name] = run
+            _time_group(out, runners, built_s, x, engine, s)
+            del runners
+            keep()
+    if cuda:
+        for name, model in sdpa.items():
             out["peak_memory_mib"][name] = _peak_memory_mib(model, s)
-        del model
         keep()
     if cuda and not args.dry_run:
         estimate = 60.0  # seconds per ViT-B/16 compile and capture, until one is measured
+        compiled: dict[int, dict[str, Any]] = {}  # batch -> name -> runner, kept to the end
+        compile_s: dict[int, dict[str, float]] = {}
         for name, batch in COMPILED:
             left = limit - (time.perf_counter() - started)
             if left < estimate + 20:
@@ -213,16 +266,25 @@ def part_speed(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, A
                     f"inductor-cudagraph {name} batch {batch}: {left:.0f} s left, a compile takes ~{estimate:.0f} s"
                 )
                 continue
-            model = _build(s, name, device)
             x = torch.randn(batch, 3, s["img_size"], s["img_size"], device=device)
-            estimate = max(estimate, _measure(out, model, name, x, "inductor-cudagraph", s))
-            del model
+            run, seconds = _build_runner(out, models[name], name, x, "inductor-cudagraph")
+            estimate = max(estimate, seconds)
+            if run is not None:
+                compiled.setdefault(batch, {})[name] = run
+                compile_s.setdefault(batch, {})[name] = seconds
+                _time_group(out, compiled[batch], compile_s[batch], x, "inductor-cudagraph", s)
             keep()
+        del compiled
     else:
         out["skipped"].append(
             "inductor-cudagraph: compiled on CUDA only (a CPU compile of the dry run costs minutes)"
         )
     out["attention"] = _guarded(_attention, device, args.dry_run)
+    keep()
+    x = torch.randn(
+        s["batch_sizes"][min(1, len(s["batch_sizes"]) - 1)], 3, s["img_size"], s["img_size"], device=device
+    )
+    _count_kernels(out, sdpa, x, uncompiled)
     keep()
     return out
 
@@ -253,25 +315,33 @@ def _guarded(micro: Callable[[Any, bool], dict[str, Any]], device: Any, dry_run:
 
 
 def _peak_memory_mib(model: Any, s: dict[str, Any]) -> float:
-    """Peak CUDA memory of one eager bf16 forward at the largest batch, from a clean slate."""
+    """Peak CUDA memory of one eager bf16 forward at the largest batch as the model alone would
+    reach it: the forward's peak above what was allocated before it (every model of the part is
+    resident), plus the model's weights and its input."""
     import torch
 
     x = torch.randn(s["batch_sizes"][-1], 3, s["img_size"], s["img_size"], device="cuda")
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         model(x)
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**20
+    peak = torch.cuda.max_memory_allocated() - before + weights + x.numel() * x.element_size()
+    return peak / 2**20
 
 
 def _speedups(out: dict[str, Any]) -> None:
-    base = {
-        (r["engine"], r["batch_size"]): r["images_per_s"] for r in out["rows"] if r["model"] == "uncompressed"
-    }
+    """Each row's speed-up over the uncompressed model timed in its group (``None`` without one)."""
+    base = {_group(r): r["images_per_s"] for r in out["rows"] if r["model"] == "uncompressed"}
     for row in out["rows"]:
-        ref = base.get((row["engine"], row["batch_size"]))
+        ref = base.get(_group(row))
         row["speedup"] = row["images_per_s"] / ref if ref else None
+
+
+def _group(row: dict[str, Any]) -> str:
+    return row.get("group") or f"{row['engine']} batch {row['batch_size']}"
 
 
 def _attention(device: Any, dry_run: bool) -> dict[str, Any]:
@@ -287,22 +357,23 @@ def _attention(device: Any, dry_run: bool) -> dict[str, Any]:
     size = torch.randint(1, 4, (b, n, 1), device=device).float()
     mask = size.log().to(dtype).view(b, 1, 1, n)
     result: dict[str, Any] = {"shape": [b, h, n, d]}
+    fns = {
+        "sdpa_masked_ms": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        "sdpa_unmasked_ms": lambda: F.scaled_dot_product_attention(q, k, v),
+    }
     with torch.inference_mode():
-        result["sdpa_masked_ms"] = _time_ms(
-            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), device, 20
-        )
-        result["sdpa_unmasked_ms"] = _time_ms(lambda: F.scaled_dot_product_attention(q, k, v), device, 20)
         try:
             flex = (
                 torch.compile(flex_proportional_attention, fullgraph=True)
                 if device.type == "cuda"
                 else flex_proportional_attention
             )
-            result["flex_ms"] = _time_ms(lambda: flex(q, k, v, size), device, 20)
             ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).float()
             result["flex_max_abs_diff"] = (flex(q, k, v, size).float() - ref).abs().max().item()
+            fns["flex_ms"] = lambda: flex(q, k, v, size)
         except Exception as error:
             result["flex_error"] = f"{type(error).__name__}: {error}"[:300]
+        result.update(_interleaved_ms(fns, device, 20))  # side by side, as the model rows
     return result
 
 

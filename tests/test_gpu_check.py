@@ -156,6 +156,43 @@ def test_speed_part_runs_first() -> None:
     assert list(PARTS)[:3] == ["speed", "kernels", "ddp_fit"] and PARTS["speed"][0] <= 360
 
 
+def test_the_speed_part_times_each_group_side_by_side_and_counts_kernels_last(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each (engine, batch) group's models are timed in one interleaved call, speed-ups are over
+    the group's own uncompressed row, and no timing runs after a profiler session (CUPTI stays
+    up after one and may slow what follows)."""
+    import argparse
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import gpu_speed
+
+    events: list[tuple[str, tuple[str, ...]]] = []
+    timed, counted = gpu_speed._interleaved_ms, gpu_speed._kernels_per_forward
+
+    def interleaved(fns, device, runs, warmup=3):  # type: ignore[no-untyped-def]
+        events.append(("time", tuple(fns)))
+        return timed(fns, device, runs, warmup)
+
+    def kernels(fn, device, forwards=3):  # type: ignore[no-untyped-def]
+        events.append(("count", ()))
+        return counted(fn, device, forwards)
+
+    monkeypatch.setattr(gpu_speed, "_interleaved_ms", interleaved)
+    monkeypatch.setattr(gpu_speed, "_kernels_per_forward", kernels)
+    args = argparse.Namespace(device="cpu", dry_run=True, part_limit_s=None)
+    out = gpu_speed.part_speed(args, save=lambda result: None)
+    models = ("uncompressed", "tome/8", "pyra/8", "pyra/flops0.8-align8")
+    kinds = [kind for kind, _ in events]
+    assert "count" in kinds and "time" not in kinds[kinds.index("count") :], kinds
+    model_timings = [names for kind, names in events if kind == "time" and "uncompressed" in names]
+    assert model_timings == [models, models], "one interleaved call per group (eager at batch 1 and 2)"
+    for row in out["rows"]:
+        base = next(r for r in out["rows"] if r["group"] == row["group"] and r["model"] == "uncompressed")
+        assert row["speedup"] == pytest.approx(row["images_per_s"] / base["images_per_s"])
+    assert {r["group"] for r in out["rows"]} == {"eager batch 1", "eager batch 2"}
+
+
 def test_every_kernel_row_has_its_torch_twin_on_the_gpu_settings() -> None:
     """The kernels part times each ``+kernels`` model beside the same model on torch: on the
     ViT-B/16 settings the dry run does not use, too."""
