@@ -139,12 +139,21 @@ def _compiled(
     model: nn.Module, example: torch.Tensor, dtype: torch.dtype | None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``torch.compile``d now, on ``example``; afterwards any recompile is an error."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     try:
         # Compiled and always run under inference_mode, whatever the caller's grad mode: its
         # tensors carry other dispatch keys than no_grad's, which a graph's guards check.
         with torch.inference_mode(), _autocast(example.device, dtype):
             compiled(example)
+    except FailOnRecompileLimitHit as error:
+        limit = torch._dynamo.config.recompile_limit
+        raise ValueError(
+            f"torch.compile has compiled this model {limit} times in this process already, its limit "
+            f"(torch._dynamo.config.recompile_limit = {limit}); each batch size bound is one compile: "
+            "raise the limit to bind more"
+        ) from error
     except Exception as error:
         if example.device.type != "cpu" or _attention(model) == "sdpa":
             raise

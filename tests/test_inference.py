@@ -78,6 +78,14 @@ def test_inductor_engine_matches_eager_and_never_recompiles() -> None:
         torch.testing.assert_close(compiled(y), model(y), rtol=1e-4, atol=1e-4)
     seconds = time_forwards({"inductor": compiled}, 1, 32, "cpu", "32", warmup=1, runs=2)["inductor"]
     assert len(seconds) == 2 and all(s > 0 for s in seconds)
+    # each batch size is a compile of its own; past torch.compile's limit of them, one clear line
+    with (
+        torch._dynamo.config.patch(recompile_limit=1),
+        pytest.raises(
+            ValueError, match=r"compiled this model 1 times .*recompile_limit = 1\); each batch size"
+        ),
+    ):
+        pyra_lightning.compile_for_inference(model, torch.randn(2, 3, 32, 32), engine="inductor")
     with pytest.raises(ValueError, match="built for input"):
         compiled(torch.randn(2, 3, 32, 32))
 
