@@ -153,7 +153,7 @@ def to_onnx(
 def onnx_session(
     path: str | os.PathLike[str],
     threads: int | None = None,
-    providers: Sequence[str] = ("CPUExecutionProvider",),
+    providers: Sequence[str | tuple[str, dict[str, Any]]] = ("CPUExecutionProvider",),
     spinning: bool = True,
 ) -> onnxruntime.InferenceSession:
     """An ONNX Runtime session with the options we measured (BENCHMARKS.md, "Deployment").
@@ -166,7 +166,8 @@ def onnx_session(
         path: An ``.onnx`` file from ``to_onnx``.
         threads: Intra-op threads; ``None`` uses ``torch.get_num_threads()`` so both engines get
             the same cores in a comparison.
-        providers: ONNX Runtime execution providers, in order of preference.
+        providers: ONNX Runtime execution providers, in order of preference: names, or
+            ``(name, options)`` pairs such as ``("CUDAExecutionProvider", {"device_id": 1})``.
         spinning: Let idle pool threads spin; on a CPU shared with other jobs, ``False`` gives
             the cores back between operators.
     """
@@ -215,7 +216,8 @@ def run_bound(session: onnxruntime.InferenceSession, x: torch.Tensor) -> torch.T
             f"run_bound needs the model's output shape after the batch; the ONNX file has {tail}"
         )
     out = torch.empty((x.shape[0], *tail), device=x.device, dtype=torch.float32)
-    kind, index = x.device.type, x.device.index or 0
+    kind = x.device.type
+    index = (torch.cuda.current_device() if x.is_cuda else 0) if x.device.index is None else x.device.index
     binding = session.io_binding()
     binding.bind_input(session.get_inputs()[0].name, kind, index, np.float32, list(x.shape), x.data_ptr())
     binding.bind_output(output.name, kind, index, np.float32, list(out.shape), out.data_ptr())
@@ -372,13 +374,15 @@ def _load_safetensors(path: Path, device: torch.device, threads: int | None) -> 
 
 
 def _load_onnx(path: Path, device: torch.device, threads: int | None) -> Loaded:
-    providers = ["CPUExecutionProvider"]
+    providers: list[str | tuple[str, dict[str, Any]]] = ["CPUExecutionProvider"]
     if device.type == "cuda":
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise EngineUnavailable("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
-        providers.insert(0, "CUDAExecutionProvider")
+        # on the input's GPU: the provider's default is GPU 0, whatever the batch's device
+        index = torch.cuda.current_device() if device.index is None else device.index
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
     session = onnx_session(path, threads=threads, providers=providers)
     return lambda x: run_onnx(session, x)
 

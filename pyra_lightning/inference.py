@@ -148,11 +148,12 @@ def _compiled(
         with torch.inference_mode(), _autocast(example.device, dtype):
             compiled(example)
     except FailOnRecompileLimitHit as error:
-        limit = torch._dynamo.config.recompile_limit
+        config = torch._dynamo.config
         raise ValueError(
-            f"torch.compile has compiled this model {limit} times in this process already, its limit "
-            f"(torch._dynamo.config.recompile_limit = {limit}); each batch size bound is one compile: "
-            "raise the limit to bind more"
+            f"torch.compile refused one more compile of {type(model).__name__}'s forward in this process: "
+            "every batch size bound, and every model of the class, is one compile of it, up to "
+            f"torch._dynamo.config.recompile_limit ({config.recompile_limit}) and "
+            f"accumulated_recompile_limit ({config.accumulated_recompile_limit}); raise them to bind more"
         ) from error
     except Exception as error:
         if example.device.type != "cpu" or _attention(model) == "sdpa":

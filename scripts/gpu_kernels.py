@@ -79,9 +79,11 @@ def part_kernels(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str,
                 if run is not None:
                     runners[name] = run
             _time_group(out, runners, built_s, x, engine, s, part="kernels")
-            del runners
+            runners = run = None  # the last graph's memory pool too
             keep()
-    if time.perf_counter() - started < limit - 10:
+    if time.perf_counter() - started > limit - 10:
+        out["skipped"].append(f"kernel counts: the part's {limit:.0f} s are spent")
+    else:
         batch = s["batch_sizes"][min(1, len(s["batch_sizes"]) - 1)]
         _count_kernels(
             out, models, torch.randn(batch, 3, s["img_size"], s["img_size"], device=device), out["engines"]

@@ -208,6 +208,7 @@ def _count_kernels(out: dict[str, Any], models: dict[str, Any], x: Any, engines:
             if run is not None:
                 key = f"{engine} {name} batch {len(x)}"
                 out["kernels"][key] = _kernels_per_forward(functools.partial(run, x), x.device)
+            run = None  # one CUDA graph alive at a time
 
 
 def part_speed(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -249,7 +250,7 @@ def part_speed(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, A
                 if run is not None:
                     runners[name] = run
             _time_group(out, runners, built_s, x, engine, s)
-            del runners
+            runners = run = None  # the last graph's memory pool too
             keep()
     if cuda:
         for name, model in sdpa.items():
@@ -274,17 +275,22 @@ def part_speed(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, A
                 compile_s.setdefault(batch, {})[name] = seconds
                 _time_group(out, compiled[batch], compile_s[batch], x, "inductor-cudagraph", s)
             keep()
-        del compiled
+        compiled = run = None
     else:
         out["skipped"].append(
             "inductor-cudagraph: compiled on CUDA only (a CPU compile of the dry run costs minutes)"
         )
     out["attention"] = _guarded(_attention, device, args.dry_run)
     keep()
-    x = torch.randn(
-        s["batch_sizes"][min(1, len(s["batch_sizes"]) - 1)], 3, s["img_size"], s["img_size"], device=device
-    )
-    _count_kernels(out, sdpa, x, uncompiled)
+    if limit - (time.perf_counter() - started) < 30:  # ~10 runners built, each profiled
+        out["skipped"].append(
+            f"kernel counts: {limit - (time.perf_counter() - started):.0f} s left of the part"
+        )
+    else:
+        batch = s["batch_sizes"][min(1, len(s["batch_sizes"]) - 1)]
+        _count_kernels(
+            out, sdpa, torch.randn(batch, 3, s["img_size"], s["img_size"], device=device), uncompiled
+        )
     keep()
     return out
 
