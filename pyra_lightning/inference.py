@@ -42,8 +42,8 @@ model: replacing parameters afterwards is not seen by a captured graph.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -53,6 +53,7 @@ from pyra_lightning.merge import cached_constants
 
 ENGINES: tuple[str, ...] = ("eager", "inductor", "cudagraph", "inductor-cudagraph")
 _GRAPH_WARMUP = 3  # forwards on the side stream before capture (the torch docs use 3)
+_BOUND_COMPILES = 256  # compiles of one model class's forward that bindings may ask for (``bound_compile``)
 
 
 class InferenceModel:
@@ -135,26 +136,43 @@ def _attention(model: nn.Module) -> str:
     return attention_kernel(model) if hasattr(model, "blocks") else "sdpa"
 
 
+@contextmanager
+def bound_compile(model: nn.Module) -> Iterator[None]:
+    """Around a compile that ``compile_for_inference`` asks for on purpose (one per model and
+    batch size). Dynamo counts compiles of a piece of code, the model class's forward, across
+    every model of the class, and stops at ``recompile_limit`` (8), a guard against accidental
+    recompile storms: a benchmark of 5 merged models at 3 batch sizes binds 15 on purpose, so the
+    limit is lifted to ``_BOUND_COMPILES`` for these. Past ``accumulated_recompile_limit``, one
+    clear line instead of dynamo's ``Hard failure due to fullgraph=True``, also where the compile
+    is not ``fullgraph`` (``benchmark --engine compile``), which would otherwise run eager silently."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    config = torch._dynamo.config
+    try:
+        limit = max(config.recompile_limit, _BOUND_COMPILES)
+        with config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+            yield
+    except FailOnRecompileLimitHit as error:
+        raise ValueError(
+            f"torch.compile refused one more compile of {type(model).__name__}'s forward in this process: "
+            f"every batch size bound, and every model of the class, is one compile of it, up to "
+            f"torch._dynamo.config.recompile_limit ({max(config.recompile_limit, _BOUND_COMPILES)} here) "
+            f"and accumulated_recompile_limit ({config.accumulated_recompile_limit}); raise them to bind more"
+        ) from error
+
+
 def _compiled(
     model: nn.Module, example: torch.Tensor, dtype: torch.dtype | None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``torch.compile``d now, on ``example``; afterwards any recompile is an error."""
-    from torch._dynamo.exc import FailOnRecompileLimitHit
-
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     try:
         # Compiled and always run under inference_mode, whatever the caller's grad mode: its
         # tensors carry other dispatch keys than no_grad's, which a graph's guards check.
-        with torch.inference_mode(), _autocast(example.device, dtype):
+        with bound_compile(model), torch.inference_mode(), _autocast(example.device, dtype):
             compiled(example)
-    except FailOnRecompileLimitHit as error:
-        config = torch._dynamo.config
-        raise ValueError(
-            f"torch.compile refused one more compile of {type(model).__name__}'s forward in this process: "
-            "every batch size bound, and every model of the class, is one compile of it, up to "
-            f"torch._dynamo.config.recompile_limit ({config.recompile_limit}) and "
-            f"accumulated_recompile_limit ({config.accumulated_recompile_limit}); raise them to bind more"
-        ) from error
+    except ValueError:
+        raise
     except Exception as error:
         if example.device.type != "cpu" or _attention(model) == "sdpa":
             raise
@@ -280,5 +298,6 @@ def compile_for_inference(
         run = _capture(model, example_input, autocast_dtype)
     else:  # inductor-cudagraph
         compiled = torch.compile(model, fullgraph=True, dynamic=False)
-        run = _capture(compiled, example_input, autocast_dtype)
+        with bound_compile(model):  # the capture's warm-up compiles it
+            run = _capture(compiled, example_input, autocast_dtype)
     return InferenceModel(run, model, engine, example_input, autocast_dtype, timings)

@@ -78,14 +78,19 @@ def test_inductor_engine_matches_eager_and_never_recompiles() -> None:
         torch.testing.assert_close(compiled(y), model(y), rtol=1e-4, atol=1e-4)
     seconds = time_forwards({"inductor": compiled}, 1, 32, "cpu", "32", warmup=1, runs=2)["inductor"]
     assert len(seconds) == 2 and all(s > 0 for s in seconds)
-    # each batch size is a compile of its own; past torch.compile's limit of them, one clear line
+    # each batch size is a compile of its own, asked for: dynamo's per-code limit (a guard against
+    # recompile storms, 8 compiles of the class's forward across all its models) does not stop it
+    with torch._dynamo.config.patch(recompile_limit=1):
+        other = pyra_lightning.compile_for_inference(model, torch.randn(2, 3, 32, 32), engine="inductor")
+        assert other(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+    # past the limit on all compiles, one clear line
     with (
-        torch._dynamo.config.patch(recompile_limit=1),
+        torch._dynamo.config.patch(accumulated_recompile_limit=1),
         pytest.raises(
-            ValueError, match=r"one more compile of MergingVisionTransformer's forward .*recompile_limit \(1\) and"
+            ValueError, match=r"one more compile of MergingVisionTransformer's forward .*limit \(1\)"
         ),
     ):
-        pyra_lightning.compile_for_inference(model, torch.randn(2, 3, 32, 32), engine="inductor")
+        pyra_lightning.compile_for_inference(model, torch.randn(3, 3, 32, 32), engine="inductor")
     with pytest.raises(ValueError, match="built for input"):
         compiled(torch.randn(2, 3, 32, 32))
 
@@ -126,6 +131,20 @@ def test_a_graph_is_captured_on_the_gpu_of_its_input_when_another_is_current(eng
         expected = pyra_lightning.fold_lora(copy.deepcopy(model))(other)
     torch.testing.assert_close(compiled(other), expected, rtol=1e-3, atol=1e-3)
     assert torch.cuda.current_device() == 0
+
+
+def test_the_compile_engine_refuses_instead_of_running_eager_past_dynamos_limit() -> None:
+    """``benchmark --engine compile`` (plain ``torch.compile``, graph breaks allowed): past dynamo's
+    limit on compiles it would run the model eager, silently, and time that as "compile"."""
+    from pyra_lightning.commands.engines import build_runner
+
+    model = pyra_lightning.apply_merging(tiny_vit(depth=1), 4, pyra=True).eval()
+    build_runner("compile", model, 1, 32, "cpu").run()
+    with (
+        torch._dynamo.config.patch(accumulated_recompile_limit=1),
+        pytest.raises(ValueError, match="torch.compile refused one more compile"),
+    ):
+        build_runner("compile", model, 2, 32, "cpu")
 
 
 def test_benchmark_runs_the_inference_engines_and_skips_cuda_graphs_on_cpu() -> None:

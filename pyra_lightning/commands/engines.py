@@ -86,7 +86,10 @@ def build_runner(
                 return fn(x)
 
         if engine == "compile":
-            run()  # compiles for this shape; timed here, not in the throughput
+            from pyra_lightning.inference import bound_compile
+
+            with bound_compile(model):  # past dynamo's limit it would run eager, silently
+                run()  # compiles for this shape; timed here, not in the throughput
         return BuiltRunner(run, time.perf_counter() - start)
     if engine in GRAPH_ENGINES:  # compile_for_inference: bound to this one batch shape
         from pyra_lightning.inference import compile_for_inference
