@@ -216,8 +216,7 @@ def run_bound(session: onnxruntime.InferenceSession, x: torch.Tensor) -> torch.T
             f"run_bound needs the model's output shape after the batch; the ONNX file has {tail}"
         )
     out = torch.empty((x.shape[0], *tail), device=x.device, dtype=torch.float32)
-    kind = x.device.type
-    index = (torch.cuda.current_device() if x.is_cuda else 0) if x.device.index is None else x.device.index
+    kind, index = x.device.type, _device_index(x.device)
     binding = session.io_binding()
     binding.bind_input(session.get_inputs()[0].name, kind, index, np.float32, list(x.shape), x.data_ptr())
     binding.bind_output(output.name, kind, index, np.float32, list(out.shape), out.data_ptr())
@@ -225,6 +224,13 @@ def run_bound(session: onnxruntime.InferenceSession, x: torch.Tensor) -> torch.T
         torch.cuda.current_stream(x.device).synchronize()
     session.run_with_iobinding(binding)
     return out
+
+
+def _device_index(device: torch.device) -> int:
+    """ONNX Runtime's device id for ``device``: its index, else the current GPU (0 on a CPU)."""
+    if device.index is not None:
+        return device.index
+    return torch.cuda.current_device() if device.type == "cuda" else 0
 
 
 def to_pt2(
@@ -381,8 +387,7 @@ def _load_onnx(path: Path, device: torch.device, threads: int | None) -> Loaded:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise EngineUnavailable("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
         # on the input's GPU: the provider's default is GPU 0, whatever the batch's device
-        index = torch.cuda.current_device() if device.index is None else device.index
-        providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": _device_index(device)}))
     session = onnx_session(path, threads=threads, providers=providers)
     return lambda x: run_onnx(session, x)
 

@@ -148,15 +148,15 @@ def bound_compile(model: nn.Module) -> Iterator[None]:
     from torch._dynamo.exc import FailOnRecompileLimitHit
 
     config = torch._dynamo.config
+    limit = max(config.recompile_limit, _BOUND_COMPILES)
     try:
-        limit = max(config.recompile_limit, _BOUND_COMPILES)
         with config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
             yield
     except FailOnRecompileLimitHit as error:
         raise ValueError(
             f"torch.compile refused one more compile of {type(model).__name__}'s forward in this process: "
             f"every batch size bound, and every model of the class, is one compile of it, up to "
-            f"torch._dynamo.config.recompile_limit ({max(config.recompile_limit, _BOUND_COMPILES)} here) "
+            f"torch._dynamo.config.recompile_limit ({limit} here) "
             f"and accumulated_recompile_limit ({config.accumulated_recompile_limit}); raise them to bind more"
         ) from error
 

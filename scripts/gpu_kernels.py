@@ -11,7 +11,7 @@ only this part. In order, each result saved as it finishes:
 2. one layer's matching and one layer's merge alone, Triton against torch;
 3. eager and ``cudagraph`` groups of the uncompressed model, ToMe high and PYRA high on torch
    and on the kernels (``+kernels``), each group (one engine, one batch) timed side by side
-   (``gpu_speed._time_group``); batch 256, then 64, then 1. A group that would pass the part's
+   (``gpu_speed._build_and_time_group``); batch 256, then 64, then 1. A group that would pass the part's
    limit is skipped and named;
 4. kernels per forward at batch 64, after every timing.
 """
@@ -25,14 +25,13 @@ from typing import Any
 from gpu_speed import (
     KERNELS,
     _build,
-    _build_runner,
+    _build_and_time_group,
     _count_kernels,
     _guarded,
     _interleaved_ms,
     _say,
     _settings,
     _speedups,
-    _time_group,
     _versions,
 )
 
@@ -73,13 +72,7 @@ def part_kernels(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str,
             if time.perf_counter() - started > limit - 15:
                 out["skipped"].append(f"{engine} batch {batch}: the part's {limit:.0f} s are spent")
                 continue
-            runners, built_s = {}, {}
-            for name, model in models.items():
-                run, built_s[name] = _build_runner(out, model, name, x, engine)
-                if run is not None:
-                    runners[name] = run
-            _time_group(out, runners, built_s, x, engine, s, part="kernels")
-            runners = run = None  # the last graph's memory pool too
+            _build_and_time_group(out, models, x, engine, s, part="kernels")
             keep()
     if time.perf_counter() - started > limit - 10:
         out["skipped"].append(f"kernel counts: the part's {limit:.0f} s are spent")

@@ -87,30 +87,13 @@ def _settings(dry_run: bool) -> dict[str, Any]:
 def _interleaved_ms(
     fns: dict[str, Callable[[], Any]], device: Any, runs: int, warmup: int = 3
 ) -> dict[str, float]:
-    """Median ms per call of each callable, timed side by side: ``warmup`` calls each, then
-    ``runs`` rounds in ``timing.round_robin``'s rotating order, each call timed alone by CUDA
-    events on a GPU (the host clock after a sync elsewhere)."""
-    import torch
+    """Median ms per call of each callable, timed side by side by the project's protocol
+    (``timing.time_interleaved``: ``warmup`` calls each, then ``runs`` rotating rounds, each call
+    timed alone on the host clock with the device synchronised around it, as ``benchmark`` does)."""
+    from pyra_lightning.timing import time_interleaved
 
-    from pyra_lightning.timing import round_robin
-
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for name in round_robin(list(fns), runs):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fns[name]()
-            end.record()
-            end.synchronize()
-            times[name].append(start.elapsed_time(end))
-        else:
-            tic = time.perf_counter()
-            fns[name]()
-            times[name].append(1e3 * (time.perf_counter() - tic))
-    return {name: statistics.median(values) for name, values in times.items()}
+    seconds = time_interleaved(fns, warmup, runs, device=device)
+    return {name: 1e3 * statistics.median(values) for name, values in seconds.items()}
 
 
 def _kernels_per_forward(fn: Callable[[], Any], device: Any, forwards: int = 3) -> int:
@@ -199,6 +182,19 @@ def _time_group(
         _say(f"{group} {name}: {1e3 * len(x) / value:.0f} img/s (built in {built_s[name]:.1f} s)", part)
 
 
+def _build_and_time_group(
+    out: dict[str, Any], models: dict[str, Any], x: Any, engine: str, s: dict[str, Any], part: str = "speed"
+) -> None:
+    """Build ``engine`` for every model at ``x``'s batch, then time them side by side
+    (``_time_group``); the runners, and their CUDA graphs' memory, go when this returns."""
+    runners, built_s = {}, {}
+    for name, model in models.items():
+        run, built_s[name] = _build_runner(out, model, name, x, engine)
+        if run is not None:
+            runners[name] = run
+    _time_group(out, runners, built_s, x, engine, s, part)
+
+
 def _count_kernels(out: dict[str, Any], models: dict[str, Any], x: Any, engines: list[str]) -> None:
     """Kernels per forward of each model on each engine at ``x``'s batch, built afresh: run after
     every timing of the part, because a profiler session may leave the process slower."""
@@ -244,13 +240,7 @@ def part_speed(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, A
     for batch in s["batch_sizes"]:
         x = torch.randn(batch, 3, s["img_size"], s["img_size"], device=device)
         for engine in uncompiled:
-            runners, built_s = {}, {}
-            for name, model in sdpa.items():
-                run, built_s[name] = _build_runner(out, model, name, x, engine)
-                if run is not None:
-                    runners[name] = run
-            _time_group(out, runners, built_s, x, engine, s)
-            runners = run = None  # the last graph's memory pool too
+            _build_and_time_group(out, sdpa, x, engine, s)
             keep()
     if cuda:
         for name, model in sdpa.items():
@@ -282,10 +272,9 @@ def part_speed(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, A
         )
     out["attention"] = _guarded(_attention, device, args.dry_run)
     keep()
-    if limit - (time.perf_counter() - started) < 30:  # ~10 runners built, each profiled
-        out["skipped"].append(
-            f"kernel counts: {limit - (time.perf_counter() - started):.0f} s left of the part"
-        )
+    left = limit - (time.perf_counter() - started)
+    if left < 30:  # ~10 runners built, each profiled
+        out["skipped"].append(f"kernel counts: {left:.0f} s left of the part")
     else:
         batch = s["batch_sizes"][min(1, len(s["batch_sizes"]) - 1)]
         _count_kernels(
@@ -340,14 +329,10 @@ def _peak_memory_mib(model: Any, s: dict[str, Any]) -> float:
 
 def _speedups(out: dict[str, Any]) -> None:
     """Each row's speed-up over the uncompressed model timed in its group (``None`` without one)."""
-    base = {_group(r): r["images_per_s"] for r in out["rows"] if r["model"] == "uncompressed"}
+    base = {r["group"]: r["images_per_s"] for r in out["rows"] if r["model"] == "uncompressed"}
     for row in out["rows"]:
-        ref = base.get(_group(row))
+        ref = base.get(row["group"])
         row["speedup"] = row["images_per_s"] / ref if ref else None
-
-
-def _group(row: dict[str, Any]) -> str:
-    return row.get("group") or f"{row['engine']} batch {row['batch_size']}"
 
 
 def _attention(device: Any, dry_run: bool) -> dict[str, Any]:
