@@ -133,18 +133,28 @@ def test_a_graph_is_captured_on_the_gpu_of_its_input_when_another_is_current(eng
     assert torch.cuda.current_device() == 0
 
 
-def test_the_compile_engine_refuses_instead_of_running_eager_past_dynamos_limit() -> None:
-    """``benchmark --engine compile`` (plain ``torch.compile``, graph breaks allowed): past dynamo's
-    limit on compiles it would run the model eager, silently, and time that as "compile"."""
+def test_the_compile_engine_binds_a_static_graph_per_batch_size_and_refuses_past_dynamos_limit() -> None:
+    """``benchmark --engine compile`` (plain ``torch.compile``, graph breaks allowed) compiles each
+    batch size it times as its own static graph: left to dynamo, the second size would mark the batch
+    dimension dynamic and every later size would reuse that graph, so a size's figure would depend
+    on the order the sizes were timed in. Past dynamo's limit on compiles it would run the model
+    eager, silently, and time that as "compile"; it refuses instead."""
+    from torch._dynamo.utils import counters
+
     from pyra_lightning.commands.engines import build_runner
 
     model = pyra_lightning.apply_merging(tiny_vit(depth=1), 4, pyra=True).eval()
+    frames = counters["frames"]["ok"]
     build_runner("compile", model, 1, 32, "cpu").run()
+    per_size = counters["frames"]["ok"] - frames
+    build_runner("compile", model, 2, 32, "cpu").run()
+    assert per_size >= 1 and counters["frames"]["ok"] - frames == 2 * per_size  # batch 2 compiled anew
+    # A dynamic graph from batch 2 would serve batch 3 without a compile, and so without a refusal.
     with (
-        torch._dynamo.config.patch(accumulated_recompile_limit=1),
+        torch._dynamo.config.patch(accumulated_recompile_limit=2),
         pytest.raises(ValueError, match="torch.compile refused one more compile"),
     ):
-        build_runner("compile", model, 2, 32, "cpu")
+        build_runner("compile", model, 3, 32, "cpu")
 
 
 def test_benchmark_runs_the_inference_engines_and_skips_cuda_graphs_on_cpu() -> None:

@@ -181,7 +181,8 @@ def run_benchmark(
         img_size: Input resolution; the paper's named schedules exist for 224 only.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         precision: ``"32"``, or ``"bf16"``/``"16"`` for autocast (eager and compile only).
-        engine: One or more of ``eager``, ``compile`` (``torch.compile``), ``inductor``, ``cudagraph``,
+        engine: One or more of ``eager``, ``compile`` (``torch.compile(dynamic=False)``: a static
+            graph per batch size, graph breaks allowed), ``inductor``, ``cudagraph``,
             ``inductor-cudagraph`` (``compile_for_inference``), ``onnxruntime``
             (``to_onnx`` + ONNX Runtime), ``aoti`` (AOTInductor), comma-separated. All models on
             all engines are timed interleaved; export and compile time is reported apart. An

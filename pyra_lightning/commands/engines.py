@@ -1,6 +1,7 @@
 """Inference engines for the benchmark, and the speed-target schedule search.
 
-An *engine* is how a deployed model runs: PyTorch ``eager``, ``torch.compile`` (``compile``),
+An *engine* is how a deployed model runs: PyTorch ``eager``, ``torch.compile`` (``compile``; one static
+graph per batch size, so a size's figure does not depend on which sizes were timed before it),
 ``onnxruntime`` (the model exported by ``pyra_lightning.to_onnx``) or an AOTInductor package
 (``aoti``). ``build_runner`` turns a LoRA-folded model into a no-argument callable that runs one
 fixed batch through the engine, so that every engine is timed by the same protocol
@@ -79,7 +80,7 @@ def build_runner(
     model.eval()
     start = time.perf_counter()
     if engine in ("eager", "compile"):
-        fn = model if engine == "eager" else torch.compile(model, mode=compile_mode)
+        fn = model if engine == "eager" else torch.compile(model, mode=compile_mode, dynamic=False)
 
         def run() -> object:
             with torch.inference_mode(), autocast(device, precision):
