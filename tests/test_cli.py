@@ -103,6 +103,30 @@ def test_a_model_name_typo_is_named_as_one(tmp_path: Path, capsys: pytest.Captur
     assert "normalization" not in err
 
 
+def test_a_config_typo_is_one_line_naming_the_file_and_the_key_it_meant(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The issue: jsonargparse printed ~140 lines of usage, then "does not accept option", no file.
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("trainer:\n  max_epoch: 3\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *quickstart_args(tmp_path / "run", tmp_path / "data"), f"--config={typo}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "usage:" not in err and len(err.strip().splitlines()) == 1, err
+    assert "'trainer.max_epoch'" in err and str(typo) in err and "did you mean trainer.max_epochs?" in err
+
+    with pytest.raises(SystemExit):  # a flag: no file to name, the key it meant
+        main(["fit", *quickstart_args(tmp_path / "run", tmp_path / "data"), "--model.lora.rnk", "4"])
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "did you mean model.lora.rank?" in err, err
+    assert "set in --config" not in err, "the flag was not set in a config file"
+
+    with pytest.raises(SystemExit):  # a value of the wrong type: the key, the value, on one line
+        main(["fit", *quickstart_args(tmp_path / "run", tmp_path / "data"), "--data.batch_size=thirty"])
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and '"data.batch_size"' in err and "thirty" in err, err
+
+
 def test_a_test_of_a_trained_run_writes_its_own_results(tmp_path: Path) -> None:
     # The issue: `test` overwrote the fit's results.json with its own.
     from pyra_lightning.training.callbacks import ResultsJSON

@@ -1,5 +1,7 @@
 """``fit --help``: our options first and fast; Lightning's ~60 Trainer flags behind ``--help_all``.
 
+Also the parser class's ``error``: a refused key or value is one line (``cli_errors``).
+
 LightningCLI builds the full parser of every subcommand (``fit``, ``validate``, ``test``,
 ``predict``) before it parses anything, the Trainer's signature and docstring included, and
 prints the Trainer's group first. So ``--help`` took seconds and opened on ``--trainer.accelerator``.
@@ -16,10 +18,13 @@ Nothing changes for a command that is not asking for help. The hooks used are pu
 
 from __future__ import annotations
 
+import re
 import sys
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser
+
+from pyra_lightning.training.cli_errors import refusal
 
 HELP_ALL = "--help_all"
 HELP_FLAGS = ("-h", "--help")
@@ -38,6 +43,25 @@ class BriefHelpParser(LightningArgumentParser):
     """Prints the Trainer's group last (``--help_all``), or a line about it where it was left out."""
 
     trainer_note: str | None = None  # set on the parsers built for a brief help
+    argv: list[str] = []  # the command's arguments (``BriefHelp.init_parser``), for ``error``
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """One line (``cli_errors.refusal``) instead of the subcommand's whole usage, then the
+        message; jsonargparse's own behaviour where it raises instead of exiting."""
+        from jsonargparse._common import debug_mode_active
+
+        if not self.exit_on_error or debug_mode_active():
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        named = re.search(r"Subcommand '([^']+)'", message)
+        if parser is self and named and self._subcommands_action is not None:
+            parser = self._subcommands_action._name_parser_map.get(named.group(1), self)
+        keys = [action.dest for action in parser._actions]
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(
+            f"{prog}: error: {refusal(message, self.argv, keys)}; {prog} --help lists the options\n"
+        )
+        self.exit(2)
 
     def format_help(self, formatter: Any = None) -> str:
         trainer = (self.groups or {}).get(TRAINER_KEY)
@@ -52,10 +76,12 @@ class BriefHelp:
 
     help_mode: HelpMode = None
     help_subcommand: str | None = None
+    argv: list[str] = []
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raw = kwargs.get("args")
         argv = list(sys.argv[1:] if raw is None else raw) if not isinstance(raw, dict) else []
+        self.argv = argv
         self.help_mode = help_mode(argv)
         if self.help_mode is not None:
             names = _all_subcommands()
@@ -71,6 +97,13 @@ class BriefHelp:
                 }
         kwargs.setdefault("parser_class", BriefHelpParser)
         super().__init__(*args, **kwargs)
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """LightningCLI's, with the command's arguments kept for ``BriefHelpParser.error``."""
+        parser = super().init_parser(**kwargs)  # type: ignore[misc]
+        if isinstance(parser, BriefHelpParser):
+            parser.argv = self.argv
+        return parser
 
     def _brief(self) -> bool:
         return self.help_mode == "brief" and self.help_subcommand is not None
