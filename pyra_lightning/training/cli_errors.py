@@ -13,9 +13,9 @@ import difflib
 import re
 from collections.abc import Iterable, Sequence
 
-# jsonargparse's wording of the key it refuses: "... option 'a.b'" or 'Parser key "a.b": ...'
-_KEY_PATTERNS = (re.compile(r"does not accept option '([^']+)'"), re.compile(r'Parser key "([^"]+)"'))
+# jsonargparse's wording of the key it refuses: "... option 'a.b'" (unknown) or 'Parser key "a.b": ...'
 _UNKNOWN_OPTION = re.compile(r"does not accept option '([^']+)'")
+_KEY_PATTERNS = (_UNKNOWN_OPTION, re.compile(r'Parser key "([^"]+)"'))
 
 
 def config_files(argv: Sequence[str]) -> list[str]:
@@ -34,8 +34,8 @@ def _on_command_line(key: str, argv: Sequence[str]) -> bool:
     return any(arg == flag or arg.startswith(f"{flag}=") for arg in argv)
 
 
-def _closest(key: str, known: Iterable[str]) -> str | None:
-    match = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
+def _closest(key: str, known: Sequence[str]) -> str | None:
+    match = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
     return match[0] if match else None
 
 

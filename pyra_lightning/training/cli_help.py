@@ -12,7 +12,7 @@ prints the Trainer's group first. So ``--help`` took seconds and opened on ``--t
   note naming the Trainer flags and ``--help_all``;
 - ``--help_all`` is ``--help`` with every argument, the Trainer's group moved to the end.
 
-Nothing changes for a command that is not asking for help. The hooks used are public:
+Help aside, a command changes only in how a refused key or value is printed. The hooks used are public:
 ``add_core_arguments_to_parser``, ``subcommands`` and ``parser_class``.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Sequence
 from typing import Any, Literal, NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser
@@ -43,11 +44,11 @@ class BriefHelpParser(LightningArgumentParser):
     """Prints the Trainer's group last (``--help_all``), or a line about it where it was left out."""
 
     trainer_note: str | None = None  # set on the parsers built for a brief help
-    argv: list[str] = []  # the command's arguments (``BriefHelp.init_parser``), for ``error``
+    argv: Sequence[str] = ()  # the command's arguments (``BriefHelp.init_parser``), for ``error``
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        """One line (``cli_errors.refusal``) instead of the subcommand's whole usage, then the
-        message; jsonargparse's own behaviour where it raises instead of exiting."""
+        """The refusal on one line (``cli_errors.refusal``), without the subcommand's whole usage
+        before it; jsonargparse's own behaviour where it raises instead of exiting."""
         from jsonargparse._common import debug_mode_active
 
         if not self.exit_on_error or debug_mode_active():
@@ -76,7 +77,7 @@ class BriefHelp:
 
     help_mode: HelpMode = None
     help_subcommand: str | None = None
-    argv: list[str] = []
+    argv: Sequence[str] = ()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raw = kwargs.get("args")
