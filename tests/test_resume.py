@@ -8,6 +8,7 @@ then the same command run again.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -93,21 +94,42 @@ def test_a_fit_stopped_after_finished_epochs_resumes_bit_identically(tmp_path: P
 
 
 class WatchLastCheckpoint(Callback):
-    """Notes, at the start of every epoch, which epoch the run's ``last.ckpt`` holds."""
+    """Notes, at the start of every epoch, which epoch the run's ``last.ckpt`` holds, and its keys."""
 
     seen: list[int | None] = []
+    keys: list[set[str]] = []
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
-        self.seen.append(epoch_of(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"))
+        last = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        self.seen.append(epoch_of(last))
+        if last.is_file():
+            self.keys.append(set(torch.load(last, map_location="cpu", weights_only=True)))
 
 
-def test_last_ckpt_is_written_after_every_epoch_whatever_top_k_says(tmp_path: Path) -> None:
+def test_last_ckpt_is_written_after_every_epoch_whatever_top_k_says(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     WatchLastCheckpoint.seen.clear()
+    WatchLastCheckpoint.keys.clear()
     args = fit_args(tmp_path / "run", tmp_path / "data", "--trainer.max_epochs=3")
-    main([*args, "--checkpoint.save_top_k=0", "--trainer.callbacks+=test_resume.WatchLastCheckpoint"])
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        main([*args, "--checkpoint.save_top_k=0", "--trainer.callbacks+=test_resume.WatchLastCheckpoint"])
     assert WatchLastCheckpoint.seen == [None, 0, 1], "each epoch starts with the previous one saved"
+    assert all("optimizer_states" in keys for keys in WatchLastCheckpoint.keys), "resumable"
     final = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert final["global_step"] == 3 * 4
+    assert "`weights_only` was not set" not in caplog.text, "each save says what it saves"
+
+
+def test_save_weights_only_holds_for_the_last_ckpt_written_after_each_epoch(tmp_path: Path) -> None:
+    WatchLastCheckpoint.seen.clear()
+    WatchLastCheckpoint.keys.clear()
+    args = fit_args(tmp_path / "run", tmp_path / "data", "--trainer.max_epochs=2")
+    watch = "--trainer.callbacks+=test_resume.WatchLastCheckpoint"
+    main([*args, "--checkpoint.save_top_k=0", "--checkpoint.save_weights_only=true", watch])
+    assert WatchLastCheckpoint.seen == [None, 0]
+    (after_epoch_0,) = WatchLastCheckpoint.keys
+    assert "state_dict" in after_epoch_0 and "optimizer_states" not in after_epoch_0, sorted(after_epoch_0)
 
 
 def test_a_start_that_failed_before_its_first_checkpoint_does_not_block_a_changed_rerun(

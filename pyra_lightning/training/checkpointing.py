@@ -105,9 +105,10 @@ class RunCheckpoint(ModelCheckpoint):
             return
         # ModelCheckpoint has no public "write last now" hook: Lightning's own save already ran
         # if the file changed during super(); otherwise save it through the trainer, which goes
-        # through the CheckpointIO plugin (atomic) and is collective under DDP.
+        # through the CheckpointIO plugin (atomic) and is collective under DDP. Lightning's
+        # weights_only choice is passed on: left as None, the trainer logs a line per save.
         if _mtime(last) == before:
-            trainer.save_checkpoint(last)
+            trainer.save_checkpoint(last, weights_only=self.save_weights_only)
             self.last_model_path = str(last)
 
 
