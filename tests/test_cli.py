@@ -126,6 +126,30 @@ def test_a_config_typo_is_one_line_naming_the_file_and_the_key_it_meant(
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and '"data.batch_size"' in err and "thirty" in err, err
 
+    with pytest.raises(SystemExit):  # a flag cut short: refused, not taken for trainer.max_epochs
+        main(["fit", *quickstart_args(tmp_path / "run", tmp_path / "data"), "--trainer.max_epoch=1"])
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "did you mean trainer.max_epochs?" in err, err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["benchmark", "--model_nam", "vit_tiny_patch16_224"],
+        ["data", "verify", "--tas", "demo"],
+        ["report", "results.json", "--out_di", "x"],
+        ["sweep", "--config", "configs/quickstart.yaml", "--dry_run=true", "--task", "demo"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_no_command_takes_a_cut_short_option_for_the_one_it_starts(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"unrecognized arguments: {argv[-2]}" in err, err
+
 
 def test_a_test_of_a_trained_run_writes_its_own_results(tmp_path: Path) -> None:
     # The issue: `test` overwrote the fit's results.json with its own.

@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     from jsonargparse import CLI
 
-    CLI(run_benchmark, args=argv, prog="pyra-lightning benchmark")
+    CLI(run_benchmark, args=argv, prog="pyra-lightning benchmark", allow_abbrev=False)
 
 
 if __name__ == "__main__":

@@ -127,12 +127,16 @@ def main(argv: list[str] | None = None) -> None:
 
     name, rest = args[0], args[1:]
     if name == "verify":
-        parser = ArgumentParser(prog="pyra-lightning data verify", description=run_verify.__doc__)
+        parser = ArgumentParser(
+            prog="pyra-lightning data verify", description=run_verify.__doc__, allow_abbrev=False
+        )
         parser.add_argument("--task", type=str, nargs="+", default=None, help=TASK_HELP)
         parser.add_function_arguments(run_verify, skip={"task"}, as_group=False)
         sys.exit(run_verify(**vars(parser.parse_args(rest))))
     if name == "prepare":
-        parser = ArgumentParser(prog="pyra-lightning data prepare", description=run_prepare.__doc__)
+        parser = ArgumentParser(
+            prog="pyra-lightning data prepare", description=run_prepare.__doc__, allow_abbrev=False
+        )
         parser.add_argument("benchmark", type=str, help="vtab")
         parser.add_argument("--task", type=str, nargs="+", default=None, help=TASK_HELP)
         parser.add_function_arguments(run_prepare, skip={"benchmark", "task"}, as_group=False)

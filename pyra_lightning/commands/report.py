@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = ArgumentParser(
         prog="pyra-lightning report",
+        allow_abbrev=False,
         description="Tabulate results.json files of VTAB-1k runs like the paper's Table 2.",
     )
     parser.add_argument(

@@ -393,6 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         args, passthrough = args[:at], args[at + 1 :]
     parser = ArgumentParser(
         prog="pyra-lightning sweep",
+        allow_abbrev=False,
         description="Run `pyra-lightning fit` on VTAB-1k tasks, one folder per task, skipping finished "
         "ones. Arguments after `--` go to every fit, e.g. `-- --trainer.max_epochs=2`.",
     )

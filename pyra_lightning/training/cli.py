@@ -463,6 +463,9 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> PyraCLI:
                     "label, predicted class index, class name."
                 },
                 "prog": "pyra-lightning",
+                # a misspelt flag is refused, not taken for the option it abbreviates (jsonargparse
+                # 5 makes this its default); the subcommands inherit it
+                "allow_abbrev": False,
                 "description": "pyra-lightning: LoRA + token merging + PYRA on timm ViTs "
                 "(`pyra-lightning --help` lists the other commands).",
             },
