@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import quickstart_args
+from helpers import quickstart_args, resumable_fit
 
 from pyra_lightning.__main__ import main
 
@@ -215,3 +215,18 @@ def test_the_help_is_cached_per_code_and_package_versions(
         assert help_cache.help_key(["fit", "--help"]) != key
     finally:
         os.utime(module, ns=times)
+
+
+def test_lightnings_advert_and_its_own_deprecation_are_left_out_and_nothing_else(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], recwarn: pytest.WarningsRecorder
+) -> None:
+    import logging
+
+    from pyra_lightning.training.cli_notices import RANK_ZERO_LOGGER
+
+    main(resumable_fit(tmp_path / "run", tmp_path / "data", 1))  # builds a Trainer, runs validation
+    out, err = capfd.readouterr()
+    assert "litlogger" not in out + err, out + err
+    assert not [w for w in recwarn if "LeafSpec" in str(w.message)], "torch's warning about Lightning"
+    assert "GPU available:" in out + err and "max_epochs=1` reached" in out + err, "the others still show"
+    assert not logging.getLogger(RANK_ZERO_LOGGER).filters, "the filter lasts for the command only"

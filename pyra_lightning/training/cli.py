@@ -35,6 +35,7 @@ from pyra_lightning.training.checkpointing import (
     named_checkpoint,
 )
 from pyra_lightning.training.cli_help import BriefHelp
+from pyra_lightning.training.cli_notices import quiet_lightning_notices
 from pyra_lightning.training.lock import hold, launch_rank, release_all
 from pyra_lightning.training.module import PyraClassifier
 from pyra_lightning.training.monitoring import (
@@ -445,7 +446,7 @@ class PyraCLI(BriefHelp, LightningCLI):
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> PyraCLI:
     """The CLI exactly as ``pyra-lightning`` builds it; ``run=False`` only parses and instantiates."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_lightning_notices():
         # the command table (and export, and the tests) pass the arguments; sys.argv is not them
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         return PyraCLI(
