@@ -162,8 +162,14 @@ def test_run_benchmark_reports_consistent_numbers_and_writes_json(one_thread: No
     assert training["pyra/r=2"]["trainable_params"] > training["tome/r=2"]["trainable_params"]
 
     assert json.loads(output.read_text()) == json.loads(json.dumps(result))
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "| pyra/flops=0.6 " in printed and "PYRA / ToMe throughput" in printed
+    assert "benchmark:" not in printed, "progress goes to stderr; stdout is the tables alone"
+    said = captured.err.splitlines()
+    assert said[0].startswith("benchmark: building vit_") and said[0].endswith(", ".join(rows)), said
+    assert "benchmark: batch 2: timing 5 model-engine pairs interleaved, 0 warm-up + 1 timed" in said[1]
+    assert said[2] == "benchmark: timing the training steps of 5 models at batch 2", said
     widths = {len(line) for line in printed.splitlines() if line.startswith("| ")}
     assert len(widths) == 2, "each table is padded to aligned columns"
 
@@ -245,7 +251,7 @@ def test_bad_engines_and_batch_sizes_are_refused(engine: str, batch_sizes: Any) 
         run_benchmark(engine=engine, batch_sizes=batch_sizes, **TINY_ARGS)
 
 
-def test_engines_are_timed_interleaved_at_every_batch_size(one_thread: None, monkeypatch) -> None:
+def test_engines_are_timed_interleaved_at_every_batch_size(one_thread: None, monkeypatch, capsys) -> None:
     """eager and ONNX Runtime side by side at two batch sizes; AOTInductor without a compiler is
     skipped with its reason and the rest still runs."""
     pytest.importorskip("onnxruntime", reason="the onnx extra (pip install '.[onnx]') is not installed")
@@ -260,6 +266,9 @@ def test_engines_are_timed_interleaved_at_every_batch_size(one_thread: None, mon
     }
     assert len(table) == 2 * 2 * 3  # engines x batch sizes x (uncompressed, tome, pyra)
     assert "C++ compiler" in result["skipped"]["aoti"]
+    said = capsys.readouterr().err
+    assert "benchmark: aoti skipped: " in said and "benchmark: batch 3, onnxruntime: preparing 3" in said
+    assert "batch 3, aoti" not in said, "an engine that cannot run here is not tried again"
     for row in table:
         base = next(
             r

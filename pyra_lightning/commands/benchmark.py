@@ -39,7 +39,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import statistics
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pyra_lightning.commands.benchmark_table import format_table
+from pyra_lightning.commands.benchmark_table import format_table, progress, table_rows
 from pyra_lightning.commands.engines import build_runner, parse_batch_sizes, parse_engines
 from pyra_lightning.commands.training_speed import time_training_steps
 from pyra_lightning.timing import (
@@ -298,6 +297,7 @@ def _run(args: dict[str, Any], schedules: list[ScheduleSpec]) -> dict[str, Any]:
         variants[f"pyra/{label}"] = (spec, True)
 
     env_before = environment(dev)
+    progress(f"building {args['model_name']}: {', '.join(variants)}")
     models = {name: build(spec, pyra) for name, (spec, pyra) in variants.items()}
     rows: dict[str, dict[str, Any]] = {}
     for name, model in models.items():
@@ -318,17 +318,22 @@ def _run(args: dict[str, Any], schedules: list[ScheduleSpec]) -> dict[str, Any]:
             for engine in args["engine"]:
                 if engine in skipped:
                     continue
+                if engine != "eager":
+                    progress(f"batch {batch}, {engine}: preparing {len(models)} models")
                 try:
                     for name, model in models.items():
                         built = build_runner(engine, model, batch, **_runner_kwargs(args, workdir))
                         runners[f"{engine}|{name}"], setup[f"{engine}|{name}"] = built.run, built.setup_s
                 except Exception as error:  # one engine failing must not lose the others
                     skipped[engine] = f"{type(error).__name__}: {error}"
+                    progress(f"{engine} skipped: {skipped[engine]}")
                     runners = {k: v for k, v in runners.items() if not k.startswith(f"{engine}|")}
             if not runners:
                 continue
+            each = f"{args['warmup']} warm-up + {args['runs']} timed forwards each"
+            progress(f"batch {batch}: timing {len(runners)} model-engine pairs interleaved, {each}")
             times = time_interleaved(runners, args["warmup"], args["runs"], dev, _clock(args))
-            table += _table_rows(times, setup, rows, batch)
+            table += table_rows(times, setup, rows, batch)
     figures = [
         r for r in table if r["engine"] == args["engine"][0] and r["batch_size"] == args["batch_sizes"][0]
     ]
@@ -350,6 +355,7 @@ def _run(args: dict[str, Any], schedules: list[ScheduleSpec]) -> dict[str, Any]:
         "pyra_vs_tome": pyra_vs_tome,
     }
     if args["train"]:
+        progress(f"timing the training steps of {len(variants)} models at batch {args['batch_sizes'][0]}")
         trainees = {name: build(spec, pyra, fold=False) for name, (spec, pyra) in variants.items()}
         result["training"] = time_training_steps(
             trainees,
@@ -364,32 +370,6 @@ def _run(args: dict[str, Any], schedules: list[ScheduleSpec]) -> dict[str, Any]:
         )
     result["environment"]["loadavg_after"] = load_average()
     return result
-
-
-def _table_rows(
-    times: dict[str, list[float]], setup: dict[str, float], rows: dict[str, dict[str, Any]], batch: int
-) -> list[dict[str, Any]]:
-    """One row per engine and model: img/s, speed-up over the engine's uncompressed model, efficiency."""
-    out = []
-    for key, seconds in times.items():
-        engine, name = key.split("|", 1)
-        median = statistics.median(seconds)
-        base = statistics.median(times[f"{engine}|uncompressed"])
-        speedup = base / median
-        out.append(
-            {
-                "engine": engine,
-                "batch_size": batch,
-                "model": name,
-                "images_per_s": batch / median,
-                "median_ms": 1e3 * median,
-                "min_ms": 1e3 * min(seconds),
-                "speedup": speedup,
-                "efficiency": speedup / rows[name]["flops_reduction"],
-                "setup_s": setup[key],
-            }
-        )
-    return out
 
 
 def _run_target(args: dict[str, Any]) -> dict[str, Any]:

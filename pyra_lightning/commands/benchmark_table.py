@@ -1,9 +1,42 @@
-"""The ``benchmark`` command's result as Markdown tables (``format_table``), kept apart from the timing."""
+"""The ``benchmark`` command's rows and Markdown tables (``format_table``), and its progress lines."""
 
 from __future__ import annotations
 
 import shlex
+import statistics
+import sys
 from typing import Any
+
+
+def progress(message: str) -> None:
+    """One line on stderr while the benchmark runs (stdout keeps the tables alone)."""
+    print(f"benchmark: {message}", file=sys.stderr, flush=True)
+
+
+def table_rows(
+    times: dict[str, list[float]], setup: dict[str, float], rows: dict[str, dict[str, Any]], batch: int
+) -> list[dict[str, Any]]:
+    """One row per engine and model: img/s, speed-up over the engine's uncompressed model, efficiency."""
+    out = []
+    for key, seconds in times.items():
+        engine, name = key.split("|", 1)
+        median = statistics.median(seconds)
+        base = statistics.median(times[f"{engine}|uncompressed"])
+        speedup = base / median
+        out.append(
+            {
+                "engine": engine,
+                "batch_size": batch,
+                "model": name,
+                "images_per_s": batch / median,
+                "median_ms": 1e3 * median,
+                "min_ms": 1e3 * min(seconds),
+                "speedup": speedup,
+                "efficiency": speedup / rows[name]["flops_reduction"],
+                "setup_s": setup[key],
+            }
+        )
+    return out
 
 
 def _fmt(value: float | None, spec: str) -> str:
