@@ -218,15 +218,16 @@ def test_the_help_is_cached_per_code_and_package_versions(
 
 
 def test_lightnings_advert_and_its_own_deprecation_are_left_out_and_nothing_else(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str], recwarn: pytest.WarningsRecorder
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
 ) -> None:
     import logging
 
     from pyra_lightning.training.cli_notices import RANK_ZERO_LOGGER
 
-    main(resumable_fit(tmp_path / "run", tmp_path / "data", 1))  # builds a Trainer, runs validation
-    out, err = capfd.readouterr()
-    assert "litlogger" not in out + err, out + err
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        main(resumable_fit(tmp_path / "run", tmp_path / "data", 1))  # builds a Trainer, validates
+    said = caplog.text
+    assert "litlogger" not in said, said
     assert not [w for w in recwarn if "LeafSpec" in str(w.message)], "torch's warning about Lightning"
-    assert "GPU available:" in out + err and "max_epochs=1` reached" in out + err, "the others still show"
+    assert "GPU available:" in said and "max_epochs=1` reached" in said, "the others still show"
     assert not logging.getLogger(RANK_ZERO_LOGGER).filters, "the filter lasts for the command only"
