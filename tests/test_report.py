@@ -365,9 +365,13 @@ def test_label_puts_results_of_other_settings_in_rows_of_their_own(
     with pytest.raises(ValueError, match="report --label model.lora.rank$"):
         build_table(collect_results(tmp_path))
     out = tmp_path / "report"
-    main([str(tmp_path), "--out_dir", str(out), "--plot", "false", "--label", "model.lora.rank"])
+    main([str(tmp_path), "--out_dir", str(out), "--label", "model.lora.rank"])  # with its figure
     table = (out / "vtab_table.md").read_text()
     assert "| pyra model.lora.rank=8 |" in table and "| pyra model.lora.rank=16 |" in table
+    assert (out / "accuracy_throughput.png").stat().st_size > 0
+    points, _ = accuracy_throughput_points(collect_results(tmp_path), label=["model.lora.rank"])
+    assert sorted(p.family for p in points) == ["pyra model.lora.rank=16", "pyra model.lora.rank=8"]
+    assert sorted(p.accuracy for p in points) == [pytest.approx(60.0), pytest.approx(70.0)]
     with pytest.raises(ValueError, match="--label model.lora_rnak: no result has this setting; they have: "):
         main([str(tmp_path), "--out_dir", str(out), "--label", "model.lora_rnak"])
 

@@ -26,6 +26,7 @@ from pyra_lightning.commands.table import (
     average_header,
     build_table,
     describe_schedule,
+    settings_label,
 )
 
 
@@ -48,12 +49,16 @@ def _ratio(numerator: Any, denominator: Any) -> float | None:
 
 
 def accuracy_throughput_points(
-    results: Sequence[Result], average: Average = "groups", metric: Metric = "test_acc"
+    results: Sequence[Result],
+    average: Average = "groups",
+    metric: Metric = "test_acc",
+    label: Sequence[str] = (),
 ) -> tuple[list[CurvePoint], str]:
     """The points of Figs. 2/4 and the y-axis label saying what their accuracy averages.
 
-    A point is one method (the family; plus the model name when several models are present) at
-    one ``merge_r`` schedule. With all 19 VTAB-1k tasks at every point, accuracy is the Average of
+    A point is one method (the family; plus the model name when several models are present, and
+    ``key=value`` of each ``label`` setting, as ``report --label`` names its rows) at one
+    ``merge_r`` schedule. With all 19 VTAB-1k tasks at every point, accuracy is the Average of
     ``build_table``; otherwise it is the plain mean over the tasks that *every* point has, and the
     label says how many, so that no point is averaged over an easier subset than another.
 
@@ -68,6 +73,7 @@ def accuracy_throughput_points(
     for result in sorted(results, key=_row_order):
         config = result.get("config") or {}
         family = result["method"] + (f" ({config.get('model_name')})" if len(models) > 1 else "")
+        family += f" {settings_label(label, result)}" if label else ""
         groups.setdefault((family, describe_schedule(config.get("merge_r"))), []).append(result)
     tables = {
         key: build_table(runs, average=average, metric=metric, label=lambda _, k=key: k[0])[0]
@@ -183,9 +189,10 @@ def plot_accuracy_throughput(
     metric: Metric = "test_acc",
     x: Literal["throughput", "gflops"] = "throughput",
     title: str | None = None,
+    label: Sequence[str] = (),
 ) -> Path:
     """``accuracy_throughput_figure`` written to ``path`` (PNG); returns the path."""
-    return _save(accuracy_throughput_figure(results, average, metric, x, title), path)
+    return _save(accuracy_throughput_figure(results, average, metric, x, title, label), path)
 
 
 def accuracy_throughput_figure(
@@ -194,6 +201,7 @@ def accuracy_throughput_figure(
     metric: Metric = "test_acc",
     x: Literal["throughput", "gflops"] = "throughput",
     title: str | None = None,
+    label: Sequence[str] = (),
 ) -> Any:
     """Draw accuracy against inference throughput, one line per method family (Figs. 2 and 4).
 
@@ -210,7 +218,7 @@ def accuracy_throughput_figure(
     Returns:
         The ``matplotlib.figure.Figure``.
     """
-    points, ylabel = accuracy_throughput_points(results, average, metric)
+    points, ylabel = accuracy_throughput_points(results, average, metric, label)
     missing = [f"{p.family} r={p.schedule}" for p in points if getattr(p, x) is None]
     if missing:
         raise ValueError(f"no {x} in the results of {', '.join(missing)}")

@@ -123,7 +123,7 @@ def report(
         from pyra_lightning.commands.figures import plot_accuracy_throughput
 
         written["plot"] = plot_accuracy_throughput(
-            collected, out / "accuracy_throughput.png", average, metric, title=title
+            collected, out / "accuracy_throughput.png", average, metric, title=title, label=label or ()
         )
         if any(r.get("curve") for r in collected):  # elastic runs: accuracy along their curve
             from pyra_lightning.commands.figures import plot_elastic_curves

@@ -240,11 +240,16 @@ def label_by(keys: Sequence[str], results: Sequence[Result]) -> Callable[[Result
             raise ValueError(f"--label {key}: no result has this setting; they have: {', '.join(known)}")
 
     def label(result: Result) -> str:
-        values = [setting_value(result, key) for key in keys]
-        shown = [value if isinstance(value, str) else json.dumps(value) for value in values]
-        return " ".join([base(result), *(f"{key}={value}" for key, value in zip(keys, shown, strict=True))])
+        return f"{base(result)} {settings_label(keys, result)}"
 
     return label
+
+
+def settings_label(keys: Sequence[str], result: Result) -> str:
+    """``key=value`` of every key, as ``label_by`` appends them (``model.lora.rank=16``)."""
+    values = [setting_value(result, key) for key in keys]
+    shown = [value if isinstance(value, str) else json.dumps(value) for value in values]
+    return " ".join(f"{key}={value}" for key, value in zip(keys, shown, strict=True))
 
 
 def _check_same_model(label: str, runs: list[Result]) -> None:
