@@ -7,6 +7,7 @@ then the same command run again.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import signal
@@ -59,11 +60,12 @@ def run_status(root: Path) -> dict:
 def test_a_fit_stopped_after_finished_epochs_resumes_bit_identically(tmp_path: Path) -> None:
     data = tmp_path / "data"
     generate_demo(data)
-    main(fit_args(tmp_path / "straight", data))
+    every_step = "--trainer.log_every_n_steps=1"  # rows inside an epoch too, stopped with it
+    main(fit_args(tmp_path / "straight", data, every_step))
 
     root = tmp_path / "stopped"
     last = root / "checkpoints" / "last.ckpt"
-    command = [sys.executable, "-m", "pyra_lightning", *fit_args(root, data)]
+    command = [sys.executable, "-m", "pyra_lightning", *fit_args(root, data, every_step)]
 
     code, _ = stop_after_epoch(command, last, 0, signal.SIGKILL)  # a node lost, no warning
     assert code == -signal.SIGKILL
@@ -91,6 +93,27 @@ def test_a_fit_stopped_after_finished_epochs_resumes_bit_identically(tmp_path: P
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    assert logged(tmp_path / "straight") == logged(root), "metrics.csv: each step once, as if never stopped"
+
+
+def logged(root: Path) -> list[tuple[str, ...]]:
+    """The rows of a run's ``metrics.csv``: epoch, step, loss and accuracy (not the timings)."""
+    with (root / "metrics.csv").open(newline="") as handle:
+        keys = ("epoch", "step", "train/loss", "val/acc")
+        return [tuple(row.get(key, "") for key in keys) for row in csv.DictReader(handle)]
+
+
+def test_a_resumed_fit_forgets_the_rows_logged_after_its_checkpoint(tmp_path: Path) -> None:
+    from pyra_lightning.training.runs import RunCSVLogger
+
+    logger = RunCSVLogger(save_dir=tmp_path, name="", version="")
+    path = Path(logger.log_dir) / "metrics.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["epoch,step,train/loss,val/acc", "0,9,1.4,", "0,31,,0.25", "0,31,1.3,", "1,39,1.2,", "1,49,1.1,"]
+    path.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    assert logger.forget_from_step(32) == 2  # the checkpoint holds global_step 32 (epoch 0 done)
+    assert path.read_bytes() == ("\r\n".join(lines[:4]) + "\r\n").encode(), "Lightning's CSV dialect"
+    assert logger.forget_from_step(32) == 0 and logger.forget_from_step(100) == 0
 
 
 class WatchLastCheckpoint(Callback):

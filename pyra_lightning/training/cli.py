@@ -51,6 +51,7 @@ from pyra_lightning.training.runs import (
     KERNEL_CHOICES,
     RUNS_ROOT,
     START_FRESH,
+    ResumedMetrics,
     RunIdentity,
     checkpoint_identity,
     conflicting_hparams,
@@ -256,6 +257,7 @@ class PyraCLI(BriefHelp, LightningCLI):
                 self.run_dir / "checkpoints",
             )
             trainer.callbacks.append(RunStatus(self._mark_run, Path(checkpoint_dir), self.run_dir))
+            trainer.callbacks.append(ResumedMetrics())
         for callback in trainer.callbacks:
             if isinstance(callback, ResultsJSON | PredictionsCSV):
                 callback.dirpath = self.run_dir

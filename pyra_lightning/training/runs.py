@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -389,6 +390,40 @@ class RunCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ContinuingWriter(log_dir=self.log_dir)
         return super().experiment
+
+    def forget_from_step(self, step: int) -> int:
+        """Drop the rows of ``metrics.csv`` logged at ``step`` or later; returns how many.
+
+        A fit killed inside an epoch had logged that epoch's first rows after its last checkpoint,
+        and the resumed fit logs them again from the checkpoint's step: without this, the file
+        would hold those steps twice and a plot of the run would count them twice. Rows are
+        logged at ``step = global_step - 1``, so the rows that the checkpoint covers stay.
+        """
+        path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+        if rank_zero_only.rank != 0 or not path.is_file():
+            return 0
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            header, rows = reader.fieldnames or [], list(reader)
+        kept = [row for row in rows if not (row.get("step") or "").isdigit() or int(row["step"]) < step]
+        if len(kept) < len(rows):
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=header)  # the dialect Lightning writes
+            writer.writeheader()
+            writer.writerows(kept)
+            atomic_write_text(path, buffer.getvalue())
+        return len(rows) - len(kept)
+
+
+class ResumedMetrics(pl.Callback):
+    """On a resumed fit, ``RunCSVLogger.forget_from_step`` at the step the checkpoint restored."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path is None:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, RunCSVLogger):
+                logger.forget_from_step(trainer.global_step)
 
 
 def refusal(what: str, differences: Sequence[str], fix: str) -> ValueError:
