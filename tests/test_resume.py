@@ -75,7 +75,13 @@ def test_a_fit_stopped_after_finished_epochs_resumes_bit_identically(tmp_path: P
     lines = [line for line in err.splitlines() if line.startswith("interrupted at epoch")]
     assert code == 128 + signal.SIGTERM, err[-2000:]
     assert "auto_resume: continuing from" in err
-    assert len(lines) == 1 and lines[0].endswith(f"rerun the same command to resume from {last}"), err[-2000:]
+    assert (
+        len(lines) == 1
+        and f"rerun the same command to resume from {last} (saved at epoch 1, step 8" in lines[0]
+    )
+    stopped_at = int(lines[0].split(", step ")[1].split(";")[0])
+    if stopped_at > 8:  # stopped inside epoch 2: says what the rerun repeats
+        assert lines[0].endswith(f": the {stopped_at - 8} steps after it run again)"), lines[0]
     assert run_status(root)["status"] == "interrupted"
 
     code, err = stop_after_epoch(command, last, 2, signal.SIGINT)  # Ctrl-C

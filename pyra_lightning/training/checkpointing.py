@@ -112,6 +112,17 @@ class RunCheckpoint(ModelCheckpoint):
             self.last_model_path = str(last)
 
 
+def _redone(checkpoint: Path, step: int) -> str:
+    """`` (saved at epoch E, step S: the N steps after it run again)``, or ``""`` if unreadable."""
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)  # LoRA-sized
+        epoch, saved_step = int(saved["epoch"]), int(saved["global_step"])
+    except Exception:  # the interrupt must be reported whatever the file holds
+        return ""
+    again = f": the {step - saved_step} steps after it run again" if step > saved_step else ""
+    return f" (saved at epoch {epoch}, step {saved_step}{again})"
+
+
 def _mtime(path: Path) -> int | None:
     try:
         return path.stat().st_mtime_ns
@@ -148,7 +159,7 @@ class RunStatus(pl.Callback):
         if isinstance(exception, KeyboardInterrupt | SIGTERMException):
             last = find_resume_checkpoint(self.checkpoint_dir, self.run_dir)
             if last is not None:
-                resume = f"rerun the same command to resume from {last}"
+                resume = f"rerun the same command to resume from {last}{_redone(last, trainer.global_step)}"
             else:
                 resume = "no epoch finished, so nothing was saved; rerun the same command to start again"
             self.message = (
