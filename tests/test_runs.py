@@ -178,8 +178,8 @@ def test_evaluating_without_a_checkpoint_is_refused(
     # The issue: `test` with no checkpoint tested random weights (accuracy 0.2475) and wrote results.json.
     for command in ("test", "validate", "predict"):
         err = refused([command, *quickstart_args(tmp_path / "fresh", tmp_path / "data")], capsys)
-        assert f"{command}: no checkpoint in {tmp_path / 'fresh'}" in err
-    assert not list(tmp_path.rglob("results.json"))
+        assert f"pyra-lightning {command}: error: no checkpoint in {tmp_path / 'fresh'}" in err
+    assert not (tmp_path / "fresh").exists(), "a refusal leaves no run folder behind"
 
 
 @pytest.mark.slow

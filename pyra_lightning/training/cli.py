@@ -205,10 +205,21 @@ class PyraCLI(BriefHelp, LightningCLI):
         self.run_dir = self._run_dir(config)
         # The saved config.yaml names the folder exactly: `--config <run>/config.yaml` comes back here.
         config.run_dir = config.trainer.default_root_dir = str(self.run_dir)
-        if launch_rank() == 0:  # DDP's other ranks run inside this command
-            hold(self.run_dir)
         if config.get("checkpoint") is not None:
             config.checkpoint.dirpath = str(self._checkpoint_dir(config))
+        # before the lock, which would leave an empty run folder behind a refusal
+        if self.subcommand in EVALUATIONS and not config.get("ckpt_path"):
+            found = find_resume_checkpoint(config.checkpoint.dirpath, self.run_dir)
+            if found is None:
+                raise ValueError(
+                    f"no checkpoint in {self.run_dir} (looked for "
+                    f"{Path(config.checkpoint.dirpath) / 'last.ckpt'}); train the run first with `fit` and "
+                    "the same arguments, or pass --ckpt_path FILE. Untrained weights are never evaluated."
+                )
+            rank_zero_info(f"{self.subcommand}: using {found}")
+            config.ckpt_path = str(found)
+        if launch_rank() == 0:  # DDP's other ranks run inside this command
+            hold(self.run_dir)
         fresh = self.subcommand == "fit" and not self._holds_run(config.checkpoint.dirpath)
         if fresh and launch_rank() == 0:
             # A new run is a new W&B run, and a start that failed before its first checkpoint left
@@ -218,16 +229,6 @@ class PyraCLI(BriefHelp, LightningCLI):
         config.trainer.logger = run_loggers(
             config.trainer.get("logger"), self.run_dir, self.subcommand or "fit"
         )
-        if self.subcommand in EVALUATIONS and not config.get("ckpt_path"):
-            found = find_resume_checkpoint(config.checkpoint.dirpath, self.run_dir)
-            if found is None:
-                raise ValueError(
-                    f"{self.subcommand}: no checkpoint in {self.run_dir} (looked for "
-                    f"{Path(config.checkpoint.dirpath) / 'last.ckpt'}); train the run first with `fit` and "
-                    "the same arguments, or pass --ckpt_path FILE. Untrained weights are never evaluated."
-                )
-            rank_zero_info(f"{self.subcommand}: using {found}")
-            config.ckpt_path = str(found)
 
     def _holds_run(self, checkpoint_dir: str | Path) -> bool:
         """Whether the run folder holds a run: a finished one, or one with a checkpoint to resume.
