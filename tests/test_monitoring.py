@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -252,3 +253,27 @@ def test_test_throughput_runs_on_compile_for_inference_engines_and_names_them(tm
     written = read_result(results.path)
     assert written["throughput_engine"] == written["benchmark"]["engine"] == "eager"
     assert written["throughput"] > 0 and written["speedup"] > 0
+
+
+def test_a_line_for_the_user_is_a_line_of_its_own_under_a_progress_bar(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The issue: "results written to ..." came out glued to the bar's last frame.
+    import logging
+
+    from tqdm import tqdm
+
+    from pyra_lightning.training.callbacks import say
+
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
+    bar = tqdm(total=3, file=sys.stdout, desc="Testing")
+    bar.update(3)
+    say(trainer, "results written to x.json")
+    bar.close()
+    frames = capsys.readouterr().out.split("\r")
+    assert any(frame.startswith("results written to x.json\n") for frame in frames), frames
+
+    quiet = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with caplog.at_level(logging.INFO):
+        say(quiet, "predictions written to y.csv")
+    assert "predictions written to y.csv" in caplog.text, "no bar: Lightning's log, as before"

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Subset
 from torchmetrics.aggregation import SumMetric
@@ -29,6 +31,23 @@ from pyra_lightning.timing import (
 from pyra_lightning.training.runs import fingerprint, run_settings
 
 TEST_SUBDIR = "test"  # a `test` of a trained run writes <run>/test/results.json, beside its logs
+
+
+def say(trainer: pl.Trainer, message: str) -> None:
+    """A line for the user (rank 0) that stays a line of its own while a progress bar is drawn.
+
+    ``rank_zero_info`` writes right after the bar's carriage return, so "results written to ..."
+    came out glued to the bar's last frame; ``tqdm.write`` clears the bars first and redraws them.
+    """
+    if not trainer.is_global_zero:
+        return
+    bar = trainer.progress_bar_callback
+    if isinstance(bar, TQDMProgressBar) and bar.is_enabled:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stdout)  # the stream Lightning's bars are drawn on
+    else:
+        rank_zero_info(message)
 
 
 class LoRAFolding(pl.Callback):
@@ -186,13 +205,14 @@ class InferenceThroughput(pl.Callback):
             return
         if trainer.is_global_zero:
             self.results = self.measure(pl_module)
-            rank_zero_info(
+            say(
+                trainer,
                 "throughput: {:.1f} img/s merged, {:.1f} img/s unmerged ({:.2f}x), {:.3f} GFLOPs".format(
                     self.results["test/throughput"],
                     self.results["test/throughput_unmerged"],
                     self.results["test/speedup"],
                     self.results["test/gflops"],
-                )
+                ),
             )
             for key, value in self.results.items():
                 pl_module.log(key, value, rank_zero_only=True)
@@ -390,4 +410,4 @@ class ResultsJSON(pl.Callback):
         self.path = result.write(self.target(trainer))
         kept = self.dirpath / self.filename if self.dirpath is not None and not self.fitted else None
         note = f" (the fit's {kept} is left as it is)" if kept is not None and kept.is_file() else ""
-        rank_zero_info(f"results written to {self.path}{note}")
+        say(trainer, f"results written to {self.path}{note}")

@@ -21,13 +21,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from pyra_lightning.data.datasets import load_image, normalize_uint8
 from pyra_lightning.data.layouts import SplitRecord
 from pyra_lightning.files import atomic_write_text
+from pyra_lightning.training.callbacks import say
 
 PREDICTIONS_FILENAME = "predictions.csv"
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -155,4 +155,4 @@ class PredictionsCSV(BasePredictionWriter):
             )
         self.path = self.out or (self.dirpath or Path(trainer.default_root_dir)) / self.filename
         atomic_write_text(self.path, lines.getvalue())
-        rank_zero_info(f"predictions written to {self.path}")
+        say(trainer, f"predictions written to {self.path}")
