@@ -233,7 +233,7 @@ def test_cli_export_reproduces_the_tested_accuracy(quickstart_run: tuple[Path, P
 
 @pytest.mark.slow
 def test_cli_export_from_the_checkpoint_alone_writes_every_format(
-    quickstart_run: tuple[Path, Path], tmp_path: Path
+    quickstart_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """No --config: the checkpoint's hyperparameters, normalisation and fingerprint suffice."""
     pytest.importorskip("onnxruntime", reason="the onnx extra (pip install '.[onnx]') is not installed")
@@ -242,6 +242,9 @@ def test_cli_export_from_the_checkpoint_alone_writes_every_format(
     root, last = quickstart_run
     out = tmp_path / "alone"
     main(["export", f"--ckpt_path={last}", f"--out_dir={out}", "--format=onnx,pt2"])
+    files = ", ".join(sorted(p.name for p in out.iterdir()))
+    assert f"exported {last} to {out}: {files}\n" in capsys.readouterr().out, "every file it wrote"
+    assert "model.safetensors" in files and "model.onnx" in files
     config = json.loads((out / CONFIG_FILE).read_text())
     # The statistics the run trained with, as its checkpoint records them (the quickstart follows its
     # backbone's timm config).

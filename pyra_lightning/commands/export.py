@@ -382,6 +382,11 @@ def _swap_in(staging: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _exported(checkpoint: str, out: Path) -> str:
+    """What was written, by file: ``model.safetensors`` is always among them, whatever --format says."""
+    return f"exported {checkpoint} to {out}: {', '.join(sorted(p.name for p in Path(out).iterdir()))}"
+
+
 def _formats(value: str) -> list[str]:
     formats = [f.strip() for f in value.split(",") if f.strip()]
     unknown = sorted(set(formats) - set(FORMATS))
@@ -457,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{error}. This backbone has random weights: pass the fit's --seed"
                 ) from error
             raise
-        print(f"exported {args.ckpt_path} to {out} ({', '.join(args.format)})")
+        print(_exported(args.ckpt_path, out))
         return
     if args.merge_r is not None:
         raise ValueError(
@@ -478,4 +483,4 @@ def main(argv: list[str] | None = None) -> None:
         source=source,
         formats=args.format,
     )
-    print(f"exported {args.ckpt_path} to {out} ({', '.join(args.format)})")
+    print(_exported(args.ckpt_path, out))
