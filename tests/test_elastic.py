@@ -188,8 +188,16 @@ def test_bad_ranges_and_schedules_outside_the_range_are_refused() -> None:
         elastic_module(merging={"elastic": {"min_frac": 0.3}})
     with pytest.raises(ValueError, match="0 < min_fraction <= max_fraction <= 1"):
         elastic_module(merging={"elastic": {"min_fraction": 0.8, "max_fraction": 0.5}})
-    with pytest.raises(ValueError, match=r"outside this elastic model's trained range 0\.500\.\.1\.000"):
+    # The range as deployed starts at its fastest schedule, which the solver rounds below 0.5.
+    plan = elastic_module(merging={"elastic": {"min_fraction": 0.5}}).elastic_plan
+    lowest = flops_fraction(plan.fastest, plan.shape)
+    assert lowest < 0.5 and plan.describe() == f"{lowest:.3f}..1.000 of the uncompressed FLOPs"
+    with pytest.raises(
+        ValueError, match=rf"outside this elastic model's trained range {lowest:.3f}\.\.1\.000"
+    ):
         elastic_module(merging={"merge_r": "high", "elastic": {"min_fraction": 0.5}})
+    with pytest.raises(ValueError, match=r"merge_r=0.2: outside this elastic model's trained range"):
+        elastic_module(merging={"merge_r": 0.2, "elastic": {"min_fraction": 0.5}})  # not "unreachable"
     with pytest.raises(
         ValueError, match=r"model.merging.elastic.min_fraction=0.289: FLOPs target 0.289 is unreachable"
     ):

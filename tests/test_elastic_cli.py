@@ -63,7 +63,7 @@ def test_export_accepts_any_schedule_in_the_range_and_refuses_outside(elastic_ru
     assert exported.config["elastic"]["flops_fraction"] == pytest.approx(0.736, abs=1e-3)
     pyra_rows = [b.pyra.merge_r for b in exported.model.blocks]
     assert pyra_rows == [6, 6, 5, 4, 4, 3], "PYRA cut to the exported schedule"
-    with pytest.raises(ValueError, match=r"outside this elastic model's trained range 0\.500\.\.1\.000"):
+    with pytest.raises(ValueError, match=r"outside this elastic model's trained range 0\.4\d\d\.\.1\.000"):
         export_main(
             [*common, "--model.merging.merge_r=high", f"--ckpt_path={last}", f"--out_dir={tmp_path / 'b'}"]
         )

@@ -116,7 +116,14 @@ class ElasticPlan:
     capacity: tuple[int, ...]  # per layer, the most pairs any in-range schedule merges there
 
     def describe(self) -> str:
-        return f"{self.config.min_fraction:.3f}..{self.config.max_fraction:.3f} of the uncompressed FLOPs"
+        """The range as deployed: from the fastest schedule's own fraction, which the solver's
+        rounding down puts at or below ``min_fraction`` (``high`` at 0.283 for a 0.289 range)."""
+        return f"{self.lowest:.3f}..{self.config.max_fraction:.3f} of the uncompressed FLOPs"
+
+    @functools.cached_property
+    def lowest(self) -> float:
+        """The smallest FLOPs fraction inside the range: ``min_fraction`` or the fastest's, below it."""
+        return min(self.config.min_fraction, flops_fraction(self.fastest, self.shape))
 
     @functools.cached_property
     def fastest(self) -> list[int]:
@@ -127,8 +134,7 @@ class ElasticPlan:
     def bounds(self) -> tuple[float, float]:
         """The FLOPs fractions accepted as inside: from the fastest solved schedule (at most
         ``min_fraction``, by the solver's rounding down) to ``max_fraction``, with a tolerance."""
-        low = min(self.config.min_fraction, flops_fraction(self.fastest, self.shape))
-        return low - FRACTION_TOLERANCE, self.config.max_fraction + FRACTION_TOLERANCE
+        return self.lowest - FRACTION_TOLERANCE, self.config.max_fraction + FRACTION_TOLERANCE
 
     def check(self, schedule: Sequence[int], where: str = "merge_r") -> float:
         """Refuse a schedule outside the trained range; return its FLOPs fraction."""
@@ -218,6 +224,11 @@ def elastic_merging(
     for listed in _paper_lists_in_range(config, shape):
         capacity = [max(a, b) for a, b in zip(capacity, listed, strict=True)]
     plan = ElasticPlan(config, shape, tuple(capacity))
+    low, high = plan.bounds
+    if isinstance(merge_r, float) and not low <= merge_r <= high:  # before the solver's own refusal
+        raise ValueError(
+            f"model.merging.merge_r={merge_r}: outside this elastic model's trained range {plan.describe()}"
+        )
     nominal = resolve_schedule(merge_r, shape)
     plan.check(nominal, "model.merging.merge_r")
     variant = resolve_variant(pyra)
