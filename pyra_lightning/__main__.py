@@ -103,8 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as error:
         if show_traceback:
             raise
-        print(f"{PROG} {name}: error: {error}", file=sys.stderr)
-        print(f"({TRACEBACK_FLAG} shows where it was raised)", file=sys.stderr)
+        print(f"{PROG} {name}: error: {error} ({TRACEBACK_FLAG} shows where it was raised)", file=sys.stderr)
         sys.exit(2)
 
 

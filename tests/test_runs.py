@@ -179,6 +179,9 @@ def test_evaluating_without_a_checkpoint_is_refused(
     for command in ("test", "validate", "predict"):
         err = refused([command, *quickstart_args(tmp_path / "fresh", tmp_path / "data")], capsys)
         assert f"pyra-lightning {command}: error: no checkpoint in {tmp_path / 'fresh'}" in err
+        last_line = err.strip().splitlines()[-1]  # the refusal and its hint are one line
+        assert last_line.startswith(f"pyra-lightning {command}: error: no checkpoint"), err
+        assert last_line.endswith("(--traceback shows where it was raised)"), err
     assert not (tmp_path / "fresh").exists(), "a refusal leaves no run folder behind"
 
 
