@@ -156,12 +156,14 @@ def test_command_line_resolves_tasks_and_passes_fit_arguments(
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
     cli_main(["sweep", f"--config={QUICKSTART}", "--tasks", "cifar100,demo", "pets", "--out_dir", str(tmp_path),
               "--dry_run=true", "--", "--trainer.max_epochs=2"])  # fmt: skip
-    lines = capsys.readouterr().out.splitlines()
+    *lines, total = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == [
         "[pending] cifar",
         "[pending] demo",
         "[pending] oxford_iiit_pet",
     ]
+    assert total == "dry run: 3 would run, 0 finished before; nothing was written"
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
     assert all(line.endswith("--trainer.max_epochs=2") for line in lines)
     assert f"--run_dir={tmp_path / 'quickstart' / 'cifar'}" in lines[0]  # the run folder
     assert "save_dir" not in lines[0] and "dirpath" not in lines[0], (

@@ -183,6 +183,8 @@ def run_sweep(
     if dry_run:
         for run in runs:
             print(f"[{run.status}] {run.task}: " + (run.results_json or " ".join(run.command)))
+        pending = len(runs) - len(summary.skipped)
+        print(f"dry run: {pending} would run, {len(summary.skipped)} finished before; nothing was written")
         return summary
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
