@@ -114,6 +114,9 @@ def test_a_config_typo_is_one_line_naming_the_file_and_the_key_it_meant(
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "usage:" not in err and len(err.strip().splitlines()) == 1, err
     assert "'trainer.max_epoch'" in err and str(typo) in err and "did you mean trainer.max_epochs?" in err
+    with pytest.raises(SystemExit):  # the short form names the file too
+        main(["fit", *quickstart_args(tmp_path / "run", tmp_path / "data"), "-c", str(typo)])
+    assert str(typo) in capsys.readouterr().err
 
     with pytest.raises(SystemExit):  # a flag: no file to name, the key it meant
         main(["fit", *quickstart_args(tmp_path / "run", tmp_path / "data"), "--model.lora.rnk", "4"])

@@ -19,10 +19,10 @@ _KEY_PATTERNS = (_UNKNOWN_OPTION, re.compile(r'Parser key "([^"]+)"'))
 
 
 def config_files(argv: Sequence[str]) -> list[str]:
-    """The files given as ``--config FILE`` or ``--config=FILE``, in order."""
+    """The files given as ``--config FILE``, ``-c FILE`` or ``--config=FILE``, in order."""
     files = []
     for index, arg in enumerate(argv):
-        if arg == "--config" and index + 1 < len(argv):
+        if arg in ("--config", "-c") and index + 1 < len(argv):
             files.append(argv[index + 1])
         elif arg.startswith("--config="):
             files.append(arg.split("=", 1)[1])

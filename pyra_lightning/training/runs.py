@@ -42,6 +42,7 @@ from pyra_lightning.files import atomic_write_text
 from pyra_lightning.modulation import method_name as modulation_method_name
 from pyra_lightning.patch import merge_schedule
 from pyra_lightning.results import describe_differences
+from pyra_lightning.training.cli_errors import config_files
 from pyra_lightning.training.settings import GROUPS as SETTING_GROUPS
 
 RUNS_ROOT = "runs"
@@ -284,16 +285,6 @@ class RunIdentity(pl.Callback):
 
 
 # ------------------------------------------------------------------- what the user asked for
-def _config_files(args: Sequence[str]) -> list[str]:
-    files = []
-    for index, arg in enumerate(args):
-        if arg in ("--config", "-c") and index + 1 < len(args):
-            files.append(args[index + 1])
-        elif arg.startswith("--config="):
-            files.append(arg.split("=", 1)[1])
-    return files
-
-
 def explicit_keys(args: Sequence[str], group: str, subcommand: str | None = None) -> set[str]:
     """The ``group`` settings (e.g. ``model``) that the command line or its config files set.
 
@@ -302,7 +293,7 @@ def explicit_keys(args: Sequence[str], group: str, subcommand: str | None = None
     the module's setting groups: ``model_name``, ``lora.rank``, ``merging.elastic``.
     """
     keys: set[str] = set()
-    for file in _config_files(args):
+    for file in config_files(args):
         try:
             document = yaml.safe_load(Path(file).read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError):
