@@ -485,6 +485,12 @@ def main(argv: list[str] | None = None) -> None:
         # Lightning ends a SIGTERMed fit with a bare SystemExit (status 0); a scheduler must see
         # that the job did not finish. RunStatus has marked run.json and said how to resume.
         raise SystemExit(128 + 15) from None
+    except SystemExit as stop:
+        if stop.code == 1 and isinstance(stop.__context__, KeyboardInterrupt):
+            # Lightning ends a Ctrl-C'd fit with sys.exit(1) while handling the KeyboardInterrupt;
+            # 130 (128 + SIGINT) is what shells and `sweep` report for an interrupt
+            raise SystemExit(128 + 2) from None
+        raise
     finally:
         release_all()  # Lightning leaves the W&B run open; a later run would reuse it
 
