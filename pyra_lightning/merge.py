@@ -5,7 +5,7 @@ layer and returns ``merge``/``unmerge`` callables that reuse the same indices fo
 tensor that must follow the merge (features, token sizes, sources).
 
 Token order after a merge follows the reference implementation exactly, because the next
-layer's alternating split (eq. 2) depends on it: prefix tokens first in their original order,
+layer's split (eq. 2) depends on it: prefix tokens first in their original order,
 then the unmerged tokens of the first set (sorted by index when prefix tokens exist, else in
 descending score order), then the tokens of the second set.
 
@@ -192,7 +192,7 @@ class BipartiteMerge:
 
     def perm(self, with_dst: bool) -> torch.Tensor:
         """(B, N [+ merge_r]) positions: 2 * (A index) + offset, assembled by one cat and one add."""
-        n, unm_len, r = self.unm.shape[0], self.unm.shape[1], self.merge_r
+        n, unm_len, merge_r = self.unm.shape[0], self.unm.shape[1], self.merge_r
         nb, pb = self.num_tokens // 2, self.prefix_b
         parts = ([_zeros(n, pb, self.unm)] if pb else []) + [self.unm, _zeros(n, nb - pb, self.unm), self.src]
         parts += [self.dst] if with_dst else []
@@ -206,11 +206,11 @@ class BipartiteMerge:
             rest = unm_len - self.prefix_a
             odd = torch.arange(2 * pb + 1, self.num_tokens, 2, device=self.unm.device)
             zeros = torch.zeros(rest, dtype=torch.long, device=self.unm.device)
-            tail = [torch.zeros(r, dtype=torch.long, device=self.unm.device)]
-            tail += [torch.ones(r, dtype=torch.long, device=self.unm.device)] if with_dst else []
+            tail = [torch.zeros(merge_r, dtype=torch.long, device=self.unm.device)]
+            tail += [torch.ones(merge_r, dtype=torch.long, device=self.unm.device)] if with_dst else []
             return torch.cat([head, zeros, odd, *tail])[None]  # (1, N [+ r])
 
-        key = ("perm", self.num_tokens, self.num_prefix_tokens, r, with_dst)
+        key = ("perm", self.num_tokens, self.num_prefix_tokens, merge_r, with_dst)
         return torch.add(_constant(key, self.unm, base), torch.cat(parts, dim=1), alpha=2)
 
     def _gather(self, x: torch.Tensor, with_dst: bool) -> list[torch.Tensor]:
@@ -362,7 +362,9 @@ def bipartite_soft_matching(
 ) -> tuple[MergeFn, UnmergeFn]:
     """Match ``merge_r`` token pairs by cosine similarity of ``metric`` (eqs. 2-3).
 
-    Tokens are split alternately into sets A (even positions) and B (odd positions). Each A token
+    Tokens are split alternately into sets A (even positions) and B (odd positions): eq. 2 calls
+    the split random, the reference implementation (ToMe's code) alternates, and we follow the
+    code, whose outputs and token order tests/test_interop.py checks. Each A token
     proposes its most similar B token; the ``merge_r`` best proposals are merged. Prefix tokens
     (class, distillation, registers) sit at positions ``< num_prefix_tokens``: the even ones can
     never be a source and the odd ones never a destination, so they pass through untouched.

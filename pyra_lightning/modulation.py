@@ -49,6 +49,13 @@ class PyraModulation(nn.Module):
     weight in eq. 7. It does not say how that generator starts; we start it at zero so that every
     variant is the identity at initialisation, like PYRA itself.
 
+    The ``_plain`` variants ("w/o σ", Table 6) leave out each re-activation whole, ``2σ(·)`` of
+    eq. 6 and ``2σ(·) - 1`` of eq. 7, keeping the raw weight. Removing only the σ, as the paper's
+    words could be read, gives ``M_s + (2δ_r - 1) ⊙ 2δ_D ⊙ M_s``, which at initialisation
+    (``δ_r = 0``) is ``M_s - 2δ_D ⊙ M_s``: not the identity, so such a run would not start from
+    ToMe as every other variant does. tests/test_modulation.py writes every variant out in the
+    paper's D x r layout.
+
     Parameter names keep the paper's symbols: ``weight_r`` is ``W_r`` (merge_r x 1, the reference's
     ``pyra_a``), ``weight_d`` is ``W_D`` (1 x D, the reference's ``pyra_b``), ``norm`` is the
     LayerNorm of eq. 4 (the reference's ``pyra_norm``).
@@ -85,10 +92,15 @@ class PyraModulation(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """``W_r`` random, ``W_D`` zero (§3.2), so eq. 7 adds nothing at the start of training."""
+        """``W_r`` random, ``W_D`` zero (§3.2), so eq. 7 adds nothing at the start of training.
+
+        §3.2 says "random Gaussian" for ``W_r``; the reference implementation's default ("sqrt")
+        draws it kaiming-uniform instead, and we follow the code, whose training we retrace
+        (tests/test_recipe.py). With ``W_D = 0`` either draw starts as the identity.
+        """
         if self.weight_r is not None:
             if self.variant.startswith("pyra"):
-                # The reference's "sqrt" init: kaiming-uniform with a=sqrt(5), as nn.Linear uses.
+                # kaiming-uniform with a=sqrt(5), as nn.Linear's weight
                 nn.init.kaiming_uniform_(self.weight_r, a=math.sqrt(5))
             else:
                 nn.init.zeros_(self.weight_r)

@@ -77,7 +77,10 @@ class PyraAttention(Attention):
 
 
 class PyraBlock(Block):
-    """timm ``Block`` that merges tokens between attention and MLP, as ToMe and PYRA do.
+    """timm ``Block`` that merges tokens between attention and MLP, as ToMe's and PYRA's code do.
+
+    The paper's Fig. 3 draws PYRA before the attention; the reference implementation modulates
+    and merges after it, with the attention keys as the matching metric, and we follow the code.
 
     Modifications relative to timm:
      - ``forward(x, state) -> (x, state)`` carries token sizes (and sources) explicitly;

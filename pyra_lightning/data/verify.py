@@ -158,15 +158,15 @@ def _check_splits(
                 report.errors.append(f"{where(task_dir / split)}: {path} is listed {count} times")
     if layout.disjoint is not None:
         (first, second), union = layout.disjoint
-        a = {(r.path, r.label) for r in splits[first]}
-        b = {(r.path, r.label) for r in splits[second]}
+        a = {(record.path, record.label) for record in splits[first]}
+        b = {(record.path, record.label) for record in splits[second]}
         shared = {p for p, _ in a} & {p for p, _ in b}
         if shared:
             report.errors.append(
                 f"{where(task_dir / first)}: shares {len(shared)} image(s) with {second}, e.g. {sorted(shared)[0]}"
             )
         if union is not None and splits[union]:
-            whole = {(r.path, r.label) for r in splits[union]}
+            whole = {(record.path, record.label) for record in splits[union]}
             if whole != a | b:
                 extra, missing = sorted(whole - (a | b)), sorted((a | b) - whole)
                 detail = (
@@ -178,9 +178,9 @@ def _check_splits(
                     f"{where(task_dir / union)}: is not {first} + {second} "
                     f"({len(extra)} extra, {len(missing)} missing; {detail})"
                 )
-    labels = [r.label for s in layout.splits for r in splits[s]]
+    labels = [record.label for s in layout.splits for record in splits[s]]
     total = num_classes if num_classes is not None else (max(labels) + 1 if labels else 0)
-    present = {r.label for r in splits[layout.class_split]}
+    present = {record.label for record in splits[layout.class_split]}
     absent = [label for label in range(total) if label not in present]
     if splits[layout.class_split] and absent:
         shown = ", ".join(map(str, absent[:10])) + (" ..." if len(absent) > 10 else "")
@@ -189,7 +189,7 @@ def _check_splits(
         )
     report.manifest["num_classes"] = total
     report.manifest["histograms"] = {
-        split: [Counter(r.label for r in records).get(label, 0) for label in range(total)]
+        split: [Counter(record.label for record in records).get(label, 0) for label in range(total)]
         for split, records in splits.items()
     }
     return splits
@@ -232,9 +232,9 @@ def _check_duplicates(
     test_split = layout.protocol_splits["final"]["test"]
     train: dict[str, tuple[str, int]] = {}
     for split in layout.training:
-        for r in splits.get(split, []):
-            train.setdefault(r.path, (split, r.line))
-    test = {r.path: r.line for r in splits.get(test_split, [])}
+        for record in splits.get(split, []):
+            train.setdefault(record.path, (split, record.line))
+    test = {record.path: record.line for record in splits.get(test_split, [])}
 
     def info(rel: str) -> ImageInfo:
         return infos[str(task_dir / rel)]
@@ -244,7 +244,7 @@ def _check_duplicates(
         if info(rel).bytes is not None:
             by_size.setdefault(info(rel).bytes, []).append(rel)
     candidates = [(rel, by_size[info(rel).bytes]) for rel in test if info(rel).bytes in by_size]
-    for rel in {r for pair in candidates for r in [pair[0], *pair[1]]}:
+    for rel in {path for pair in candidates for path in [pair[0], *pair[1]]}:
         if info(rel).sha256 is None:
             info(rel).sha256 = hashlib.sha256((task_dir / rel).read_bytes()).hexdigest()
     found = 0
@@ -274,7 +274,9 @@ def _digest(
             if info is not None and record.path not in files:
                 files[record.path] = {"bytes": info.bytes, "sha256": info.sha256, "format": info.format}
     content = {
-        "splits": {split: [[r.path, r.label] for r in records] for split, records in splits.items()},
+        "splits": {
+            split: [[record.path, record.label] for record in records] for split, records in splits.items()
+        },
         "files": {path: [entry["bytes"], entry["sha256"]] for path, entry in sorted(files.items())},
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest(), files
@@ -319,7 +321,13 @@ def verify(
             continue
         reports.append((report, task_dir, _check_splits(report, task_dir, task, own_layout)))
     paths = sorted(
-        {str(d / r.path) for _, d, splits in reports if d is not None for rs in splits.values() for r in rs}
+        {
+            str(d / record.path)
+            for _, d, splits in reports
+            if d is not None
+            for rs in splits.values()
+            for record in rs
+        }
     )
     workers = workers or os.cpu_count() or 1
     infos: dict[str, ImageInfo] = {}
@@ -356,17 +364,27 @@ def verify(
 def format_table(reports: Sequence[TaskReport]) -> str:
     """One row per task: the split counts, the image format(s) and channels, the number of problems."""
     rows = [["task", "counts", "format", "channels", "size", "errors", "warnings"]]
-    for r in reports:
+    for report in reports:
         counts = (
-            "/".join(str(r.counts.get(split, "-")) for split in LAYOUTS[r.layout].splits) if r.counts else "-"
+            "/".join(str(report.counts.get(split, "-")) for split in LAYOUTS[report.layout].splits)
+            if report.counts
+            else "-"
         )
-        formats = ",".join(sorted(r.formats)) or "-"
-        channels = ",".join(str(c) for c in sorted(r.channels, key=str)) or "-"
-        sizes = ",".join(f"{w}x{h}" for w, h in [s for s, _ in r.sizes.most_common(2)]) + (
-            " ..." if len(r.sizes) > 2 else ""
+        formats = ",".join(sorted(report.formats)) or "-"
+        channels = ",".join(str(c) for c in sorted(report.channels, key=str)) or "-"
+        sizes = ",".join(f"{w}x{h}" for w, h in [s for s, _ in report.sizes.most_common(2)]) + (
+            " ..." if len(report.sizes) > 2 else ""
         )
         rows.append(
-            [r.name, counts, formats, channels, sizes or "-", str(len(r.errors)), str(len(r.warnings))]
+            [
+                report.name,
+                counts,
+                formats,
+                channels,
+                sizes or "-",
+                str(len(report.errors)),
+                str(len(report.warnings)),
+            ]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
@@ -380,7 +398,7 @@ def write_manifest(reports: Sequence[TaskReport], path: str | Path, root: str | 
         "version": MANIFEST_VERSION,
         "root": str(root),
         "benchmark": benchmark,
-        "tasks": {r.name: r.manifest for r in reports if r.folder is not None},
+        "tasks": {report.name: report.manifest for report in reports if report.folder is not None},
     }
     atomic_write_text(Path(path), json.dumps(document, indent=1, sort_keys=True) + "\n")
     return Path(path)
