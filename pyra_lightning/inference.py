@@ -105,11 +105,12 @@ class InferenceModel:
 
 
 def prepare_model(model: nn.Module) -> nn.Module:
-    """The model an engine runs: LoRA folded into a deep copy if present, in eval mode."""
-    from pyra_lightning.lora import LoRALinear
+    """The model an engine runs: every registered PEFT method's layers folded into a deep copy if
+    present (what a deployment runs), in eval mode."""
     from pyra_lightning.patch import fold_lora
+    from pyra_lightning.peft import peft_layers
 
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
+    if any(isinstance(m, peft_layers()) for m in model.modules()):
         model = fold_lora(copy.deepcopy(model))
     return model.eval()
 

@@ -290,6 +290,23 @@ def test_parameter_count_counts_what_a_registered_method_registers(
         torch.testing.assert_close(fold_lora(model)(x), unfolded, rtol=0, atol=1e-5)
 
 
+def test_what_an_engine_runs_is_folded_for_any_registered_method(
+    monkeypatch: pytest.MonkeyPatch, x: torch.Tensor
+) -> None:
+    """compile_for_inference and the throughput callback time ``prepare_model``'s model: folded,
+    so a method that is not LoRA's subclass must not be timed unfolded."""
+    from pyra_lightning.inference import prepare_model
+
+    monkeypatch.setitem(PEFT_METHODS, "toy", PEFT_METHODS["lora"])  # restored afterwards
+    register_peft_method(PeftMethod("toy", ScaledLinear, prefix="toy_", group="lora"))
+    model = apply_lora(tiny(), lora_rank=1, method="toy")
+    deployed = prepare_model(model)
+    assert not any(isinstance(m, ScaledLinear) for m in deployed.modules())
+    assert any(isinstance(m, ScaledLinear) for m in model.modules()), "the trained model is left as it was"
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), model.eval()(x), rtol=0, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ export and module
 def test_module_selects_peft_and_matcher_by_name() -> None:
     module = tiny_module(lora={"method": "dora"}, merging={"matcher": "bipartite_reference"})
