@@ -1,11 +1,11 @@
 """Deployed forms of a LoRA-folded model: ONNX, ``torch.export`` and AOTInductor, plus serving.
 
 PYRA exists to make the *deployed* model fast (paper §1, §4), so a trained model must leave
-PyTorch eager. The merge (eqs. 2-3) is written with operators every target supports:
-``index_select`` (ONNX Gather) for the kept tokens, ``index_add_`` (ONNX ScatterND with
-reduction ``add``) for the size-weighted sum, ``argsort`` (TopK), and a constant mask instead of
-in-place writes; ``scatter_reduce``, which has no ONNX form, is left to source tracking for
-visualisation. Token counts are static (they follow from the schedule), the batch axis is dynamic.
+PyTorch eager. The merge (eqs. 2-3) is written with operators every target supports: one
+advanced-index gather (ONNX Gather) for the kept tokens, ``index_put`` with ``accumulate=True``
+(ONNX ScatterND with reduction ``add``) for the size-weighted sum, ``sort`` (TopK), and a
+constant mask instead of in-place writes while a graph is traced. Token counts are static (they
+follow from the schedule), the batch axis is dynamic.
 
 - ``to_onnx``: the torch.export-based ONNX exporter (``torch.onnx.export(dynamo=True)``);
   ``onnx_session`` opens it in ONNX Runtime with the session options we measured
@@ -15,9 +15,8 @@ visualisation. Token counts are static (they follow from the schedule), the batc
   shared library that ``load_aoti`` runs with torch alone; it needs a C++ compiler.
 - ``load_exported`` (``serving.py``): the safetensors artifact of ``pyra-lightning export``
   rebuilt as an ``ExportedModel``: the model plus the preprocessing it was trained with.
-- ``FORMATS``: the table of these forms, one ``Format(name, file, extra, write, load, verify)``
-  row each, which ``pyra-lightning export`` and the benchmark's engines iterate; a new form (a
-  TensorRT engine, say) is one more row, not a branch in either command.
+- ``pyra_lightning.formats``: the table of these forms, one ``Format`` row each, which
+  ``pyra-lightning export`` and the benchmark's engines iterate.
 
 None of these import Lightning; the loaders need neither this package's training code nor timm
 (``load_exported`` excepted, which rebuilds the timm model).
@@ -25,13 +24,11 @@ None of these import Lightning; the loaders need neither this package's training
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -52,7 +49,6 @@ if TYPE_CHECKING:
 ONNX_FILE = "model.onnx"
 PT2_FILE = "model.pt2"
 AOTI_FILE = "model_aoti.pt2"
-Engine = Literal["eager", "compile", "onnxruntime", "aoti"]
 MAX_BATCH = 4096  # the upper bound of the dynamic batch axis
 _ONNX_SINGLE_FILE_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with room for the graph
 _ONNX_EXTRA = "pip install 'pyra-lightning[onnx]' (onnx, onnxruntime, onnxscript)"
@@ -301,177 +297,3 @@ def max_abs_diff(expected: torch.Tensor, got: torch.Tensor | Sequence[torch.Tens
     if isinstance(got, list | tuple):
         (got,) = got
     return float((expected.detach().float() - torch.as_tensor(got).detach().float()).abs().max())
-
-
-# --------------------------------------------------------------------------------- format table
-Model = nn.Module | torch.export.ExportedProgram
-Loaded = Callable[[torch.Tensor], Any]
-
-
-@dataclass(frozen=True)
-class Format:
-    """One deployed form of a folded model: a row of the table that ``export`` and the engines iterate.
-
-    Attributes:
-        name: The ``--format`` value.
-        file: Its file in an export folder.
-        extra: What this machine lacks to write and run it (one line, e.g. the pip extra to
-            install), or ``None`` when nothing is missing.
-        write: ``write(model_or_program, path, example)``: a folded model or its
-            ``export_program`` (shared by the formats exported from one graph), the file to write
-            and a (B >= 2, 3, H, W) example batch (``None`` for safetensors, which traces nothing).
-        load: ``load(path, device, threads)``: a callable giving the logits of a (B, 3, H, W) batch.
-        verify: ``verify(folded, path, img_size)``: max |logit diff| of the written file against
-            the folded model; raises ``ValueError`` when it exceeds the format's tolerance.
-        engine: The benchmark engine that runs this format (``--engine``), if any.
-    """
-
-    name: str
-    file: str
-    extra: Callable[[], str | None]
-    write: Callable[[Model, Path, torch.Tensor | None], None]
-    load: Callable[[Path, torch.device, int | None], Loaded]
-    verify: Callable[[nn.Module, Path, int], float]
-    engine: str | None = None
-
-
-def _nothing_missing() -> str | None:
-    return None
-
-
-def _onnx_missing() -> str | None:
-    try:
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError as error:
-        return f"the onnx extra: pip install 'pyra-lightning[onnx]' ({error})"
-    return None
-
-
-def _compiler_missing() -> str | None:
-    return None if cxx_compiler() else "a C++ compiler (g++ or clang++) on PATH, or $CXX; none was found"
-
-
-def _write_safetensors(model: Model, path: Path, example: torch.Tensor | None) -> None:
-    from safetensors.torch import save_file
-
-    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt"})
-
-
-def _write_onnx(model: Model, path: Path, example: torch.Tensor | None) -> None:
-    if isinstance(model, nn.Module):  # exported on the CPU; the caller's model stays where it is
-        model = copy.deepcopy(model).cpu()
-    to_onnx(model, path, example.cpu())
-
-
-def _write_pt2(model: Model, path: Path, example: torch.Tensor | None) -> None:
-    program = model if isinstance(model, torch.export.ExportedProgram) else export_program(model, example)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, str(path))
-
-
-def _write_aoti(model: Model, path: Path, example: torch.Tensor | None) -> None:
-    to_aoti(model, path, example)
-
-
-def _load_safetensors(path: Path, device: torch.device, threads: int | None) -> Loaded:
-    return load_exported(Path(path).parent, map_location=device).model
-
-
-def _load_onnx(path: Path, device: torch.device, threads: int | None) -> Loaded:
-    providers: list[str | tuple[str, dict[str, Any]]] = ["CPUExecutionProvider"]
-    if device.type == "cuda":
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise EngineUnavailable("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
-        # on the input's GPU: the provider's default is GPU 0, whatever the batch's device
-        providers.insert(0, ("CUDAExecutionProvider", {"device_id": _device_index(device)}))
-    session = onnx_session(path, threads=threads, providers=providers)
-    return lambda x: run_onnx(session, x)
-
-
-def _load_pt2(path: Path, device: torch.device, threads: int | None) -> Loaded:
-    return load_pt2(path)
-
-
-def _load_aoti(path: Path, device: torch.device, threads: int | None) -> Loaded:
-    return load_aoti(path)
-
-
-def _verify_safetensors(folded: nn.Module, path: Path, img_size: int) -> float:
-    """The rebuilt model (``load_exported``) against the folded one, at batch 2."""
-    x = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
-    loaded = _load_safetensors(path, torch.device("cpu"), None)
-    with torch.no_grad():
-        diff = (folded(x) - loaded(x)).abs().max().item()
-    if not diff <= SAFETENSORS_TOLERANCE:
-        raise ValueError(
-            f"the exported model does not reproduce the folded model (max |logit diff| {diff:.3g}); "
-            "a timm create argument may be missing from model_kwargs"
-        )
-    return diff
-
-
-def example_batches(img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The export's example batch (2, 3, H, W) and the check batch (3, 3, H, W), seeded.
-
-    Exported at batch 2, checked at batch 3, so a batch size baked into the graph fails the check.
-    """
-    generator = torch.Generator().manual_seed(0)
-    example = torch.randn(2, 3, img_size, img_size, generator=generator)
-    return example, torch.randn(3, 3, img_size, img_size, generator=generator)
-
-
-def _verify_deployed(name: str) -> Callable[[nn.Module, Path, int], float]:
-    def verify(folded: nn.Module, path: Path, img_size: int) -> float:
-        _, check = example_batches(img_size)
-        with torch.no_grad():
-            expected = folded(check)
-            got = FORMATS[name].load(path, torch.device("cpu"), None)(check)
-        diff = max_abs_diff(expected, got)
-        if not diff <= DEPLOY_TOLERANCE:
-            raise ValueError(
-                f"{name} export does not reproduce the folded model: max |logit diff| {diff:.3g} at batch 3 "
-                f"(tolerance {DEPLOY_TOLERANCE})"
-            )
-        return diff
-
-    return verify
-
-
-FORMATS: dict[str, Format] = {
-    fmt.name: fmt
-    for fmt in (
-        Format(
-            "safetensors",
-            WEIGHTS_FILE,
-            _nothing_missing,
-            _write_safetensors,
-            _load_safetensors,
-            _verify_safetensors,
-        ),
-        Format(
-            "onnx", ONNX_FILE, _onnx_missing, _write_onnx, _load_onnx, _verify_deployed("onnx"), "onnxruntime"
-        ),
-        Format("pt2", PT2_FILE, _nothing_missing, _write_pt2, _load_pt2, _verify_deployed("pt2")),
-        Format(
-            "aoti", AOTI_FILE, _compiler_missing, _write_aoti, _load_aoti, _verify_deployed("aoti"), "aoti"
-        ),
-    )
-}
-ENGINES: tuple[str, ...] = (
-    "eager",
-    "compile",
-    # compile_for_inference's graph engines (commands.engines.GRAPH_ENGINES)
-    "inductor",
-    "cudagraph",
-    "inductor-cudagraph",
-    *(f.engine for f in FORMATS.values() if f.engine),
-)
-
-
-def engine_format(engine: str) -> Format | None:
-    """The format an exported engine runs (``onnxruntime`` -> ``onnx``), ``None`` for eager/compile."""
-    return next((f for f in FORMATS.values() if f.engine == engine), None)

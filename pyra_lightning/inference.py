@@ -51,7 +51,9 @@ from torch import nn
 
 from pyra_lightning.merge import cached_constants
 
-ENGINES: tuple[str, ...] = ("eager", "inductor", "cudagraph", "inductor-cudagraph")
+# the engines that take the host out of the loop: one graph for the whole forward
+GRAPH_ENGINES: tuple[str, ...] = ("inductor", "cudagraph", "inductor-cudagraph")
+ENGINES: tuple[str, ...] = ("eager", *GRAPH_ENGINES)
 _GRAPH_WARMUP = 3  # forwards on the side stream before capture (the torch docs use 3)
 _BOUND_COMPILES = 256  # compiles of one model class's forward that bindings may ask for (``bound_compile``)
 

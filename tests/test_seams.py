@@ -25,9 +25,10 @@ from pyra_lightning import (
     register_matcher,
     register_peft_method,
 )
-from pyra_lightning.deploy import FORMATS, load_exported
+from pyra_lightning.deploy import load_exported
 from pyra_lightning.dora import DoRALinear
 from pyra_lightning.families import FAMILIES
+from pyra_lightning.formats import FORMATS
 from pyra_lightning.lora import LoRALinear
 from pyra_lightning.merge import bipartite_soft_matching, max_merge_r, merge_wavg
 from pyra_lightning.merge_reference import bipartite_soft_matching_reference
@@ -342,3 +343,57 @@ def test_dora_model_exports_and_records_the_merge_rule(formats: tuple[str, ...],
         for name in formats:
             got = FORMATS[name].load(out / FORMATS[name].file, torch.device("cpu"), None)(x)
             torch.testing.assert_close(torch.as_tensor(got), unfolded, rtol=0, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")  # torch.jit's own
+def test_a_format_registered_from_outside_reaches_export_and_benchmark(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A TorchScript row (``from_program=False``: it traces the folded model, not the shared
+    ``ExportedProgram``) added with ``register_format``: ``export --format`` and its help, and
+    ``benchmark --engine``, take it without a change to either command."""
+    from pyra_lightning.commands import engines as bench_engines
+    from pyra_lightning.commands.export import export_model
+    from pyra_lightning.commands.export import main as export_main
+    from pyra_lightning.formats import Format, engines, register_format, verify_deployed
+
+    def write(model: Any, path: Path, example: torch.Tensor | None) -> None:
+        assert isinstance(model, nn.Module), "from_program=False: the folded model, not a program"
+        torch.jit.save(torch.jit.trace(model.cpu(), example.cpu(), check_trace=False), str(path))
+
+    def load(path: Path, device: torch.device, threads: int | None) -> Any:
+        return torch.jit.load(str(path), map_location=device)
+
+    monkeypatch.setattr("pyra_lightning.formats.FORMATS", dict(FORMATS))  # the table, restored afterwards
+    from pyra_lightning import formats as table
+
+    monkeypatch.setattr("pyra_lightning.commands.export.FORMATS", table.FORMATS)
+    register_format(
+        Format(
+            "torchscript",
+            "model.ts",
+            lambda: None,
+            write,
+            load,
+            verify_deployed("torchscript"),
+            "jit",
+            False,
+        )
+    )
+    assert "jit" in engines() and bench_engines.parse_engines("eager,jit") == ["eager", "jit"]
+    with pytest.raises(ValueError, match="one of the model engines"):
+        register_format(dataclasses.replace(table.FORMATS["torchscript"], name="x", engine="eager"))
+
+    module = tiny_module()
+    randomize_peft_(module.model)
+    out = export_model(module, tmp_path / "model", mean=(0.5,) * 3, std=(0.2,) * 3, formats=("torchscript",))
+    config = json.loads((out / "config.json").read_text())
+    assert "torchscript" in config["artifacts"] and (out / "model.ts").is_file()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load(out / "model.ts", torch.device("cpu"), None)(x), module.eval()(x), rtol=0, atol=1e-4
+        )
+    with pytest.raises(SystemExit):
+        export_main(["--help"])
+    assert "torchscript" in " ".join(capsys.readouterr().out.split()), "--format's help lists the row"

@@ -23,7 +23,7 @@ the device, ``warmup`` untimed forwards, then the median of ``runs`` timed forwa
 all of them alike instead of biasing one ratio.
 
 Deployment: ``--engine eager,compile,onnxruntime,aoti`` times the same models on several engines
-(the exported ones are rows of ``deploy.FORMATS``), interleaved, at every ``--batch_sizes``;
+(the exported ones are rows of ``formats.FORMATS``), interleaved, at every ``--batch_sizes``;
 speed-up and efficiency compare each engine with its own uncompressed model. ``--target_speedup
 S`` finds the schedule that reaches a measured speed-up instead (``commands/engines.py``).
 

@@ -27,16 +27,17 @@ from typing import Any
 import torch
 from torch import nn
 
-import pyra_lightning.deploy as deploy
+import pyra_lightning.formats as formats
 from pyra_lightning.deploy import EngineUnavailable
+from pyra_lightning.inference import GRAPH_ENGINES
 from pyra_lightning.schedules import ViTShape, flops_fraction, proportional_schedule
 from pyra_lightning.timing import Clock, Precision, autocast, random_images, time_interleaved
 
 Runner = Callable[[], object]
-# Engines of ``pyra_lightning.compile_for_inference``: the whole forward as one compiled graph
-# (``inductor``: fullgraph, static shapes), one CUDA graph of the eager model (``cudagraph``), or
-# both (``inductor-cudagraph``); they take the host out of the loop, which is what a GPU needs.
-GRAPH_ENGINES: tuple[str, ...] = ("inductor", "cudagraph", "inductor-cudagraph")
+# GRAPH_ENGINES, those of ``pyra_lightning.compile_for_inference``: the whole forward as one
+# compiled graph (``inductor``: fullgraph, static shapes), one CUDA graph of the eager model
+# (``cudagraph``), or both (``inductor-cudagraph``); they take the host out of the loop, which is
+# what a GPU needs.
 
 
 @dataclass
@@ -101,9 +102,9 @@ def build_runner(
         except ValueError as error:  # a CUDA-graph engine on a CPU
             raise EngineUnavailable(str(error)) from None
         return BuiltRunner(lambda: bound(x), time.perf_counter() - start)
-    fmt = deploy.engine_format(engine)
+    fmt = formats.engine_format(engine)
     if fmt is None:
-        raise ValueError(f"engine={engine!r}: expected one of {', '.join(deploy.ENGINES)}")
+        raise ValueError(f"engine={engine!r}: expected one of {', '.join(formats.engines())}")
     if precision != "32":
         raise EngineUnavailable(f"{engine} runs the exported fp32 graph only, not precision {precision!r}")
     missing = fmt.extra()
@@ -125,10 +126,10 @@ def build_runner(
 def parse_engines(engine: str | list[str]) -> list[str]:
     """``"eager,onnxruntime"`` or a list, checked against the known engines."""
     engines = [e.strip() for e in (engine.split(",") if isinstance(engine, str) else engine) if e.strip()]
-    unknown = [e for e in engines if e not in deploy.ENGINES]
+    unknown = [e for e in engines if e not in formats.engines()]
     if unknown or not engines:
         raise ValueError(
-            f"engine {engine!r}: expected a comma-separated subset of {', '.join(deploy.ENGINES)}"
+            f"engine {engine!r}: expected a comma-separated subset of {', '.join(formats.engines())}"
         )
     return list(dict.fromkeys(engines))
 

@@ -50,12 +50,11 @@ from pyra_lightning.deploy import (  # noqa: F401  (re-exported: the artifact's 
     load_exported,
 )
 from pyra_lightning.files import apply_umask, plain_dir_mode
+from pyra_lightning.formats import FORMATS, example_batches
 from pyra_lightning.modulation import resolve_variant
 
 if TYPE_CHECKING:
     from pyra_lightning.training.module import PyraClassifier
-
-FORMATS: tuple[str, ...] = tuple(deploy.FORMATS)  # the rows of deploy's format table
 
 
 def export_model(
@@ -123,7 +122,7 @@ def export_model(
 
     folded = module.folded_copy().cpu()  # (LoRA folded, eval mode) the model LoRAFolding tests
     config = export_config(module, folded, mean, std, source)
-    weights = deploy.FORMATS["safetensors"]  # always written: config.json and load_exported rest on it
+    weights = FORMATS["safetensors"]  # always written: config.json and load_exported rest on it
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -303,7 +302,7 @@ def _refuse_other_settings(cli: Any, checkpoint: dict[str, Any], ckpt_path: str)
 def write_deployed(
     folded: nn.Module, folder: Path, formats: Sequence[str], img_size: int
 ) -> dict[str, dict[str, Any]]:
-    """Write the deployed forms of ``folded`` (the rows of ``deploy.FORMATS`` after safetensors) and
+    """Write the deployed forms of ``folded`` (the rows of ``formats.FORMATS`` after safetensors) and
     check each against it.
 
     Exported at batch 2, checked at batch 3, so a batch size baked into the graph fails here.
@@ -312,19 +311,20 @@ def write_deployed(
         ValueError: if a form's logits differ from the folded model's by more than its tolerance
             (``DEPLOY_TOLERANCE``), or this machine cannot write it (no onnx extra, no C++ compiler).
     """
-    rows = [fmt for name, fmt in deploy.FORMATS.items() if name in formats and name != "safetensors"]
+    rows = [fmt for name, fmt in FORMATS.items() if name in formats and name != "safetensors"]
     for fmt in rows:  # refuse before anything is exported
         missing = fmt.extra()
         if missing is not None:
             raise ValueError(f"--format {fmt.name} needs {missing}")
     if not rows:
         return {}
-    example, _ = deploy.example_batches(img_size)
-    program = deploy.export_program(folded, example)  # one graph for every form
+    example, _ = example_batches(img_size)
+    traced = [fmt for fmt in rows if fmt.from_program]
+    program = deploy.export_program(folded, example) if traced else None  # one graph for every form
     written: dict[str, dict[str, Any]] = {}
     for fmt in rows:
         path = folder / fmt.file
-        fmt.write(program, path, example)
+        fmt.write(program if fmt.from_program else folded, path, example)
         diff = fmt.verify(folded, path, img_size)
         written[fmt.name] = {"file": path.name, "max_abs_diff": diff, "checked_batch_size": 3}
     return written
@@ -424,7 +424,9 @@ def main(argv: list[str] | None = None) -> None:
         "--format",
         type=_formats,
         default=["safetensors"],
-        help="Comma-separated: safetensors (always written), onnx, pt2, aoti (needs a C++ compiler).",
+        help="Comma-separated, some of: "
+        + ", ".join(name + (" (always written)" if name == "safetensors" else "") for name in FORMATS)
+        + ".",
     )
     parser.add_argument(
         "--seed", type=int, default=None, help="Seed of a random-weight backbone (the fit's seed_everything)."
