@@ -102,13 +102,7 @@ def apply_merging(
         block.num_prefix_tokens = model.num_prefix_tokens
         block.matcher = matcher_rule
         block.merger = merger_rule
-        if hasattr(type(block.attn), "attention"):
-            block.attn.attention = attention
-        elif attention != "sdpa":  # a registered family whose attention reads no table: its own SDPA
-            raise ValueError(
-                f"attention={attention!r}: {type(block.attn).__name__} does not attend through "
-                "kernels.attention.ATTENTIONS (give it an `attention` class attribute that its forward reads)"
-            )
+        _set_attention(block, attention)
         if variant is None or block_r == 0:
             block.pyra = None
         elif isinstance(old, PyraModulation) and old.merge_r == block_r and old.variant == variant:
@@ -155,8 +149,21 @@ def set_merge_rule(
             raise ValueError("set_merge_rule needs a model patched by apply_merging")
         block.matcher = block.matcher if matcher_rule is None else matcher_rule
         block.merger = block.merger if merger_rule is None else merger_rule
-        block.attn.attention = block.attn.attention if attention is None else attention
+        if attention is not None:
+            _set_attention(block, attention)
     return model
+
+
+def _set_attention(block: nn.Module, attention: str) -> None:
+    """Point ``block``'s attention at the ``ATTENTIONS`` kernel ``attention``; refuse a registered
+    family's attention that reads no table (its own SDPA), which would ignore the setting."""
+    if hasattr(type(block.attn), "attention"):
+        block.attn.attention = attention
+    elif attention != "sdpa":
+        raise ValueError(
+            f"attention={attention!r}: {type(block.attn).__name__} does not attend through "
+            "kernels.attention.ATTENTIONS (give it an `attention` class attribute that its forward reads)"
+        )
 
 
 def attention_kernel(model: nn.Module) -> str:

@@ -31,7 +31,7 @@ import pyra_lightning.formats as formats
 from pyra_lightning.deploy import EngineUnavailable
 from pyra_lightning.inference import GRAPH_ENGINES
 from pyra_lightning.schedules import ViTShape, flops_fraction, proportional_schedule
-from pyra_lightning.timing import Clock, Precision, autocast, random_images, time_interleaved
+from pyra_lightning.timing import AUTOCAST_DTYPES, Clock, Precision, autocast, random_images, time_interleaved
 
 Runner = Callable[[], object]
 # GRAPH_ENGINES, those of ``pyra_lightning.compile_for_inference``: the whole forward as one
@@ -96,7 +96,7 @@ def build_runner(
     if engine in GRAPH_ENGINES:  # compile_for_inference: bound to this one batch shape
         from pyra_lightning.inference import compile_for_inference
 
-        dtype = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[precision]
+        dtype = AUTOCAST_DTYPES.get(precision)  # None: fp32
         try:
             bound = compile_for_inference(model, x, engine, autocast_dtype=dtype)
         except ValueError as error:  # a CUDA-graph engine on a CPU

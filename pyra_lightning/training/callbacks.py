@@ -189,9 +189,9 @@ class InferenceThroughput(pl.Callback):
         if self.engine == "eager":
             return models, "eager"
         from pyra_lightning.inference import compile_for_inference
-        from pyra_lightning.timing import random_images
+        from pyra_lightning.timing import AUTOCAST_DTYPES, random_images
 
-        dtype = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[self.precision]
+        dtype = AUTOCAST_DTYPES.get(self.precision)  # None: fp32
         example = random_images(self.batch_size, img_size, device)
         bound: dict[str, Any] = {}
         engine = self.engine
