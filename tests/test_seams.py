@@ -188,7 +188,7 @@ def test_unknown_rules_and_methods_are_named() -> None:
         apply_merging(tiny(), 4, merger="nope")
     with pytest.raises(ValueError, match=r"attention='nope' is not registered; expected one of .*\bsdpa\b"):
         apply_merging(tiny(), 4, attention="nope")
-    with pytest.raises(ValueError, match=r"peft='nope' is not registered; expected one of .*\\blora\\b"):
+    with pytest.raises(ValueError, match=r"peft='nope' is not registered; expected one of .*\blora\b"):
         apply_lora(tiny(), 4, method="nope")
 
 
