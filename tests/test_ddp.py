@@ -18,6 +18,7 @@ import pytest
 import torch
 from helpers import CONFIGS, quickstart_args
 
+from pyra_lightning.data import generate_demo
 from pyra_lightning.training.cli import build_cli, main
 
 
@@ -35,6 +36,9 @@ def ddp_fit(runs: Path, data: Path, *extra: str) -> str:
 @pytest.mark.slow
 def test_two_process_ddp_fit_and_test_on_cpu(tmp_path: Path) -> None:
     data, runs = tmp_path / "data", tmp_path / "ddp"
+    # an odd test split: Lightning's DistributedSampler would count one image twice
+    split = generate_demo(data) / "test.txt"
+    split.write_text("".join(split.read_text().splitlines(keepends=True)[:399]))
     output = ddp_fit(
         runs,
         data,
@@ -64,6 +68,9 @@ def test_two_process_ddp_fit_and_test_on_cpu(tmp_path: Path) -> None:
     main(["test", *quickstart_args(single, data), f"--ckpt_path={last}"])
     single_results = json.loads(next(single.rglob("results.json")).read_text())
     assert ddp_results["test_acc"] == pytest.approx(single_results["test_acc"], abs=1e-6)
+    assert abs(single_results["test_acc"] * 399 - round(single_results["test_acc"] * 399)) < 1e-3, (
+        "399 images, each counted once"
+    )
     assert ddp_results["config"]["merge_r"] == [16, 12, 8, 6, 4, 2]
 
 

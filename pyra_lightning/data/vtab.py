@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -383,12 +384,15 @@ class VTABDataModule(pl.LightningDataModule):
         )
 
     # --------------------------------------------------------------------------------- dataloaders
-    def _loader(self, role: Role, shuffle: bool = False) -> DataLoader:
+    def _loader(self, role: Role, shuffle: bool = False, each_image_once: bool = False) -> DataLoader:
         dataset = self._dataset(role)
+        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None
+        if each_image_once:
+            sampler = self._unrepeated(dataset) or sampler
         return DataLoader(
             dataset,
             batch_size=self.batch_size if role == "train" else self.eval_batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
+            sampler=sampler,
             drop_last=self.drop_last and role == "train",
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
@@ -397,17 +401,32 @@ class VTABDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
+    def _unrepeated(self, dataset: Any) -> UnrepeatedDistributedSampler | None:
+        """Under DDP, each rank's share of an evaluation split with no image counted twice.
+
+        Lightning's own ``DistributedSampler`` pads the last shard with repeated images, so that
+        ``val/acc`` and ``test_acc`` would depend on the device count (176/712 against 175/711 on
+        two devices). torchmetrics sums each rank's counts, so uneven shards give the exact rate;
+        Lightning keeps a sampler that is already a ``DistributedSampler``. ``None`` on one process.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        return UnrepeatedDistributedSampler(
+            dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+        )
+
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         """The val loader, or ``[val_loader, test_loader]`` with ``track_test`` (test is index 1)."""
         if self.track_test:
-            return [self._loader("val"), self._loader("test")]
-        return self._loader("val")
+            return [self._loader("val", each_image_once=True), self._loader("test", each_image_once=True)]
+        return self._loader("val", each_image_once=True)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader("test", each_image_once=True)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test")
