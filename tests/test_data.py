@@ -354,9 +354,10 @@ def test_missing_split_file_is_named(tmp_path: Path) -> None:
     task_dir = make_task(tmp_path, "eurosat", num_classes=10)
     (task_dir / "test.txt").unlink()
     dm = datamodule(tmp_path, "eurosat")
-    dm.setup("fit")  # "final" fitting reads train800val200 + val200 only
     with pytest.raises(FileNotFoundError, match=r"split file test\.txt is missing"):
         dm.setup("test")
+    with pytest.raises(FileNotFoundError, match=r"split file test\.txt is missing"):
+        dm.setup("fit")  # fit tests after training: found before it trains
 
 
 @pytest.mark.parametrize(

@@ -183,3 +183,39 @@ def test_a_start_that_failed_before_its_first_checkpoint_does_not_block_a_change
     record = run_status(root)
     assert record["status"] == "finished"
     assert record["settings"]["data.batch_size"] == 16
+
+
+def test_a_missing_test_image_fails_the_fit_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """fit tests after training: a test image that is not there is found at the start, not after
+    the last epoch, and the run is marked failed."""
+    data = tmp_path / "data"
+    task = generate_demo(data)
+    line = 6
+    image = task / (task / "test.txt").read_text().splitlines()[line - 1].split()[0]
+    image.unlink()
+    root = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        main(fit_args(root, data, "--trainer.max_epochs=1"))
+    err = capsys.readouterr().err
+    assert f"test.txt, line {line}: image {image} does not exist" in err, err[-2000:]
+    assert run_status(root)["status"] == "failed"
+    assert not (root / "checkpoints" / "last.ckpt").exists(), "nothing was trained"
+
+
+def test_a_failure_in_the_test_after_training_marks_the_run_failed() -> None:
+    """The test ``fit`` runs after training is part of the fit: an error there leaves run.json
+    "failed", not "running"; a ``test`` command's own errors are not the fit's."""
+    from types import SimpleNamespace
+
+    from pyra_lightning.training.checkpointing import RunStatus
+
+    marks: list[tuple[str, str | None]] = []
+    status = RunStatus(lambda trainer, module, state, error: marks.append((state, error)), Path("unused"))
+    testing = SimpleNamespace(state=SimpleNamespace(fn="test"))
+    status.on_exception(testing, None, ValueError("a broken test image"))  # type: ignore[arg-type]
+    assert marks == []
+    status.on_fit_end(testing, None)  # type: ignore[arg-type]
+    status.on_exception(testing, None, ValueError("a broken test image"))  # type: ignore[arg-type]
+    assert marks == [("failed", "ValueError: a broken test image")]

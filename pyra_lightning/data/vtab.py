@@ -319,7 +319,9 @@ class VTABDataModule(pl.LightningDataModule):
         """Parse (and, with ``cache_images``, decode) the splits that ``stage`` needs.
 
         Every line of the split files is checked here, so bad labels or malformed lines fail before
-        training starts; images themselves are only opened when cached or loaded.
+        training starts; images themselves are only opened when cached or loaded. For ``fit``, the
+        test split too is read and each of its images must exist: ``fit`` tests after training,
+        and a missing test image must not cost the whole training first.
         """
         self.prepare_data()  # no-op unless demo is missing, e.g. when used without a Trainer
         _ = self.class_names  # a classes.txt that contradicts the class count fails here
@@ -331,6 +333,15 @@ class VTABDataModule(pl.LightningDataModule):
         }
         for role in roles.get(stage, ("train", "val", "test")):
             self._dataset(role)
+        if stage == "fit":
+            file = self.split_files["test"]
+            records = self._records.setdefault(file, self._read(file, check_classes=False))
+            missing = next((r for r in records if not (self.task_dir / r.path).is_file()), None)
+            if missing is not None:
+                raise FileNotFoundError(
+                    f"{self.task_dir / file}, line {missing.line}: image {self.task_dir / missing.path} "
+                    "does not exist (fit tests on this split after training)"
+                )
 
     def _dataset(self, role: Role) -> VTABSplit:
         """Build the dataset of one role on first use, sharing parsed lines and caches between roles."""

@@ -150,11 +150,15 @@ class RunStatus(pl.Callback):
         self.checkpoint_dir = Path(checkpoint_dir)
         self.run_dir = run_dir
         self.message: str | None = None
+        self.fit_ended = False  # the test that ``fit`` runs after training still belongs to the fit
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit_ended = True
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        if trainer.state.fn != "fit":
+        if trainer.state.fn != "fit" and not self.fit_ended:
             return
         if isinstance(exception, KeyboardInterrupt | SIGTERMException):
             last = find_resume_checkpoint(self.checkpoint_dir, self.run_dir)
