@@ -87,8 +87,41 @@ def test_clean_install_passes_and_writes_a_manifest(tmp_path: Path) -> None:
     assert entry["counts"]["train800val200.txt"] == 9
     assert entry["histograms"]["train800.txt"] == [2, 2, 2]
     assert len(entry["files"]) == 13 and all(len(f["sha256"]) == 64 for f in entry["files"].values())
-    identity = data_identity(tmp_path, "mytask")
+    identity, stale = data_identity(tmp_path, "mytask")
+    assert stale is None and entry["errors"] == 0
     assert identity is not None and identity["digest"] == entry["digest"] and identity["formats"] == ["PNG"]
+
+
+def test_a_digest_is_claimed_only_for_the_data_a_run_read(tmp_path: Path) -> None:
+    """results.json's data digest: not from a failed check, nor for split files or images that
+    changed since the check."""
+    from pyra_lightning.data.layouts import LAYOUTS, read_layout_split
+
+    task = make_task(tmp_path)
+    assert run(tmp_path, "--task", "mytask")[0] == 0
+
+    def read() -> dict:
+        return {
+            name: read_layout_split(LAYOUTS["vtab"], task, name, 3) for name in ("train800.txt", "test.txt")
+        }
+
+    identity, stale = data_identity(tmp_path, "mytask", task, read())
+    assert identity is not None and stale is None
+    lines = (task / "test.txt").read_text().splitlines()
+    (task / "test.txt").write_text("\n".join(lines[:-1]) + "\n")  # one test image fewer
+    identity, stale = data_identity(tmp_path, "mytask", task, read())
+    assert identity is None and "mytask/test.txt has 3 images, the manifest 4" in stale
+    (task / "test.txt").write_text("\n".join(lines) + "\n")
+    image = task / lines[0].split()[0]
+    image.write_bytes(image.read_bytes() + b"\0")  # another file under the same name
+    identity, stale = data_identity(tmp_path, "mytask", task, read())
+    assert identity is None and "is not the file the manifest describes" in stale
+
+    bad = [*lines[:-1], lines[-1].rsplit(" ", 1)[0] + " 7"]  # a label out of range: a failed check
+    (task / "test.txt").write_text("\n".join(bad) + "\n")
+    assert run(tmp_path, "--task", "mytask")[0] != 0
+    identity, stale = data_identity(tmp_path, "mytask")
+    assert identity is None and "found errors" in stale
 
 
 def test_label_out_of_range_names_file_and_line(tmp_path: Path) -> None:
@@ -251,3 +284,23 @@ def test_fgvc_results_keep_their_benchmark() -> None:
     assert (
         validate_result({"task": "flowers", "method": "pyra", "test_acc": 0.8})["task"] == "oxford_flowers102"
     )
+
+
+def test_the_data_module_claims_the_digest_of_what_it_read(tmp_path: Path) -> None:
+    """The path a fit takes: VTABDataModule.data_identity (results.json's ``data``) after setup."""
+    from pyra_lightning.data import VTABDataModule, generate_demo
+
+    task = generate_demo(tmp_path)
+    assert run(tmp_path, "--task", "demo")[0] == 0
+    module = VTABDataModule(root=str(tmp_path), task="demo", img_size=32, batch_size=8, num_workers=0)
+    module.setup("fit")
+    assert module.data_identity is not None
+
+    lines = (task / "test.txt").read_text().splitlines()
+    (task / "test.txt").write_text("\n".join(lines[:-1]) + "\n")  # changed since the check
+    module = VTABDataModule(root=str(tmp_path), task="demo", img_size=32, batch_size=8, num_workers=0)
+    module.setup("fit")
+    with pytest.warns(
+        UserWarning, match="results.json records no data digest: .*demo/test.txt has 399 images"
+    ):
+        assert module.data_identity is None

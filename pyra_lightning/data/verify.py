@@ -356,6 +356,7 @@ def verify(
                 formats=dict(report.formats),
                 digest=digest,
                 files=files,
+                errors=len(report.errors),  # a digest of a failed check claims nothing
             )
         out.append(report)
     return out
@@ -451,17 +452,42 @@ def compare_manifests(mine: dict[str, Any], other: dict[str, Any], name_a: str, 
     return lines
 
 
-def data_identity(root: str | Path, task: str) -> dict[str, Any] | None:
+def data_identity(
+    root: str | Path,
+    task: str,
+    task_dir: Path | None = None,
+    read: dict[str, list[SplitRecord]] | None = None,
+) -> tuple[dict[str, Any] | None, str | None]:
     """What ``results.json`` records about the data: the task's manifest digest and image formats.
 
-    ``None`` when ``<root>/manifest.json`` is absent or does not cover the task (never an error: a
-    run on unverified data is still a run, it just cannot claim its data).
+    The identity is ``None`` when ``<root>/manifest.json`` is absent or does not cover the task (a
+    run on unverified data is still a run, it just cannot claim its data), and also, with the
+    reason as the second value, when the manifest's check found errors or no longer describes
+    the data the run read (``read``: the split files' records, by file name, under ``task_dir``):
+    another image count, or an image absent from it or of another size. Sizes, not hashes: it
+    costs a ``stat`` per image, not a read.
     """
     path = Path(root) / MANIFEST_FILENAME
     try:
         entry = read_manifest(path)["tasks"].get(task)
     except (OSError, ValueError):
-        return None
+        return None, None
     if not isinstance(entry, dict) or "digest" not in entry:
-        return None
-    return {"manifest": str(path), "digest": entry["digest"], "formats": sorted(entry.get("formats") or {})}
+        return None, None
+    if entry.get("errors") != 0:
+        found = entry.get("errors", "unrecorded")
+        return None, f"{path}: its check of {task} found errors ({found}); rerun 'pyra-lightning data verify'"
+    files, counts = entry.get("files") or {}, entry.get("counts") or {}
+    for split, records in (read or {}).items():
+        if counts.get(split) != len(records):
+            return None, f"{path}: {task}/{split} has {len(records)} images, the manifest {counts.get(split)}"
+        for record in records:
+            known = files.get(record.path)
+            size = (task_dir / record.path).stat().st_size if task_dir is not None else None
+            if known is None or (size is not None and known.get("bytes") != size):
+                return None, f"{path}: {task}/{record.path} is not the file the manifest describes"
+    return {
+        "manifest": str(path),
+        "digest": entry["digest"],
+        "formats": sorted(entry.get("formats") or {}),
+    }, None

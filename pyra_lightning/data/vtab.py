@@ -250,10 +250,16 @@ class VTABDataModule(pl.LightningDataModule):
 
     @property
     def data_identity(self) -> dict[str, Any] | None:
-        """The task's entry in ``<root>/manifest.json`` (its digest and image formats), for ``results.json``."""
+        """The task's entry in ``<root>/manifest.json`` (its digest and image formats), for
+        ``results.json``; ``None``, with a warning saying why, where the manifest's check failed or
+        it no longer describes the split files and images this run read."""
         from pyra_lightning.data.verify import data_identity
 
-        return data_identity(self.root, self.task_info.name if self.task_info is not None else self.task)
+        name = self.task_info.name if self.task_info is not None else self.task
+        identity, stale = data_identity(self.root, name, self.task_dir, self._records)
+        if stale is not None:
+            rank_zero_warn(f"results.json records no data digest: {stale}")
+        return identity
 
     @property
     def mean(self) -> tuple[float, ...]:
