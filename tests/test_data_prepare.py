@@ -109,6 +109,17 @@ def test_interrupted_task_never_looks_finished_and_rerun_completes(tmp_path: Pat
     assert prepare_vtab(tmp_path, ["cifar"], source=source) == []  # finished: skipped
 
 
+def test_a_foreign_task_folder_is_refused_before_anything_is_built(tmp_path: Path) -> None:
+    """A ``cifar/`` that prepare did not finish (another tool's, half copied) cannot be replaced by
+    the rename; it is refused first, not after minutes of writing images."""
+    (tmp_path / "cifar" / "images").mkdir(parents=True)
+    (tmp_path / "cifar" / "train800.txt").touch()
+    source = FakeSource({"train": 2000, "test": 30}, _cifar_like, fail_after=0)  # building would raise
+    with pytest.raises(FileExistsError, match=r"cifar exists but is not a finished task .* another --out"):
+        prepare_vtab(tmp_path, ["cifar"], source=source)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar"], "no partial folder left"
+
+
 def test_missing_tensorflow_datasets_is_one_clear_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

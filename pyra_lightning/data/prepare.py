@@ -237,7 +237,18 @@ def is_finished(task_dir: Path) -> bool:
 
 
 def write_task(name: str, spec: TaskSpec, source: Source, out: Path) -> Path:
-    """Build one task in a hidden temporary folder under ``out`` and rename it to ``out/<name>``."""
+    """Build one task in a hidden temporary folder under ``out`` and rename it to ``out/<name>``.
+
+    Raises:
+        FileExistsError: before anything is built, if ``out/<name>`` exists but is not a finished
+            task (not one of ours, or left by another tool): the rename could not replace it.
+    """
+    target = out / name
+    if target.exists() and not is_finished(target):
+        raise FileExistsError(
+            f"{target} exists but is not a finished task (it lacks train800.txt, val200.txt, "
+            "train800val200.txt or test.txt); move or delete it, or pass another --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(f".{name}.partial*"):  # left by an interrupted run
         shutil.rmtree(stale, ignore_errors=True)
