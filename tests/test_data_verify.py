@@ -251,6 +251,7 @@ def test_fgvc_layout_is_verified_against_the_registry(tmp_path: Path) -> None:
     assert "cub/test.json: 3 images, expected 5794" in report.errors
     assert any("198 of 200 classes never occur" in e for e in report.errors)
     assert report.formats == {"JPEG": 11}
+    assert not any("JPEG" in w for w in report.warnings), "FGVC's originals are JPEG: nothing to rebuild"
 
 
 def _result(

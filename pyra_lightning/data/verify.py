@@ -48,7 +48,8 @@ MANIFEST_VERSION = 1
 TEST_FILES = ("test.txt", "test.json")  # the splits whose size a release may have differently
 JPEG_WARNING = (
     "JPEG images: lossy copies (as get_vtab1k.py writes them) cost about 10 points on CIFAR-100 "
-    "(adapter_plus issue 3, NOAH issue 28); rebuild losslessly with 'pyra-lightning data prepare vtab'"
+    "(adapter_plus issue 3, NOAH issue 28); rebuild losslessly into a new root with 'pyra-lightning data "
+    "prepare vtab --out NEW_ROOT' (it skips a task already present)"
 )
 # Modes the loader's convert("RGB") maps faithfully; 16-bit and float modes are clipped to 255.
 _FAITHFUL_MODES = {"1", "L", "P", "RGB", "RGBA", "LA", "PA", "RGBa", "La"}
@@ -217,7 +218,7 @@ def _check_images(
             )
         elif info.mode in _WARN_MODES:
             report.warnings.append(f"{line}: image {rel} is {_WARN_MODES[info.mode]}")
-    if report.formats.get("JPEG"):
+    if report.formats.get("JPEG") and report.layout == "vtab":  # FGVC's own images are JPEG
         report.warnings.append(f"{task_dir.name}: {report.formats['JPEG']} {JPEG_WARNING}")
 
 
