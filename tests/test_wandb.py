@@ -106,7 +106,8 @@ def test_offline_run_records_metrics_config_and_merge_images(
     ]
     try:
         cli = run_cli(args)
-        assert type(cli.trainer.logger).__name__ == "WandbLogger"
+        assert [type(logger).__name__ for logger in cli.trainer.loggers] == ["WandbLogger", "RunCSVLogger"]
+        assert (tmp_path / "runs" / "metrics.csv").is_file(), "the run folder keeps its own log beside W&B"
         finish_wandb(cli.trainer)
         assert wandb.run is None
         # Validating the run's checkpoint continues the run folder's W&B run (its id), after the
@@ -130,7 +131,7 @@ def test_offline_run_records_metrics_config_and_merge_images(
     cli_config = config["cli"]  # the whole resolved CLI config
     assert cli_config["model"]["merging"]["merge_r"] == [16, 12, 8, 6, 4, 2]
     assert cli_config["trainer"]["max_epochs"] == 2 and cli_config["seed_everything"] == 0
-    assert cli_config["trainer"]["logger"]["init_args"]["project"] == "pyra-lightning"
+    assert cli_config["trainer"]["logger"][0]["init_args"]["project"] == "pyra-lightning"
 
     assert len(media(run_file)) == 2 * 4, "4 images after each of the 2 epochs"
     assert summary["val/merging/count"] == 4 and summary["val/merging/_type"] == "images/separated"
@@ -160,6 +161,6 @@ def test_wandb_piece_composes_with_every_trainer_config(tmp_path: Path) -> None:
         assert "id" not in yaml.safe_load(WANDB_PIECE.read_text())["trainer"]["logger"]["init_args"]
         assert logger.version == (root / WANDB_ID_FILE).read_text().strip()
         assert logger.save_dir == str(root), "W&B files go to the run folder"
-        assert cli.config.trainer.logger.init_args.log_model is False
+        assert cli.config.trainer.logger[0].init_args.log_model is False
         ids.add(logger.version)
     assert len(ids) == 2, "two run folders, two W&B runs (the issue: fresh runs shared one id)"

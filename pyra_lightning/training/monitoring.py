@@ -409,12 +409,18 @@ def run_loggers(logger: Any, run_dir: Path, stage: str) -> Any:
 
     No ``version_N`` folders: CSV-like loggers write ``<run>/metrics.csv`` for ``fit`` and
     ``<run>/<stage>/`` for the evaluations; ``CSVLogger`` becomes ``RunCSVLogger``, which
-    continues ``metrics.csv`` on a resume; W&B gets one stable run id per folder.
+    continues ``metrics.csv`` on a resume; W&B gets one stable run id per folder. Loggers that
+    write no file of the run (W&B alone) get a ``RunCSVLogger`` beside them, so every run folder
+    holds its ``metrics.csv`` and ``hparams.yaml`` whatever dashboard it also reports to.
     """
     if logger is False:
         return False
     if logger is None or logger is True:
         logger = Namespace(class_path=RUN_CSV_LOGGER, init_args=Namespace())
+    items = logger if isinstance(logger, list) else [logger]
+    kinds = {str(item.get("class_path")).rsplit(".", 1)[-1] for item in items if isinstance(item, Namespace)}
+    if kinds and not kinds & set(CSV_LIKE):
+        logger = [*items, Namespace(class_path=RUN_CSV_LOGGER, init_args=Namespace())]
     for item in logger if isinstance(logger, list) else [logger]:
         if not isinstance(item, Namespace):
             continue
