@@ -305,3 +305,13 @@ def test_the_data_module_claims_the_digest_of_what_it_read(tmp_path: Path) -> No
         UserWarning, match="results.json records no data digest: .*demo/test.txt has 399 images"
     ):
         assert module.data_identity is None
+
+
+def test_a_missing_root_is_refused_and_not_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "no-such-root"
+    code, _ = run(missing)
+    assert code == 2
+    assert f"--root {missing} (absolute: {missing}) is not a folder" in capsys.readouterr().err
+    assert not missing.exists(), "no folder, no manifest.json written into it"

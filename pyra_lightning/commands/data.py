@@ -56,6 +56,11 @@ def run_verify(
         write_manifest,
     )
 
+    if not Path(root).is_dir():  # refused before a manifest (and its folder) is written there
+        raise NotADirectoryError(
+            f"--root {root} (absolute: {Path(root).resolve()}) is not a folder; expected the folder "
+            "holding one sub-folder per task"
+        )
     reports = verify(root, task, benchmark, layout, hashes, duplicates, workers, progress)
     print(format_table(reports))
     for report in reports:

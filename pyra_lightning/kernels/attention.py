@@ -71,7 +71,9 @@ def flex_proportional_attention(
     if grad and q.device.type == "cpu":
         raise ValueError(
             "attention='flex' cannot train on a CPU: FlexAttention has no backward there; train with "
-            "attention='sdpa' (the same function) and deploy with 'flex' on a GPU"
+            "attention='sdpa' (the same function) and deploy with 'flex' on a GPU (for inference, "
+            "call the model under torch.no_grad() or torch.inference_mode(): its trainable "
+            "parameters make autograd record it otherwise)"
         )
     if size is None:
         return flex_attention(q, k, v, scale=scale)
