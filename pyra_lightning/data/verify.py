@@ -484,7 +484,10 @@ def data_identity(
             return None, f"{path}: {task}/{split} has {len(records)} images, the manifest {counts.get(split)}"
         for record in records:
             known = files.get(record.path)
-            size = (task_dir / record.path).stat().st_size if task_dir is not None else None
+            try:
+                size = (task_dir / record.path).stat().st_size if task_dir is not None else None
+            except OSError:  # gone since the run read it: not what the manifest describes either
+                size = -1
             if known is None or (size is not None and known.get("bytes") != size):
                 return None, f"{path}: {task}/{record.path} is not the file the manifest describes"
     return {

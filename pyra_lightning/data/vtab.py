@@ -341,7 +341,9 @@ class VTABDataModule(pl.LightningDataModule):
             self._dataset(role)
         if stage == "fit":
             file = self.split_files["test"]
-            records = self._records.setdefault(file, self._read(file, check_classes=False))
+            if file not in self._records:
+                self._records[file] = self._read(file, check_classes=False)
+            records = self._records[file]
             missing = next((r for r in records if not (self.task_dir / r.path).is_file()), None)
             if missing is not None:
                 raise FileNotFoundError(
