@@ -121,7 +121,7 @@ def test_a_digest_is_claimed_only_for_the_data_a_run_read(tmp_path: Path) -> Non
     (task / "test.txt").write_text("\n".join(bad) + "\n")
     assert run(tmp_path, "--task", "mytask")[0] != 0
     identity, stale = data_identity(tmp_path, "mytask")
-    assert identity is None and "found errors" in stale
+    assert identity is None and "found 1 error(s)" in stale
 
 
 def test_label_out_of_range_names_file_and_line(tmp_path: Path) -> None:

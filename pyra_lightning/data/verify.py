@@ -475,9 +475,16 @@ def data_identity(
         return None, None
     if not isinstance(entry, dict) or "digest" not in entry:
         return None, None
-    if entry.get("errors") != 0:
-        found = entry.get("errors", "unrecorded")
-        return None, f"{path}: its check of {task} found errors ({found}); rerun 'pyra-lightning data verify'"
+    if "errors" not in entry:  # written before manifests recorded the check's outcome
+        return (
+            None,
+            f"{path}: it does not record whether {task} passed its check; rerun 'pyra-lightning data verify'",
+        )
+    if entry["errors"] != 0:
+        return (
+            None,
+            f"{path}: its check of {task} found {entry['errors']} error(s); fix them and rerun 'pyra-lightning data verify'",
+        )
     files, counts = entry.get("files") or {}, entry.get("counts") or {}
     for split, records in (read or {}).items():
         if counts.get(split) != len(records):
