@@ -475,16 +475,11 @@ def data_identity(
         return None, None
     if not isinstance(entry, dict) or "digest" not in entry:
         return None, None
+    rerun = "rerun 'pyra-lightning data verify'"
     if "errors" not in entry:  # written before manifests recorded the check's outcome
-        return (
-            None,
-            f"{path}: it does not record whether {task} passed its check; rerun 'pyra-lightning data verify'",
-        )
+        return None, f"{path}: it does not record whether {task} passed its check; {rerun}"
     if entry["errors"] != 0:
-        return (
-            None,
-            f"{path}: its check of {task} found {entry['errors']} error(s); fix them and rerun 'pyra-lightning data verify'",
-        )
+        return None, f"{path}: its check of {task} found {entry['errors']} error(s); fix them and {rerun}"
     files, counts = entry.get("files") or {}, entry.get("counts") or {}
     for split, records in (read or {}).items():
         if counts.get(split) != len(records):
@@ -497,8 +492,5 @@ def data_identity(
                 size = -1
             if known is None or (size is not None and known.get("bytes") != size):
                 return None, f"{path}: {task}/{record.path} is not the file the manifest describes"
-    return {
-        "manifest": str(path),
-        "digest": entry["digest"],
-        "formats": sorted(entry.get("formats") or {}),
-    }, None
+    formats = sorted(entry.get("formats") or {})
+    return {"manifest": str(path), "digest": entry["digest"], "formats": formats}, None
