@@ -319,7 +319,7 @@ def write_deployed(
     if not rows:
         return {}
     example, _ = example_batches(img_size)
-    traced = [fmt for fmt in rows if fmt.from_program]
+    traced = any(fmt.from_program for fmt in rows)
     program = deploy.export_program(folded, example) if traced else None  # one graph for every form
     written: dict[str, dict[str, Any]] = {}
     for fmt in rows:

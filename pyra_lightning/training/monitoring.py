@@ -404,6 +404,11 @@ CSV_LIKE = ("CSVLogger", "RunCSVLogger", "TensorBoardLogger")
 RUN_CSV_LOGGER = "pyra_lightning.training.runs.RunCSVLogger"
 
 
+def _logger_kind(item: Namespace) -> str:
+    """A parsed logger's class name: ``WandbLogger`` for ``lightning.pytorch.loggers.WandbLogger``."""
+    return str(item.get("class_path")).rsplit(".", 1)[-1]
+
+
 def run_loggers(logger: Any, run_dir: Path, stage: str) -> Any:
     """Point every logger of a parsed config at the run folder, with a fixed version.
 
@@ -417,14 +422,15 @@ def run_loggers(logger: Any, run_dir: Path, stage: str) -> Any:
         return False
     if logger is None or logger is True:
         logger = Namespace(class_path=RUN_CSV_LOGGER, init_args=Namespace())
-    items = logger if isinstance(logger, list) else [logger]
-    kinds = {str(item.get("class_path")).rsplit(".", 1)[-1] for item in items if isinstance(item, Namespace)}
+    items = [
+        item for item in (logger if isinstance(logger, list) else [logger]) if isinstance(item, Namespace)
+    ]
+    kinds = {_logger_kind(item) for item in items}
     if kinds and not kinds & set(CSV_LIKE):
-        logger = [*items, Namespace(class_path=RUN_CSV_LOGGER, init_args=Namespace())]
-    for item in logger if isinstance(logger, list) else [logger]:
-        if not isinstance(item, Namespace):
-            continue
-        kind = str(item.get("class_path")).rsplit(".", 1)[-1]
+        logger = [*(logger if isinstance(logger, list) else [logger]), Namespace(class_path=RUN_CSV_LOGGER)]
+        items.append(logger[-1])
+    for item in items:
+        kind = _logger_kind(item)
         init = item.get("init_args") or Namespace()
         given = init.get("save_dir")
         if given not in (None, "", ".") and Path(given).resolve() != run_dir.resolve():
