@@ -219,3 +219,26 @@ def test_a_failure_in_the_test_after_training_marks_the_run_failed() -> None:
     status.on_fit_end(testing, None)  # type: ignore[arg-type]
     status.on_exception(testing, None, ValueError("a broken test image"))  # type: ignore[arg-type]
     assert marks == [("failed", "ValueError: a broken test image")]
+
+
+def test_an_interrupt_in_the_test_after_training_says_the_rerun_only_tests(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C in the test ``fit`` runs after its last epoch: training is done, and the message says
+    the rerun restores ``last.ckpt`` and tests, not that it resumes training."""
+    from types import SimpleNamespace
+
+    from pyra_lightning.training.checkpointing import RunStatus
+
+    last = tmp_path / "last.ckpt"
+    last.write_bytes(b"")
+    marks: list[str] = []
+    status = RunStatus(lambda trainer, module, state, error: marks.append(state), tmp_path)
+    testing = SimpleNamespace(state=SimpleNamespace(fn="test"), current_epoch=4, global_step=16)
+    status.on_fit_end(testing, None)  # type: ignore[arg-type]
+    status.on_exception(testing, None, KeyboardInterrupt())  # type: ignore[arg-type]
+    assert marks == ["interrupted"]
+    assert capsys.readouterr().err.strip() == (
+        "interrupted in the test after training (at epoch 4, step 16); rerun the same command to "
+        f"test again: it restores {last} and does not train"
+    )

@@ -162,13 +162,15 @@ class RunStatus(pl.Callback):
             return
         if isinstance(exception, KeyboardInterrupt | SIGTERMException):
             last = find_resume_checkpoint(self.checkpoint_dir, self.run_dir)
-            if last is not None:
+            where = f"at epoch {trainer.current_epoch}, step {trainer.global_step}"
+            if self.fit_ended and last is not None:  # the rerun restores the trained model, only tests
+                where = f"in the test after training ({where})"
+                resume = f"rerun the same command to test again: it restores {last} and does not train"
+            elif last is not None:
                 resume = f"rerun the same command to resume from {last}{_redone(last, trainer.global_step)}"
             else:
                 resume = "no epoch finished, so nothing was saved; rerun the same command to start again"
-            self.message = (
-                f"interrupted at epoch {trainer.current_epoch}, step {trainer.global_step}; {resume}"
-            )
+            self.message = f"interrupted {where}; {resume}"
             self.mark(trainer, pl_module, "interrupted", None)
             if rank_zero_only.rank == 0:
                 print(self.message, file=sys.stderr, flush=True)
