@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from pyra_lightning.__main__ import main
+from pyra_lightning.data.manifest import data_identity
 from pyra_lightning.data.tasks import FGVC_TASKS, VTAB_TASKS, resolve_task
-from pyra_lightning.data.verify import JPEG_WARNING, data_identity, verify
+from pyra_lightning.data.verify import JPEG_WARNING, verify
 
 
 def _image(path: Path, seed: int, fmt: str = "PNG", mode: str = "RGB") -> None:

@@ -47,14 +47,14 @@ def run_verify(
         against: another install's manifest.json to compare with, file by file.
         progress: show a progress bar.
     """
-    from pyra_lightning.data.verify import (
+    from pyra_lightning.data.manifest import (
         MANIFEST_FILENAME,
+        MANIFEST_VERSION,
         compare_manifests,
-        format_table,
         read_manifest,
-        verify,
         write_manifest,
     )
+    from pyra_lightning.data.verify import format_table, verify
 
     if not Path(root).is_dir():  # refused before a manifest (and its folder) is written there
         raise NotADirectoryError(
@@ -78,8 +78,6 @@ def run_verify(
         except OSError as exc:
             print(f"warning: cannot write {target} ({exc}); pass --manifest elsewhere")
     if against:
-        from pyra_lightning.data.verify import MANIFEST_VERSION
-
         mine = {"version": MANIFEST_VERSION, "tasks": {r.name: r.manifest for r in reports if r.folder}}
         differences = compare_manifests(mine, read_manifest(against), str(root), against)
         for line in differences[:200]:

@@ -253,7 +253,7 @@ class VTABDataModule(pl.LightningDataModule):
         """The task's entry in ``<root>/manifest.json`` (its digest and image formats), for
         ``results.json``; ``None``, with a warning saying why, where the manifest's check failed or
         it no longer describes the split files and images this run read."""
-        from pyra_lightning.data.verify import data_identity
+        from pyra_lightning.data.manifest import data_identity
 
         name = self.task_info.name if self.task_info is not None else self.task
         identity, stale = data_identity(self.root, name, self.task_dir, self._records)
