@@ -184,6 +184,22 @@ def test_unreadable_cmyk_and_16bit_images(tmp_path: Path) -> None:
     assert any(JPEG_WARNING in w for w in report.warnings)
 
 
+def test_an_empty_or_undecodable_image_is_named_not_shown_as_a_buffer(tmp_path: Path) -> None:
+    task = make_task(tmp_path)
+    (task / "images/test/0.png").write_bytes(b"")
+    (task / "images/test/1.png").write_bytes(b"GIF87 but not really")
+    png = (task / "images/test/2.png").read_bytes()
+    (task / "images/test/2.png").write_bytes(png[: len(png) // 2])
+    found = errors(tmp_path)
+    assert found[0] == "mytask/test.txt:1: image images/test/0.png is empty (0 bytes)"
+    assert found[1].startswith(
+        "mytask/test.txt:2: image images/test/1.png cannot be decoded: its 20 bytes are in no image format"
+    )
+    assert found[2].startswith("mytask/test.txt:3: image images/test/2.png cannot be decoded")
+    assert "truncated" in found[2]
+    assert len(found) == 3 and not any("BytesIO" in e or "_io." in e for e in found)
+
+
 def test_jpeg_is_a_warning_naming_prepare(tmp_path: Path) -> None:
     make_task(tmp_path, fmt="JPEG")
     code, out = run(tmp_path, "--task", "mytask")

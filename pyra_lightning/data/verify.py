@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pyra_lightning.data.layouts import LAYOUTS, Layout, SplitRecord, resolve_layout, where
 from pyra_lightning.data.tasks import (
@@ -79,12 +79,21 @@ def inspect_image(path: str, want_hash: bool) -> ImageInfo:
     except OSError as exc:
         return ImageInfo(path, f"cannot be read ({exc.strerror or exc})")
     info = ImageInfo(path, bytes=len(data), sha256=hashlib.sha256(data).hexdigest() if want_hash else None)
+    if not data:
+        info.error = "is empty (0 bytes)"
+        return info
     try:
         with Image.open(io.BytesIO(data)) as image:
             info.format, info.mode, info.size = image.format, image.mode, image.size
             image.load()
+    except UnidentifiedImageError:  # its message names the in-memory buffer, not the file
+        info.error = (
+            f"cannot be decoded: its {len(data)} bytes are in no image format PIL reads (PNG, JPEG, ...)"
+        )
     except Exception as exc:  # PIL raises many unrelated types for broken files
-        info.error = f"cannot be decoded ({type(exc).__name__}: {exc})"
+        info.error = (
+            f"cannot be decoded ({type(exc).__name__}: {exc}; {len(data)} bytes, truncated or corrupt)"
+        )
     return info
 
 
