@@ -243,6 +243,29 @@ def test_overlapping_train_and_val_and_missing_class(tmp_path: Path) -> None:
     assert any("1 of 3 classes never occur (2)" in e for e in errors(tmp_path))
 
 
+def test_a_label_that_differs_between_split_files_is_one_line_naming_both(tmp_path: Path) -> None:
+    task = make_task(tmp_path)
+    union = (task / "train800val200.txt").read_text().splitlines()
+    union[1] = "images/train800/1.png 2"  # train800.txt:2 gives it label 1
+    (task / "train800val200.txt").write_text("\n".join(union) + "\n")
+    assert errors(tmp_path) == [
+        "mytask/train800val200.txt:2: images/train800/1.png has label 2, but mytask/train800.txt:2 gives it label 1"
+    ]
+    relabelled = [f"{line.rsplit(' ', 1)[0]} {(int(line[-1]) + 1) % 3}" for line in union]
+    (task / "train800val200.txt").write_text("\n".join(relabelled) + "\n")
+    assert errors(tmp_path) == [
+        "mytask/train800val200.txt:1: images/train800/0.png has label 1, but mytask/train800.txt:1 gives it "
+        "label 0 (9 images in all are labelled differently here than in train800.txt or val200.txt)"
+    ]
+    (task / "train800val200.txt").write_text("\n".join([*union[2:], "images/other.png 0"]) + "\n")
+    _image(task / "images/other.png", 77)
+    assert errors(tmp_path) == [
+        "mytask/train800val200.txt: is not train800.txt + val200.txt (1 image(s) only in it, e.g. "
+        "images/other.png; 2 image(s) of train800.txt or val200.txt missing from it, e.g. "
+        "images/train800/0.png of train800.txt)"
+    ]
+
+
 def test_against_tells_two_installs_apart(tmp_path: Path) -> None:
     make_task(tmp_path / "a")
     shutil.copytree(tmp_path / "a", tmp_path / "b")

@@ -165,26 +165,13 @@ def _check_splits(
                 report.errors.append(f"{where(task_dir / split)}: {path} is listed {count} times")
     if layout.disjoint is not None:
         (first, second), union = layout.disjoint
-        a = {(record.path, record.label) for record in splits[first]}
-        b = {(record.path, record.label) for record in splits[second]}
-        shared = {p for p, _ in a} & {p for p, _ in b}
+        shared = {record.path for record in splits[first]} & {record.path for record in splits[second]}
         if shared:
             report.errors.append(
                 f"{where(task_dir / first)}: shares {len(shared)} image(s) with {second}, e.g. {sorted(shared)[0]}"
             )
         if union is not None and splits[union]:
-            whole = {(record.path, record.label) for record in splits[union]}
-            if whole != a | b:
-                extra, missing = sorted(whole - (a | b)), sorted((a | b) - whole)
-                detail = (
-                    f"e.g. {extra[0][0]} only in {union}"
-                    if extra
-                    else f"e.g. {missing[0][0]} missing from it"
-                )
-                report.errors.append(
-                    f"{where(task_dir / union)}: is not {first} + {second} "
-                    f"({len(extra)} extra, {len(missing)} missing; {detail})"
-                )
+            _check_union(report, task_dir, splits, (first, second), union)
     labels = [record.label for s in layout.splits for record in splits[s]]
     total = num_classes if num_classes is not None else (max(labels) + 1 if labels else 0)
     present = {record.label for record in splits[layout.class_split]}
@@ -200,6 +187,48 @@ def _check_splits(
         for split, records in splits.items()
     }
     return splits
+
+
+def _check_union(
+    report: TaskReport,
+    task_dir: Path,
+    splits: dict[str, list[SplitRecord]],
+    parts: tuple[str, str],
+    union: str,
+) -> None:
+    """``union`` (train800val200) must list exactly the images of ``parts``, with the same labels.
+
+    A relabelled image is one line naming both files and both labels, not an "extra" and a
+    "missing" (path, label) pair; images only on one side are reported apart from it.
+    """
+    given = {record.path: (part, record) for part in parts for record in splits[part]}
+    relabelled = [
+        (record, *given[record.path])
+        for record in splits[union]
+        if record.path in given and given[record.path][1].label != record.label
+    ]
+    if relabelled:
+        record, part, other = relabelled[0]
+        count = (
+            f" ({len(relabelled)} images in all are labelled differently here than in {' or '.join(parts)})"
+            if len(relabelled) > 1
+            else ""
+        )
+        report.errors.append(
+            f"{where(task_dir / union, record.line)}: {record.path} has label {record.label}, but "
+            f"{where(task_dir / part, other.line)} gives it label {other.label}{count}"
+        )
+    listed = {record.path for record in splits[union]}
+    extra = sorted(listed - set(given))
+    missing = sorted(set(given) - listed)
+    found = [f"{len(extra)} image(s) only in it, e.g. {extra[0]}"] if extra else []
+    if missing:
+        found.append(
+            f"{len(missing)} image(s) of {' or '.join(parts)} missing from it, "
+            f"e.g. {missing[0]} of {given[missing[0]][0]}"
+        )
+    if found:
+        report.errors.append(f"{where(task_dir / union)}: is not {' + '.join(parts)} ({'; '.join(found)})")
 
 
 def _check_images(
