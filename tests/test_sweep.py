@@ -154,21 +154,54 @@ def test_command_line_resolves_tasks_and_passes_fit_arguments(
     from pyra_lightning.__main__ import main as cli_main
 
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
-    cli_main(["sweep", f"--config={QUICKSTART}", "--tasks", "cifar100,demo", "pets", "--out_dir", str(tmp_path),
-              "--dry_run=true", "--", "--trainer.max_epochs=2"])  # fmt: skip
-    *lines, total = capsys.readouterr().out.splitlines()
+    with pytest.raises(SystemExit) as exit_info:  # cifar and pets have no data under data.root
+        cli_main(["sweep", f"--config={QUICKSTART}", "--tasks", "cifar100,demo", "pets", "--out_dir",
+                  str(tmp_path), "--dry_run=true", "--", "--trainer.max_epochs=2"])  # fmt: skip
+    assert exit_info.value.code == 1
+    *lines, total = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("  ")]
     assert [line.split(":")[0] for line in lines] == [
         "[pending] cifar",
         "[pending] demo",
         "[pending] oxford_iiit_pet",
     ]
-    assert total == "dry run: 3 would run, 0 finished before; nothing was written"
+    assert (
+        total
+        == "dry run: 3 would run (2 would fail on their data, above), 0 finished before; nothing was written"
+    )
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
     assert all(line.endswith("--trainer.max_epochs=2") for line in lines)
     assert f"--run_dir={tmp_path / 'quickstart' / 'cifar'}" in lines[0]  # the run folder
     assert "save_dir" not in lines[0] and "dirpath" not in lines[0], (
         "the CLI puts everything in the run folder"
     )
+
+
+def test_a_dry_run_finds_the_tasks_whose_data_would_fail_their_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The dry run checks each pending task's data with the fit's own parser and data module, so a
+    missing task folder or test image is found before the sweep, not when that task's turn comes."""
+    root = tmp_path / "data"
+    generate_demo(root)
+    for name in ("ready", "no_test_image"):
+        shutil.copytree(root / "demo", root / name)
+    test_split = (root / "no_test_image" / "test.txt").read_text().splitlines()
+    (root / "no_test_image" / test_split[3].split()[0]).unlink()
+    out = tmp_path / "runs"
+    tasks = ["ready", "no_test_image", "cifar"]
+    summary = run_sweep([str(QUICKSTART)], tasks, str(out), overrides=[f"--data.root={root}"], dry_run=True)
+    assert [run.status for run in summary.runs] == ["pending", "failed", "failed"]
+    assert not summary.ok and not out.exists(), "a dry run writes nothing"
+    printed = capsys.readouterr().out
+    assert (
+        f"test.txt, line 4: image {root / 'no_test_image' / test_split[3].split()[0]} does not exist"
+        in printed
+    )
+    assert f"no folder for task 'cifar' under {root}" in printed
+    assert "dry run: 3 would run (2 would fail on their data, above)" in printed
+    assert run_sweep(
+        [str(QUICKSTART)], ["ready"], str(out), overrides=[f"--data.root={root}"], dry_run=True
+    ).ok
 
 
 def test_progress_line_counts_and_eta(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -145,7 +145,8 @@ def run_sweep(
             ``["0,1", "2,3"]`` for two GPUs per task); ``None`` leaves the variable alone.
         slurm_array: run only task ``SLURM_ARRAY_TASK_ID`` of the list; ``None``: whenever that
             variable is set.
-        dry_run: print what would run and what is skipped; run and write nothing.
+        dry_run: print what would run and what is skipped, and check each pending task's data as
+            its fit would (a task that would fail is marked failed); run and write nothing.
         benchmark: ``vtab`` (VTAB-1k) or ``fgvc`` (FGVC-5: cub, nabirds, flowers, dogs, cars): whose
             tasks ``tasks`` names (FGVC's ``flowers`` is not VTAB's ``oxford_flowers102``) and the
             default task list.
@@ -181,10 +182,20 @@ def run_sweep(
     summary = SweepSummary(name, sweep_dir, runs, dry_run)
     refuse_if_changed(sweep_dir, meta)
     if dry_run:
+        from pyra_lightning.commands.sweep_data import check_sweep_data  # loads the CLI: dry runs only
+
+        pending = [run for run in runs if run.status != "skipped"]
+        # one parse of the fit arguments for all tasks (only --data.task differs), data checked per task
+        problems = check_sweep_data(pending[0].command[4:], [run.task for run in pending]) if pending else {}
         for run in runs:
             print(f"[{run.status}] {run.task}: " + (run.results_json or " ".join(run.command)))
-        pending = len(runs) - len(summary.skipped)
-        print(f"dry run: {pending} would run, {len(summary.skipped)} finished before; nothing was written")
+            if run.task in problems:
+                run.status, run.log_tail = "failed", problems[run.task]
+                print(f"  its fit would fail on its data: {problems[run.task]}")
+        print(
+            f"dry run: {len(pending)} would run ({len(problems)} would fail on their data, above), "
+            f"{len(summary.skipped)} finished before; nothing was written"
+        )
         return summary
 
     sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -447,12 +447,12 @@ class PyraCLI(BriefHelp, LightningCLI):
         self.trainer.predict(**kwargs)
 
 
-def build_cli(args: list[str] | None = None, run: bool = True) -> PyraCLI:
+def build_cli(args: list[str] | None = None, run: bool = True, cli: type[PyraCLI] = PyraCLI) -> PyraCLI:
     """The CLI exactly as ``pyra-lightning`` builds it; ``run=False`` only parses and instantiates."""
     with warnings.catch_warnings(), quiet_lightning_notices():
         # the command table (and export, and the tests) pass the arguments; sys.argv is not them
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        return PyraCLI(
+        return cli(
             PyraClassifier,
             VTABDataModule,
             args=args,
