@@ -136,6 +136,20 @@ def test_label_out_of_range_names_file_and_line(tmp_path: Path) -> None:
     assert "svhn/train800val200.txt: 4 of 10 classes never occur (6, 7, 8, 9)" in found
 
 
+def test_a_blank_line_in_a_split_file_is_named_by_its_line(tmp_path: Path) -> None:
+    """A deleted entry leaves a blank line; it is named, not only seen as a count one short."""
+    task = make_task(tmp_path, "svhn", classes=10)
+    lines = (task / "test.txt").read_text().splitlines()
+    (task / "test.txt").write_text("\n".join(["", lines[0], "  ", *lines[2:]]) + "\n\n")  # trailing: fine
+    found = [e for e in errors(tmp_path, "svhn") if e.startswith("svhn/test.txt")]
+    assert found == [
+        "svhn/test.txt: lines 1 and 3 are blank; expected '<image path> <integer label>' on every line"
+    ]
+    (task / "test.txt").write_text("\n".join([lines[0], "", *lines[2:]]) + "\n")
+    found = [e for e in errors(tmp_path, "svhn") if e.startswith("svhn/test.txt")]
+    assert found == ["svhn/test.txt:2: blank line; expected '<image path> <integer label>' on every line"]
+
+
 def test_a_known_other_release_size_warns_and_any_other_size_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

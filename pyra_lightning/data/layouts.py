@@ -87,7 +87,11 @@ def _label_problem(path: Path, number: int, label: int, num_classes: int | None)
 def read_text_split(
     task_dir: Path, split: str, num_classes: int | None
 ) -> tuple[list[SplitRecord], list[str]]:
-    """Read a ``<image path> <label>`` split file of the ``vtab`` layout."""
+    """Read a ``<image path> <label>`` split file of the ``vtab`` layout.
+
+    Blank lines before the last entry are one problem naming their line numbers (an entry deleted
+    by hand leaves one, and a count one short would not say where); trailing ones are harmless.
+    """
     path = task_dir / split
     if not path.is_file():
         return [], [f"{where(path)}: split file missing (expected lines '<image path> <label>')"]
@@ -97,10 +101,14 @@ def read_text_split(
         return [], [f"{where(path)}: cannot be read as UTF-8 text ({exc})"]
     records: list[SplitRecord] = []
     problems: list[str] = []
+    blank: list[int] = []
+    last = 0  # the last line that is not blank: blank lines after it (a trailing newline) are fine
     for number, raw in enumerate(text.splitlines(), start=1):
         parts = raw.split()
         if not parts:
+            blank.append(number)
             continue
+        last = number
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
             problems.append(f"{where(path, number)}: expected '<image path> <integer label>', got {raw!r}")
             continue
@@ -110,9 +118,23 @@ def read_text_split(
             problems.append(problem)
             continue
         records.append(SplitRecord(parts[0], label, number))
+    blank = [number for number in blank if number < last]
+    if blank:
+        problems.insert(0, _blank_problem(path, blank))
     if not records and not problems:
         problems.append(f"{where(path)}: split file lists no images")
     return records, problems
+
+
+def _blank_problem(path: Path, blank: list[int]) -> str:
+    """One line for all blank lines of a split file (a deleted entry leaves one; counts alone hide it)."""
+    expected = "expected '<image path> <integer label>' on every line"
+    if len(blank) == 1:
+        return f"{where(path, blank[0])}: blank line; {expected}"
+    if len(blank) > 10:
+        shown = ", ".join(map(str, blank[:10]))
+        return f"{where(path)}: {len(blank)} lines are blank (lines {shown}, ...); {expected}"
+    return f"{where(path)}: lines {', '.join(map(str, blank[:-1]))} and {blank[-1]} are blank; {expected}"
 
 
 # VPT's image folder per FGVC dataset (json_dataset.py's get_imagedir), by canonical task name.
