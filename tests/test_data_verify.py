@@ -228,7 +228,8 @@ def test_symlinked_image_folder_is_followed_and_a_broken_one_reported(tmp_path: 
     assert errors(tmp_path / "real") == []
     (tmp_path / "elsewhere").rename(tmp_path / "gone")
     found = errors(tmp_path / "real")
-    assert found and all("does not exist (broken symlink)" in e or "does not exist" in e for e in found)
+    assert len(found) == 6 and all("does not exist" in e for e in found[:5])
+    assert found[5].startswith("mytask: 13 of 13 images do not exist (5 listed above)")
 
 
 def test_training_image_repeated_in_test_is_found_by_content(tmp_path: Path) -> None:
@@ -306,6 +307,36 @@ def test_fgvc_layout_is_verified_against_the_registry(tmp_path: Path) -> None:
     assert any("198 of 200 classes never occur" in e for e in report.errors)
     assert report.formats == {"JPEG": 11}
     assert not any("JPEG" in w for w in report.warnings), "FGVC's originals are JPEG: nothing to rebuild"
+
+
+def test_a_wrong_fgvc_image_folder_lists_five_images_and_one_summary(tmp_path: Path) -> None:
+    task = tmp_path / "cub"
+    for split, count in (("train", 6), ("val", 2), ("test", 3)):
+        mapping = {f"{split}_{index}.jpg": 1 + index % 2 for index in range(count)}
+        for index, name in enumerate(mapping):
+            _image(task / "imgs" / name, index + 10 * len(split), "JPEG")  # VPT's is images/
+        (task / f"{split}.json").write_text(json.dumps(mapping))
+    (report,) = verify(tmp_path, ["cub"], benchmark="fgvc", progress=False, workers=1)
+    missing = [e for e in report.errors if "not exist" in e]
+    assert len(missing) == 6 and missing[0] == "cub/train.json:1: image images/train_0.jpg does not exist"
+    assert missing[5] == (
+        f"cub: 11 of 11 images do not exist (5 listed above); the split files' paths are read relative to "
+        f"cub/images (VPT's image folder for cub), e.g. {task / 'images/train_0.jpg'}; cub/imgs/train_0.jpg "
+        "exists instead: move the contents of cub/imgs into cub/images"
+    )
+
+
+def test_missing_images_of_a_vtab_task_end_in_a_summary(tmp_path: Path) -> None:
+    task = make_task(tmp_path)
+    (task / "images").rename(task / "pictures")
+    found = errors(tmp_path)
+    assert len(found) == 6 and found[-1].startswith(
+        "mytask: 13 of 13 images do not exist (5 listed above); the split files' paths are read relative "
+        f"to mytask (the task folder), e.g. {task / 'images/train800/0.png'}"
+    )
+    assert found[-1].endswith(
+        "; mytask/pictures/train800/0.png exists instead: move the contents of mytask/pictures into mytask/images"
+    )
 
 
 def _result(

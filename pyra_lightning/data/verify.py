@@ -31,7 +31,15 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from pyra_lightning.data.layouts import LAYOUTS, Layout, SplitRecord, resolve_layout, where
+from pyra_lightning.data.layouts import (
+    FGVC_IMAGE_DIRS,
+    LAYOUTS,
+    Layout,
+    SplitRecord,
+    fgvc_image_dir,
+    resolve_layout,
+    where,
+)
 from pyra_lightning.data.tasks import (
     BENCHMARK_TASKS,
     CLASS_NAMES_FILE,
@@ -48,6 +56,7 @@ JPEG_WARNING = (
     "(adapter_plus issue 3, NOAH issue 28); rebuild losslessly into a new root with 'pyra-lightning data "
     "prepare vtab --out NEW_ROOT' (it skips a task already present)"
 )
+MISSING_SHOWN = 5  # missing images listed one per line; the rest are one summary line
 # Modes the loader's convert("RGB") maps faithfully; 16-bit and float modes are clipped to 255.
 _FAITHFUL_MODES = {"1", "L", "P", "RGB", "RGBA", "LA", "PA", "RGBa", "La"}
 _WARN_MODES = {"CMYK": "CMYK (converted to RGB without a colour profile)", "YCbCr": "YCbCr", "LAB": "LAB"}
@@ -59,6 +68,7 @@ class ImageInfo:
 
     path: str
     error: str | None = None
+    missing: bool = False
     format: str | None = None
     mode: str | None = None
     size: tuple[int, int] | None = None
@@ -75,7 +85,8 @@ def inspect_image(path: str, want_hash: bool) -> ImageInfo:
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
-        return ImageInfo(path, "does not exist" + (" (broken symlink)" if os.path.islink(path) else ""))
+        broken = " (broken symlink)" if os.path.islink(path) else ""
+        return ImageInfo(path, "does not exist" + broken, missing=True)
     except OSError as exc:
         return ImageInfo(path, f"cannot be read ({exc.strerror or exc})")
     info = ImageInfo(path, bytes=len(data), sha256=hashlib.sha256(data).hexdigest() if want_hash else None)
@@ -238,8 +249,13 @@ def _check_images(
     for split, records in splits.items():
         for record in records:
             first_line.setdefault(record.path, where(task_dir / split, record.line))
+    missing: list[tuple[str, str]] = []
     for rel, line in first_line.items():
         info = infos[str(task_dir / rel)]
+        if info.missing:
+            missing.append((rel, info.error or ""))
+            if len(missing) > MISSING_SHOWN:
+                continue
         if info.error:
             report.errors.append(f"{line}: image {rel} {info.error}")
             continue
@@ -255,6 +271,42 @@ def _check_images(
             report.warnings.append(f"{line}: image {rel} is {_WARN_MODES[info.mode]}")
     if report.formats.get("JPEG") and report.layout == "vtab":  # FGVC's own images are JPEG
         report.warnings.append(f"{task_dir.name}: {report.formats['JPEG']} {JPEG_WARNING}")
+    if len(missing) > MISSING_SHOWN:
+        report.errors.append(_missing_summary(report, task_dir, missing, len(first_line)))
+
+
+def _missing_summary(report: TaskReport, task_dir: Path, missing: list[tuple[str, str]], total: int) -> str:
+    """One line for many missing images: how many, where they were looked for, and where one is.
+
+    A wrong image folder (``--root``, FGVC's per-dataset image folder, a renamed ``images/``) makes
+    every image missing; the first image is looked for under the task folder and its sub-folders,
+    as given and without its first folder, so the line can say which folder to move.
+    """
+
+    def short(path: Path) -> str:
+        return "/".join((task_dir.name, *path.relative_to(task_dir).parts))
+
+    if report.layout == "fgvc":
+        known = report.name in FGVC_IMAGE_DIRS
+        why = f"VPT's image folder for {report.name}" if known else "the folder of the JSON paths"
+        base = f"{short(task_dir / fgvc_image_dir(task_dir))} ({why})"
+    else:
+        base = f"{short(task_dir)} (the task folder)"
+    rel, error = missing[0]
+    line = (
+        f"{task_dir.name}: {len(missing)} of {total} images do not exist ({MISSING_SHOWN} listed above); "
+        f"the split files' paths are read relative to {base}, e.g. {task_dir / rel}"
+        + (" (a broken symlink)" if "symlink" in error else "")
+    )
+    parts = Path(rel).parts
+    folders = [task_dir, *sorted(p for p in task_dir.iterdir() if p.is_dir())]
+    for cut in range(min(2, len(parts))):
+        tail = Path(*parts[cut:])
+        for folder in folders:
+            if (folder / tail).is_file():
+                move = f"move the contents of {short(folder)} into {short(task_dir / Path(*parts[:cut]))}"
+                return f"{line}; {short(folder / tail)} exists instead: {move}"
+    return line
 
 
 def _check_duplicates(
