@@ -66,6 +66,9 @@ class ViTShape:
         mlp_macs: Per block, multiply-adds per token of the MLP.
         fixed_flops: FLOPs merging does not change: patch embedding, attention pool latent, head.
         pool_token_flops: Attention pooling FLOPs per token that reaches the pool (0 without).
+        rope_token_flops: FLOPs per patch token of rebuilding a block's rotary embedding from the
+            tokens' sources, paid in every block after the first one that merges (per-layer
+            ``mixed`` RoPE, ``patch_eva.MergingEva.layer_rope``: ``source @ E_l``); 0 without.
     """
 
     depth: int
@@ -77,6 +80,7 @@ class ViTShape:
     mlp_macs: tuple[int, ...]
     fixed_flops: int = 0
     pool_token_flops: int = 0
+    rope_token_flops: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -151,10 +155,17 @@ def block_flops(attn_tokens: int, mlp_tokens: int, shape: ViTShape, layer: int =
 
 
 def schedule_flops(schedule: list[int], shape: ViTShape) -> int:
-    """Matmul FLOPs of the whole model; merging sits between each block's attention and its MLP."""
+    """Matmul FLOPs of the whole model; merging sits between each block's attention and its MLP.
+
+    Left out: the merge's own products (bipartite scores, 2 * Na * Nb * C' per merging layer, and
+    PYRA's generators, 4 * merge_r * D), 0.04% of ViT-B/16 at 224 px (tests/test_families.py
+    counts them exactly), and element-wise operators, which ``torch.utils.flop_counter`` does not
+    count either.
+    """
     counts = token_counts(schedule, shape)
     blocks = sum(block_flops(counts[i], counts[i + 1], shape, i) for i in range(shape.depth))
-    return shape.fixed_flops + blocks + shape.pool_token_flops * counts[-1]
+    rebuilt = sum(counts[i] - shape.num_prefix_tokens for i in range(shape.depth) if any(schedule[:i]))
+    return shape.fixed_flops + blocks + shape.pool_token_flops * counts[-1] + shape.rope_token_flops * rebuilt
 
 
 def flops_fraction(schedule: list[int], shape: ViTShape) -> float:
