@@ -51,6 +51,15 @@ def clock_function(name: str) -> Clock:
     return CLOCKS[name]
 
 
+def check_clock(clock: Clock, device: str | torch.device) -> None:
+    """Refuse the process-CPU clock on CUDA: it counts the host's work, not the GPU's kernels."""
+    if clock is time.process_time and torch.device(device).type == "cuda":
+        raise ValueError(
+            f"clock 'cpu' (process CPU time) on {device} would time the host's work, not the GPU's; "
+            "use the wall clock on a GPU (benchmark --clock wall, --throughput.clock wall)"
+        )
+
+
 def load_average() -> list[float] | None:
     """The 1, 5 and 15 minute load averages (``None`` where the OS has none): how busy the machine was."""
     return [round(value, 2) for value in os.getloadavg()] if hasattr(os, "getloadavg") else None
@@ -179,6 +188,7 @@ def time_interleaved(
     if not fns:
         raise ValueError("nothing to time: no callables given")
     device = torch.device(device)
+    check_clock(clock, device)
     for _ in range(warmup):
         for fn in fns.values():
             fn()

@@ -241,6 +241,25 @@ def test_test_throughput_takes_threads_and_clock_and_results_say_how_it_was_meas
         InferenceThroughput(clock="gpu")  # type: ignore[arg-type]
 
 
+def test_the_cpu_clock_is_refused_on_cuda_before_training_and_before_timing() -> None:
+    """Process CPU time on a GPU counts the host's launches, not the kernels: a wrong speed-up."""
+    from pyra_lightning.timing import time_interleaved
+    from pyra_lightning.training.callbacks import InferenceThroughput
+
+    on_cuda = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    with pytest.raises(
+        ValueError, match=r"clock 'cpu' \(process CPU time\) on cuda:0 .*--throughput.clock wall"
+    ):
+        InferenceThroughput(clock="cpu").setup(on_cuda, None, "fit")  # type: ignore[arg-type]
+    InferenceThroughput(clock="wall").setup(on_cuda, None, "fit")  # type: ignore[arg-type]
+    InferenceThroughput(clock="cpu", enabled=False).setup(on_cuda, None, "fit")  # type: ignore[arg-type]
+    called: list[int] = []
+    with pytest.raises(ValueError, match="clock 'cpu'"):
+        time_interleaved({"f": lambda: called.append(1)}, 0, 1, "cuda", time.process_time)
+    assert not called, "refused before anything ran"
+    assert time_interleaved({"f": lambda: called.append(1)}, 0, 1, "cpu", time.process_time)["f"]
+
+
 def test_test_throughput_runs_on_compile_for_inference_engines_and_names_them(tmp_path: Path) -> None:
     """``--throughput.engine auto`` times both models through compile_for_inference on one engine
     (on a CPU: eager) and results.json names it."""

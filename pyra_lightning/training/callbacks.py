@@ -21,6 +21,7 @@ from pyra_lightning.patch import apply_merging, attention_kernel, merge_schedule
 from pyra_lightning.results import RESULTS_FILENAME, RunResult
 from pyra_lightning.timing import (
     ClockName,
+    check_clock,
     clock_function,
     conditions,
     images_per_second,
@@ -199,6 +200,10 @@ class InferenceThroughput(pl.Callback):
             bound[name] = compile_for_inference(model, example, engine, dtype)
             engine = bound[name].engine  # the first model resolves ``auto``
         return bound, engine
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.enabled:  # before training, not after it
+            check_clock(clock_function(self.clock), trainer.strategy.root_device)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled:
