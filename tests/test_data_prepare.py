@@ -109,6 +109,48 @@ def test_interrupted_task_never_looks_finished_and_rerun_completes(tmp_path: Pat
     assert prepare_vtab(tmp_path, ["cifar"], source=source) == []  # finished: skipped
 
 
+def test_progress_bar_counts_every_image_written_per_split(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One bar per split, its total the images that split's file lists, reached at the end; the bar
+    goes to stderr and stdout keeps only the summary line. A train split of 100 clips train800 to
+    train[:100] and val200 to train[90:100], so a total counted from the slices' nominal sizes fails."""
+    from tqdm import tqdm
+
+    import pyra_lightning.data.prepare as prepare
+
+    bars: list[tqdm] = []
+
+    class Recording(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(prepare, "tqdm", Recording)
+    summary = f"cifar: building from {SPECS['cifar'].builder} ({SPECS['cifar'].source})\n"
+    assert prepare_vtab(tmp_path, ["cifar"], source=FakeSource({"train": 100, "test": 30}, _cifar_like))
+    written = {
+        stem: len((tmp_path / "cifar" / f"{stem}.txt").read_text().splitlines())
+        for stem in ("train800", "val200", "test")
+    }
+    assert written == {"train800": 100, "val200": 10, "test": 30}
+    assert [(bar.desc, bar.total, bar.n) for bar in bars] == [
+        (f"cifar/{s}", n, n) for s, n in written.items()
+    ]
+    captured = capsys.readouterr()
+    assert captured.out == summary
+    assert "cifar/train800: 100%" in captured.err and "30/30" in captured.err
+
+    prepare_vtab(
+        tmp_path / "quiet",
+        ["cifar"],
+        source=FakeSource({"train": 100, "test": 30}, _cifar_like),
+        progress=False,
+    )
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == (summary, "")
+
+
 def test_a_foreign_task_folder_is_refused_before_anything_is_built(tmp_path: Path) -> None:
     """A ``cifar/`` that prepare did not finish (another tool's, half copied) cannot be replaced by
     the rename; it is refused first, not after minutes of writing images."""

@@ -96,6 +96,7 @@ def run_prepare(
     task: Sequence[str] | None = None,
     tfds_dir: str | None = None,
     verify: bool = True,
+    progress: bool = True,
 ) -> int:
     """Build VTAB-1k from tensorflow-datasets as PNG in the DataModule's layout, then verify it.
 
@@ -105,6 +106,8 @@ def run_prepare(
         task: tasks to build; all 19 by default. Finished tasks are skipped.
         tfds_dir: tensorflow-datasets' data_dir (its default, ~/tensorflow_datasets, otherwise).
         verify: run ``data verify`` on the result.
+        progress: show progress bars on stderr (one per task and split while writing, then
+            verify's), also when stderr is no terminal; ``--progress=false`` for quiet logs.
     """
     from pyra_lightning.data.prepare import prepare_vtab
 
@@ -112,8 +115,8 @@ def run_prepare(
         raise ValueError(
             f"data prepare builds 'vtab' only, got {benchmark!r}; FGVC-5 uses VPT's released splits"
         )
-    prepare_vtab(out, task, tfds_dir)
-    return run_verify(out, task, "vtab", progress=True) if verify else 0
+    prepare_vtab(out, task, tfds_dir, progress=progress)
+    return run_verify(out, task, "vtab", progress=progress) if verify else 0
 
 
 def main(argv: list[str] | None = None) -> None:

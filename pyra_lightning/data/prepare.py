@@ -14,6 +14,10 @@ four split files. A task is written into a hidden ``.<task>.partial`` folder and
 only when complete, so an interrupted run leaves no folder that looks finished; a rerun skips the
 finished tasks and starts the unfinished one again.
 
+Writing a task takes minutes (dSprites' test split alone holds 73,728 images), so each split shows
+a tqdm bar on stderr, ``<task>/<split>``, images written out of that split's total. stdout keeps
+only the one-line summaries, so a script reading them is unaffected.
+
 The TFDS side is isolated in ``TfdsSource`` (random access through ``as_data_source``, which needs
 no TensorFlow: install ``pip install 'pyra-lightning[prepare]'``). Tests substitute any object with the
 same two methods, or run it under ``tfds.testing.mock_data``.
@@ -22,6 +26,7 @@ same two methods, or run it under ``tfds.testing.mock_data``.
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +35,7 @@ from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from pyra_lightning.data.tasks import VTAB_TASKS, resolve_task
 
@@ -236,8 +242,19 @@ def is_finished(task_dir: Path) -> bool:
     )
 
 
-def write_task(name: str, spec: TaskSpec, source: Source, out: Path) -> Path:
+def write_task(name: str, spec: TaskSpec, source: Source, out: Path, progress: bool = True) -> Path:
     """Build one task in a hidden temporary folder under ``out`` and rename it to ``out/<name>``.
+
+    Args:
+        name: the task's folder name under ``out``.
+        spec: how task_adaptation builds it.
+        source: where the examples come from.
+        out: the VTAB-1k root.
+        progress: show one bar per split on stderr. Its total is counted before the first image is
+            written, from the same slices the loop writes, so the bar ends exactly at its total.
+            ``False`` writes nothing to stderr; ``True`` draws the bar even when stderr is no
+            terminal (tqdm's default, ``disable=False``, which we keep on purpose: a Slurm log is
+            where "is it stuck?" is asked most), redrawn at most every 0.5 s.
 
     Raises:
         FileExistsError: before anything is built, if ``out/<name>`` exists but is not a finished
@@ -260,17 +277,30 @@ def write_task(name: str, spec: TaskSpec, source: Source, out: Path) -> Path:
             lines[stem] = []
             folder = partial / "images" / stem
             folder.mkdir(parents=True)
-            index = 0
+            ranges: list[tuple[Sequence[Example], range]] = []
             for split, start, stop in parts:
                 examples = source.examples(spec.builder, split)
-                for position in range(start, len(examples) if stop is None else min(stop, len(examples))):
-                    image, label = spec.example(examples[position])
-                    rel = f"images/{stem}/{index:06d}.png"
-                    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(
-                        partial / rel, format="PNG"
-                    )
-                    lines[stem].append(f"{rel} {label}")
-                    index += 1
+                ranges.append(
+                    (examples, range(start, len(examples) if stop is None else min(stop, len(examples))))
+                )
+            total = sum(len(positions) for _, positions in ranges)
+            with tqdm(
+                total=total,
+                desc=f"{name}/{stem}",
+                unit="img",
+                file=sys.stderr,
+                disable=not progress,
+                mininterval=0.5,
+            ) as bar:
+                for examples, positions in ranges:
+                    for position in positions:
+                        image, label = spec.example(examples[position])
+                        rel = f"images/{stem}/{len(lines[stem]):06d}.png"
+                        Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(
+                            partial / rel, format="PNG"
+                        )
+                        lines[stem].append(f"{rel} {label}")
+                        bar.update()
         lines["train800val200"] = lines["train800"] + lines["val200"]
         for stem, content in lines.items():
             (partial / f"{stem}.txt").write_text("\n".join(content) + "\n", encoding="utf-8")
@@ -296,10 +326,19 @@ def prepare_vtab(
     tasks: Sequence[str] | None = None,
     tfds_dir: str | None = None,
     source: Source | None = None,
+    progress: bool = True,
 ) -> list[str]:
     """Build the VTAB-1k tasks (all 19 by default) under ``out``; return the names written now.
 
     Finished tasks are skipped, so an interrupted run is resumed by running it again.
+
+    Args:
+        out: the VTAB-1k root (one folder per task).
+        tasks: task names or aliases; all 19 by default.
+        tfds_dir: tensorflow-datasets' data_dir (its default otherwise).
+        source: the examples' source; ``TfdsSource(tfds_dir)`` by default (tests pass a fake).
+        progress: one bar per task and split on stderr (see ``write_task``); the summary lines on
+            stdout are printed either way.
     """
     out = Path(out)
     names = [resolve_task(t).name for t in tasks] if tasks else [t.name for t in VTAB_TASKS]
@@ -314,5 +353,5 @@ def prepare_vtab(
         source = TfdsSource(tfds_dir)
     for name in todo:
         print(f"{name}: building from {SPECS[name].builder} ({SPECS[name].source})")
-        write_task(name, SPECS[name], source, out)  # type: ignore[arg-type]
+        write_task(name, SPECS[name], source, out, progress)  # type: ignore[arg-type]
     return todo
