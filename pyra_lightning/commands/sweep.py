@@ -101,6 +101,10 @@ def slurm_array_index(slurm_array: bool | None, num_tasks: int) -> int | None:
 
 
 # ------------------------------------------------------------------------------- one task's run
+FIT_PREFIX = (sys.executable, "-m", "pyra_lightning", "fit")
+"""What every task's command starts with; its ``fit`` arguments follow."""
+
+
 def fit_command(
     config: Sequence[str], task: str, run_dir: Path, overrides: Sequence[str], benchmark: str = "vtab"
 ) -> list[str]:
@@ -109,7 +113,7 @@ def fit_command(
     ``run_dir`` is the run folder: checkpoints, logs and ``results.json`` all go there, so tasks
     can neither resume nor overwrite each other.
     """
-    command = [sys.executable, "-m", "pyra_lightning", "fit"]
+    command = [*FIT_PREFIX]
     command += [f"--config={path}" for path in config]
     command += [f"--data.task={task}", f"--run_dir={run_dir}"]
     command += [] if benchmark == "vtab" else [f"--data.benchmark={benchmark}"]
@@ -186,7 +190,11 @@ def run_sweep(
 
         pending = [run for run in runs if run.status != "skipped"]
         # one parse of the fit arguments for all tasks (only --data.task differs), data checked per task
-        problems = check_sweep_data(pending[0].command[4:], [run.task for run in pending]) if pending else {}
+        problems = (
+            check_sweep_data(pending[0].command[len(FIT_PREFIX) :], [run.task for run in pending])
+            if pending
+            else {}
+        )
         for run in runs:
             print(f"[{run.status}] {run.task}: " + (run.results_json or " ".join(run.command)))
             if run.task in problems:

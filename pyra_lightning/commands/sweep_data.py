@@ -32,7 +32,7 @@ def fit_data_config(fit_args: list[str]) -> dict[str, Any]:
     from pyra_lightning.training.cli import PyraCLI, build_cli
 
     class ParseOnly(PyraCLI):
-        def before_instantiate_classes(self) -> None:  # after the run folder's checks, before its lock
+        def before_instantiate_classes(self) -> None:  # parsed and linked, nothing built or written
             raise _Parsed(self.config[self.subcommand])
 
     try:
