@@ -35,9 +35,10 @@ from torch import nn
 
 Precision = Literal["32", "bf16", "16"]
 Clock = Callable[[], float]
-ClockName = Literal["wall", "cpu"]
+ClockName = Literal["wall", "cpu", "auto"]
 # "cpu": process CPU time; with one thread on a shared CPU it is the work done, not the waiting.
 CLOCKS: dict[str, Clock] = {"wall": time.perf_counter, "cpu": time.process_time}
+AUTO_CLOCK = "auto"  # resolved per device by ``resolve_clock``
 ENGINE = "eager"  # what the throughput callback times: the PyTorch model as it is (issue 17 adds more)
 
 AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "16": torch.float16}
@@ -51,12 +52,28 @@ def clock_function(name: str) -> Clock:
     return CLOCKS[name]
 
 
+def resolve_clock(name: str, device: str | torch.device, threads: int | None) -> str:
+    """The clock a measurement uses: ``name``, or for ``"auto"`` the one that suits ``device``.
+
+    ``auto`` is process CPU time on a CPU timed with one thread (there it is the work done, not
+    the time spent waiting for a core on a shared machine), and the wall clock otherwise: on a GPU
+    the kernels run outside the host process, and with several CPU threads process time adds them
+    up instead of measuring the latency. One config then times right on a laptop and on a GPU,
+    and the figure records the resolved name (``conditions``), never ``"auto"``.
+    """
+    if name == AUTO_CLOCK:
+        return "cpu" if torch.device(device).type == "cpu" and threads == 1 else "wall"
+    if name not in CLOCKS:
+        raise ValueError(f"clock={name!r}: expected one of {', '.join(CLOCKS)}, {AUTO_CLOCK}")
+    return name
+
+
 def check_clock(clock: Clock, device: str | torch.device) -> None:
     """Refuse the process-CPU clock on CUDA: it counts the host's work, not the GPU's kernels."""
     if clock is time.process_time and torch.device(device).type == "cuda":
         raise ValueError(
             f"clock 'cpu' (process CPU time) on {device} would time the host's work, not the GPU's; "
-            "use the wall clock on a GPU (benchmark --clock wall, --throughput.clock wall)"
+            "use the wall clock on a GPU (benchmark --clock wall or auto, --throughput.clock wall or auto)"
         )
 
 

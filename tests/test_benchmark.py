@@ -220,6 +220,18 @@ def test_main_rejects_bad_values(monkeypatch, flags: list[str]) -> None:
         main(flags)
 
 
+@pytest.mark.parametrize(("threads", "clock"), [(1, "cpu"), (None, "wall")])
+def test_benchmark_clock_auto_records_the_clock_it_resolved_to(
+    one_thread: None, threads: int | None, clock: str
+) -> None:
+    """``--clock auto`` on a CPU: process time with one thread, the wall clock with torch's own
+    thread count; the JSON says which, so two files never compare ``auto`` with ``auto`` blindly."""
+    result = run_benchmark(
+        merge_r=[2], batch_size=1, runs=1, warmup=0, threads=threads, clock="auto", **TINY_ARGS
+    )
+    assert result["args"]["clock"] == clock
+
+
 def test_measure_training_step_trains_only_lora_pyra_and_head(one_thread: None) -> None:
     model = build_model(merge_r=4, pyra=True, fold=False, **TINY_ARGS)
     for param in model.parameters():

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import CONFIGS
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
@@ -258,6 +259,40 @@ def test_the_cpu_clock_is_refused_on_cuda_before_training_and_before_timing() ->
         time_interleaved({"f": lambda: called.append(1)}, 0, 1, "cuda", time.process_time)
     assert not called, "refused before anything ran"
     assert time_interleaved({"f": lambda: called.append(1)}, 0, 1, "cpu", time.process_time)["f"]
+
+
+def test_the_auto_clock_is_cpu_time_on_one_cpu_thread_and_the_wall_clock_elsewhere() -> None:
+    """``auto`` picks per device, so one config neither times a GPU by the host nor a shared CPU
+    by the waiting; a named clock is kept, an unknown one refused with the names it could be."""
+    from pyra_lightning.timing import resolve_clock
+
+    assert resolve_clock("auto", "cpu", 1) == "cpu"
+    assert resolve_clock("auto", "cpu", None) == resolve_clock("auto", "cpu", 4) == "wall"
+    assert resolve_clock("auto", "cuda:0", 1) == resolve_clock("auto", torch.device("cuda"), None) == "wall"
+    assert resolve_clock("cpu", "cpu", 4) == "cpu" and resolve_clock("wall", "cpu", 1) == "wall"
+    with pytest.raises(ValueError, match="clock='gpu': expected one of wall, cpu, auto"):
+        resolve_clock("gpu", "cpu", 1)
+
+
+def test_the_quickstart_throughput_section_runs_on_a_gpu_and_records_the_clock_it_used(
+    tmp_path: Path,
+) -> None:
+    """The quickstart's config was refused on a GPU (cpu clock); with ``auto`` it takes the wall
+    clock there, and on this CPU results.json names the resolved clock, never ``auto``."""
+    import yaml
+
+    from pyra_lightning.results import read_result
+    from pyra_lightning.training.callbacks import InferenceThroughput, ResultsJSON
+
+    section = yaml.safe_load((CONFIGS / "quickstart.yaml").read_text())["throughput"]
+    assert section["clock"] == "auto" and section["threads"] == 1
+    on_cuda = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    InferenceThroughput(**section).setup(on_cuda, None, "fit")  # type: ignore[arg-type]
+    throughput = InferenceThroughput(**{**section, "batch_size": 2, "warmup": 0, "runs": 1})
+    results = ResultsJSON()
+    run_test_with(tmp_path, throughput, results)
+    benchmark = read_result(results.path)["benchmark"]
+    assert (benchmark["clock"], benchmark["threads"], benchmark["device"]) == ("cpu", 1, "cpu")
 
 
 def test_test_throughput_runs_on_compile_for_inference_engines_and_names_them(tmp_path: Path) -> None:

@@ -57,6 +57,7 @@ from pyra_lightning.timing import (
     device_name,
     load_average,
     num_threads,
+    resolve_clock,
     time_interleaved,
 )
 
@@ -199,7 +200,8 @@ def run_benchmark(
             ``None`` keeps torch's default.
         clock: ``"wall"`` (``time.perf_counter``), or ``"cpu"`` (process CPU time) for inference
             on a CPU shared with other jobs; use it with ``threads=1``, where CPU time is the work
-            done and not the time spent waiting for a core.
+            done and not the time spent waiting for a core. ``"auto"``: ``cpu`` on a CPU with
+            ``threads=1``, ``wall`` otherwise (``timing.resolve_clock``); the JSON names the one used.
         output: Write the results as JSON to this path.
         model_kwargs: Extra ``timm.create_model`` arguments, e.g. ``{"depth": 4}`` for a quick run.
         target_speedup: Instead of the comparison, find the gentlest schedule whose measured
@@ -228,6 +230,7 @@ def run_benchmark(
         ``target_speedup``: ``{"args", "environment", "target"}``.
     """
     args = dict(locals())
+    args["clock"] = resolve_clock(clock, device, threads)  # the JSON names the clock that timed
     if ckpt_path is None:  # with ckpt_path, unset ones become the checkpoint's (``_elastic_builder``)
         args.update({key: args[key] or default for key, default in DEFAULT_RULE.items()})
     if train_compile and not train:

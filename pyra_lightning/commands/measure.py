@@ -165,6 +165,7 @@ def measure_rows(
         load_average,
         num_threads,
         random_images,
+        resolve_clock,
         time_interleaved,
     )
 
@@ -178,6 +179,7 @@ def measure_rows(
     to_build = {timed_as[name]: spec for name, spec in specs.items()}
     to_build.update({_backbone_key(spec): {**spec, "merge_r": None} for spec in specs.values()})
     dev = torch.device(device)
+    clock = resolve_clock(clock, dev, threads)
     with num_threads(threads):
         measured = conditions(dev, clock, precision, batch_size, warmup, runs)
         models, inputs = {}, {}

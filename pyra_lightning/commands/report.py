@@ -58,7 +58,7 @@ def report(
     measure_device: str = "cpu",
     measure_precision: Literal["32", "bf16", "16"] = "32",
     measure_threads: int | None = None,
-    measure_clock: Literal["wall", "cpu"] = "wall",
+    measure_clock: Literal["wall", "cpu", "auto"] = "wall",
     measure_warmup: int = 3,
     measure_runs: int = 10,
     wandb_project: str | None = None,

@@ -27,6 +27,7 @@ from pyra_lightning.timing import (
     images_per_second,
     load_average,
     num_threads,
+    resolve_clock,
     time_forwards,
 )
 from pyra_lightning.training.runs import fingerprint, run_settings
@@ -96,6 +97,9 @@ class InferenceThroughput(pl.Callback):
             keeps torch's setting. On a CPU shared with other jobs, ``1`` with ``clock="cpu"``.
         clock: ``"wall"`` (``time.perf_counter``) or ``"cpu"`` (process CPU time, with ``threads=1``
             the work done rather than the time spent waiting for a core), as ``benchmark --clock``.
+            ``"auto"``: ``cpu`` on a CPU with ``threads=1``, ``wall`` on a GPU or with more threads
+            (``timing.resolve_clock``), so one config times right on both; ``results.json``
+            records the clock used.
         engine: How the deployed model runs while timed: ``eager``, or an engine of
             ``pyra_lightning.compile_for_inference`` (``inductor``, ``cudagraph``,
             ``inductor-cudagraph``, or ``auto``: the fastest available). On a GPU the eager merged
@@ -115,7 +119,8 @@ class InferenceThroughput(pl.Callback):
         engine: Literal["eager", "auto", "inductor", "cudagraph", "inductor-cudagraph"] = "eager",
         enabled: bool = True,
     ) -> None:
-        clock_function(clock)  # refuse an unknown clock when the run starts, not after training
+        # Refuse an unknown clock when the run starts, not after training.
+        resolve_clock(clock, "cpu", threads)
         if threads is not None and threads < 1:
             raise ValueError(f"throughput.threads must be a positive integer or null, got {threads}")
         self.batch_size = batch_size
@@ -165,9 +170,10 @@ class InferenceThroughput(pl.Callback):
         speed-ups compare like with like.
         """
         timed, engine = self._bind(models, img_size, device)
+        clock = resolve_clock(self.clock, device, self.threads)
         with num_threads(self.threads):
             measured = conditions(
-                device, self.clock, self.precision, self.batch_size, self.warmup, self.runs, engine
+                device, clock, self.precision, self.batch_size, self.warmup, self.runs, engine
             )
             # Round-robin timing: the speedup compares forwards taken side by side, not minutes apart.
             times = time_forwards(
@@ -178,7 +184,7 @@ class InferenceThroughput(pl.Callback):
                 precision=self.precision,
                 warmup=self.warmup,
                 runs=self.runs,
-                clock=clock_function(self.clock),
+                clock=clock_function(clock),
             )
         measured["loadavg_after"] = load_average()
         return times, measured
@@ -203,7 +209,8 @@ class InferenceThroughput(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.enabled:  # before training, not after it
-            check_clock(clock_function(self.clock), trainer.strategy.root_device)
+            device = trainer.strategy.root_device
+            check_clock(clock_function(resolve_clock(self.clock, device, self.threads)), device)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled:
