@@ -56,6 +56,8 @@ def report(
     measure: bool = False,
     measure_batch_size: int = 8,
     measure_device: str = "cpu",
+    # timing.Precision and timing.ClockName spelled out: importing timing would load torch, which
+    # a report that only reads tables never needs. Keep the two in step.
     measure_precision: Literal["32", "bf16", "16"] = "32",
     measure_threads: int | None = None,
     measure_clock: Literal["wall", "cpu", "auto"] = "wall",
