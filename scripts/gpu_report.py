@@ -22,16 +22,32 @@ def _num(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+_VERSIONS = ("torch", "cuda", "triton", "timm", "lightning", "onnxruntime")
+
+
+def _environment(parts: dict[str, Any]) -> dict[str, Any]:
+    """The ``env`` part's versions, or, where it did not run, the versions a measuring part
+    recorded (``speed``, ``kernels`` and ``train_step`` each keep torch, CUDA, timm, Triton, GPU)."""
+    env = parts.get("env", {}).get("result")
+    if env:
+        return env
+    for entry in parts.values():
+        versions = (entry.get("result") or {}).get("versions")
+        if versions:
+            return versions
+    return {}
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     """The block for BENCHMARKS.md: what ran, then the throughput table, memory, fits."""
     parts = report["parts"]
-    env = parts.get("env", {}).get("result", {})
+    env = _environment(parts)
+    found = ", ".join(f"{name} {env[name]}" for name in _VERSIONS if env.get(name) is not None)
     lines = [
         f"### GPU check, {report['date']}{' (dry run)' if report['dry_run'] else ''}",
         "",
-        f"`{report['command']}`: {env.get('gpu', report['device'])}, torch {env.get('torch')} "
-        f"(CUDA {env.get('cuda')}), timm {env.get('timm')}, lightning {env.get('lightning')}, "
-        f"onnxruntime {env.get('onnxruntime')}; {report['total_s']} s in all.",
+        f"`{report['command']}`: {env.get('gpu', report['device'])}, {found or 'versions not recorded'}; "
+        f"{report['total_s']} s in all.",
         "",
         "| part | status | seconds | note |",
         "|---|---|---:|---|",

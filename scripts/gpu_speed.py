@@ -60,6 +60,7 @@ def _settings(dry_run: bool) -> dict[str, Any]:
                 "tome/8+kernels": (8, False),
                 "pyra/8+kernels": (8, True),
                 "pyra/flops0.8-align8": (("flops", 0.8, 8), True),
+                "pyra/flops0.8-align8+kernels": (("flops", 0.8, 8), True),
             },
             "batch_sizes": [1, 2],
             "runs": 2,
@@ -78,6 +79,8 @@ def _settings(dry_run: bool) -> dict[str, Any]:
             "pyra/high+flex": ("high", True),
             # high's FLOPs fraction (0.289) from the solver with every token count a multiple of 8
             "pyra/high-align8": (("flops", 0.289, 8), True),
+            # the candidate best deployment, from the 2026-12-04 figures: both gains together
+            "pyra/high-align8+kernels": (("flops", 0.289, 8), True),
         },
         "batch_sizes": [1, 64, 256],
         "runs": 20,

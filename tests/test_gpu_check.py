@@ -110,7 +110,8 @@ def test_speed_and_ddp_parts_dry_run(tmp_path: Path) -> None:
     kernels = parts["kernels"]["result"]
     assert {(r["model"], r["batch_size"]) for r in kernels["rows"]} == {
         (m, b)
-        for m in ("uncompressed", "tome/8", "pyra/8", "tome/8+kernels", "pyra/8+kernels")
+        for m in ("uncompressed", "tome/8", "pyra/8", "pyra/flops0.8-align8")
+        + ("tome/8+kernels", "pyra/8+kernels", "pyra/flops0.8-align8+kernels")
         for b in (1, 2)
     }
     assert [r["batch_size"] for r in kernels["rows"]][0] == 2, "the largest batch first"
@@ -200,9 +201,34 @@ def test_every_kernel_row_has_its_torch_twin_on_the_gpu_settings() -> None:
     from gpu_speed import _settings
 
     names = kernel_models(_settings(dry_run=False)["models"])
-    assert names == ["uncompressed", "tome/high", "pyra/high", "tome/high+kernels", "pyra/high+kernels"]
+    assert names == [
+        "uncompressed",
+        "tome/high",
+        "pyra/high",
+        "pyra/high-align8",
+        "tome/high+kernels",
+        "pyra/high+kernels",
+        "pyra/high-align8+kernels",
+    ]
     with pytest.raises(ValueError, match="torch twins"):
         kernel_models({"uncompressed": None, "pyra/low+kernels": None})
+
+
+def test_the_report_names_the_versions_a_part_recorded_when_env_did_not_run() -> None:
+    """The 2026-12-04 run skipped ``env`` and its header read "torch None (CUDA None)": the
+    versions the speed part recorded are named instead, and an unknown one is left out."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from gpu_report import to_markdown
+
+    versions = {"torch": "2.11.0+cu130", "cuda": "13.0", "timm": "1.0.31", "gpu": "NVIDIA H200"}
+    report = {"date": "d", "dry_run": False, "command": "c", "device": "cuda", "total_s": 1.0}
+    report["parts"] = {
+        "speed": {"status": "ok", "seconds": 1.0, "result": {"rows": [], "versions": versions}}
+    }
+    header = to_markdown(report).splitlines()[2]
+    assert header == "`c`: NVIDIA H200, torch 2.11.0+cu130, cuda 13.0, timm 1.0.31; 1.0 s in all."
+    report["parts"]["speed"]["result"].pop("versions")
+    assert "versions not recorded" in to_markdown(report) and "None" not in to_markdown(report)
 
 
 def test_a_part_out_of_time_is_killed_with_what_it_started(tmp_path: Path) -> None:
