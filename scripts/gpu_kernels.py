@@ -160,7 +160,7 @@ def _matcher(device: Any, dry_run: bool) -> dict[str, Any]:
     fns = {"torch_ms": lambda: match(metric, merge_r, 1)}
     with torch.inference_mode():
         if use_triton(metric):
-            from pyra_lightning.kernels.matching import triton_match
+            from pyra_lightning.kernels.matching import triton_match, triton_node_max
 
             # Against the torch matcher on the same values in fp32, as the kernel computes: torch
             # on bf16 rounds the scores to bf16, whose ties pick other sources on most rows.
@@ -168,10 +168,36 @@ def _matcher(device: Any, dry_run: bool) -> dict[str, Any]:
             same = (got[0].sort(dim=1).values == want[0].sort(dim=1).values).all(dim=1)
             result["rows_with_the_same_sources_as_fp32_torch"] = same.float().mean().item()
             fns["triton_ms"] = lambda: triton_match(metric, merge_r, 1)
+            node_max, _ = triton_node_max(metric, 1)
+            result["device_ms"] = metric.is_cuda and device_ms(
+                {
+                    "torch": fns["torch_ms"],
+                    "triton": fns["triton_ms"],
+                    "triton kernel alone": lambda: triton_node_max(metric, 1),
+                    "sort of sources": lambda: torch.sort(node_max, dim=-1, descending=True),
+                }
+            )
         else:
             result["triton"] = "not run: needs CUDA tensors and Triton"
         result.update(_interleaved_ms(fns, device, 20))
     return result
+
+
+def device_ms(fns: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Median ms per call on the GPU's clock (``triton.testing.do_bench``: CUDA events, L2 flushed
+    between calls). The ``*_ms`` figures beside it are host-clock times with the GPU synchronised
+    around each call, so for one layer they include a launch and a synchronisation; these do not.
+    A failure is recorded in place of the figure, so it cannot cost the part its other rows. CUDA
+    only (``do_bench`` needs a GPU driver; under the interpreter the entry is ``False``)."""
+    from triton.testing import do_bench
+
+    out: dict[str, Any] = {}
+    for name, fn in fns.items():
+        try:
+            out[name] = do_bench(fn, return_mode="median")
+        except Exception as error:  # recorded, never fatal: the rows above are already measured
+            out[name] = f"{type(error).__name__}: {error}"[:200]
+    return out
 
 
 def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
@@ -201,6 +227,9 @@ def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
                 diffs = ((g - w).abs().max().item() for g, w in zip(got, want, strict=True))
                 result["max_abs_diff"] = max(diffs)
                 fns["triton_ms"] = lambda: triton_merge_wavg(merge, x, size, mod)
+                result["device_ms"] = x.is_cuda and device_ms(
+                    {"torch": fns["torch_ms"], "triton": fns["triton_ms"]}
+                )
             else:
                 result["triton"] = "not run: the kernels do not apply to these tensors"
         else:

@@ -231,6 +231,32 @@ def test_the_report_names_the_versions_a_part_recorded_when_env_did_not_run() ->
     assert "versions not recorded" in to_markdown(report) and "None" not in to_markdown(report)
 
 
+def test_device_timing_asks_triton_for_the_median_and_records_a_failure_in_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kernels part's GPU-clock figures (``device_ms``): each callable timed by
+    ``triton.testing.do_bench`` as a median; one that raises leaves its error, not a crash."""
+    import triton.testing
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from gpu_kernels import device_ms
+
+    calls: list[str] = []
+
+    def fake_do_bench(fn: Callable[[], object], return_mode: str) -> float:
+        calls.append(return_mode)
+        fn()
+        return 0.25
+
+    def broken() -> None:
+        raise RuntimeError("illegal address")
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    got = device_ms({"kernel": lambda: None, "broken": broken})
+    assert got == {"kernel": 0.25, "broken": "RuntimeError: illegal address"}
+    assert calls == ["median", "median"]
+
+
 def test_a_part_out_of_time_is_killed_with_what_it_started(tmp_path: Path) -> None:
     """The driver kills a part's whole process group on timeout (a compile worker or a DDP rank
     left running would share the GPU with the next part), and keeps what it printed."""
