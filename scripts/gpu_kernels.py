@@ -1,16 +1,17 @@
 """The ``kernels`` part of scripts/gpu_check.py: the Triton matcher and merger on the GPU.
 
-No GPU has run these kernels before this part (the test suite runs them under Triton's
-interpreter, ``tools/aot_kernels.py`` compiles them for Hopper), so they get a process of their
+The test suite runs these kernels only under Triton's interpreter (``tools/aot_kernels.py``
+compiles them for Hopper; a GPU first ran them on 2026-12-04), so they get a process of their
 own, after ``speed``: an illegal address in a kernel poisons the CUDA context, and here it costs
 only this part. In order, each result saved as it finishes:
 
 1. parity: PYRA high with its modulation weights drawn at random (zeros would hide the
    modulation), logits with the torch rule against the same model on the Triton rule
    (``set_merge_rule``), fp32 and bf16 autocast;
-2. one layer's matching and one layer's merge alone, Triton against torch;
-3. eager and ``cudagraph`` groups of the uncompressed model, ToMe high and PYRA high on torch
-   and on the kernels (``+kernels``), each group (one engine, one batch) timed side by side
+2. one layer's matching and one layer's merge alone, Triton against torch, on the host clock
+   and on the GPU's (``device_ms``);
+3. eager and ``cudagraph`` groups of the uncompressed model, ToMe high, PYRA high and PYRA at
+   high's FLOPs with ``align=8`` on torch and on the kernels (``+kernels``), each group (one engine, one batch) timed side by side
    (``gpu_speed._build_and_time_group``); batch 256, then 64, then 1. A group that would pass the part's
    limit is skipped and named;
 4. kernels per forward at batch 64, after every timing.
