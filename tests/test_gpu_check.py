@@ -257,6 +257,23 @@ def test_device_timing_asks_triton_for_the_median_and_records_a_failure_in_place
     assert calls == ["median", "median"]
 
 
+def test_a_compile_is_expected_to_take_as_long_as_the_slowest_of_its_kind() -> None:
+    """On 2026-12-04 one estimate for every compile (the slowest, 102 s for PYRA high) skipped an
+    uncompressed compile (21 s) that fitted: the estimate is kept per kind."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from gpu_speed import FIRST_COMPILE_S, compile_estimate_s, note_compile_s
+
+    seen: dict[str, float] = {}
+    assert compile_estimate_s(seen, "uncompressed") == FIRST_COMPILE_S
+    note_compile_s(seen, "uncompressed", 21.0)
+    assert compile_estimate_s(seen, "uncompressed") == 21.0
+    assert compile_estimate_s(seen, "pyra/high") == FIRST_COMPILE_S, "a merged model is not yet measured"
+    note_compile_s(seen, "pyra/high", 102.0)
+    note_compile_s(seen, "tome/high", 80.0)
+    assert compile_estimate_s(seen, "pyra/high+flex") == 102.0, "the slowest merged compile"
+    assert compile_estimate_s(seen, "uncompressed") == 21.0
+
+
 def test_a_part_out_of_time_is_killed_with_what_it_started(tmp_path: Path) -> None:
     """The driver kills a part's whole process group on timeout (a compile worker or a DDP rank
     left running would share the GPU with the next part), and keeps what it printed."""
