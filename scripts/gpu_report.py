@@ -29,7 +29,7 @@ def _environment(parts: dict[str, Any]) -> dict[str, Any]:
     """The ``env`` part's versions, or, where it did not run, the versions a measuring part
     recorded (``speed``, ``kernels`` and ``train_step`` each keep torch, CUDA, timm, Triton, GPU)."""
     env = parts.get("env", {}).get("result")
-    if env:
+    if env and "torch" in env:  # a failed env part leaves no versions: look further
         return env
     for entry in parts.values():
         versions = (entry.get("result") or {}).get("versions")

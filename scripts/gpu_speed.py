@@ -243,7 +243,7 @@ def part_speed(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, A
     cuda = device.type == "cuda"
     limit = args.part_limit_s or 360
     out: dict[str, Any] = {"rows": [], "skipped": [], "kernels": {}, "peak_memory_mib": {}}
-    out["versions"] = _versions(device)
+    out["versions"] = _versions(torch.device(args.device))
     out["engines"] = ["eager", "cudagraph", "inductor-cudagraph"] if cuda else ["eager"]
     if not cuda:
         out["skipped"].append("cudagraph, inductor-cudagraph: need CUDA")
@@ -411,6 +411,7 @@ def part_train_step(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[s
     spec = 8 if args.dry_run else "high"
     variants = {"uncompressed": (None, False), f"tome/{spec}": (spec, False), f"pyra/{spec}": (spec, True)}
     out: dict[str, Any] = {"precision": "bf16" if cuda else "32", "rows": [], "skipped": []}
+    out["versions"] = _versions(torch.device(args.device))
     started = time.perf_counter()
 
     def measure(names: list[str], batch: int, compiled: bool) -> None:
