@@ -11,9 +11,9 @@ only this part. In order, each result saved as it finishes:
 2. one layer's matching and one layer's merge alone, Triton against torch, on the host clock
    and on the GPU's (``device_ms``);
 3. eager and ``cudagraph`` groups of the uncompressed model, ToMe high, PYRA high and PYRA at
-   high's FLOPs with ``align=8`` on torch and on the kernels (``+kernels``), each group (one engine, one batch) timed side by side
-   (``gpu_speed._build_and_time_group``); batch 256, then 64, then 1. A group that would pass the part's
-   limit is skipped and named;
+   high's FLOPs with ``align=8`` on torch and on the kernels (``+kernels``), each group (one
+   engine, one batch) timed side by side (``gpu_speed._build_and_time_group``); batch 256, then
+   64, then 1. A group that would pass the part's limit is skipped and named;
 4. kernels per forward at batch 64, after every timing.
 """
 
@@ -169,15 +169,16 @@ def _matcher(device: Any, dry_run: bool) -> dict[str, Any]:
             same = (got[0].sort(dim=1).values == want[0].sort(dim=1).values).all(dim=1)
             result["rows_with_the_same_sources_as_fp32_torch"] = same.float().mean().item()
             fns["triton_ms"] = lambda: triton_match(metric, merge_r, 1)
-            node_max, _ = triton_node_max(metric, 1)
-            result["device_ms"] = metric.is_cuda and device_ms(
-                {
-                    "torch": fns["torch_ms"],
-                    "triton": fns["triton_ms"],
-                    "triton kernel alone": lambda: triton_node_max(metric, 1),
-                    "sort of sources": lambda: torch.sort(node_max, dim=-1, descending=True),
-                }
-            )
+            if metric.is_cuda:  # do_bench needs a GPU driver, which the interpreter has not
+                node_max, _ = triton_node_max(metric, 1)
+                result["device_ms"] = device_ms(
+                    {
+                        "torch": fns["torch_ms"],
+                        "triton": fns["triton_ms"],
+                        "triton kernel alone": lambda: triton_node_max(metric, 1),
+                        "sort of sources": lambda: torch.sort(node_max, dim=-1, descending=True),
+                    }
+                )
         else:
             result["triton"] = "not run: needs CUDA tensors and Triton"
         result.update(_interleaved_ms(fns, device, 20))
@@ -189,7 +190,7 @@ def device_ms(fns: dict[str, Callable[[], Any]]) -> dict[str, Any]:
     between calls). The ``*_ms`` figures beside it are host-clock times with the GPU synchronised
     around each call, so for one layer they include a launch and a synchronisation; these do not.
     A failure is recorded in place of the figure, so it cannot cost the part its other rows. CUDA
-    only (``do_bench`` needs a GPU driver; under the interpreter the entry is ``False``)."""
+    tensors only: ``do_bench`` needs a GPU driver."""
     from triton.testing import do_bench
 
     out: dict[str, Any] = {}
@@ -228,9 +229,8 @@ def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
                 diffs = ((g - w).abs().max().item() for g, w in zip(got, want, strict=True))
                 result["max_abs_diff"] = max(diffs)
                 fns["triton_ms"] = lambda: triton_merge_wavg(merge, x, size, mod)
-                result["device_ms"] = x.is_cuda and device_ms(
-                    {"torch": fns["torch_ms"], "triton": fns["triton_ms"]}
-                )
+                if x.is_cuda:  # do_bench needs a GPU driver, which the interpreter has not
+                    result["device_ms"] = device_ms({"torch": fns["torch_ms"], "triton": fns["triton_ms"]})
             else:
                 result["triton"] = "not run: the kernels do not apply to these tensors"
         else:

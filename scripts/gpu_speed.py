@@ -243,7 +243,7 @@ def part_speed(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, A
     cuda = device.type == "cuda"
     limit = args.part_limit_s or 360
     out: dict[str, Any] = {"rows": [], "skipped": [], "kernels": {}, "peak_memory_mib": {}}
-    out["versions"] = _versions(torch.device(args.device))
+    out["versions"] = _versions(device)
     out["engines"] = ["eager", "cudagraph", "inductor-cudagraph"] if cuda else ["eager"]
     if not cuda:
         out["skipped"].append("cudagraph, inductor-cudagraph: need CUDA")
