@@ -28,6 +28,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from pyra_lightning.kernels.ops import compile_traced
 from pyra_lightning.merge import MergeFn, Modulate, UnmergeFn, bipartite_soft_matching, merge_wavg
 from pyra_lightning.merge_reference import bipartite_soft_matching_reference
 
@@ -84,7 +85,8 @@ class TritonMatcher:
     """Bipartite soft matching with the scores' row max/argmax in one Triton kernel (CUDA).
 
     The (B, Na, Nb) score matrix is never stored (``kernels.matching``). It runs on CUDA tensors
-    in eager mode and under CUDA-graph capture; elsewhere, and while torch.compile or an export
+    in eager mode, under CUDA-graph capture and compiled (``torch.compile`` keeps it as the
+    ``pyra_lightning::node_max`` operator, ``kernels.ops``); elsewhere, and while an export
     traces the model, it is the torch matcher. Ties: the lowest B index wins a row's maximum, as
     ``max`` does on the same device for distinct scores; exactly equal scores may pick another
     partner than torch's reduction.
@@ -98,9 +100,11 @@ class TritonMatcher:
     ) -> tuple[MergeFn, UnmergeFn]:
         from pyra_lightning.kernels.matching import triton_match
 
-        traced = torch.compiler.is_compiling() or torch.jit.is_tracing() or type(metric) is not torch.Tensor
+        exported = not compile_traced() and (
+            torch.compiler.is_compiling() or torch.jit.is_tracing() or type(metric) is not torch.Tensor
+        )
         return bipartite_soft_matching(
-            metric, merge_r, num_prefix_tokens, match_fn=None if traced else triton_match
+            metric, merge_r, num_prefix_tokens, match_fn=None if exported else triton_match
         )
 
 
@@ -132,9 +136,10 @@ class TritonWeightedAverage(WeightedAverage):
     """The size-weighted average with PYRA's modulation and the size update in two Triton kernels.
 
     ``kernels.merging.triton_merge_wavg``: in inference on CUDA tensors (eager or under CUDA-graph
-    capture) one layer's merge is two launches instead of about 30 operators; where autograd must
-    record it (training), while a graph is traced (so under the inductor engines it is the torch
-    path, compiled), on CPU, for fp64 and for the ablation modulations it is ``merge_wavg`` itself.
+    capture) one layer's merge is two launches instead of about 30 operators, and compiled it is
+    one ``pyra_lightning::merge_wavg`` node of the graph (``kernels.ops``); where autograd must
+    record it (training), while an export traces the model, on CPU, for fp64 and for the
+    ablation modulations it is ``merge_wavg`` itself.
     The kernels compute in fp32: equal to ``"wavg"`` up to the order of sums for fp32 tokens, and
     closer to exact than the torch path for bf16/fp16 tokens (or matmuls under bf16 autocast).
     """

@@ -351,3 +351,18 @@ def test_a_stopped_driver_stops_its_part_and_keeps_what_finished(tmp_path: Path)
     assert "kernels" not in report["parts"], "no part starts after the signal"
     part = f"--part\0speed\0--device\0cpu\0--out\0{tmp_path}"
     assert _all_gone(lambda: _processes_with(part)), "the part still runs"
+
+
+def test_every_compiled_pair_names_a_model_of_the_gpu_settings() -> None:
+    """The compiled plan is read only on a GPU: a name it lists that the settings lack would fail
+    there, minutes into a lent device's time, so check it here."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from gpu_speed import COMPILED, _settings
+
+    models = _settings(dry_run=False)["models"]
+    batches = _settings(dry_run=False)["batch_sizes"]
+    assert [name for name, _ in COMPILED if name not in models] == []
+    assert {batch for _, batch in COMPILED} <= set(batches)
+    for name, batch in COMPILED:  # every compiled group has its baseline, compiled before it
+        if name != "uncompressed":
+            assert COMPILED.index(("uncompressed", batch)) < COMPILED.index((name, batch))

@@ -239,6 +239,76 @@ print("counted", counts["triton"], "kernels", counter.get_total_flops())
 """
 
 
+_COMPILE_CHECK = """
+import timm, torch
+import pyra_lightning
+import pyra_lightning.kernels.matching as matching, pyra_lightning.kernels.merging as merging
+from pyra_lightning import apply_merging
+torch.manual_seed(0)
+kw = dict(pretrained=False, img_size=32, patch_size=4, embed_dim=48, depth=3, num_heads=3, num_classes=5)
+model = timm.create_model("vit_tiny_patch16_224", **kw).eval()
+apply_merging(model, merge_r=8, pyra=True, matcher="triton", merger="triton")
+with torch.no_grad():  # W_D starts at 0 (the identity): give the modulation a value
+    for block in model.blocks:
+        block.pyra.weight_d.add_(torch.randn_like(block.pyra.weight_d))
+x = torch.randn(2, 3, 32, 32)
+
+# the library's own check of each operator: schema, fake (shape) kernel, tracing
+metric = torch.randn(2, 17, 8)
+torch.library.opcheck(torch.ops.pyra_lightning.node_max, (metric, 1))
+merge = pyra_lightning.merge.bipartite_soft_matching(metric, 4, 1)[0]
+tokens, size = torch.randn(2, 17, 24), torch.rand(2, 17, 1) + 1
+pyra = pyra_lightning.modulation.PyraModulation(4, 24)
+with torch.no_grad():
+    pyra.weight_d.add_(1.0)
+    args = (tokens, size, merge.perm(True).contiguous(), merge.dst_out.contiguous(),
+            pyra.norm.weight, pyra.norm.bias, pyra.weight_r, pyra.weight_d, pyra.norm.eps)
+    torch.library.opcheck(torch.ops.pyra_lightning.merge_wavg, args)
+    torch.library.opcheck(torch.ops.pyra_lightning.merge_wavg, (*args[:4], None, None, None, None, 0.0))
+
+# compiled: one node per operator and layer in the graph torch.compile hands its backend
+nodes = []
+def record(gm, inputs):
+    nodes.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+    return gm.forward
+with torch.no_grad():
+    want = model(x)
+    got = torch.compile(model, backend=record, fullgraph=True)(x)
+assert nodes.count("pyra_lightning.node_max") == 3 and nodes.count("pyra_lightning.merge_wavg") == 3, nodes
+torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+# the inductor engine launches the kernels (counted at their launch functions) and agrees
+launches = {"match": 0, "merge": 0}
+node_max, launch_merge = matching.triton_node_max, merging.launch_merge
+def counted_match(*args):
+    launches["match"] += 1
+    return node_max(*args)
+def counted_merge(*args):
+    launches["merge"] += 1
+    return launch_merge(*args)
+matching.triton_node_max, merging.launch_merge = counted_match, counted_merge
+run = pyra_lightning.compile_for_inference(model, x, engine="inductor")
+launches.update(match=0, merge=0)
+torch.testing.assert_close(run(x), want, rtol=1e-5, atol=1e-5)
+assert launches == {"match": 3, "merge": 3}, launches
+
+# an export takes the torch rule: its graph must run where Triton and this package are not
+exported = torch.export.export(model, (x,))
+assert not [n for n in exported.graph.nodes if "pyra_lightning" in str(n.target)]
+torch.testing.assert_close(exported.module()(x), want, rtol=1e-5, atol=1e-5)
+print("compiled with the kernels")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_compiled_models_keep_the_triton_kernels_and_exports_do_not() -> None:
+    """The kernels are custom operators (``kernels.ops``): ``torch.library.opcheck`` passes for
+    both, a compiled ``"triton"`` model holds one node of each per merging layer and launches
+    them under the inductor engine with eager's output, and an export has the torch rule."""
+    assert "compiled with the kernels" in run_interpreted(_COMPILE_CHECK)
+
+
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 def test_count_flops_counts_the_triton_rules_as_the_torch_rules_they_compute() -> None:
     """Where the kernels run (CUDA; here the interpreter), a ``FlopCounterMode`` cannot see the

@@ -8,8 +8,10 @@
   a ``log(size)`` mask, FlexAttention with a ``score_mod``).
 
 Each kernel function has the semantics of its torch counterpart and dispatches to Triton only
-for CUDA tensors when Triton imports (``use_triton``); anything else runs the torch path. Tests
-run the kernels on CPU under Triton's interpreter (``TRITON_INTERPRET=1``).
+for CUDA tensors when Triton imports (``use_triton``); anything else runs the torch path. Under
+``torch.compile`` the kernels are custom operators (``ops``), one opaque node each in the
+compiled graph; exports take the torch path. Tests run the kernels on CPU under Triton's
+interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from pyra_lightning.kernels import on_device_of, use_triton
+from pyra_lightning.kernels.ops import compile_traced
 
 
 def _kernel():  # type: ignore[no-untyped-def]
@@ -154,7 +155,10 @@ def triton_match(metric: torch.Tensor, merge_r: int, num_prefix_tokens: int) -> 
 
     if not use_triton(metric):
         return match(metric, merge_r, num_prefix_tokens)
-    node_max, node_idx = triton_node_max(metric, num_prefix_tokens)
+    if compile_traced():  # one node of the compiled graph
+        node_max, node_idx = torch.ops.pyra_lightning.node_max(metric, num_prefix_tokens)
+    else:
+        node_max, node_idx = triton_node_max(metric, num_prefix_tokens)
     edge_idx = torch.sort(node_max, dim=-1, descending=True).indices  # (B, Na), as the torch path
     src, unm = edge_idx.split([merge_r, edge_idx.shape[1] - merge_r], dim=1)
     dst = node_idx.gather(1, src)

@@ -21,20 +21,22 @@ input dtype; products run in IEEE fp32 (no TF32). Results equal the torch path's
 in bf16, the kernel's in fp32).
 
 There is no backward: where autograd must record the merge (a training step) the torch path
-runs, and so it does while a graph is traced (``torch.compile``, which fuses the torch path
-itself, so a ``+kernels`` model compiled computes what the plain one does; ``torch.jit.trace``;
-exports), for CPU tensors without the interpreter, for fp64 (the kernels compute in fp32), for
-modulations other than ``"pyra"`` (the ablations), and for a matcher's merge that is not a
-``BipartiteMerge``. Launches go to the GPU that holds ``x``.
+runs, and so it does while an export traces the model (``torch.export``, ONNX, ``torch.jit``:
+their graphs must run without Triton), for CPU tensors without the interpreter, for fp64 (the
+kernels compute in fp32), for modulations other than ``"pyra"`` (the ablations), and for a
+matcher's merge that is not a ``BipartiteMerge``. Under ``torch.compile`` the kernels run as
+the ``pyra_lightning::merge_wavg`` custom operator (``kernels.ops``). Launches go to the GPU
+that holds ``x``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from pyra_lightning.kernels import on_device_of, use_triton
+from pyra_lightning.kernels.ops import compile_traced
 from pyra_lightning.merge import BipartiteMerge, Modulate, fusable_pyra, merge_wavg
 
 try:  # ships with torch's CUDA builds; the kernels below are defined only where it imports
@@ -179,13 +181,17 @@ def _needs_autograd(x: torch.Tensor, size: torch.Tensor | None, modulate: Modula
 
 
 def kernel_applies(merge: Any, x: torch.Tensor, size: torch.Tensor | None, modulate: Modulate | None) -> bool:
-    """Whether ``triton_merge_wavg`` runs its kernels for these arguments (else the torch path)."""
-    if not isinstance(merge, BipartiteMerge) or type(x) is not torch.Tensor or x.dtype not in KERNEL_DTYPES:
-        return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    """Whether ``triton_merge_wavg`` runs its kernels for these arguments (else the torch path):
+    eager on real tensors where Triton launches, or while ``torch.compile`` traces for the
+    devices the kernels launch on (then through the ``pyra_lightning::merge_wavg`` operator)."""
+    if not isinstance(merge, BipartiteMerge) or x.dtype not in KERNEL_DTYPES:
         return False
     if modulate is not None and not fusable_pyra(modulate, merge.merge_r):
         return False
+    if not compile_traced() and (
+        torch.compiler.is_compiling() or torch.jit.is_tracing() or type(x) is not torch.Tensor
+    ):
+        return False  # an export (its graph must run without Triton) or a tensor subclass
     tensors = (x,) if size is None else (x, size)
     return use_triton(*tensors) and not _needs_autograd(x, size, modulate)
 
@@ -206,18 +212,28 @@ def triton_merge_wavg(
     """
     if not kernel_applies(merge, x, size, modulate):
         return merge_wavg(merge, x, size, modulate=modulate)
-    batch, num_tokens, channels = x.shape
-    if num_tokens != merge.num_tokens:
-        raise ValueError(f"merge was matched on {merge.num_tokens} tokens but got a tensor of {num_tokens}")
-    merge_r = merge.merge_r
-    kept = num_tokens - merge_r
+    if x.shape[1] != merge.num_tokens:
+        raise ValueError(f"merge was matched on {merge.num_tokens} tokens but got a tensor of {x.shape[1]}")
     perm = merge.perm(with_dst=modulate is not None).contiguous()  # (B, kept + r [+ r])
     dst_out = merge.dst_out.contiguous()  # (B, r)
-    out = torch.empty(batch, kept, channels, device=x.device, dtype=x.dtype)
-    out_size = torch.empty(batch, kept, 1, device=x.device, dtype=x.dtype)
-    with on_device_of(x):  # launch on x's GPU
-        _launch(x, size, modulate, merge, perm, dst_out, out, out_size)
-    return out, out_size
+    weights = None
+    if modulate is not None:
+        norm = modulate.norm
+        weights = ModulationWeights(norm.weight, norm.bias, modulate.weight_r, modulate.weight_d, norm.eps)
+    if compile_traced():
+        return torch.ops.pyra_lightning.merge_wavg(x, size, perm, dst_out, *(weights or (None,) * 4 + (0.0,)))
+    return launch_merge(x, size, perm, dst_out, weights)
+
+
+class ModulationWeights(NamedTuple):
+    """PYRA's parameters as the modulation kernel reads them (eqs. 4-7): the LayerNorm's affine
+    weight and bias and epsilon, ``W_r`` (its first ``merge_r`` rows) and ``W_D``."""
+
+    norm_weight: torch.Tensor
+    norm_bias: torch.Tensor
+    weight_r: torch.Tensor
+    weight_d: torch.Tensor
+    eps: float
 
 
 def modulate_blocks(channels: int) -> dict[str, int]:
@@ -239,37 +255,41 @@ def merge_blocks(channels: int) -> dict[str, int]:
     return {"BLOCK_T": 32, "BLOCK_R": 16, "BLOCK_C": min(128, max(16, triton.next_power_of_2(channels)))}
 
 
-def _launch(
+def launch_merge(
     x: torch.Tensor,
     size: torch.Tensor | None,
-    modulate: Any,
-    merge: BipartiteMerge,
     perm: torch.Tensor,
     dst_out: torch.Tensor,
-    out: torch.Tensor,
-    out_size: torch.Tensor,
-) -> None:
-    """Run the kernels: ``modulate_kernel`` for PYRA into a (B, merge_r, C) fp32 buffer, then ``merge_kernel``."""
+    weights: ModulationWeights | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the kernels on ``x``'s GPU: ``modulate_kernel`` for PYRA (``weights`` given) into a
+    (B, merge_r, C) fp32 buffer, then ``merge_kernel``; the merged tokens and sizes.
+
+    ``perm`` and ``dst_out`` are a ``BipartiteMerge``'s, contiguous; ``merge_r`` is ``dst_out``'s width.
+    """
     batch, num_tokens, channels = x.shape
-    merge_r = merge.merge_r
+    merge_r = dst_out.shape[1]
     kept = num_tokens - merge_r
+    out = torch.empty(batch, kept, channels, device=x.device, dtype=x.dtype)
+    out_size = torch.empty(batch, kept, 1, device=x.device, dtype=x.dtype)
     size_arg = x if size is None else size  # a placeholder pointer when there are no sizes
     size_strides = (0, 0) if size is None else (size.stride(0), size.stride(1))
     sources = out  # a placeholder pointer for ToMe
-    if modulate is not None:
-        norm = modulate.norm
-        sources = torch.empty(batch, merge_r, channels, device=x.device, dtype=torch.float32)
-        modulate_kernel[(batch,)](
-            x, size_arg, perm, norm.weight, norm.bias, modulate.weight_r, modulate.weight_d, sources,
-            kept, merge_r, channels, norm.eps,
-            x.stride(0), x.stride(1), x.stride(2), *size_strides, perm.stride(0), modulate.weight_r.stride(0),
-            HAS_SIZE=size is not None, **modulate_blocks(channels),
+    with on_device_of(x):  # Triton launches on the current GPU
+        if weights is not None:
+            sources = torch.empty(batch, merge_r, channels, device=x.device, dtype=torch.float32)
+            modulate_kernel[(batch,)](
+                x, size_arg, perm, weights.norm_weight, weights.norm_bias, weights.weight_r, weights.weight_d,
+                sources, kept, merge_r, channels, weights.eps,
+                x.stride(0), x.stride(1), x.stride(2), *size_strides, perm.stride(0), weights.weight_r.stride(0),
+                HAS_SIZE=size is not None, **modulate_blocks(channels),
+            )  # fmt: skip
+        blocks = merge_blocks(channels)
+        grid = (batch, triton.cdiv(kept, blocks["BLOCK_T"]), triton.cdiv(channels, blocks["BLOCK_C"]))
+        merge_kernel[grid](
+            x, size_arg, perm, dst_out, sources, out, out_size,
+            kept, merge_r, channels,
+            x.stride(0), x.stride(1), x.stride(2), *size_strides, perm.stride(0), dst_out.stride(0),
+            HAS_SIZE=size is not None, MODULATED=weights is not None, **blocks,
         )  # fmt: skip
-    blocks = merge_blocks(channels)
-    grid = (batch, triton.cdiv(kept, blocks["BLOCK_T"]), triton.cdiv(channels, blocks["BLOCK_C"]))
-    merge_kernel[grid](
-        x, size_arg, perm, dst_out, sources, out, out_size,
-        kept, merge_r, channels,
-        x.stride(0), x.stride(1), x.stride(2), *size_strides, perm.stride(0), dst_out.stride(0),
-        HAS_SIZE=size is not None, MODULATED=modulate is not None, **blocks,
-    )  # fmt: skip
+    return out, out_size
