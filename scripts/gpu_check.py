@@ -53,7 +53,10 @@ from pyra_lightning.files import atomic_write_text  # noqa: E402
 # name -> (time limit in seconds on a GPU, what it measures)
 PARTS: dict[str, tuple[int, str]] = {
     "speed": (300, "issue 17: engines x models x batch 1/64/256, kernel counts, memory, attention"),
-    "kernels": (100, "issue 17: the Triton matcher and merger on the GPU: parity, eager/cudagraph rows"),
+    "kernels": (
+        120,
+        "issue 17: the Triton matcher and merger on the GPU: parity, eager/cudagraph rows, bf16-true",
+    ),
     "ddp_fit": (90, "2-process DDP (gloo) on one GPU, bf16 autocast: trains, throughput over ranks"),
     "train_step": (
         200,

@@ -14,7 +14,9 @@ only this part. In order, each result saved as it finishes:
    high's FLOPs with ``align=8`` on torch and on the kernels (``+kernels``), each group (one
    engine, one batch) timed side by side (``gpu_speed._build_and_time_group``); batch 256, then
    64, then 1. A group that would pass the part's limit is skipped and named;
-4. kernels per forward at batch 64, after every timing.
+4. ``bf16-true`` groups (``gpu_speed.HELD``) at batch 256 and 64 on ``cudagraph``: the
+   uncompressed model and the PYRA models held in bf16 and run without autocast;
+5. kernels per forward at batch 64, after every timing.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gpu_speed import (
+    HELD,
     KERNELS,
     _build,
     _build_and_time_group,
@@ -46,7 +49,7 @@ def part_kernels(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str,
 
     s = _settings(args.dry_run)
     device = torch.device(args.device)
-    limit = args.part_limit_s or 100
+    limit = args.part_limit_s or 120
     out: dict[str, Any] = {"rows": [], "skipped": [], "kernels": {}, "versions": _versions(device)}
     out["engines"] = ["eager", "cudagraph"] if device.type == "cuda" else ["eager"]
     if device.type != "cuda":
@@ -75,6 +78,15 @@ def part_kernels(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str,
                 continue
             _build_and_time_group(out, models, x, engine, s, part="kernels")
             keep()
+    held = held_models(models)
+    for batch in sorted(s["batch_sizes"], reverse=True)[:2]:
+        if time.perf_counter() - started > limit - 15:
+            out["skipped"].append(f"{HELD} batch {batch}: the part's {limit:.0f} s are spent")
+            continue
+        x = torch.randn(batch, 3, s["img_size"], s["img_size"], device=device, dtype=torch.bfloat16)
+        _build_and_time_group(out, held, x, out["engines"][-1], s, part="kernels")
+        keep()
+    held = None
     if time.perf_counter() - started > limit - 10:
         out["skipped"].append(f"kernel counts: the part's {limit:.0f} s are spent")
     else:
@@ -85,6 +97,18 @@ def part_kernels(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str,
         keep()
     _say(f"done in {time.perf_counter() - started:.0f} s", part="kernels")
     return out
+
+
+def held_models(models: dict[str, Any]) -> dict[str, Any]:
+    """bf16 copies of the uncompressed model and of every PYRA model, for the ``bf16-true`` groups
+    (``gpu_speed.HELD``): the model held in bf16 and run without autocast, on the torch rule and
+    on the kernels (which compute in fp32 whatever they read)."""
+    import copy
+
+    import torch
+
+    keep = [name for name in models if name == "uncompressed" or name.startswith("pyra/")]
+    return {name: copy.deepcopy(models[name]).to(torch.bfloat16) for name in keep}
 
 
 def kernel_models(models: dict[str, Any]) -> list[str]:

@@ -118,15 +118,17 @@ def _speed_lines(entry: dict[str, Any], title: str) -> list[str]:
         return []
     lines = [
         "",
-        f"{title} (issue 17; bf16 autocast on CUDA; each engine and batch size timed side by side, "
-        "interleaved; speed-up over the uncompressed model of the same group):",
+        f"{title} (issue 17; bf16 autocast on CUDA, or held in bf16 where the engine says bf16-true; "
+        "each engine and batch size timed side by side, interleaved; speed-up over the uncompressed "
+        "model of the same group):",
         "",
     ]
     lines += ["| engine | batch | model | img/s | speedup | build s |", "|---|---:|---|---:|---:|---:|"]
     for row in result.get("rows", []):
         speedup = row.get("speedup")
+        engine = f"{row['engine']} ({row['precision']})" if "precision" in row else row["engine"]
         lines.append(
-            f"| {row['engine']} | {row['batch_size']} | {row['model']} | {row['images_per_s']:.1f} | "
+            f"| {engine} | {row['batch_size']} | {row['model']} | {row['images_per_s']:.1f} | "
             f"{'-' if speedup is None else f'{speedup:.2f}x'} | {row['build_s']} |"
         )
     if result.get("kernels"):

@@ -64,6 +64,10 @@ def _compile_kind(name: str) -> str:
 
 
 KERNELS = "+kernels"
+# Lightning's name for a model held in bf16, run without autocast: under bf16 autocast the
+# residual stream and every elementwise pass stay fp32 (the uncompressed model ran at half the
+# matmul rate on 2026-12-04), so a deployment may hold the model in bf16 instead.
+HELD = "bf16-true"
 # The merge rule and attention kernel of a model variant: "+kernels" runs the Triton matcher and
 # merger (eager and CUDA graphs), "+flex" FlexAttention (fused only when compiled).
 RULES = {
@@ -172,12 +176,13 @@ def _say(message: str, part: str = "speed") -> None:
 
 def _build_runner(out: dict[str, Any], model: Any, name: str, x: Any, engine: str) -> tuple[Any, float]:
     """``engine`` built for ``model`` at ``x``'s batch, and its seconds; ``None`` (recorded in
-    ``out["skipped"]``) where it cannot be built: the next model and engine still run."""
+    ``out["skipped"]``) where it cannot be built: the next model and engine still run. On CUDA
+    under bf16 autocast, except for bf16 images: those are for a model held in bf16 (``HELD``)."""
     import torch
 
     import pyra_lightning
 
-    dtype = torch.bfloat16 if x.device.type == "cuda" else None
+    dtype = torch.bfloat16 if x.device.type == "cuda" and x.dtype == torch.float32 else None
     tic = time.perf_counter()
     try:
         run = pyra_lightning.compile_for_inference(model, x, engine=engine, autocast_dtype=dtype)
@@ -197,16 +202,19 @@ def _time_group(
     part: str = "speed",
 ) -> None:
     """Time ``runners`` (one engine, ``x``'s batch) side by side and record one row each, in the
-    group ``"<engine> batch <B>"``; rows an earlier timing of that group left are replaced."""
+    group ``"<engine> batch <B>"`` (``"<engine> bf16-true batch <B>"`` for bf16 images, whose
+    rows say ``precision``); rows an earlier timing of that group left are replaced."""
     if not runners:
         return
-    group = f"{engine} batch {len(x)}"
+    held = str(x.dtype) == "torch.bfloat16"
+    group = f"{engine}{' ' + HELD if held else ''} batch {len(x)}"
     ms = _interleaved_ms(
         {name: (lambda run=run: run(x)) for name, run in runners.items()}, x.device, s["runs"]
     )
     out["rows"] = [row for row in out["rows"] if row.get("group") != group]
     for name, value in ms.items():
         row = {"engine": engine, "model": name, "batch_size": len(x), "group": group, "ms": value}
+        row.update({"precision": HELD} if held else {})
         out["rows"].append({**row, "images_per_s": 1e3 * len(x) / value, "build_s": round(built_s[name], 1)})
         _say(f"{group} {name}: {1e3 * len(x) / value:.0f} img/s (built in {built_s[name]:.1f} s)", part)
 

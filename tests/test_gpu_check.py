@@ -108,12 +108,27 @@ def test_speed_and_ddp_parts_dry_run(tmp_path: Path) -> None:
     assert (tmp_path / "part_speed.partial.json").exists(), "measurements are saved as they finish"
     # the Triton kernels in a process of their own, beside the torch rule measured with them
     kernels = parts["kernels"]["result"]
-    assert {(r["model"], r["batch_size"]) for r in kernels["rows"]} == {
+    autocast = [r for r in kernels["rows"] if "precision" not in r]
+    assert {(r["model"], r["batch_size"]) for r in autocast} == {
         (m, b)
         for m in ("uncompressed", "tome/8", "pyra/8", "pyra/flops0.8-align8")
         + ("tome/8+kernels", "pyra/8+kernels", "pyra/flops0.8-align8+kernels")
         for b in (1, 2)
     }
+    # then the models held in bf16, without autocast, in groups of their own with their own baseline
+    held = [r for r in kernels["rows"] if "precision" in r]
+    assert {(r["model"], r["group"], r["precision"]) for r in held} == {
+        (m, f"eager bf16-true batch {b}", "bf16-true")
+        for m in (
+            "uncompressed",
+            "pyra/8",
+            "pyra/flops0.8-align8",
+            "pyra/8+kernels",
+            "pyra/flops0.8-align8+kernels",
+        )
+        for b in (1, 2)
+    }
+    assert [r["speedup"] for r in held if r["model"] == "uncompressed"] == [1.0, 1.0]
     assert [r["batch_size"] for r in kernels["rows"]][0] == 2, "the largest batch first"
     assert all(r["speedup"] > 0 for r in kernels["rows"]) and "needs CUDA" in kernels["parity"]["triton"]
     assert kernels["merger"]["torch_ms"] > 0 and "needs CUDA" in kernels["merger"]["triton"]
@@ -131,6 +146,7 @@ def test_speed_and_ddp_parts_dry_run(tmp_path: Path) -> None:
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert "| eager | 2 | pyra/8 |" in markdown and "Training step" in markdown
     assert "| eager | 2 | pyra/8+kernels |" in markdown
+    assert "| eager (bf16-true) | 2 | pyra/8+kernels |" in markdown
     # what the device tool brings back (at most 8 files): the report, its Markdown, one bundle
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "gpu_check.json",
