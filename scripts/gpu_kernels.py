@@ -16,7 +16,8 @@ only this part. In order, each result saved as it finishes:
    64, then 1. A group that would pass the part's limit is skipped and named;
 4. ``bf16-true`` groups (``gpu_speed.HELD``) at batch 256 and 64 on ``cudagraph``: the
    uncompressed model and the PYRA models held in bf16 and run without autocast;
-5. kernels per forward at batch 64, after every timing.
+5. kernels per forward at batch 64, after every timing, then the eager forward's kernel time by
+   kind (matmul, attention, Triton, elementwise, ...; ``kernel_time_by_kind``).
 """
 
 from __future__ import annotations
@@ -91,11 +92,85 @@ def part_kernels(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str,
         out["skipped"].append(f"kernel counts: the part's {limit:.0f} s are spent")
     else:
         batch = s["batch_sizes"][min(1, len(s["batch_sizes"]) - 1)]
-        _count_kernels(
-            out, models, torch.randn(batch, 3, s["img_size"], s["img_size"], device=device), out["engines"]
-        )
+        x = torch.randn(batch, 3, s["img_size"], s["img_size"], device=device)
+        _count_kernels(out, models, x, out["engines"])
         keep()
+        if time.perf_counter() - started > limit - 10:
+            out["skipped"].append(f"kernel time by kind: the part's {limit:.0f} s are spent")
+        else:
+            out["kernel_time"] = _guarded(lambda dev, dry: _kernel_times(models, x), device, args.dry_run)
+            keep()
     _say(f"done in {time.perf_counter() - started:.0f} s", part="kernels")
+    return out
+
+
+# Kernel names to a kind, first match wins (lower case): where the GPU's time goes per forward.
+KERNEL_KINDS = (
+    ("triton", ("match_kernel", "merge_kernel", "modulate_kernel", "triton")),
+    ("attention", ("fmha", "flash", "attention", "efficient_attention")),
+    ("matmul", ("gemm", "cutlass", "xmma", "cublas", "nvjet", "wgmma", "addmm", "linear", "matmul", "bmm")),
+    ("layer_norm", ("layer_norm", "layernorm")),
+    ("sort", ("sort", "radix")),
+    ("gather/cat/copy", ("index", "gather", "scatter", "cat", "copy")),
+    ("reduce", ("reduce", "norm", "max", "mean", "sum")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "add", "mul", "div", "gelu", "log", "sigmoid")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """``KERNEL_KINDS``' kind of a kernel (CPU: operator) name, else ``"other"``."""
+    lower = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(key in lower for key in keys)), "other")
+
+
+def kernel_time_by_kind(fn: Callable[[], Any], device: Any, forwards: int = 3) -> dict[str, Any]:
+    """ms per forward of the device's kernels by kind (``kernel_kind``), their sum, and the five
+    slowest kernels, from ``torch.profiler``: what a merged forward spends its GPU time on, beside
+    what its FLOPs predict. On CUDA each kernel's duration on the GPU's clock (copies and memsets
+    left out, as in the counts); on a CPU each ATen operator's self time."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        for _ in range(forwards):
+            fn()
+    per_name: collections.Counter[str] = collections.Counter()
+    if cuda:
+        for event in prof.events():
+            if event.device_type.name == "CUDA" and not event.name.startswith(("Memcpy", "Memset")):
+                per_name[event.name] += event.time_range.elapsed_us()
+    else:
+        for average in prof.key_averages():
+            if average.key.startswith("aten::"):
+                per_name[average.key] += average.self_cpu_time_total
+    by_kind: collections.Counter[str] = collections.Counter()
+    for name, us in per_name.items():
+        by_kind[kernel_kind(name)] += us
+    ms = 1e-3 / forwards
+    return {
+        "total_ms": round(sum(per_name.values()) * ms, 4),
+        "by_kind_ms": {kind: round(us * ms, 4) for kind, us in by_kind.most_common()},
+        "slowest_ms": {name[:100]: round(us * ms, 4) for name, us in per_name.most_common(5)},
+    }
+
+
+def _kernel_times(models: dict[str, Any], x: Any) -> dict[str, Any]:
+    """``kernel_time_by_kind`` of the eager uncompressed model and every PYRA model at ``x``'s
+    batch, under bf16 autocast on CUDA (the kernels' durations are a CUDA graph's too)."""
+    import functools
+
+    import torch
+
+    out = {}
+    for name, model in models.items():
+        if name == "uncompressed" or name.startswith("pyra/"):
+            with (
+                torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda),
+                torch.inference_mode(),
+            ):
+                out[name] = kernel_time_by_kind(functools.partial(model, x), x.device)
     return out
 
 

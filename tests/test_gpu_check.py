@@ -129,6 +129,15 @@ def test_speed_and_ddp_parts_dry_run(tmp_path: Path) -> None:
         for b in (1, 2)
     }
     assert [r["speedup"] for r in held if r["model"] == "uncompressed"] == [1.0, 1.0]
+    # where a forward's time goes, by kind: every kind's time adds up to the total
+    times = kernels["kernel_time"]
+    assert set(times) == {"uncompressed", "pyra/8", "pyra/flops0.8-align8", "pyra/8+kernels"} | {
+        "pyra/flops0.8-align8+kernels"
+    }
+    for breakdown in times.values():
+        assert breakdown["total_ms"] > 0 and "matmul" in breakdown["by_kind_ms"]
+        assert sum(breakdown["by_kind_ms"].values()) == pytest.approx(breakdown["total_ms"], abs=1e-2)
+    assert "sort" in times["pyra/8"]["by_kind_ms"] and "sort" not in times["uncompressed"]["by_kind_ms"]
     assert [r["batch_size"] for r in kernels["rows"]][0] == 2, "the largest batch first"
     assert all(r["speedup"] > 0 for r in kernels["rows"]) and "needs CUDA" in kernels["parity"]["triton"]
     assert kernels["merger"]["torch_ms"] > 0 and "needs CUDA" in kernels["merger"]["triton"]
@@ -382,3 +391,22 @@ def test_every_compiled_pair_names_a_model_of_the_gpu_settings() -> None:
     for name, batch in COMPILED:  # every compiled group has its baseline, compiled before it
         if name != "uncompressed":
             assert COMPILED.index(("uncompressed", batch)) < COMPILED.index((name, batch))
+
+
+def test_kernel_names_fall_into_the_kinds_a_breakdown_reports() -> None:
+    """CUDA kernel names as the H200 profile shows them, and CPU operator names, to their kind."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from gpu_kernels import kernel_kind
+
+    assert kernel_kind("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT") == "matmul"
+    assert kernel_kind("aten::linear") == "matmul"
+    assert kernel_kind("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>") == "attention"
+    assert kernel_kind("fmha_cutlassF_bf16_aligned_64x64_rf_sm80") == "attention", "before cutlass"
+    assert kernel_kind("merge_kernel") == "triton" and kernel_kind("match_kernel") == "triton"
+    assert kernel_kind("void at::native::vectorized_layer_norm_kernel<float>") == "layer_norm"
+    assert kernel_kind("void at::native::radixSortKVInPlace<-2, -1, 32, 4>") == "sort"
+    assert kernel_kind("void at::native::_scatter_gather_elementwise_kernel<128, 8>") == "gather/cat/copy"
+    assert (
+        kernel_kind("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>") == "elementwise"
+    )
+    assert kernel_kind("aten::something_new") == "other"
