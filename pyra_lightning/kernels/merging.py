@@ -221,7 +221,8 @@ def triton_merge_wavg(
         norm = modulate.norm
         weights = ModulationWeights(norm.weight, norm.bias, modulate.weight_r, modulate.weight_d, norm.eps)
     if compile_traced():
-        return torch.ops.pyra_lightning.merge_wavg(x, size, perm, dst_out, *(weights or (None,) * 4 + (0.0,)))
+        pyra_args = weights if weights is not None else (None, None, None, None, 0.0)  # ToMe: none
+        return torch.ops.pyra_lightning.merge_wavg(x, size, perm, dst_out, *pyra_args)
     return launch_merge(x, size, perm, dst_out, weights)
 
 
