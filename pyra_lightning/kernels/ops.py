@@ -65,16 +65,9 @@ def merge_wavg(
 
 @merge_wavg.register_fake
 def _merge_wavg_shapes(
-    x: torch.Tensor,
-    size: torch.Tensor | None,
-    perm: torch.Tensor,
-    dst_out: torch.Tensor,
-    norm_weight: torch.Tensor | None,
-    norm_bias: torch.Tensor | None,
-    weight_r: torch.Tensor | None,
-    weight_d: torch.Tensor | None,
-    eps: float,
+    x: torch.Tensor, size: torch.Tensor | None, perm: torch.Tensor, dst_out: torch.Tensor, *pyra: object
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shapes only: the four PYRA tensors and epsilon (``pyra``) do not change them."""
     batch, num_tokens, channels = x.shape
     kept = num_tokens - dst_out.shape[1]
     return x.new_empty(batch, kept, channels), x.new_empty(batch, kept, 1)
