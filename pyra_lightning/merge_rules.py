@@ -28,7 +28,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from pyra_lightning.kernels.ops import compile_traced
+from pyra_lightning.kernels import compile_traced
 from pyra_lightning.merge import MergeFn, Modulate, UnmergeFn, bipartite_soft_matching, merge_wavg
 from pyra_lightning.merge_reference import bipartite_soft_matching_reference
 
@@ -86,7 +86,7 @@ class TritonMatcher:
 
     The (B, Na, Nb) score matrix is never stored (``kernels.matching``). It runs on CUDA tensors
     in eager mode, under CUDA-graph capture and compiled (``torch.compile`` keeps it as the
-    ``pyra_lightning::node_max`` operator, ``kernels.ops``); elsewhere, and while an export
+    ``pyra_lightning::node_max`` operator, ``kernels.matching``); elsewhere, and while an export
     traces the model, it is the torch matcher. Ties: the lowest B index wins a row's maximum, as
     ``max`` does on the same device for distinct scores; exactly equal scores may pick another
     partner than torch's reduction.
@@ -94,6 +94,9 @@ class TritonMatcher:
 
     name = "triton"
     counted_as = "bipartite"  # the torch rule a FLOP counter runs instead: it cannot see a kernel
+
+    def __init__(self) -> None:
+        import pyra_lightning.kernels.matching  # noqa: F401  (registers its operator before any compile)
 
     def __call__(
         self, metric: torch.Tensor, merge_r: int, num_prefix_tokens: int
@@ -111,7 +114,7 @@ class TritonMatcher:
 def _triton_merge_wavg(
     merge: MergeFn, x: torch.Tensor, size: torch.Tensor | None, modulate: Modulate | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from pyra_lightning.kernels.merging import triton_merge_wavg  # imports Triton: on first use only
+    from pyra_lightning.kernels.merging import triton_merge_wavg
 
     return triton_merge_wavg(merge, x, size, modulate=modulate)
 
@@ -137,7 +140,7 @@ class TritonWeightedAverage(WeightedAverage):
 
     ``kernels.merging.triton_merge_wavg``: in inference on CUDA tensors (eager or under CUDA-graph
     capture) one layer's merge is two launches instead of about 30 operators, and compiled it is
-    one ``pyra_lightning::merge_wavg`` node of the graph (``kernels.ops``); where autograd must
+    one ``pyra_lightning::merge_wavg`` node of the graph (``kernels.merging``); where autograd must
     record it (training), while an export traces the model, on CPU, for fp64 and for the
     ablation modulations it is ``merge_wavg`` itself.
     The kernels compute in fp32: equal to ``"wavg"`` up to the order of sums for fp32 tokens, and
@@ -147,6 +150,9 @@ class TritonWeightedAverage(WeightedAverage):
     name = "triton"
     counted_as = "wavg"
     average = staticmethod(_triton_merge_wavg)
+
+    def __init__(self) -> None:
+        import pyra_lightning.kernels.merging  # noqa: F401  (registers its operator before any compile)
 
 
 MATCHERS: dict[str, Callable[[], Matcher]] = {

@@ -29,7 +29,7 @@ from typing import Any
 # Compiling is the expensive part: at most these (model, batch) pairs, in this order, each only
 # if it should finish inside the part's limit (``compile_estimate_s``). After each compile, that
 # batch's compiled models are timed again, side by side. Since the Triton kernels became custom
-# operators that inductor keeps (``pyra_lightning.kernels.ops``), the compiled ``+kernels`` model
+# operators that inductor keeps (``pyra_lightning.kernels``), the compiled ``+kernels`` model
 # is the candidate best deployment, so it comes first at both batches; on 2026-12-04 the 256
 # pair took 21 s (uncompressed) and 102 s (PYRA high, torch rule) to compile. ToMe high is there
 # so that PYRA's cost over ToMe can be read on the compiled engine too.

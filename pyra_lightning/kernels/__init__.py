@@ -9,8 +9,11 @@
 
 Each kernel function has the semantics of its torch counterpart and dispatches to Triton only
 for CUDA tensors when Triton imports (``use_triton``); anything else runs the torch path. Under
-``torch.compile`` the kernels are custom operators (``ops``), one opaque node each in the
-compiled graph; exports take the torch path. Tests run the kernels on CPU under Triton's
+``torch.compile`` the kernels are custom operators (``pyra_lightning::node_max`` in ``matching``,
+``pyra_lightning::merge_wavg`` in ``merging``), one opaque node each in the compiled graph:
+inductor cannot trace a Triton launch made from Python, so before they existed a compiled
+``"triton"`` rule ran the torch rule. Exports take the torch path, since an exported graph must
+run where Triton and this package are not. Tests run the kernels on CPU under Triton's
 interpreter (``TRITON_INTERPRET=1``).
 """
 
@@ -44,3 +47,12 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 def on_device_of(tensor: torch.Tensor) -> Any:
     """A context in which Triton launches on ``tensor``'s GPU (it launches on the current one)."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def compile_traced() -> bool:
+    """Whether ``torch.compile`` is tracing now, as opposed to running eager or exporting a graph:
+    the one case in which the kernels are called through their custom operators. Eager calls
+    launch directly (a dispatcher round trip per layer would be host time for nothing)."""
+    if torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        return False
+    return torch.compiler.is_compiling()

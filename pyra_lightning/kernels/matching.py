@@ -30,8 +30,7 @@ from typing import Any
 
 import torch
 
-from pyra_lightning.kernels import on_device_of, use_triton
-from pyra_lightning.kernels.ops import compile_traced
+from pyra_lightning.kernels import compile_traced, on_device_of, use_triton
 
 
 def _kernel():  # type: ignore[no-untyped-def]
@@ -114,6 +113,19 @@ def triton_node_max(metric: torch.Tensor, num_prefix_tokens: int) -> tuple[torch
     return node_max, node_idx
 
 
+@torch.library.custom_op("pyra_lightning::node_max", mutates_args=())
+def node_max_op(metric: torch.Tensor, num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``triton_node_max`` as the operator ``torch.compile`` keeps in its graph (``compile_traced``)."""
+    return triton_node_max(metric, num_prefix_tokens)
+
+
+@node_max_op.register_fake
+def _node_max_shapes(metric: torch.Tensor, num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, num_tokens = metric.shape[:2]
+    na = (num_tokens + 1) // 2
+    return metric.new_empty(batch, na, dtype=torch.float32), metric.new_empty(batch, na, dtype=torch.int64)
+
+
 def match_blocks(channels: int) -> dict[str, int]:
     """``match_kernel``'s block sizes: 16 A x 16 B tokens a step (``tl.dot``'s smallest tile) and
     the metric's whole channel width (a head's width, 64 on ViT-B/16) in one tile."""
@@ -156,7 +168,7 @@ def triton_match(metric: torch.Tensor, merge_r: int, num_prefix_tokens: int) -> 
     if not use_triton(metric):
         return match(metric, merge_r, num_prefix_tokens)
     if compile_traced():  # one node of the compiled graph
-        node_max, node_idx = torch.ops.pyra_lightning.node_max(metric, num_prefix_tokens)
+        node_max, node_idx = node_max_op(metric, num_prefix_tokens)
     else:
         node_max, node_idx = triton_node_max(metric, num_prefix_tokens)
     edge_idx = torch.sort(node_max, dim=-1, descending=True).indices  # (B, Na), as the torch path

@@ -25,7 +25,7 @@ runs, and so it does while an export traces the model (``torch.export``, ONNX, `
 their graphs must run without Triton), for CPU tensors without the interpreter, for fp64 (the
 kernels compute in fp32), for modulations other than ``"pyra"`` (the ablations), and for a
 matcher's merge that is not a ``BipartiteMerge``. Under ``torch.compile`` the kernels run as
-the ``pyra_lightning::merge_wavg`` custom operator (``kernels.ops``). Launches go to the GPU
+the ``pyra_lightning::merge_wavg`` custom operator (``merge_wavg_op``). Launches go to the GPU
 that holds ``x``.
 """
 
@@ -35,8 +35,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from pyra_lightning.kernels import on_device_of, use_triton
-from pyra_lightning.kernels.ops import compile_traced
+from pyra_lightning.kernels import compile_traced, on_device_of, use_triton
 from pyra_lightning.merge import BipartiteMerge, Modulate, fusable_pyra, merge_wavg
 
 try:  # ships with torch's CUDA builds; the kernels below are defined only where it imports
@@ -222,7 +221,7 @@ def triton_merge_wavg(
         weights = ModulationWeights(norm.weight, norm.bias, modulate.weight_r, modulate.weight_d, norm.eps)
     if compile_traced():
         pyra_args = weights if weights is not None else (None, None, None, None, 0.0)  # ToMe: none
-        return torch.ops.pyra_lightning.merge_wavg(x, size, perm, dst_out, *pyra_args)
+        return merge_wavg_op(x, size, perm, dst_out, *pyra_args)
     return launch_merge(x, size, perm, dst_out, weights)
 
 
@@ -294,3 +293,32 @@ def launch_merge(
             HAS_SIZE=size is not None, MODULATED=weights is not None, **blocks,
         )  # fmt: skip
     return out, out_size
+
+
+@torch.library.custom_op("pyra_lightning::merge_wavg", mutates_args=())
+def merge_wavg_op(
+    x: torch.Tensor,
+    size: torch.Tensor | None,
+    perm: torch.Tensor,
+    dst_out: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    weight_r: torch.Tensor | None,
+    weight_d: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``launch_merge`` as the operator ``torch.compile`` keeps in its graph (``compile_traced``): merged tokens (B, N - merge_r, C) and sizes (B, N - merge_r, 1)
+    in ``x.dtype``. ``merge_r`` is ``dst_out``'s width; the four PYRA tensors are all ``None`` for
+    ToMe (no modulation) or all given (eqs. 4-7)."""
+    weights = None if weight_r is None else ModulationWeights(norm_weight, norm_bias, weight_r, weight_d, eps)
+    return launch_merge(x, size, perm, dst_out, weights)
+
+
+@merge_wavg_op.register_fake
+def _merge_wavg_shapes(
+    x: torch.Tensor, size: torch.Tensor | None, perm: torch.Tensor, dst_out: torch.Tensor, *pyra: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shapes only: the four PYRA tensors and epsilon (``pyra``) do not change them."""
+    batch, num_tokens, channels = x.shape
+    kept = num_tokens - dst_out.shape[1]
+    return x.new_empty(batch, kept, channels), x.new_empty(batch, kept, 1)
