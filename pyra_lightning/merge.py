@@ -171,7 +171,9 @@ class BipartiteMerge:
     ``perm(with_dst)`` lists, per batch row, the token positions to gather: the N - merge_r
     kept tokens in output order, then the merge_r sources in descending score order, then
     (``with_dst``) their destinations. ``dst_out`` is where each source's destination sits in
-    the output. Calling the object is ToMe's ``merge(x, mode, modulate)``.
+    the output. Calling the object is ToMe's ``merge(x, mode, modulate)``. A matcher that
+    computes ``perm`` (with destinations) and ``dst_out`` along with the indices (the Triton
+    matcher's plan kernel) passes them in, and they are used as they are.
     """
 
     def __init__(
@@ -181,6 +183,8 @@ class BipartiteMerge:
         unm: torch.Tensor,
         src: torch.Tensor,
         dst: torch.Tensor,
+        perm: torch.Tensor | None = None,
+        dst_out: torch.Tensor | None = None,
     ) -> None:
         self.num_tokens = num_tokens
         self.num_prefix_tokens = num_prefix_tokens
@@ -188,10 +192,15 @@ class BipartiteMerge:
         self.merge_r = src.shape[1]
         self.prefix_a = (num_prefix_tokens + 1) // 2
         self.prefix_b = num_prefix_tokens // 2
-        self.dst_out = dst + unm.shape[1]  # (B, r): B token j lands at output position unm_len + j
+        # (B, r): B token j lands at output position unm_len + j
+        self.dst_out = dst + unm.shape[1] if dst_out is None else dst_out
+        self._planned_perm = perm  # (B, N + r) or None
 
     def perm(self, with_dst: bool) -> torch.Tensor:
-        """(B, N [+ merge_r]) positions: 2 * (A index) + offset, assembled by one cat and one add."""
+        """(B, N [+ merge_r]) positions: 2 * (A index) + offset, assembled by one cat and one add
+        (or the matcher's, given to the constructor)."""
+        if self._planned_perm is not None:
+            return self._planned_perm if with_dst else self._planned_perm[:, : self.num_tokens]
         n, unm_len, merge_r = self.unm.shape[0], self.unm.shape[1], self.merge_r
         nb, pb = self.num_tokens // 2, self.prefix_b
         parts = ([_zeros(n, pb, self.unm)] if pb else []) + [self.unm, _zeros(n, nb - pb, self.unm), self.src]
@@ -378,7 +387,8 @@ def bipartite_soft_matching(
         merge_r: Number of tokens to remove. Must not exceed ``max_merge_r``.
         num_prefix_tokens: Leading tokens that are never merged.
         match_fn: What computes ``(src, dst, unm)``; ``match`` (torch) by default, the Triton
-            kernel for the ``"triton"`` matcher. It must order them exactly as ``match`` does.
+            kernels for the ``"triton"`` matcher. It must order them exactly as ``match`` does,
+            and may return the plan's ``perm`` (with destinations) and ``dst_out`` after them.
 
     Returns:
         ``merge(x, mode, modulate)`` mapping (B, N, C) to (B, N - merge_r, C) (a
@@ -394,8 +404,8 @@ def bipartite_soft_matching(
     if merge_r == 0:
         return _identity, _identity_unmerge
     with torch.no_grad():
-        src, dst, unm = (match_fn or match)(metric, merge_r, num_prefix_tokens)
-    plan = BipartiteMerge(num_tokens, num_prefix_tokens, unm, src, dst)
+        src, dst, unm, *planned = (match_fn or match)(metric, merge_r, num_prefix_tokens)
+    plan = BipartiteMerge(num_tokens, num_prefix_tokens, unm, src, dst, *planned)
     return plan, plan.unmerge
 
 

@@ -82,11 +82,13 @@ class ReferenceBipartiteMatcher:
 
 
 class TritonMatcher:
-    """Bipartite soft matching with the scores' row max/argmax in one Triton kernel (CUDA).
+    """Bipartite soft matching in two Triton kernels (CUDA): the scores' row max/argmax, then the
+    order of sources and the merge plan's gather positions.
 
-    The (B, Na, Nb) score matrix is never stored (``kernels.matching``). It runs on CUDA tensors
-    in eager mode, under CUDA-graph capture and compiled (``torch.compile`` keeps it as the
-    ``pyra_lightning::node_max`` operator, ``kernels.matching``); elsewhere, and while an export
+    The (B, Na, Nb) score matrix is never stored, and no torch sort, gather or cat runs
+    (``kernels.matching``). It runs on CUDA tensors in eager mode, under CUDA-graph capture and
+    compiled (``torch.compile`` keeps it as the ``pyra_lightning::match_plan`` operator,
+    ``kernels.matching``); elsewhere, and while an export
     traces the model, it is the torch matcher. Ties: the lowest B index wins a row's maximum, as
     ``max`` does on the same device for distinct scores; exactly equal scores may pick another
     partner than torch's reduction.

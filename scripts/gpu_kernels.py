@@ -106,7 +106,7 @@ def part_kernels(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str,
 
 # Kernel names to a kind, first match wins (lower case): where the GPU's time goes per forward.
 KERNEL_KINDS = (
-    ("triton", ("match_kernel", "merge_kernel", "modulate_kernel", "triton")),
+    ("triton", ("match_kernel", "plan_kernel", "merge_kernel", "modulate_kernel", "triton")),
     ("attention", ("fmha", "flash", "attention", "efficient_attention")),
     ("matmul", ("gemm", "cutlass", "xmma", "cublas", "nvjet", "wgmma", "addmm", "linear", "matmul", "bmm")),
     ("layer_norm", ("layer_norm", "layernorm")),
@@ -260,7 +260,7 @@ def _matcher(device: Any, dry_run: bool) -> dict[str, Any]:
     fns = {"torch_ms": lambda: match(metric, merge_r, 1)}
     with torch.inference_mode():
         if use_triton(metric):
-            from pyra_lightning.kernels.matching import triton_match, triton_node_max
+            from pyra_lightning.kernels.matching import triton_match, triton_node_max, triton_plan
 
             # Against the torch matcher on the same values in fp32, as the kernel computes: torch
             # on bf16 rounds the scores to bf16, whose ties pick other sources on most rows.
@@ -269,13 +269,14 @@ def _matcher(device: Any, dry_run: bool) -> dict[str, Any]:
             result["rows_with_the_same_sources_as_fp32_torch"] = same.float().mean().item()
             fns["triton_ms"] = lambda: triton_match(metric, merge_r, 1)
             if metric.is_cuda:  # do_bench needs a GPU driver, which the interpreter has not
-                node_max, _ = triton_node_max(metric, 1)
+                node_max, node_idx = triton_node_max(metric, 1)
                 result["device_ms"] = device_ms(
                     {
                         "torch": fns["torch_ms"],
                         "triton": fns["triton_ms"],
                         "triton kernel alone": lambda: triton_node_max(metric, 1),
-                        "sort of sources": lambda: torch.sort(node_max, dim=-1, descending=True),
+                        "plan kernel alone": lambda: triton_plan(node_max, node_idx, n, merge_r, 1),
+                        "torch sort it replaces": lambda: torch.sort(node_max, dim=-1, descending=True),
                     }
                 )
         else:

@@ -255,7 +255,7 @@ x = torch.randn(2, 3, 32, 32)
 
 # the library's own check of each operator: schema, fake (shape) kernel, tracing
 metric = torch.randn(2, 17, 8)
-torch.library.opcheck(torch.ops.pyra_lightning.node_max, (metric, 1))
+torch.library.opcheck(torch.ops.pyra_lightning.match_plan, (metric, 4, 1))
 merge = pyra_lightning.merge.bipartite_soft_matching(metric, 4, 1)[0]
 tokens, size = torch.randn(2, 17, 24), torch.rand(2, 17, 1) + 1
 pyra = pyra_lightning.modulation.PyraModulation(4, 24)
@@ -274,19 +274,19 @@ def record(gm, inputs):
 with torch.no_grad():
     want = model(x)
     got = torch.compile(model, backend=record, fullgraph=True)(x)
-assert nodes.count("pyra_lightning.node_max") == 3 and nodes.count("pyra_lightning.merge_wavg") == 3, nodes
+assert nodes.count("pyra_lightning.match_plan") == 3 and nodes.count("pyra_lightning.merge_wavg") == 3, nodes
 torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 # the inductor engine launches the kernels (counted at their launch functions) and agrees
 launches = {"match": 0, "merge": 0}
-node_max, launch_merge = matching.triton_node_max, merging.launch_merge
+match_plan, launch_merge = matching.triton_match_plan, merging.launch_merge
 def counted_match(*args):
     launches["match"] += 1
-    return node_max(*args)
+    return match_plan(*args)
 def counted_merge(*args):
     launches["merge"] += 1
     return launch_merge(*args)
-matching.triton_node_max, merging.launch_merge = counted_match, counted_merge
+matching.triton_match_plan, merging.launch_merge = counted_match, counted_merge
 run = pyra_lightning.compile_for_inference(model, x, engine="inductor")
 launches.update(match=0, merge=0)
 torch.testing.assert_close(run(x), want, rtol=1e-5, atol=1e-5)
@@ -303,7 +303,7 @@ print("compiled with the kernels")
 @pytest.mark.slow
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 def test_compiled_models_keep_the_triton_kernels_and_exports_do_not() -> None:
-    """The kernels are custom operators (``pyra_lightning::node_max`` and ``::merge_wavg``): ``torch.library.opcheck`` passes for
+    """The kernels are custom operators (``pyra_lightning::match_plan`` and ``::merge_wavg``): ``torch.library.opcheck`` passes for
     both, a compiled ``"triton"`` model holds one node of each per merging layer and launches
     them under the inductor engine with eager's output, and an export has the torch rule."""
     assert "compiled with the kernels" in run_interpreted(_COMPILE_CHECK)
@@ -426,13 +426,14 @@ def test_the_attention_setting_reaches_the_blocks_and_the_exported_recipe(tmp_pa
 
 
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
-@pytest.mark.parametrize(("pyra", "most", "launches"), [(False, 381, 24), (True, 405, 36)])
+@pytest.mark.parametrize(("pyra", "most", "launches"), [(False, 345, 36), (True, 357, 48)])
 def test_the_triton_rules_dispatch_fewer_operators_per_forward(
     pyra: bool, most: int, launches: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """ViT-B/16 at 'high' with the ``triton`` matcher and merger, counted as a CUDA forward would
-    dispatch (meta device, launches recorded, not run: ``tools/count_ops.py``): 381 ToMe / 405
-    PYRA operators including the kernel launches, from 476 / 596 with the torch rules."""
+    dispatch (meta device, launches recorded, not run: ``tools/count_ops.py``): 345 ToMe / 357
+    PYRA operators including the kernel launches, from 476 / 596 with the torch rules; the plan
+    kernel leaves no sort, gather or cat of indices to torch."""
     monkeypatch.syspath_prepend(str(REPO / "tools"))
     from count_ops import count
 
@@ -440,9 +441,10 @@ def test_the_triton_rules_dispatch_fewer_operators_per_forward(
         model = timm.create_model("vit_base_patch16_224", pretrained=False)
     apply_merging(model, "high", pyra=pyra, matcher="triton", merger="triton")
     ops = count(model)
-    assert ops["triton_launch"] == launches  # per merging layer: the matcher's, PYRA's, the merge's
+    assert ops["triton_launch"] == launches  # per merging layer: scores, plan, [PYRA's,] the merge
     assert sum(ops.values()) <= most
     assert "index_put_" not in ops and "baddbmm" not in ops  # the torch merge and matcher did not run
+    assert "sort" not in ops and "gather" not in ops and ops["cat"] == 1  # only the class token's cat
 
 
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
@@ -455,7 +457,12 @@ def test_the_kernels_compile_for_hopper_without_spilling(monkeypatch: pytest.Mon
     from aot_kernels import build
 
     rows = build("cuda:90", channels=[768], head_dim=64, dtypes=["bf16"])
-    assert sorted({row.kernel for row in rows}) == ["match_kernel", "merge_kernel", "modulate_kernel"]
-    assert len(rows) == 7  # 1 matcher, 2 modulations (sizes or not), 4 merges (x modulated or not)
+    assert sorted({row.kernel for row in rows}) == [
+        "match_kernel",
+        "merge_kernel",
+        "modulate_kernel",
+        "plan_kernel",
+    ]
+    assert len(rows) == 9  # 1 matcher, 2 plans (prefix or not), 2 modulations (sizes or not), 4 merges
     assert all(0 < row.registers <= 255 for row in rows), rows
     assert [row for row in rows if row.stack_bytes] == [], "a kernel spills registers at ViT-B/16's width"

@@ -82,17 +82,28 @@ def _record(name: str, config: dict[str, Any], compiled: Any) -> Compiled:
     return Compiled(name, text, *_usage(compiled))
 
 
-def build(target: str, channels: list[int], head_dim: int, dtypes: list[str]) -> list[Compiled]:
-    """Every kernel at every width and dtype, with and without sizes, as the launchers configure them."""
+def build(
+    target: str, channels: list[int], head_dim: int, dtypes: list[str], num_tokens: int = 197
+) -> list[Compiled]:
+    """Every kernel at every width and dtype, with and without sizes, as the launchers configure
+    them; the plan kernel (fp32 in, whatever the dtype) once per prefix case, for ``num_tokens``."""
     backend, arch = target.split(":")
     gpu = GPUTarget(backend, int(arch), 32)
     rows = []
+    dtypes_first = _DTYPES[dtypes[0]]
     for dtype in (_DTYPES[d] for d in dtypes):
         blocks = matching.match_blocks(head_dim)
         config = {"dtype": dtype, "C": head_dim, **blocks}
         pointers = {"metric": f"*{dtype}", "node_max": "*fp32", "node_idx": "*i64"}
         compiled = _compile(matching.match_kernel(), pointers, dict(blocks), gpu)
         rows.append(_record("match_kernel", config, compiled))
+        if dtype == dtypes_first:  # the plan reads fp32 maxima whatever the model's dtype
+            na = (num_tokens + 1) // 2
+            for sort_unmerged in (True, False):
+                constexprs = {"SORT_UNMERGED": sort_unmerged, **matching.plan_blocks(na)}
+                pointers = {"node_max": "*fp32", "node_idx": "*i64", "plan": "*i64"}
+                compiled = _compile(matching.plan_kernel(), pointers, constexprs, gpu)
+                rows.append(_record("plan_kernel", {"Na": na, **constexprs}, compiled))
         for width in channels:
             for has_size in (True, False):
                 blocks = merging.modulate_blocks(width)

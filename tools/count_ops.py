@@ -61,6 +61,7 @@ def launches(ops: collections.Counter[str]) -> Iterator[None]:
         for module in (matching, merging):
             stack.enter_context(mock.patch.object(module, "use_triton", lambda *tensors: True))
         stack.enter_context(mock.patch.object(matching, "match_kernel", lambda: launch))
+        stack.enter_context(mock.patch.object(matching, "plan_kernel", lambda: launch))
         stack.enter_context(mock.patch.object(merging, "modulate_kernel", launch))
         stack.enter_context(mock.patch.object(merging, "merge_kernel", launch))
         yield

@@ -1,7 +1,8 @@
 """Fused kernels for the merge path, with the torch code of ``pyra_lightning.merge`` as fallback.
 
-- ``matching``: bipartite soft matching (eq. 3) as one Triton kernel: normalise, a·bᵀ, prefix
-  mask and row max/argmax without storing the (B, Na, Nb) scores (``triton_match``);
+- ``matching``: bipartite soft matching (eq. 3) as two Triton kernels: normalise, a·bᵀ, prefix
+  mask and row max/argmax without storing the (B, Na, Nb) scores, then the ordering of sources
+  and the whole merge plan (``perm``, ``dst_out``) in one launch (``triton_match``);
 - ``merging``: the size-weighted merge with PYRA's modulation (eqs. 4-7) and the size update
   in two Triton kernels (``triton_merge_wavg``; the ``"triton"`` merger);
 - ``attention``: the table of kernels proportional attention runs on (``ATTENTIONS``: SDPA with
@@ -9,7 +10,7 @@
 
 Each kernel function has the semantics of its torch counterpart and dispatches to Triton only
 for CUDA tensors when Triton imports (``use_triton``); anything else runs the torch path. Under
-``torch.compile`` the kernels are custom operators (``pyra_lightning::node_max`` in ``matching``,
+``torch.compile`` the kernels are custom operators (``pyra_lightning::match_plan`` in ``matching``,
 ``pyra_lightning::merge_wavg`` in ``merging``), one opaque node each in the compiled graph:
 inductor cannot trace a Triton launch made from Python, so before they existed a compiled
 ``"triton"`` rule ran the torch rule. Exports take the torch path, since an exported graph must

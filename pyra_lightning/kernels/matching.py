@@ -3,14 +3,24 @@
 Each program takes ``BLOCK_A`` tokens of set A (even positions) of one image, normalises them,
 and walks set B (odd positions) in blocks of ``BLOCK_B``: cosine scores of the block by one
 ``tl.dot``, divided by both norms, with prefix rows/columns and the padding past Nb at -inf,
-then a running row max and argmax. Only (B, Na) maxima and indices are written; the ordering
-of sources (a sort over Na values) stays in torch, so ``triton_match`` returns exactly what
-``pyra_lightning.merge.match`` returns.
+then a running row max and argmax. Only (B, Na) maxima and indices are written.
 
-Tie rule: among equal scores in a row the lowest B index wins (the first block that reaches
+A second kernel, ``plan_kernel`` (one program per image), turns them into the whole merge plan
+in one launch, where torch needs two sorts, a gather, a cat and two adds per layer (each a
+kernel, and at batch 1 each kernel costs more than the work it does): every A token's rank in
+the descending order of maxima (pairwise comparisons, (Na, Na) tiles), then the sources in rank
+order with their destinations, the unmerged A tokens (by index where prefix tokens exist, else
+in rank order) and the gather positions ``perm`` and ``dst_out`` of ``merge.BipartiteMerge``,
+all in one int64 row per image (``plan_columns``). ``triton_match`` returns exactly what
+``pyra_lightning.merge.match`` returns, plus that ``perm`` and ``dst_out``.
+
+Tie rules: among equal scores in a row the lowest B index wins (the first block that reaches
 the maximum keeps it; inside a block ``tl.argmax`` takes the first). torch's ``max(dim=-1)``
-makes the same choice on CPU; on CUDA it does not promise one. The tests draw random data, on
-which exact ties do not occur.
+makes the same choice on CPU; on CUDA it does not promise one. Among equal maxima the lower A
+index ranks first, as a stable descending sort orders them (``torch.sort`` on CPU; on CUDA it
+promises no order for ties); NaN ranks before every number, as ``torch.sort`` puts it, so the
+ranks are always a permutation and every slot of the plan is written. The tests draw random
+data, on which exact ties do not occur, and check the ranks on ties and NaN apart.
 
 Precision: every input is upcast to fp32 and multiplied in IEEE fp32 (``input_precision="ieee"``,
 no TF32), so bf16 and fp16 metrics are matched on exact products with fp32 sums, as the torch
@@ -93,10 +103,101 @@ def _kernel():  # type: ignore[no-untyped-def]
     return match_kernel
 
 
+def _plan_kernel():  # type: ignore[no-untyped-def]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def plan_kernel(
+        node_max, node_idx, plan,
+        na, merge_r, num_tokens, prefix_a, prefix_b, stride_mb, stride_pb,
+        SORT_UNMERGED: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        batch = tl.program_id(0).to(tl.int64)
+        scores, partners = node_max + batch * stride_mb, node_idx + batch * stride_mb
+        row = plan + batch * stride_pb
+        unm_len, kept = na - merge_r, num_tokens - merge_r
+        # plan_columns: perm (N + r), dst_out, src, dst (r each), unm (Na - r), ranks (Na)
+        dst_out_at = num_tokens + merge_r
+        src_at = dst_out_at + merge_r
+        dst_at = src_at + merge_r
+        unm_at = dst_at + merge_r
+        rank_at = unm_at + unm_len
+        for start in range(0, na, BLOCK):  # each A token's rank among all maxima
+            i = start + tl.arange(0, BLOCK)
+            vi = tl.load(scores + i, mask=i < na, other=0.0)
+            rank = tl.zeros((BLOCK,), tl.int32)  # A tokens before i: stable descending, NaN first
+            for jstart in range(0, na, BLOCK):
+                j = jstart + tl.arange(0, BLOCK)
+                vj = tl.load(scores + j, mask=j < na, other=0.0)
+                nan_i, nan_j = vi != vi, vj != vj
+                greater = (vj[None, :] > vi[:, None]) | (nan_j[None, :] & ~nan_i[:, None])
+                equal = (vj[None, :] == vi[:, None]) | (nan_j[None, :] & nan_i[:, None])
+                before = (greater | (equal & (j[None, :] < i[:, None]))) & (j[None, :] < na)
+                rank += tl.sum(before.to(tl.int32), axis=1)
+            tl.store(row + rank_at + i, rank.to(tl.int64), mask=i < na)
+        tl.debug_barrier()  # the ranks of every A token, written by all threads, are read below
+        for start in range(0, na, BLOCK):
+            i = start + tl.arange(0, BLOCK)
+            imask = i < na
+            rank = tl.load(row + rank_at + i, mask=imask, other=0)
+            partner = tl.load(partners + i, mask=imask, other=0)
+            pos = 2 * i.to(tl.int64)  # A token i sits at position 2i
+            is_src = imask & (rank < merge_r)  # the merge_r best maxima merge, in rank order
+            tl.store(row + src_at + rank, i.to(tl.int64), mask=is_src)
+            tl.store(row + dst_at + rank, partner, mask=is_src)
+            tl.store(row + dst_out_at + rank, unm_len + partner, mask=is_src)
+            tl.store(row + kept + rank, pos, mask=is_src)
+            tl.store(row + kept + merge_r + rank, 2 * partner + 1, mask=is_src)
+            is_unm = imask & (rank >= merge_r)
+            if SORT_UNMERGED:  # prefix tokens: unmerged A tokens by index, so A's prefix leads
+                slot = tl.zeros((BLOCK,), tl.int32)
+                for jstart in range(0, start + BLOCK, BLOCK):  # unmerged A tokens before i
+                    j = jstart + tl.arange(0, BLOCK)
+                    rank_j = tl.load(row + rank_at + j, mask=j < na, other=0)
+                    earlier = (j[None, :] < i[:, None]) & (rank_j[None, :] >= merge_r)
+                    slot += tl.sum(earlier.to(tl.int32), axis=1)
+                slot = slot.to(tl.int64)
+            else:  # in descending order of maxima, after the sources
+                slot = rank - merge_r
+            tl.store(row + unm_at + slot, i.to(tl.int64), mask=is_unm)
+            # output slot: a prefix token keeps its position, the others follow B's prefix
+            out = tl.where(i < prefix_a, pos, prefix_b + slot)
+            tl.store(row + out, pos, mask=is_unm)
+        nb = num_tokens // 2
+        for start in range(0, nb, BLOCK):  # set B in order: token j at position 2j + 1
+            j = start + tl.arange(0, BLOCK).to(tl.int64)
+            out = tl.where(j < prefix_b, 2 * j + 1, unm_len + j)
+            tl.store(row + out, 2 * j + 1, mask=j < nb)
+
+    return plan_kernel
+
+
 @functools.cache
 def match_kernel() -> Any:
     """The jitted ``match_kernel``, defined on first use (Triton is imported only then)."""
     return _kernel()
+
+
+@functools.cache
+def plan_kernel() -> Any:
+    """The jitted ``plan_kernel``, defined on first use."""
+    return _plan_kernel()
+
+
+def plan_columns(num_tokens: int, merge_r: int) -> list[int]:
+    """Widths of the parts of one image's plan row, in order: ``perm`` with destinations
+    (N + r), ``dst_out`` (r), ``src`` (r), ``dst`` (r), ``unm`` (Na - r), and the ranks (Na),
+    which the kernel keeps between its two passes."""
+    na = (num_tokens + 1) // 2
+    return [num_tokens + merge_r, merge_r, merge_r, merge_r, na - merge_r, na]
+
+
+def plan_blocks(na: int) -> dict[str, int]:
+    """``plan_kernel``'s tile: up to 64 A tokens against 64 (at least 16, ``tl.arange``'s floor)."""
+    import triton
+
+    return {"BLOCK": min(64, max(16, triton.next_power_of_2(na)))}
 
 
 def triton_node_max(metric: torch.Tensor, num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,17 +214,41 @@ def triton_node_max(metric: torch.Tensor, num_prefix_tokens: int) -> tuple[torch
     return node_max, node_idx
 
 
-@torch.library.custom_op("pyra_lightning::node_max", mutates_args=())
-def node_max_op(metric: torch.Tensor, num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``triton_node_max`` as the operator ``torch.compile`` keeps in its graph (``compile_traced``)."""
-    return triton_node_max(metric, num_prefix_tokens)
+def triton_plan(
+    node_max: torch.Tensor, node_idx: torch.Tensor, num_tokens: int, merge_r: int, num_prefix_tokens: int
+) -> torch.Tensor:
+    """``plan_kernel``: (B, sum(plan_columns)) int64 plan rows from each A token's best score
+    ``node_max`` and partner ``node_idx`` (both (B, Na), contiguous) for ``merge_r`` merges."""
+    batch, na = node_max.shape
+    plan = torch.empty(
+        batch, sum(plan_columns(num_tokens, merge_r)), device=node_max.device, dtype=torch.int64
+    )
+    with on_device_of(node_max):
+        plan_kernel()[(batch,)](
+            node_max, node_idx, plan,
+            na, merge_r, num_tokens, (num_prefix_tokens + 1) // 2, num_prefix_tokens // 2,
+            node_max.stride(0), plan.stride(0),
+            SORT_UNMERGED=num_prefix_tokens > 0, **plan_blocks(na),
+        )  # fmt: skip
+    return plan
 
 
-@node_max_op.register_fake
-def _node_max_shapes(metric: torch.Tensor, num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_match_plan(metric: torch.Tensor, merge_r: int, num_prefix_tokens: int) -> torch.Tensor:
+    """Both kernels: (B, sum(plan_columns)) int64 plan rows for ``merge_r`` merges of ``metric``."""
+    node_max, node_idx = triton_node_max(metric, num_prefix_tokens)  # (B, Na) each
+    return triton_plan(node_max, node_idx, metric.shape[1], merge_r, num_prefix_tokens)
+
+
+@torch.library.custom_op("pyra_lightning::match_plan", mutates_args=())
+def match_plan_op(metric: torch.Tensor, merge_r: int, num_prefix_tokens: int) -> torch.Tensor:
+    """``triton_match_plan`` as the operator ``torch.compile`` keeps in its graph (``compile_traced``)."""
+    return triton_match_plan(metric, merge_r, num_prefix_tokens)
+
+
+@match_plan_op.register_fake
+def _match_plan_shape(metric: torch.Tensor, merge_r: int, num_prefix_tokens: int) -> torch.Tensor:
     batch, num_tokens = metric.shape[:2]
-    na = (num_tokens + 1) // 2
-    return metric.new_empty(batch, na, dtype=torch.float32), metric.new_empty(batch, na, dtype=torch.int64)
+    return metric.new_empty(batch, sum(plan_columns(num_tokens, merge_r)), dtype=torch.int64)
 
 
 def match_blocks(channels: int) -> dict[str, int]:
@@ -158,22 +283,20 @@ def _launch_match(
 
 
 def triton_match(metric: torch.Tensor, merge_r: int, num_prefix_tokens: int) -> tuple[torch.Tensor, ...]:
-    """``pyra_lightning.merge.match`` with the scores and their row max in one Triton kernel.
+    """``pyra_lightning.merge.match`` in two Triton kernels, the scores and the plan.
 
-    Returns ``(src, dst, unm)`` as the torch matcher does; on tensors Triton does not run for
-    (CPU without the interpreter, no Triton) it is the torch matcher.
+    Returns ``(src, dst, unm)`` as the torch matcher does, then the plan's ``perm`` (with
+    destinations) and ``dst_out`` (``merge.BipartiteMerge`` takes all five, so it builds no index
+    of its own), all views of one (B, W) int64 tensor. On tensors Triton does not run for (CPU
+    without the interpreter, no Triton) it is the torch matcher's three.
     """
     from pyra_lightning.merge import match
 
     if not use_triton(metric):
         return match(metric, merge_r, num_prefix_tokens)
     if compile_traced():  # one node of the compiled graph
-        node_max, node_idx = node_max_op(metric, num_prefix_tokens)
+        plan = match_plan_op(metric, merge_r, num_prefix_tokens)
     else:
-        node_max, node_idx = triton_node_max(metric, num_prefix_tokens)
-    edge_idx = torch.sort(node_max, dim=-1, descending=True).indices  # (B, Na), as the torch path
-    src, unm = edge_idx.split([merge_r, edge_idx.shape[1] - merge_r], dim=1)
-    dst = node_idx.gather(1, src)
-    if num_prefix_tokens:
-        unm = torch.sort(unm, dim=1).values
-    return src, dst, unm
+        plan = triton_match_plan(metric, merge_r, num_prefix_tokens)
+    perm, dst_out, src, dst, unm, _ = plan.split(plan_columns(metric.shape[1], merge_r), dim=1)
+    return src, dst, unm, perm, dst_out

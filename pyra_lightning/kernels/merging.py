@@ -195,6 +195,11 @@ def kernel_applies(merge: Any, x: torch.Tensor, size: torch.Tensor | None, modul
     return use_triton(*tensors) and not _needs_autograd(x, size, modulate)
 
 
+def _unit_stride(index: torch.Tensor) -> torch.Tensor:
+    """The kernels take any row stride (a view of the matcher's plan rows) but unit steps along a row."""
+    return index if index.stride(-1) == 1 else index.contiguous()
+
+
 def triton_merge_wavg(
     merge: Any, x: torch.Tensor, size: torch.Tensor | None = None, modulate: Modulate | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,8 +218,8 @@ def triton_merge_wavg(
         return merge_wavg(merge, x, size, modulate=modulate)
     if x.shape[1] != merge.num_tokens:
         raise ValueError(f"merge was matched on {merge.num_tokens} tokens but got a tensor of {x.shape[1]}")
-    perm = merge.perm(with_dst=modulate is not None).contiguous()  # (B, kept + r [+ r])
-    dst_out = merge.dst_out.contiguous()  # (B, r)
+    perm = _unit_stride(merge.perm(with_dst=modulate is not None))  # (B, kept + r [+ r])
+    dst_out = _unit_stride(merge.dst_out)  # (B, r)
     weights = None
     if modulate is not None:
         norm = modulate.norm
@@ -265,7 +270,8 @@ def launch_merge(
     """Run the kernels on ``x``'s GPU: ``modulate_kernel`` for PYRA (``weights`` given) into a
     (B, merge_r, C) fp32 buffer, then ``merge_kernel``; the merged tokens and sizes.
 
-    ``perm`` and ``dst_out`` are a ``BipartiteMerge``'s, contiguous; ``merge_r`` is ``dst_out``'s width.
+    ``perm`` and ``dst_out`` are a ``BipartiteMerge``'s, each with unit stride along a row;
+    ``merge_r`` is ``dst_out``'s width.
     """
     batch, num_tokens, channels = x.shape
     merge_r = dst_out.shape[1]
