@@ -36,6 +36,7 @@ bf16 metrics the two pick other partners where scores tie in bf16.
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any
 
 import torch
@@ -111,18 +112,14 @@ def _plan_kernel():  # type: ignore[no-untyped-def]
     def plan_kernel(
         node_max, node_idx, plan,
         na, merge_r, num_tokens, prefix_a, prefix_b, stride_mb, stride_pb,
+        dst_out_at, src_at, dst_at, unm_at, rank_at,
         SORT_UNMERGED: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
+        # the *_at arguments: where each part of a plan row starts (plan_columns; perm at 0)
         batch = tl.program_id(0).to(tl.int64)
         scores, partners = node_max + batch * stride_mb, node_idx + batch * stride_mb
         row = plan + batch * stride_pb
         unm_len, kept = na - merge_r, num_tokens - merge_r
-        # plan_columns: perm (N + r), dst_out, src, dst (r each), unm (Na - r), ranks (Na)
-        dst_out_at = num_tokens + merge_r
-        src_at = dst_out_at + merge_r
-        dst_at = src_at + merge_r
-        unm_at = dst_at + merge_r
-        rank_at = unm_at + unm_len
         for start in range(0, na, BLOCK):  # each A token's rank among all maxima
             i = start + tl.arange(0, BLOCK)
             vi = tl.load(scores + i, mask=i < na, other=0.0)
@@ -220,14 +217,14 @@ def triton_plan(
     """``plan_kernel``: (B, sum(plan_columns)) int64 plan rows from each A token's best score
     ``node_max`` and partner ``node_idx`` (both (B, Na), contiguous) for ``merge_r`` merges."""
     batch, na = node_max.shape
-    plan = torch.empty(
-        batch, sum(plan_columns(num_tokens, merge_r)), device=node_max.device, dtype=torch.int64
-    )
+    columns = plan_columns(num_tokens, merge_r)
+    starts = list(itertools.accumulate(columns[:-1]))  # dst_out, src, dst, unm, ranks
+    plan = torch.empty(batch, sum(columns), device=node_max.device, dtype=torch.int64)
     with on_device_of(node_max):
         plan_kernel()[(batch,)](
             node_max, node_idx, plan,
             na, merge_r, num_tokens, (num_prefix_tokens + 1) // 2, num_prefix_tokens // 2,
-            node_max.stride(0), plan.stride(0),
+            node_max.stride(0), plan.stride(0), *starts,
             SORT_UNMERGED=num_prefix_tokens > 0, **plan_blocks(na),
         )  # fmt: skip
     return plan
