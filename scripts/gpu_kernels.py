@@ -22,6 +22,7 @@ only this part. In order, each result saved as it finishes:
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -67,7 +68,7 @@ def part_kernels(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str,
     pyra = next(m for m in names if m.startswith("pyra/") and not m.endswith(KERNELS))
     out["parity"] = _guarded(lambda dev, dry: _parity(s, pyra, dev), device, args.dry_run)
     keep()
-    for key, micro in (("matcher", _matcher), ("merger", _merger)):
+    for key, micro in (("matcher", _matcher), ("merger", _merger), ("attention", _attention)):
         out[key] = _guarded(micro, device, args.dry_run)
         keep()
     models = {name: _build(s, name, device) for name in names}  # ViT-B/16: ~0.35 GB each
@@ -221,7 +222,13 @@ def _parity(s: dict[str, Any], name: str, device: Any) -> dict[str, Any]:
     logits = {}
     for dtype in (torch.float32, torch.bfloat16):
         for rule in ("bipartite", "triton"):
-            set_merge_rule(model, matcher=rule, merger="wavg" if rule == "bipartite" else "triton")
+            kernels = rule == "triton"
+            set_merge_rule(
+                model,
+                matcher=rule,
+                merger="triton" if kernels else "wavg",
+                attention="triton" if kernels else "sdpa",
+            )
             with (
                 torch.inference_mode(),
                 torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
@@ -333,6 +340,60 @@ def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
                     result["device_ms"] = device_ms({"torch": fns["torch_ms"], "triton": fns["triton_ms"]})
             else:
                 result["triton"] = "not run: the kernels do not apply to these tensors"
+        else:
+            result["triton"] = "not run: needs CUDA tensors and Triton"
+        result.update(_interleaved_ms(fns, device, 20))
+    return result
+
+
+# Tiles of the attention kernel timed beside its default (``attention_blocks``): which runs
+# fastest on the GPU is measured, not assumed; each keeps its registers on sm_90.
+ATTENTION_TILES = ((64, 32, 4), (64, 64, 8), (128, 64, 8), (128, 32, 8))
+
+
+def _attention(device: Any, dry_run: bool) -> dict[str, Any]:
+    """ms of one proportional attention at PYRA high's second layer (B 256, 12 heads, 157 tokens,
+    64 channels, bf16, q/k/v strided as timm's qkv leaves them): SDPA with the ``log(size)``
+    mask, SDPA without one (what the kernel would like to match), and the Triton kernel at its
+    default tiles and at ``ATTENTION_TILES``, on the GPU's clock; its difference from SDPA."""
+    import torch
+    import torch.nn.functional as F
+
+    from pyra_lightning.kernels import use_triton
+
+    b, h, n, d = (2, 3, 37, 16) if dry_run else (256, 12, 157, 64)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    q, k, v = torch.randn(b, n, 3, h, d, device=device, dtype=dtype).permute(2, 0, 3, 1, 4).unbind(0)
+    size = torch.randint(1, 8, (b, n, 1), device=device).float()
+    mask = size.log().to(dtype).view(b, 1, 1, n)
+    result: dict[str, Any] = {"shape": [b, h, n, d], "dtype": str(dtype)}
+    fns = {
+        "sdpa_masked_ms": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        "sdpa_unmasked_ms": lambda: F.scaled_dot_product_attention(q, k, v),
+    }
+    with torch.inference_mode():
+        if use_triton(q):
+            from pyra_lightning.kernels.proportional import attention_blocks, launch_attention
+
+            want = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=size.log().view(b, 1, 1, n)
+            )
+            result["triton_max_abs_diff_vs_fp32"] = (
+                (launch_attention(q, k, v, size).float() - want).abs().max().item()
+            )
+            result["sdpa_max_abs_diff_vs_fp32"] = (fns["sdpa_masked_ms"]().float() - want).abs().max().item()
+            fns["triton_ms"] = lambda: launch_attention(q, k, v, size)
+            if q.is_cuda:  # do_bench needs a GPU driver, which the interpreter has not
+                timed = {"sdpa masked": fns["sdpa_masked_ms"], "sdpa unmasked": fns["sdpa_unmasked_ms"]}
+                timed["triton"] = fns["triton_ms"]
+                for block_m, block_n, warps in ATTENTION_TILES:
+                    tiles = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps}
+                    tiles["BLOCK_D"] = attention_blocks(d, dtype)["BLOCK_D"]
+                    timed[f"triton {block_m}x{block_n} {warps} warps"] = functools.partial(
+                        launch_attention, q, k, v, size, tiles
+                    )
+                result["device_ms"] = device_ms(timed)
         else:
             result["triton"] = "not run: needs CUDA tensors and Triton"
         result.update(_interleaved_ms(fns, device, 20))

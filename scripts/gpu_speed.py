@@ -68,11 +68,12 @@ KERNELS = "+kernels"
 # residual stream and every elementwise pass stay fp32 (the uncompressed model ran at half the
 # matmul rate on 2026-12-04), so a deployment may hold the model in bf16 instead.
 HELD = "bf16-true"
-# The merge rule and attention kernel of a model variant: "+kernels" runs the Triton matcher and
-# merger (eager and CUDA graphs), "+flex" FlexAttention (fused only when compiled).
+# The merge rule and attention kernel of a model variant: "+kernels" runs every Triton kernel,
+# the matcher, the merger and proportional attention (eager and CUDA graphs; until 2026-12-05
+# it attended with SDPA's mask), "+flex" FlexAttention (fused only when compiled).
 RULES = {
     "": {},
-    "+kernels": {"matcher": "triton", "merger": "triton"},
+    "+kernels": {"matcher": "triton", "merger": "triton", "attention": "triton"},
     "+flex": {"attention": "flex"},
 }
 
@@ -267,7 +268,7 @@ def part_speed(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, A
 
     started = time.perf_counter()
     models = {name: _build(s, name, device) for name in s["models"] if not name.endswith(KERNELS)}
-    sdpa = {name: model for name, model in models.items() if "attention" not in _rule(name)}
+    sdpa = {name: model for name, model in models.items() if _rule(name).get("attention") != "flex"}
     uncompiled = [e for e in out["engines"] if e != "inductor-cudagraph"]
     flex = [name for name in models if name not in sdpa]
     if flex:  # eager FlexAttention is its unfused reference

@@ -243,11 +243,12 @@ _COMPILE_CHECK = """
 import timm, torch
 import pyra_lightning
 import pyra_lightning.kernels.matching as matching, pyra_lightning.kernels.merging as merging
+import pyra_lightning.kernels.proportional as proportional
 from pyra_lightning import apply_merging
 torch.manual_seed(0)
 kw = dict(pretrained=False, img_size=32, patch_size=4, embed_dim=48, depth=3, num_heads=3, num_classes=5)
 model = timm.create_model("vit_tiny_patch16_224", **kw).eval()
-apply_merging(model, merge_r=8, pyra=True, matcher="triton", merger="triton")
+apply_merging(model, merge_r=8, pyra=True, matcher="triton", merger="triton", attention="triton")
 with torch.no_grad():  # W_D starts at 0 (the identity): give the modulation a value
     for block in model.blocks:
         block.pyra.weight_d.add_(torch.randn_like(block.pyra.weight_d))
@@ -275,22 +276,28 @@ with torch.no_grad():
     want = model(x)
     got = torch.compile(model, backend=record, fullgraph=True)(x)
 assert nodes.count("pyra_lightning.match_plan") == 3 and nodes.count("pyra_lightning.merge_wavg") == 3, nodes
+assert nodes.count("pyra_lightning.proportional_attention") == 2, nodes  # the blocks with sizes
 torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 # the inductor engine launches the kernels (counted at their launch functions) and agrees
-launches = {"match": 0, "merge": 0}
+launches = {"match": 0, "merge": 0, "attention": 0}
 match_plan, launch_merge = matching.triton_match_plan, merging.launch_merge
+launch_attention = proportional.launch_attention
 def counted_match(*args):
     launches["match"] += 1
     return match_plan(*args)
 def counted_merge(*args):
     launches["merge"] += 1
     return launch_merge(*args)
+def counted_attention(*args):
+    launches["attention"] += 1
+    return launch_attention(*args)
 matching.triton_match_plan, merging.launch_merge = counted_match, counted_merge
+proportional.launch_attention = counted_attention
 run = pyra_lightning.compile_for_inference(model, x, engine="inductor")
-launches.update(match=0, merge=0)
+launches.update(match=0, merge=0, attention=0)
 torch.testing.assert_close(run(x), want, rtol=1e-5, atol=1e-5)
-assert launches == {"match": 3, "merge": 3}, launches
+assert launches == {"match": 3, "merge": 3, "attention": 2}, launches
 
 # an export takes the torch rule: its graph must run where Triton and this package are not
 exported = torch.export.export(model, (x,))
@@ -303,9 +310,11 @@ print("compiled with the kernels")
 @pytest.mark.slow
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 def test_compiled_models_keep_the_triton_kernels_and_exports_do_not() -> None:
-    """The kernels are custom operators (``pyra_lightning::match_plan`` and ``::merge_wavg``): ``torch.library.opcheck`` passes for
-    both, a compiled ``"triton"`` model holds one node of each per merging layer and launches
-    them under the inductor engine with eager's output, and an export has the torch rule."""
+    """The kernels are custom operators (``pyra_lightning::match_plan``, ``::merge_wavg`` and
+    ``::proportional_attention``): ``torch.library.opcheck`` passes for the first two (the third's
+    is in test_proportional_kernel), a compiled ``"triton"`` model holds one node of each per
+    merging layer (attention: per block with sizes) and launches them under the inductor engine
+    with eager's output, and an export has the torch rule and SDPA."""
     assert "compiled with the kernels" in run_interpreted(_COMPILE_CHECK)
 
 
@@ -426,25 +435,29 @@ def test_the_attention_setting_reaches_the_blocks_and_the_exported_recipe(tmp_pa
 
 
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
-@pytest.mark.parametrize(("pyra", "most", "launches"), [(False, 345, 36), (True, 357, 48)])
+@pytest.mark.parametrize(("pyra", "most", "launches"), [(False, 345, 47), (True, 357, 59)])
 def test_the_triton_rules_dispatch_fewer_operators_per_forward(
     pyra: bool, most: int, launches: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """ViT-B/16 at 'high' with the ``triton`` matcher and merger, counted as a CUDA forward would
-    dispatch (meta device, launches recorded, not run: ``tools/count_ops.py``): 345 ToMe / 357
-    PYRA operators including the kernel launches, from 476 / 596 with the torch rules; the plan
-    kernel leaves no sort, gather or cat of indices to torch."""
+    """ViT-B/16 at 'high' with the ``triton`` matcher, merger and attention, counted as a CUDA
+    forward would dispatch (meta device, launches recorded, not run: ``tools/count_ops.py``): 345
+    ToMe / 357 PYRA operators including the kernel launches, from 476 / 596 with the torch rules;
+    the plan kernel leaves no sort, gather or cat of indices to torch, and the attention kernel
+    takes ``log(size)`` itself, so SDPA runs only in the first block (no sizes yet)."""
     monkeypatch.syspath_prepend(str(REPO / "tools"))
     from count_ops import count
 
     with torch.device("meta"):
         model = timm.create_model("vit_base_patch16_224", pretrained=False)
-    apply_merging(model, "high", pyra=pyra, matcher="triton", merger="triton")
+    apply_merging(model, "high", pyra=pyra, matcher="triton", merger="triton", attention="triton")
     ops = count(model)
-    assert ops["triton_launch"] == launches  # per merging layer: scores, plan, [PYRA's,] the merge
+    assert (
+        ops["triton_launch"] == launches
+    )  # per merging layer: scores, plan, [PYRA's,] the merge; 11 attentions
     assert sum(ops.values()) <= most
     assert "index_put_" not in ops and "baddbmm" not in ops  # the torch merge and matcher did not run
     assert "sort" not in ops and "gather" not in ops and ops["cat"] == 1  # only the class token's cat
+    assert "log" not in ops and ops["scaled_dot_product_attention"] == 1
 
 
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
@@ -458,11 +471,12 @@ def test_the_kernels_compile_for_hopper_without_spilling(monkeypatch: pytest.Mon
 
     rows = build("cuda:90", channels=[768], head_dim=64, dtypes=["bf16"])
     assert sorted({row.kernel for row in rows}) == [
+        "attention_kernel",
         "match_kernel",
         "merge_kernel",
         "modulate_kernel",
         "plan_kernel",
     ]
-    assert len(rows) == 9  # 1 matcher, 2 plans (prefix or not), 2 modulations (sizes or not), 4 merges
+    assert len(rows) == 10  # 1 matcher, 2 plans (prefix or not), 1 attention, 2 modulations, 4 merges
     assert all(0 < row.registers <= 255 for row in rows), rows
     assert [row for row in rows if row.stack_bytes] == [], "a kernel spills registers at ViT-B/16's width"

@@ -11,7 +11,7 @@ and reads registers, spills (the stack frame) and shared memory from the cubin w
     PYTHONPATH=$PWD python tools/aot_kernels.py --target cuda:80 --channels 768 1024
 
 ``--channels`` are the token widths C the merge kernels see (the model's embed_dim); the matcher
-sees the metric's width, a head's (``--head_dim``).
+and the attention see a head's (``--head_dim``).
 """
 
 from __future__ import annotations
@@ -24,14 +24,17 @@ import subprocess
 import tempfile
 from typing import Any
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pyra_lightning.kernels import matching, merging
+from pyra_lightning.kernels import matching, merging, proportional
 
 _INT = "i32"
+_FLOATS = ("eps", "scale_log2")  # the float scalar arguments
 _DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +58,7 @@ def _compile(kernel: Any, pointers: dict[str, str], launch: dict[str, Any], targ
         if name in constexprs:
             signature[name] = "constexpr"
         else:
-            signature[name] = pointers.get(name, "fp32" if name == "eps" else _INT)
+            signature[name] = pointers.get(name, "fp32" if name in _FLOATS else _INT)
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=target, options={"num_warps": num_warps})
 
@@ -104,6 +107,13 @@ def build(
                 pointers = {"node_max": "*fp32", "node_idx": "*i64", "plan": "*i64"}
                 compiled = _compile(matching.plan_kernel(), pointers, constexprs, gpu)
                 rows.append(_record("plan_kernel", {"Na": na, **constexprs}, compiled))
+        # proportional attention: q, k, v and the output in the model's dtype, sizes in the
+        # residual stream's (fp32 under autocast; the model's own when held in it)
+        blocks = proportional.attention_blocks(head_dim, _TORCH_DTYPES[dtype])
+        pointers = {n: f"*{dtype}" for n in ("q", "k", "v", "size", "out")}
+        constexprs = {"IEEE": dtype == "fp32", **blocks}
+        compiled = _compile(proportional.attention_kernel(), pointers, constexprs, gpu)
+        rows.append(_record("attention_kernel", {"dtype": dtype, "d": head_dim, **constexprs}, compiled))
         for width in channels:
             for has_size in (True, False):
                 blocks = merging.modulate_blocks(width)

@@ -6,7 +6,7 @@ Counted the way issue 17 counts them: a ``TorchDispatchMode`` under ``torch.infe
 (which sees composite operators such as ``linear`` once), after one warm-up forward that fills
 ``pyra_lightning.merge``'s cache of constant index tensors.
 
-The ``+kernels`` rows (the ``triton`` matcher and merger) count what a CUDA forward dispatches:
+The ``+kernels`` rows (the ``triton`` matcher, merger and attention) count what a CUDA forward dispatches:
 on the meta device, with the Triton kernels' launches recorded instead of run (``launches``),
 each launch counted as one operator under the name ``triton_launch``.
 """
@@ -54,12 +54,13 @@ class _Launch:
 @contextlib.contextmanager
 def launches(ops: collections.Counter[str]) -> Iterator[None]:
     """The Triton rules take their kernel path on any tensor, and every launch is counted in ``ops``."""
-    from pyra_lightning.kernels import matching, merging
+    from pyra_lightning.kernels import matching, merging, proportional
 
     launch = _Launch(ops)
     with contextlib.ExitStack() as stack:
-        for module in (matching, merging):
+        for module in (matching, merging, proportional):
             stack.enter_context(mock.patch.object(module, "use_triton", lambda *tensors: True))
+        stack.enter_context(mock.patch.object(proportional, "attention_kernel", lambda: launch))
         stack.enter_context(mock.patch.object(matching, "match_kernel", lambda: launch))
         stack.enter_context(mock.patch.object(matching, "plan_kernel", lambda: launch))
         stack.enter_context(mock.patch.object(merging, "modulate_kernel", launch))
@@ -93,7 +94,8 @@ def models() -> dict[str, torch.nn.Module]:
         ("pyra/high+kernels", "high", True),
     ]:
         torch.manual_seed(0)
-        rule = {"matcher": "triton", "merger": "triton"} if name.endswith("+kernels") else {}
+        kernels = {"matcher": "triton", "merger": "triton", "attention": "triton"}
+        rule = kernels if name.endswith("+kernels") else {}
         with torch.device("meta" if rule else "cpu"):
             model = timm.create_model("vit_base_patch16_224", pretrained=False)
         if spec is not None:

@@ -6,12 +6,15 @@
 - ``merging``: the size-weighted merge with PYRA's modulation (eqs. 4-7) and the size update
   in two Triton kernels (``triton_merge_wavg``; the ``"triton"`` merger);
 - ``attention``: the table of kernels proportional attention runs on (``ATTENTIONS``: SDPA with
-  a ``log(size)`` mask, FlexAttention with a ``score_mod``).
+  a ``log(size)`` mask, FlexAttention with a ``score_mod``, and ``proportional``'s kernel);
+- ``proportional``: proportional attention as one Triton flash-attention kernel that reads the
+  sizes per block of keys (``triton_proportional_attention``; the ``"triton"`` attention).
 
 Each kernel function has the semantics of its torch counterpart and dispatches to Triton only
 for CUDA tensors when Triton imports (``use_triton``); anything else runs the torch path. Under
 ``torch.compile`` the kernels are custom operators (``pyra_lightning::match_plan`` in ``matching``,
-``pyra_lightning::merge_wavg`` in ``merging``), one opaque node each in the compiled graph:
+``pyra_lightning::merge_wavg`` in ``merging``, ``pyra_lightning::proportional_attention`` in
+``proportional``), one opaque node each in the compiled graph:
 inductor cannot trace a Triton launch made from Python, so before they existed a compiled
 ``"triton"`` rule ran the torch rule. Exports take the torch path, since an exported graph must
 run where Triton and this package are not. Tests run the kernels on CPU under Triton's

@@ -13,6 +13,9 @@ as much as the patches it stands for. The patched attentions (``patch_vit``, ``p
   is one load per key. Eager FlexAttention runs an unfused reference implementation (fine for
   tests, slow); under ``torch.compile`` (``compile_for_inference(..., engine="inductor")``) it
   is one generated kernel. It has no attention dropout, and ONNX has no operator for it.
+- ``"triton"``: a flash-attention forward in Triton that reads ``size`` per block of keys
+  (``kernels.proportional``); inference on CUDA only, SDPA with the mask everywhere else
+  (training, exports, CPU), so it trains, exports and runs anywhere ``"sdpa"`` does.
 
 Which is faster on a given GPU is measured, not assumed (``scripts/gpu_check.sh``'s ``speed``
 part times both); both compute the same function. Another kernel is one function and one
@@ -26,6 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from pyra_lightning.kernels.proportional import triton_proportional_attention
 from pyra_lightning.patch_common import size_bias
 
 # (q, k, v) (B, H, N, d) each, size (B, N, 1) or None, dropout probability -> (B, H, N, d)
@@ -109,7 +113,11 @@ def sdpa_proportional_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=size_bias(size, q.dtype), dropout_p=dropout_p)
 
 
-ATTENTIONS: dict[str, Attention] = {"sdpa": sdpa_proportional_attention, "flex": flex_proportional_attention}
+ATTENTIONS: dict[str, Attention] = {
+    "sdpa": sdpa_proportional_attention,
+    "flex": flex_proportional_attention,
+    "triton": triton_proportional_attention,
+}
 
 
 def register_attention(name: str, fn: Attention) -> None:

@@ -93,8 +93,10 @@ class MergingSettings:
             kernels for inference on CUDA, the torch path wherever autograd records it).
         attention: The kernel proportional attention runs on, a name registered in
             ``pyra_lightning.kernels.attention`` (``"sdpa"``: SDPA with a ``log(size)`` mask;
-            ``"flex"``: FlexAttention with a ``score_mod``, fused under ``torch.compile``). The
-            same function either way; which is faster is measured per GPU.
+            ``"flex"``: FlexAttention with a ``score_mod``, fused under ``torch.compile``;
+            ``"triton"``: a Triton flash-attention kernel that reads the sizes per key, for
+            inference on CUDA, SDPA elsewhere). The same function each way; which is faster is
+            measured per GPU.
         elastic: Train one model for a range of merge rates instead of the one ``merge_r``
             (``training.elastic``): ``{min_fraction: 0.289, max_fraction: 1.0, sandwich: true,
             include_full: false, curve: []}``, FLOPs fractions of the uncompressed model; every key
