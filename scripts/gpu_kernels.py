@@ -1,4 +1,4 @@
-"""The ``kernels`` part of scripts/gpu_check.py: the Triton matcher and merger on the GPU.
+"""The ``kernels`` part of scripts/gpu_check.py: the Triton matcher, merger and attention on the GPU.
 
 The test suite runs these kernels only under Triton's interpreter (``tools/aot_kernels.py``
 compiles them for Hopper; a GPU first ran them on 2026-12-04), so they get a process of their
@@ -7,9 +7,10 @@ only this part. In order, each result saved as it finishes:
 
 1. parity: PYRA high with its modulation weights drawn at random (zeros would hide the
    modulation), logits with the torch rule against the same model on the Triton rule
-   (``set_merge_rule``), fp32 and bf16 autocast;
-2. one layer's matching and one layer's merge alone, Triton against torch, on the host clock
-   and on the GPU's (``device_ms``);
+   (``set_merge_rule``, proportional attention on the Triton kernel too), fp32 and bf16 autocast;
+2. one layer's matching, one layer's merge and one layer's proportional attention alone, Triton
+   against torch (attention: against SDPA with and without the mask, and the kernel at the
+   other tiles of ``ATTENTION_TILES``), on the host clock and on the GPU's (``device_ms``);
 3. eager and ``cudagraph`` groups of the uncompressed model, ToMe high, PYRA high and PYRA at
    high's FLOPs with ``align=8`` on torch and on the kernels (``+kernels``), each group (one
    engine, one batch) timed side by side (``gpu_speed._build_and_time_group``); batch 256, then

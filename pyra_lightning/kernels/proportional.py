@@ -58,9 +58,13 @@ def _kernel():  # type: ignore[no-untyped-def]
         IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         # scale_log2: the logit scale times log2(e), so exp2 replaces exp (the same softmax)
-        batch_head = tl.program_id(1).to(tl.int64)  # offsets past 2**31 elements at large batches
+        # a 1-D grid (its axis has no 65535 limit) in which the query blocks of one (image, head)
+        # are neighbours, so its keys and values are read from HBM once and then from L2
+        query_blocks = tl.cdiv(num_tokens, BLOCK_M)
+        pid = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements at large batches
+        batch_head, block = pid // query_blocks, pid % query_blocks
         batch, head = batch_head // num_heads, batch_head % num_heads
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # query positions
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)  # query positions
         dims = tl.arange(0, BLOCK_D)
         rmask, dmask = rows < num_tokens, dims < head_dim
         qb = q + batch * stride_qb + head * stride_qh
@@ -159,7 +163,7 @@ def launch_attention(
     batch, heads, num_tokens, head_dim = q.shape
     out = torch.empty(batch, num_tokens, heads, head_dim, device=q.device, dtype=q.dtype)
     blocks = attention_blocks(head_dim, q.dtype) if blocks is None else blocks
-    grid = (triton.cdiv(num_tokens, blocks["BLOCK_M"]), batch * heads)
+    grid = (batch * heads * triton.cdiv(num_tokens, blocks["BLOCK_M"]),)
     with on_device_of(q):
         attention_kernel()[grid](
             q, k, v, size, out,
