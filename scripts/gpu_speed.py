@@ -414,8 +414,8 @@ def part_train_step(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[s
     uncompressed / ToMe high / PYRA high at batch 64 and 128, bf16 autocast, eager, timed
     interleaved per batch size (``time_training_steps``, what ``benchmark --train`` runs): issue
     17's training target. Then, on CUDA and if two compiles should fit the part's limit,
-    uncompressed and PYRA high at 128 with the steps compiled (forward and backward), what a
-    compiled training loop would get."""
+    uncompressed and PYRA high at 128 with the steps compiled (forward and backward) and replayed
+    as CUDA graphs (``mode="reduce-overhead"``), what a compiled, graphed training loop would get."""
     import torch
 
     from pyra_lightning.commands.benchmark import build_model
@@ -430,7 +430,7 @@ def part_train_step(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[s
     out["versions"] = _versions(torch.device(args.device))
     started = time.perf_counter()
 
-    def measure(names: list[str], batch: int, compiled: bool) -> None:
+    def measure(names: list[str], batch: int, compiled: bool, mode: str | None = None) -> None:
         models = {
             name: build_model(
                 s["model_name"], variants[name][0], variants[name][1], img_size=s["img_size"],
@@ -441,20 +441,22 @@ def part_train_step(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[s
         result = time_training_steps(
             models, batch, s["img_size"], args.device, out["precision"],
             warmup=1 if args.dry_run else 3, runs=2 if args.dry_run else 10, compiled=compiled,
+            compile_mode=mode,
         )  # fmt: skip
+        engine = f"compile {mode}" if mode else "compile" if compiled else "eager"
         base = result["uncompressed"]["images_per_s"]
         for name, row in result.items():
             out["rows"].append(
                 {
                     "batch_size": batch,
                     "model": name,
-                    "engine": "compile" if compiled else "eager",
+                    "engine": engine,
                     "images_per_s": row["images_per_s"],
                     "speedup": row["images_per_s"] / base,
                     "peak_memory_mb": row["peak_memory_mb"],
                 }
             )
-        print(f"train_step: {'compiled' if compiled else 'eager'} batch {batch} done", flush=True)
+        print(f"train_step: {engine} batch {batch} done", flush=True)
         save(out)
         del models
         if cuda:
@@ -470,5 +472,7 @@ def part_train_step(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[s
     elif left < 2 * 60 + 20:  # two forward + backward compiles of ViT-B/16, about a minute each
         out["skipped"].append(f"compiled training steps: {left:.0f} s left, two compiles take ~120 s")
     else:
-        measure(["uncompressed", f"pyra/{spec}"], 128, compiled=True)
+        # CUDA graphs of the compiled forward and backward: the default mode ran on 2026-12-04
+        # (0.98x at 128), which leaves the host launching every kernel of the merged step
+        measure(["uncompressed", f"pyra/{spec}"], 128, compiled=True, mode="reduce-overhead")
     return out

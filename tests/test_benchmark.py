@@ -531,8 +531,16 @@ def test_compiled_training_steps_go_through_one_full_static_graph_per_model(
     }
     results = time_training_steps(models, 2, 32, warmup=1, runs=1, compiled=True)
     assert [model for model, _ in compiled] == list(models.values())
-    assert all(options == {"fullgraph": True, "dynamic": False} for _, options in compiled)
+    assert all(options == {"fullgraph": True, "dynamic": False, "mode": None} for _, options in compiled)
     assert all(row["saved_activations_mb"] is None and row["images_per_s"] > 0 for row in results.values())
+    # CUDA graphs (--compile_mode reduce-overhead): each step first tells torch a new iteration
+    # begins, so a replay may overwrite the last step's graph outputs without an error
+    compiled.clear()
+    steps: list[int] = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    time_training_steps(models, 2, 32, warmup=1, runs=2, compiled=True, compile_mode="reduce-overhead")
+    assert all(options["mode"] == "reduce-overhead" for _, options in compiled) and len(compiled) == 2
+    assert len(steps) == 2 * (1 + 2)  # every warm-up and timed step of both models
     with pytest.raises(
         ValueError, match="--train_compile compiles the training steps of --train; add --train"
     ):

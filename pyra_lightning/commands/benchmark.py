@@ -187,8 +187,8 @@ def run_benchmark(
             (``to_onnx`` + ONNX Runtime), ``aoti`` (AOTInductor), comma-separated. All models on
             all engines are timed interleaved; export and compile time is reported apart. An
             engine that cannot run here is skipped with its reason.
-        compile_mode: ``torch.compile`` mode for the ``compile`` engine (``reduce-overhead``:
-            CUDA graphs).
+        compile_mode: ``torch.compile`` mode for the ``compile`` engine and for
+            ``train_compile`` (``reduce-overhead``: CUDA graphs).
         runs: Timed forwards per model and engine (the median is reported).
         warmup: Untimed forwards per model and engine first.
         lora_rank: LoRA rank before folding; it changes nothing at inference, only training.
@@ -370,6 +370,7 @@ def _run(args: dict[str, Any], schedules: list[ScheduleSpec]) -> dict[str, Any]:
             args["runs"],
             _clock(args),
             compiled=args["train_compile"],
+            compile_mode=args["compile_mode"],
         )
     result["environment"]["loadavg_after"] = load_average()
     return result

@@ -65,12 +65,20 @@ def _saved_activation_bytes(step: Callable[[], object], params: Sequence[nn.Para
 
 
 def _training_step(
-    model: nn.Module, x: torch.Tensor, device: torch.device, precision: Precision, compiled: bool = False
+    model: nn.Module,
+    x: torch.Tensor,
+    device: torch.device,
+    precision: Precision,
+    compiled: bool = False,
+    compile_mode: str | None = None,
 ) -> tuple[Callable[[], None], Callable[[], torch.Tensor]]:
     """``step()`` (forward, cross-entropy, backward, drop the gradients) and ``loss()`` alone;
-    ``compiled``: the forward (and so its backward) through ``torch.compile(fullgraph=True)``."""
+    ``compiled``: the forward (and so its backward) through ``torch.compile(fullgraph=True)`` in
+    ``compile_mode`` (``"reduce-overhead"``: both graphs replayed as CUDA graphs, so the host
+    launches one graph where a merged step launches thousands of small kernels)."""
     target = torch.arange(x.shape[0], device=device) % model.num_classes
-    forward = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
+    forward = torch.compile(model, fullgraph=True, dynamic=False, mode=compile_mode) if compiled else model
+    graphed = compiled and compile_mode in ("reduce-overhead", "max-autotune")
 
     def loss() -> torch.Tensor:
         with autocast(device, precision):
@@ -79,6 +87,8 @@ def _training_step(
         return sum(F.cross_entropy(o.float(), target) for o in outputs)
 
     def step() -> None:
+        if graphed:  # a new iteration: the previous step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         loss().backward()
         model.zero_grad(set_to_none=True)
 
@@ -95,6 +105,7 @@ def time_training_steps(
     runs: int = 10,
     clock: Callable[[], float] = time.perf_counter,
     compiled: bool = False,
+    compile_mode: str | None = None,
 ) -> dict[str, dict[str, float | str | None]]:
     """Images/s of a training step (forward, cross-entropy, backward) and its memory, per model.
 
@@ -108,6 +119,8 @@ def time_training_steps(
         batch_size, img_size, device, precision, warmup, runs, clock: As in ``time_forwards``.
         compiled: Compile each model's training forward and backward (``torch.compile``,
             inductor, one graph per model); the compile happens in the warm-up, untimed.
+        compile_mode: ``torch.compile``'s ``mode`` for ``compiled`` (``None``: the default;
+            ``"reduce-overhead"``: CUDA graphs, on CUDA).
 
     Returns:
         Per model: ``images_per_s``; ``median_s``; ``trainable_params``; ``peak_memory_mb`` and
@@ -126,7 +139,7 @@ def time_training_steps(
     for name, model in models.items():
         mark_trainable(model)
         model.train()
-        steps[name], losses[name] = _training_step(model, x, device, precision, compiled)
+        steps[name], losses[name] = _training_step(model, x, device, precision, compiled, compile_mode)
     for _ in range(warmup):
         for step in steps.values():
             step()
