@@ -404,6 +404,8 @@ def test_kernel_names_fall_into_the_kinds_a_breakdown_reports() -> None:
     assert kernel_kind("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>") == "attention"
     assert kernel_kind("fmha_cutlassF_bf16_aligned_64x64_rf_sm80") == "attention", "before cutlass"
     assert kernel_kind("merge_kernel") == "triton" and kernel_kind("match_kernel") == "triton"
+    # the Triton attention is attention, so a breakdown compares it with SDPA's masked kernel
+    assert kernel_kind("attention_kernel") == "attention" and kernel_kind("plan_kernel") == "triton"
     assert kernel_kind("void at::native::vectorized_layer_norm_kernel<float>") == "layer_norm"
     assert kernel_kind("void at::native::radixSortKVInPlace<-2, -1, 32, 4>") == "sort"
     assert kernel_kind("void at::native::_scatter_gather_elementwise_kernel<128, 8>") == "gather/cat/copy"
