@@ -86,6 +86,12 @@ def linear(layer: nn.Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torc
     return forward_with_bias(x, bias)
 
 
+def merge_metric(keys: torch.Tensor) -> torch.Tensor:
+    """The similarity metric of eq. 3 from the attention's keys (B, H, N, hd): their mean over
+    heads, (B, N, hd), as ToMe and PYRA's code take it."""
+    return keys.mean(dim=1)
+
+
 def size_bias(size: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """Proportional attention: ``log(size)`` over keys as an additive SDPA mask, (B, 1, 1, N)."""
     if size is None:

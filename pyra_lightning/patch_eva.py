@@ -49,6 +49,7 @@ from pyra_lightning.patch_common import (
     dropout,
     fused_or_separate_qkv,
     linear,
+    merge_metric,
     mlp_forward,
     pool_tokens,
     shape_from_modules,
@@ -60,15 +61,16 @@ _PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
 
 class _MetricAttention:
-    """Forward shared by ``EvaAttention`` and ``AttentionRope``, returning the merge metric too.
+    """Forward shared by ``EvaAttention`` and ``AttentionRope``, returning the keys of the merge metric too.
 
     Modifications relative to timm:
      - the fused ``qkv`` goes through ``patch_common.linear`` (timm calls ``F.linear`` on its
        weight when ``q_bias``/``v_bias`` exist), so a PEFT layer on it takes effect, with the
        same arithmetic as timm's for the frozen part;
      - ``forward_metric(x, rope, size)`` adds ``log(size)`` over keys (proportional attention) and
-       returns ``(out, k.mean(heads))``, the keys after LoRA and k-norm and before rotation,
-       averaged over (key/value) heads: the similarity metric of eq. 3. The keys are taken before
+       returns ``(out, k)``, the keys (B, H_kv, N, hd) after LoRA and k-norm and before
+       rotation, whose mean over (key/value) heads is the similarity metric of eq. 3, taken by
+       the block only where it merges (``patch_common.merge_metric``). The keys are taken before
        rotation so that similarity measures content, not position;
      - the attention itself runs on the kernel named by ``attention``
        (``kernels.attention.ATTENTIONS``), except under a caller's own mask or ``is_causal``,
@@ -104,7 +106,7 @@ class _MetricAttention:
             k = self.k_proj(x).reshape(B, N, kv_heads, -1).transpose(1, 2)  # (B, H_kv, N, hd)
             v = self.v_proj(x).reshape(B, N, kv_heads, -1).transpose(1, 2)
         q, k = self.q_norm(q), self.k_norm(k)
-        metric = k.mean(dim=1)  # (B, N, hd)
+        keys = k  # (B, H_kv, N, hd), before rotation: the merge metric's source
         if rope is not None:
             npt, half = self.num_prefix_tokens, self.rotate_half
             q = torch.cat(
@@ -118,7 +120,7 @@ class _MetricAttention:
             v = v.repeat_interleave(heads // kv_heads, dim=1)
         if attn_mask is None and not is_causal and (self.fused_attn or self.attention != "sdpa"):
             out = ATTENTIONS[self.attention](q, k, v, size, self.attn_drop.p if self.training else 0.0)
-            return self._project(out, gate, B, N), metric
+            return self._project(out, gate, B, N), keys
         bias = size_bias(size, q.dtype) if attn_mask is None else attn_mask  # a caller's mask: SDPA
         if self.fused_attn:
             out = F.scaled_dot_product_attention(
@@ -133,7 +135,7 @@ class _MetricAttention:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
             attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, bias, is_causal=is_causal))
             out = self.attn_drop(attn.softmax(dim=-1)) @ v
-        return self._project(out, gate, B, N), metric
+        return self._project(out, gate, B, N), keys
 
     def _project(self, out: torch.Tensor, gate: torch.Tensor | None, B: int, N: int) -> torch.Tensor:
         """(B, H, N, hd) heads -> (B, N, C): timm's norm, gate, output projection and dropout."""
@@ -197,12 +199,12 @@ class _MergingBlock:
     rope_mode: str | None  # "shared": merged alongside tokens; "per_layer": rebuilt from sources
 
     def _merge(
-        self, x: torch.Tensor, metric: torch.Tensor, state: TokenState, rope: torch.Tensor | None
+        self, x: torch.Tensor, keys: torch.Tensor, state: TokenState, rope: torch.Tensor | None
     ) -> tuple[torch.Tensor, TokenState]:
         if self.merge_r == 0:
             return x, state
         npt = self.num_prefix_tokens
-        merge, _ = self.matcher(metric, self.merge_r, npt)
+        merge, _ = self.matcher(merge_metric(keys), self.merge_r, npt)
         source = merge_source(merge, x, state.source) if self.trace_source else None
         rope_sum = None
         if self.rope_mode == "shared" and rope is not None:
@@ -229,11 +231,11 @@ class PyraEvaBlock(_MergingBlock, EvaBlock):  # type: ignore[misc]
         self, x: torch.Tensor, state: TokenState | None = None, rope: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, TokenState]:
         state = TokenState() if state is None else state
-        x_attn, metric = self.attn.forward_metric(self.norm1(x), rope, state.size if self.prop_attn else None)
+        x_attn, keys = self.attn.forward_metric(self.norm1(x), rope, state.size if self.prop_attn else None)
         if self.gamma_1 is not None:
             x_attn = self.gamma_1 * x_attn
         x = x + self.drop_path1(x_attn)  # (B, N, C)
-        x, state = self._merge(x, metric, state, rope)
+        x, state = self._merge(x, keys, state, rope)
         x_mlp = mlp_forward(self.mlp, self.norm2(x))
         if self.gamma_2 is not None:
             x_mlp = self.gamma_2 * x_mlp
@@ -247,9 +249,9 @@ class PyraEvaBlockPostNorm(_MergingBlock, EvaBlockPostNorm):  # type: ignore[mis
         self, x: torch.Tensor, state: TokenState | None = None, rope: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, TokenState]:
         state = TokenState() if state is None else state
-        x_attn, metric = self.attn.forward_metric(x, rope, state.size if self.prop_attn else None)
+        x_attn, keys = self.attn.forward_metric(x, rope, state.size if self.prop_attn else None)
         x = x + self.drop_path1(self.norm1(x_attn))  # (B, N, C)
-        x, state = self._merge(x, metric, state, rope)
+        x, state = self._merge(x, keys, state, rope)
         return x + self.drop_path2(self.norm2(self.mlp(x))), state
 
 

@@ -29,6 +29,7 @@ from pyra_lightning.patch_common import (
     TokenState,
     check_pooling,
     dropout,
+    merge_metric,
     mlp_forward,
     pool_tokens,
     shape_from_modules,
@@ -44,8 +45,10 @@ class PyraAttention(Attention):
      - ``forward(x, size)`` adds ``log(size)`` to the attention logits (proportional attention)
        on the kernel named by ``attention`` (``kernels.attention.ATTENTIONS``: SDPA with an
        additive mask by default, FlexAttention's ``score_mod``);
-     - returns ``(out, k.mean(heads))``: the keys after LoRA and k-norm, averaged over heads,
-       are the similarity metric of eq. 3.
+     - returns ``(out, k)``: the keys (B, H, N, head_dim) after LoRA and k-norm, whose mean over
+       heads is the similarity metric of eq. 3. The block takes that mean only where it merges
+       (``patch_common.merge_metric``): a layer with ``merge_r`` 0 launches no kernel for a metric
+       it drops.
     """
 
     attention: str = "sdpa"  # set by apply_merging
@@ -73,7 +76,7 @@ class PyraAttention(Attention):
         out = self.norm(out) if hasattr(self, "norm") else out
         if gate is not None:
             out = out * gate
-        return dropout(self.proj_drop, self.proj(out)), k.mean(dim=1)
+        return dropout(self.proj_drop, self.proj(out)), k
 
 
 class PyraBlock(Block):
@@ -103,10 +106,10 @@ class PyraBlock(Block):
         self, x: torch.Tensor, state: TokenState | None = None
     ) -> tuple[torch.Tensor, TokenState]:
         state = TokenState() if state is None else state
-        x_attn, metric = self.attn(self.norm1(x), size=state.size if self.prop_attn else None)
+        x_attn, keys = self.attn(self.norm1(x), size=state.size if self.prop_attn else None)
         x = x + self.drop_path1(self.ls1(x_attn))  # (B, N, C)
         if self.merge_r > 0:
-            merge, _ = self.matcher(metric, self.merge_r, self.num_prefix_tokens)
+            merge, _ = self.matcher(merge_metric(keys), self.merge_r, self.num_prefix_tokens)
             source = merge_source(merge, x, state.source) if self.trace_source else None
             x, size = self.merger(merge, x, state.size, modulate=self.pyra)  # (B, N - merge_r, C)
             state = TokenState(size=size, source=source)

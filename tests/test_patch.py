@@ -126,10 +126,10 @@ def test_attention_paths_match_explicit_softmax(fused: bool, prop_attn: bool) ->
     h = torch.randn(2, 33, 48)
     size = torch.randint(1, 6, (2, 33, 1)).float() if prop_attn else None
     with torch.no_grad():
-        out, metric = attn(h, size=size)
+        out, keys = attn(h, size=size)
         expected = _explicit_attention(attn, h, size)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert metric.shape == (2, 33, 16)
+    assert keys.shape == (2, 3, 33, 16)  # per head: the block averages them where it merges
 
 
 def test_fused_and_unfused_models_agree_and_prop_attn_matters(x) -> None:
@@ -231,3 +231,17 @@ def test_deit_distilled_averages_heads_in_eval(x) -> None:
         tokens, _ = model.forward_tokens(x)
         expected = (model.head(tokens[:, 0]) + model.head_dist(tokens[:, 1])) / 2
         torch.testing.assert_close(model(x), expected)
+
+
+def test_only_merging_blocks_average_the_keys_into_a_metric(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attention hands its keys per head to the block, which takes their mean over heads (the
+    metric of eq. 3) only where it merges: a layer with ``merge_r`` 0 launches nothing for it."""
+    import pyra_lightning.patch_vit as patch_vit
+
+    model = apply_merging(tiny_vit(), [4, 0, 3, 0])
+    calls: list[tuple[int, ...]] = []
+    mean = patch_vit.merge_metric
+    monkeypatch.setattr(patch_vit, "merge_metric", lambda keys: calls.append(tuple(keys.shape)) or mean(keys))
+    with torch.no_grad():
+        model.eval()(torch.randn(2, 3, 32, 32))
+    assert len(calls) == 2 and all(len(shape) == 4 for shape in calls), calls  # (B, H, N, hd)
