@@ -177,7 +177,7 @@ def _compiled(
     except ValueError:
         raise
     except Exception as error:
-        if example.device.type != "cpu" or _attention(model) == "sdpa":
+        if example.device.type != "cpu" or _attention(model) != "flex":
             raise
         reason = (str(error).strip().splitlines() or [""])[0][:300]
         raise ValueError(
@@ -282,7 +282,7 @@ def compile_for_inference(
     model = prepare_model(model)
     eager = _forward(model, device, autocast_dtype)
     timings: dict[str, float] = {}
-    if engine == "auto" and device.type == "cuda" and _attention(model) != "sdpa":
+    if engine == "auto" and device.type == "cuda" and _attention(model) == "flex":
         engine = "inductor-cudagraph"  # FlexAttention is one fused kernel only when compiled
     if engine == "auto":
         if device.type != "cuda":
