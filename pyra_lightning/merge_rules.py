@@ -16,6 +16,10 @@ The defaults are ToMe's and PYRA's (paper §3.1, eqs. 2-3): bipartite soft match
 A rule that runs its own kernels names the registered torch rule it computes as ``counted_as``;
 ``accounting.count_flops`` counts that one, since a ``FlopCounterMode`` sees ATen operators only.
 
+A merger whose ``fuses_residual`` is True is also called with ``residual=``: the tokens are then
+``residual + x`` (the block's residual stream plus its attention branch), which it may add inside
+its own kernels; the block adds them itself for every other merger.
+
 A matcher returns ``merge``/``unmerge`` closures with the contract of ``merge.MergeFn``: modes
 ``"sum"``, ``"mean"`` and ``"amax"``, an optional PYRA ``modulate`` of the sources, and the
 token order the next layer's alternating split expects (prefix tokens first).
@@ -113,14 +117,6 @@ class TritonMatcher:
         )
 
 
-def _triton_merge_wavg(
-    merge: MergeFn, x: torch.Tensor, size: torch.Tensor | None, modulate: Modulate | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from pyra_lightning.kernels.merging import triton_merge_wavg
-
-    return triton_merge_wavg(merge, x, size, modulate=modulate)
-
-
 class WeightedAverage:
     """The size-weighted average of ToMe and PYRA (``merge.merge_wavg``); PYRA modulates the sources."""
 
@@ -144,17 +140,31 @@ class TritonWeightedAverage(WeightedAverage):
     capture) one layer's merge is two launches instead of about 30 operators, and compiled it is
     one ``pyra_lightning::merge_wavg`` node of the graph (``kernels.merging``); where autograd must
     record it (training), while an export traces the model, on CPU, for fp64 and for the
-    ablation modulations it is ``merge_wavg`` itself.
+    ablation modulations it is ``merge_wavg`` itself. It takes the block's residual add too
+    (``fuses_residual``): the kernels read the residual stream and the attention branch and add
+    them as they load, so the (B, N, C) sum before the merge is never written.
     The kernels compute in fp32: equal to ``"wavg"`` up to the order of sums for fp32 tokens, and
     closer to exact than the torch path for bf16/fp16 tokens (or matmuls under bf16 autocast).
     """
 
     name = "triton"
     counted_as = "wavg"
-    average = staticmethod(_triton_merge_wavg)
+    fuses_residual = True  # the block hands it the residual stream and the attention branch apart
 
     def __init__(self) -> None:
         import pyra_lightning.kernels.merging  # noqa: F401  (registers its operator before any compile)
+
+    def __call__(
+        self,
+        merge: MergeFn,
+        x: torch.Tensor,
+        size: torch.Tensor | None = None,
+        modulate: Modulate | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from pyra_lightning.kernels.merging import triton_merge_wavg
+
+        return triton_merge_wavg(merge, x, size, modulate=modulate, residual=residual)
 
 
 MATCHERS: dict[str, Callable[[], Matcher]] = {

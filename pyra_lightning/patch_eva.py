@@ -199,19 +199,32 @@ class _MergingBlock:
     rope_mode: str | None  # "shared": merged alongside tokens; "per_layer": rebuilt from sources
 
     def _merge(
-        self, x: torch.Tensor, keys: torch.Tensor, state: TokenState, rope: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        branch: torch.Tensor,
+        keys: torch.Tensor,
+        state: TokenState,
+        rope: torch.Tensor | None,
     ) -> tuple[torch.Tensor, TokenState]:
+        """``x + branch`` (the residual stream and the attention branch, (B, N, C) each), merged
+        by ``merge_r``; a merger that ``fuses_residual`` gets them apart and adds them itself."""
         if self.merge_r == 0:
-            return x, state
+            return x + branch, state
         npt = self.num_prefix_tokens
         merge, _ = self.matcher(merge_metric(keys), self.merge_r, npt)
+        fused = getattr(self.merger, "fuses_residual", False) and not self.trace_source
+        if not fused:
+            x = x + branch
         source = merge_source(merge, x, state.source) if self.trace_source else None
         rope_sum = None
         if self.rope_mode == "shared" and rope is not None:
             rows = state.rope if state.rope is not None else _rope_rows(rope, x.shape[0], npt)
             weight = state.size if state.size is not None else torch.ones_like(rows[..., :1])
             rope_sum = merge((rows * weight).to(rows.dtype), mode="sum")  # (B, N - merge_r, R)
-        x, size = self.merger(merge, x, state.size, modulate=self.pyra)  # (B, N - merge_r, C)
+        if fused:  # x + branch is never written whole
+            x, size = self.merger(merge, branch, state.size, modulate=self.pyra, residual=x)
+        else:
+            x, size = self.merger(merge, x, state.size, modulate=self.pyra)  # (B, N - merge_r, C)
         merged_rope = None if rope_sum is None else rope_sum / size.to(rope_sum.dtype)
         return x, TokenState(size=size, source=source, rope=merged_rope)
 
@@ -234,8 +247,7 @@ class PyraEvaBlock(_MergingBlock, EvaBlock):  # type: ignore[misc]
         x_attn, keys = self.attn.forward_metric(self.norm1(x), rope, state.size if self.prop_attn else None)
         if self.gamma_1 is not None:
             x_attn = self.gamma_1 * x_attn
-        x = x + self.drop_path1(x_attn)  # (B, N, C)
-        x, state = self._merge(x, keys, state, rope)
+        x, state = self._merge(x, self.drop_path1(x_attn), keys, state, rope)  # x + branch, merged
         x_mlp = mlp_forward(self.mlp, self.norm2(x))
         if self.gamma_2 is not None:
             x_mlp = self.gamma_2 * x_mlp
@@ -250,8 +262,7 @@ class PyraEvaBlockPostNorm(_MergingBlock, EvaBlockPostNorm):  # type: ignore[mis
     ) -> tuple[torch.Tensor, TokenState]:
         state = TokenState() if state is None else state
         x_attn, keys = self.attn.forward_metric(x, rope, state.size if self.prop_attn else None)
-        x = x + self.drop_path1(self.norm1(x_attn))  # (B, N, C)
-        x, state = self._merge(x, keys, state, rope)
+        x, state = self._merge(x, self.drop_path1(self.norm1(x_attn)), keys, state, rope)
         return x + self.drop_path2(self.norm2(self.mlp(x))), state
 
 

@@ -89,7 +89,8 @@ class PyraBlock(Block):
      - ``forward(x, state) -> (x, state)`` carries token sizes (and sources) explicitly;
      - after ``x + drop_path1(ls1(attn))``, merges ``merge_r`` tokens: ``self.matcher`` picks
        them (bipartite soft matching, eqs. 2-3, by default) and ``self.merger`` combines them
-       (the size-weighted average), modulating the sources with ``self.pyra`` (eqs. 4-7);
+       (the size-weighted average), modulating the sources with ``self.pyra`` (eqs. 4-7); a
+       merger that ``fuses_residual`` gets ``x`` and the branch apart and adds them itself;
      - holds ``merge_r``, ``prop_attn``, ``trace_source``, ``num_prefix_tokens``, ``matcher``,
        ``merger`` and ``pyra``.
     """
@@ -107,11 +108,19 @@ class PyraBlock(Block):
     ) -> tuple[torch.Tensor, TokenState]:
         state = TokenState() if state is None else state
         x_attn, keys = self.attn(self.norm1(x), size=state.size if self.prop_attn else None)
-        x = x + self.drop_path1(self.ls1(x_attn))  # (B, N, C)
-        if self.merge_r > 0:
+        branch = self.drop_path1(self.ls1(x_attn))  # (B, N, C)
+        if self.merge_r == 0:
+            x = x + branch
+        else:
             merge, _ = self.matcher(merge_metric(keys), self.merge_r, self.num_prefix_tokens)
-            source = merge_source(merge, x, state.source) if self.trace_source else None
-            x, size = self.merger(merge, x, state.size, modulate=self.pyra)  # (B, N - merge_r, C)
+            if getattr(self.merger, "fuses_residual", False) and not self.trace_source:
+                # the merger adds the residual as it reads: x + branch is never written whole
+                x, size = self.merger(merge, branch, state.size, modulate=self.pyra, residual=x)
+                source = None
+            else:
+                x = x + branch
+                source = merge_source(merge, x, state.source) if self.trace_source else None
+                x, size = self.merger(merge, x, state.size, modulate=self.pyra)  # (B, N - merge_r, C)
             state = TokenState(size=size, source=source)
         x = x + self.drop_path2(self.ls2(mlp_forward(self.mlp, self.norm2(x))))
         return x, state

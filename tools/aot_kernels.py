@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import re
 import subprocess
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -35,6 +37,7 @@ _INT = "i32"
 _FLOATS = ("eps", "scale_log2")  # the float scalar arguments
 _DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_TL = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,21 +117,29 @@ def build(
         constexprs = {"IEEE": dtype == "fp32", **blocks}
         compiled = _compile(proportional.attention_kernel(), pointers, constexprs, gpu)
         rows.append(_record("attention_kernel", {"dtype": dtype, "d": head_dim, **constexprs}, compiled))
-        for width in channels:
-            for has_size in (True, False):
-                blocks = merging.modulate_blocks(width)
-                pointers = {n: f"*{dtype}" for n in ("x", "size", "norm_w", "norm_b", "weight_r", "weight_d")}
-                pointers |= {"perm": "*i64", "out": "*fp32"}
-                constexprs = {"HAS_SIZE": has_size, **blocks}
-                compiled = _compile(merging.modulate_kernel, pointers, constexprs, gpu)
-                rows.append(_record("modulate_kernel", {"dtype": dtype, "C": width, **constexprs}, compiled))
-                for modulated in (True, False):
-                    blocks = merging.merge_blocks(width)
-                    pointers = {n: f"*{dtype}" for n in ("x", "size", "out", "out_size")}
-                    pointers |= {"perm": "*i64", "dst_out": "*i64", "sources": "*fp32"}
-                    constexprs = {"HAS_SIZE": has_size, "MODULATED": modulated, **blocks}
-                    compiled = _compile(merging.merge_kernel, pointers, constexprs, gpu)
-                    rows.append(_record("merge_kernel", {"dtype": dtype, "C": width, **constexprs}, compiled))
+        # with a residual, as a merging block calls them: under autocast the residual stream
+        # and so the sum and the outputs are fp32 while the attention branch is in ``dtype``
+        for width, has_size, residual in itertools.product(channels, (True, False), (True, False)):
+            tokens = {
+                "HAS_RESIDUAL": residual,
+                "SUM_DTYPE": tl.float32 if residual else getattr(tl, _TL[dtype]),
+            }
+            stream = "fp32" if residual else dtype
+            blocks = merging.modulate_blocks(width)
+            pointers = {n: f"*{dtype}" for n in ("x", "norm_w", "norm_b", "weight_r", "weight_d")}
+            pointers |= {"residual": f"*{stream}", "size": f"*{stream}", "perm": "*i64", "out": "*fp32"}
+            constexprs = {"HAS_SIZE": has_size, **tokens, **blocks}
+            compiled = _compile(merging.modulate_kernel, pointers, constexprs, gpu)
+            config = {"dtype": dtype, "C": width, "HAS_SIZE": has_size, "HAS_RESIDUAL": residual, **blocks}
+            rows.append(_record("modulate_kernel", config, compiled))
+            for modulated in (True, False):
+                blocks = merging.merge_blocks(width)
+                pointers = {"x": f"*{dtype}", "perm": "*i64", "dst_out": "*i64", "sources": "*fp32"}
+                pointers |= {n: f"*{stream}" for n in ("residual", "size", "out", "out_size")}
+                constexprs = {"HAS_SIZE": has_size, "MODULATED": modulated, **tokens, **blocks}
+                compiled = _compile(merging.merge_kernel, pointers, constexprs, gpu)
+                config = {"dtype": dtype, "C": width, "HAS_SIZE": has_size, "HAS_RESIDUAL": residual}
+                rows.append(_record("merge_kernel", {**config, "MODULATED": modulated, **blocks}, compiled))
     return rows
 
 

@@ -14,6 +14,10 @@ reading and writing whole (B, N, C) tensors. Here one layer's merge is two launc
   each product is a source times 0 or 1), adds the sources' sizes alike, divides, and writes
   the merged tokens and their sizes.
 
+The block's residual add before the merge can be read by the kernels too (``residual``): they
+load the residual stream and the attention branch and add them (rounded to their promoted dtype,
+as torch rounds ``residual + x``), so the (B, N, C) sum is never written and read back.
+
 Which token goes where is the torch plan's (``BipartiteMerge.perm`` and ``dst_out``), so the
 token order is the reference's by construction. Arithmetic is fp32 throughout, whatever the
 input dtype; products run in IEEE fp32 (no TF32). Results equal the torch path's up to rounding
@@ -48,14 +52,22 @@ if triton is not None:  # module level, so the jitted functions find each other 
 
     @triton.jit
     def weighted_rows(
-        xb, sb, pos, rmask, chans, cmask, stride_xn, stride_xc, stride_sn, HAS_SIZE: tl.constexpr
-    ):
-        """Tokens ``pos`` times their sizes (fp32) and the sizes: (R, C), (R,); 0 where masked."""
-        tok = tl.load(
-            xb + pos[:, None] * stride_xn + chans[None, :] * stride_xc,
-            mask=rmask[:, None] & cmask[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        xb, rb, sb, pos, rmask, chans, cmask, stride_xn, stride_xc, stride_rn, stride_rc, stride_sn,
+        HAS_SIZE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SUM_DTYPE: tl.constexpr,
+    ):  # fmt: skip
+        """Tokens ``pos`` times their sizes (fp32) and the sizes: (R, C), (R,); 0 where masked.
+
+        With ``HAS_RESIDUAL`` a token is ``residual + x``, added in fp32 and rounded to
+        ``SUM_DTYPE`` (the two dtypes' promotion), exactly as torch's ``residual + x`` rounds."""
+        offsets = pos[:, None] * stride_xn + chans[None, :] * stride_xc
+        tok = tl.load(xb + offsets, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            res = tl.load(
+                rb + pos[:, None] * stride_rn + chans[None, :] * stride_rc,
+                mask=rmask[:, None] & cmask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            tok = (res + tok).to(SUM_DTYPE).to(tl.float32)
         if HAS_SIZE:
             size = tl.load(sb + pos * stride_sn, mask=rmask, other=0.0).to(tl.float32)
         else:
@@ -64,8 +76,9 @@ if triton is not None:  # module level, so the jitted functions find each other 
 
     @triton.jit
     def pair_info(
-        xb, sb, pb, num_kept, merge_r, start, chans, cmask, channels, norm_w, norm_b, eps,
-        stride_xn, stride_xc, stride_sn, HAS_SIZE: tl.constexpr, BLOCK_R: tl.constexpr,
+        xb, rb, sb, pb, num_kept, merge_r, start, chans, cmask, channels, norm_w, norm_b, eps,
+        stride_xn, stride_xc, stride_rn, stride_rc, stride_sn,
+        HAS_SIZE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SUM_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr,
     ):  # fmt: skip
         """Pairs ``start ..< start + BLOCK_R``: their indices and mask, size-weighted sources
         ``M_s`` and ``M_info = LN(M_s + M_t)`` (eq. 4)."""
@@ -74,11 +87,13 @@ if triton is not None:  # module level, so the jitted functions find each other 
         src_pos = tl.load(pb + num_kept + rows, mask=rmask, other=0)
         dst_pos = tl.load(pb + num_kept + merge_r + rows, mask=rmask, other=0)
         src, _ = weighted_rows(
-            xb, sb, src_pos, rmask, chans, cmask, stride_xn, stride_xc, stride_sn, HAS_SIZE
-        )
+            xb, rb, sb, src_pos, rmask, chans, cmask, stride_xn, stride_xc, stride_rn, stride_rc,
+            stride_sn, HAS_SIZE, HAS_RESIDUAL, SUM_DTYPE,
+        )  # fmt: skip
         dst, _ = weighted_rows(
-            xb, sb, dst_pos, rmask, chans, cmask, stride_xn, stride_xc, stride_sn, HAS_SIZE
-        )
+            xb, rb, sb, dst_pos, rmask, chans, cmask, stride_xn, stride_xc, stride_rn, stride_rc,
+            stride_sn, HAS_SIZE, HAS_RESIDUAL, SUM_DTYPE,
+        )  # fmt: skip
         both = src + dst  # (R, C), 0 on masked rows and channels
         mean = tl.sum(both, axis=1) / channels
         centred = tl.where(cmask[None, :], both - mean[:, None], 0.0)
@@ -87,10 +102,12 @@ if triton is not None:  # module level, so the jitted functions find each other 
 
     @triton.jit
     def modulate_kernel(
-        x, size, perm, norm_w, norm_b, weight_r, weight_d, out,
+        x, residual, size, perm, norm_w, norm_b, weight_r, weight_d, out,
         num_kept, merge_r, channels, eps,
-        stride_xb, stride_xn, stride_xc, stride_sb, stride_sn, stride_pb, stride_wr,
-        HAS_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        stride_xb, stride_xn, stride_xc, stride_rb, stride_rn, stride_rc,
+        stride_sb, stride_sn, stride_pb, stride_wr,
+        HAS_SIZE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SUM_DTYPE: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         batch = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements at large batches
         chans = tl.arange(0, BLOCK_C)
@@ -99,19 +116,22 @@ if triton is not None:  # module level, so the jitted functions find each other 
         ln_b = tl.load(norm_b + chans, mask=cmask, other=0.0).to(tl.float32)
         w_d = tl.load(weight_d + chans, mask=cmask, other=0.0).to(tl.float32)
         xb, sb, pb = x + batch * stride_xb, size + batch * stride_sb, perm + batch * stride_pb
+        rb = residual + batch * stride_rb
         delta_d = tl.zeros((BLOCK_C,), tl.float32)  # δ_D = M_info W_r (eq. 5), over all pairs
         for start in range(0, merge_r, BLOCK_R):
             rows, rmask, _, info = pair_info(
-                xb, sb, pb, num_kept, merge_r, start, chans, cmask, channels, ln_w, ln_b, eps,
-                stride_xn, stride_xc, stride_sn, HAS_SIZE, BLOCK_R,
+                xb, rb, sb, pb, num_kept, merge_r, start, chans, cmask, channels, ln_w, ln_b, eps,
+                stride_xn, stride_xc, stride_rn, stride_rc, stride_sn,
+                HAS_SIZE, HAS_RESIDUAL, SUM_DTYPE, BLOCK_R,
             )  # fmt: skip
             w_r = tl.load(weight_r + rows * stride_wr, mask=rmask, other=0.0).to(tl.float32)
             delta_d += tl.sum(w_r[:, None] * info, axis=0)
         gate_d = 2.0 * tl.sigmoid(delta_d)  # eq. 6
         for start in range(0, merge_r, BLOCK_R):  # second sweep: modulate with the finished δ_D
             rows, rmask, src, info = pair_info(
-                xb, sb, pb, num_kept, merge_r, start, chans, cmask, channels, ln_w, ln_b, eps,
-                stride_xn, stride_xc, stride_sn, HAS_SIZE, BLOCK_R,
+                xb, rb, sb, pb, num_kept, merge_r, start, chans, cmask, channels, ln_w, ln_b, eps,
+                stride_xn, stride_xc, stride_rn, stride_rc, stride_sn,
+                HAS_SIZE, HAS_RESIDUAL, SUM_DTYPE, BLOCK_R,
             )  # fmt: skip
             delta_r = tl.sum(info * w_d[None, :], axis=1)  # δ_r = W_D M_info (eq. 5): (R,)
             modulated = src + (src * gate_d[None, :]) * (2.0 * tl.sigmoid(delta_r) - 1.0)[:, None]  # eq. 7
@@ -120,21 +140,24 @@ if triton is not None:  # module level, so the jitted functions find each other 
 
     @triton.jit
     def merge_kernel(
-        x, size, perm, dst_out, sources, out, out_size,
+        x, residual, size, perm, dst_out, sources, out, out_size,
         num_kept, merge_r, channels,
-        stride_xb, stride_xn, stride_xc, stride_sb, stride_sn, stride_pb, stride_db,
-        HAS_SIZE: tl.constexpr, MODULATED: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        stride_xb, stride_xn, stride_xc, stride_rb, stride_rn, stride_rc,
+        stride_sb, stride_sn, stride_pb, stride_db,
+        HAS_SIZE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SUM_DTYPE: tl.constexpr,
+        MODULATED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         batch = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements at large batches
         toks = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # output positions
         chans = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         tmask, cmask = toks < num_kept, chans < channels
         xb, sb, pb = x + batch * stride_xb, size + batch * stride_sb, perm + batch * stride_pb
+        rb = residual + batch * stride_rb
         pos = tl.load(pb + toks, mask=tmask, other=0)
         total, count = weighted_rows(
-            xb, sb, pos, tmask, chans, cmask, stride_xn, stride_xc, stride_sn, HAS_SIZE
-        )
+            xb, rb, sb, pos, tmask, chans, cmask, stride_xn, stride_xc, stride_rn, stride_rc,
+            stride_sn, HAS_SIZE, HAS_RESIDUAL, SUM_DTYPE,
+        )  # fmt: skip
         for start in range(0, merge_r, BLOCK_R):
             rows = start + tl.arange(0, BLOCK_R)
             rmask = rows < merge_r
@@ -148,8 +171,9 @@ if triton is not None:  # module level, so the jitted functions find each other 
                     src_size = tl.where(rmask, 1.0, 0.0)
             else:
                 src, src_size = weighted_rows(
-                    xb, sb, src_pos, rmask, chans, cmask, stride_xn, stride_xc, stride_sn, HAS_SIZE
-                )
+                    xb, rb, sb, src_pos, rmask, chans, cmask, stride_xn, stride_xc, stride_rn,
+                    stride_rc, stride_sn, HAS_SIZE, HAS_RESIDUAL, SUM_DTYPE,
+                )  # fmt: skip
             dst = tl.load(dst_out + batch * stride_db + rows, mask=rmask, other=-1)
             onehot = tl.where(toks[:, None] == dst[None, :], 1.0, 0.0)  # (T, R): source j -> token i
             total = tl.dot(onehot, src, total, input_precision="ieee")
@@ -170,29 +194,38 @@ if triton is not None:  # module level, so the jitted functions find each other 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _needs_autograd(x: torch.Tensor, size: torch.Tensor | None, modulate: Modulate | None) -> bool:
+def _needs_autograd(tensors: tuple[torch.Tensor, ...], modulate: Modulate | None) -> bool:
     if not torch.is_grad_enabled():
         return False
     params = modulate.parameters() if isinstance(modulate, torch.nn.Module) else ()
-    return (
-        x.requires_grad or (size is not None and size.requires_grad) or any(p.requires_grad for p in params)
-    )
+    return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in params)
 
 
-def kernel_applies(merge: Any, x: torch.Tensor, size: torch.Tensor | None, modulate: Modulate | None) -> bool:
+def kernel_applies(
+    merge: Any,
+    x: torch.Tensor,
+    size: torch.Tensor | None,
+    modulate: Modulate | None,
+    residual: torch.Tensor | None = None,
+) -> bool:
     """Whether ``triton_merge_wavg`` runs its kernels for these arguments (else the torch path):
     eager on real tensors where Triton launches, or while ``torch.compile`` traces for the
     devices the kernels launch on (then through the ``pyra_lightning::merge_wavg`` operator)."""
-    if not isinstance(merge, BipartiteMerge) or x.dtype not in KERNEL_DTYPES:
+    tokens = (x,) if residual is None else (x, residual)
+    if not isinstance(merge, BipartiteMerge) or any(t.dtype not in KERNEL_DTYPES for t in tokens):
         return False
+    if residual is not None and residual.shape != x.shape:
+        return False  # a broadcast sum: torch's
     if modulate is not None and not fusable_pyra(modulate, merge.merge_r):
         return False
     if not compile_traced() and (
-        torch.compiler.is_compiling() or torch.jit.is_tracing() or type(x) is not torch.Tensor
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or any(type(t) is not torch.Tensor for t in tokens)
     ):
         return False  # an export (its graph must run without Triton) or a tensor subclass
-    tensors = (x,) if size is None else (x, size)
-    return use_triton(*tensors) and not _needs_autograd(x, size, modulate)
+    tensors = tokens if size is None else (*tokens, size)
+    return use_triton(*tensors) and not _needs_autograd(tensors, modulate)
 
 
 def _unit_stride(index: torch.Tensor) -> torch.Tensor:
@@ -201,7 +234,11 @@ def _unit_stride(index: torch.Tensor) -> torch.Tensor:
 
 
 def triton_merge_wavg(
-    merge: Any, x: torch.Tensor, size: torch.Tensor | None = None, modulate: Modulate | None = None
+    merge: Any,
+    x: torch.Tensor,
+    size: torch.Tensor | None = None,
+    modulate: Modulate | None = None,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``merge.merge_wavg`` in two Triton kernels where they apply (``kernel_applies``), else itself.
 
@@ -210,12 +247,18 @@ def triton_merge_wavg(
         x: Tokens, (B, N, C).
         size: Patches per token, (B, N, 1); ``None``: all ones.
         modulate: ``None`` (ToMe) or a ``PyraModulation`` of variant ``"pyra"``.
+        residual: ``None``, or a (B, N, C) residual stream: the tokens are then ``residual + x``
+            (the block's ``x + attention branch``), which the kernels add as they read, so the
+            sum of the whole (B, N, C) stream is never written; rounded to the two dtypes'
+            promotion as torch rounds it, so the result is that of ``merge_wavg(residual + x)``.
 
     Returns:
-        Merged tokens (B, N - merge_r, C) and their sizes (B, N - merge_r, 1), both in ``x.dtype``.
+        Merged tokens (B, N - merge_r, C) and their sizes (B, N - merge_r, 1), both in the tokens'
+        dtype (``x``'s, or its promotion with ``residual``'s).
     """
-    if not kernel_applies(merge, x, size, modulate):
-        return merge_wavg(merge, x, size, modulate=modulate)
+    if not kernel_applies(merge, x, size, modulate, residual):
+        tokens = x if residual is None else residual + x
+        return merge_wavg(merge, tokens, size, modulate=modulate)
     if x.shape[1] != merge.num_tokens:
         raise ValueError(f"merge was matched on {merge.num_tokens} tokens but got a tensor of {x.shape[1]}")
     perm = _unit_stride(merge.perm(with_dst=modulate is not None))  # (B, kept + r [+ r])
@@ -226,8 +269,8 @@ def triton_merge_wavg(
         weights = ModulationWeights(norm.weight, norm.bias, modulate.weight_r, modulate.weight_d, norm.eps)
     if compile_traced():
         pyra_args = weights if weights is not None else (None, None, None, None, 0.0)  # ToMe: none
-        return merge_wavg_op(x, size, perm, dst_out, *pyra_args)
-    return launch_merge(x, size, perm, dst_out, weights)
+        return merge_wavg_op(x, size, perm, dst_out, *pyra_args, residual)
+    return launch_merge(x, size, perm, dst_out, weights, residual)
 
 
 class ModulationWeights(NamedTuple):
@@ -260,43 +303,57 @@ def merge_blocks(channels: int) -> dict[str, int]:
     return {"BLOCK_T": 32, "BLOCK_R": 16, "BLOCK_C": min(128, max(16, triton.next_power_of_2(channels)))}
 
 
+def sum_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """``torch.promote_types`` on ``KERNEL_DTYPES`` (a pair of unequal ones promotes to fp32),
+    without the dispatched call that would be one more operator per layer."""
+    return a if a == b else torch.float32
+
+
+_TRITON_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
 def launch_merge(
     x: torch.Tensor,
     size: torch.Tensor | None,
     perm: torch.Tensor,
     dst_out: torch.Tensor,
     weights: ModulationWeights | None,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the kernels on ``x``'s GPU: ``modulate_kernel`` for PYRA (``weights`` given) into a
     (B, merge_r, C) fp32 buffer, then ``merge_kernel``; the merged tokens and sizes.
 
     ``perm`` and ``dst_out`` are a ``BipartiteMerge``'s, each with unit stride along a row;
-    ``merge_r`` is ``dst_out``'s width.
+    ``merge_r`` is ``dst_out``'s width. With ``residual`` the tokens are ``residual + x``.
     """
     batch, num_tokens, channels = x.shape
     merge_r = dst_out.shape[1]
     kept = num_tokens - merge_r
-    out = torch.empty(batch, kept, channels, device=x.device, dtype=x.dtype)
-    out_size = torch.empty(batch, kept, 1, device=x.device, dtype=x.dtype)
+    dtype = x.dtype if residual is None else sum_dtype(x.dtype, residual.dtype)
+    out = torch.empty(batch, kept, channels, device=x.device, dtype=dtype)
+    out_size = torch.empty(batch, kept, 1, device=x.device, dtype=dtype)
     size_arg = x if size is None else size  # a placeholder pointer when there are no sizes
     size_strides = (0, 0) if size is None else (size.stride(0), size.stride(1))
+    res_arg = x if residual is None else residual  # a placeholder pointer without a residual
+    res_strides = (0, 0, 0) if residual is None else residual.stride()
+    tokens = {"HAS_RESIDUAL": residual is not None, "SUM_DTYPE": getattr(tl, _TRITON_DTYPES[dtype])}
     sources = out  # a placeholder pointer for ToMe
     with on_device_of(x):  # Triton launches on the current GPU
         if weights is not None:
             sources = torch.empty(batch, merge_r, channels, device=x.device, dtype=torch.float32)
             modulate_kernel[(batch,)](
-                x, size_arg, perm, weights.norm_weight, weights.norm_bias, weights.weight_r, weights.weight_d,
-                sources, kept, merge_r, channels, weights.eps,
-                x.stride(0), x.stride(1), x.stride(2), *size_strides, perm.stride(0), weights.weight_r.stride(0),
-                HAS_SIZE=size is not None, **modulate_blocks(channels),
+                x, res_arg, size_arg, perm, weights.norm_weight, weights.norm_bias, weights.weight_r,
+                weights.weight_d, sources, kept, merge_r, channels, weights.eps,
+                *x.stride(), *res_strides, *size_strides, perm.stride(0), weights.weight_r.stride(0),
+                HAS_SIZE=size is not None, **tokens, **modulate_blocks(channels),
             )  # fmt: skip
         blocks = merge_blocks(channels)
         grid = (batch, triton.cdiv(kept, blocks["BLOCK_T"]), triton.cdiv(channels, blocks["BLOCK_C"]))
         merge_kernel[grid](
-            x, size_arg, perm, dst_out, sources, out, out_size,
+            x, res_arg, size_arg, perm, dst_out, sources, out, out_size,
             kept, merge_r, channels,
-            x.stride(0), x.stride(1), x.stride(2), *size_strides, perm.stride(0), dst_out.stride(0),
-            HAS_SIZE=size is not None, MODULATED=weights is not None, **blocks,
+            *x.stride(), *res_strides, *size_strides, perm.stride(0), dst_out.stride(0),
+            HAS_SIZE=size is not None, MODULATED=weights is not None, **tokens, **blocks,
         )  # fmt: skip
     return out, out_size
 
@@ -312,19 +369,31 @@ def merge_wavg_op(
     weight_r: torch.Tensor | None,
     weight_d: torch.Tensor | None,
     eps: float,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``launch_merge`` as the operator ``torch.compile`` keeps in its graph (``compile_traced``): merged tokens (B, N - merge_r, C) and sizes (B, N - merge_r, 1)
-    in ``x.dtype``. ``merge_r`` is ``dst_out``'s width; the four PYRA tensors are all ``None`` for
-    ToMe (no modulation) or all given (eqs. 4-7)."""
+    """``launch_merge`` as the operator ``torch.compile`` keeps in its graph (``compile_traced``):
+    merged tokens (B, N - merge_r, C) and sizes (B, N - merge_r, 1) in the tokens' dtype.
+    ``merge_r`` is ``dst_out``'s width; the four PYRA tensors are all ``None`` for ToMe (no
+    modulation) or all given (eqs. 4-7); with ``residual`` the tokens are ``residual + x``."""
     weights = None if weight_r is None else ModulationWeights(norm_weight, norm_bias, weight_r, weight_d, eps)
-    return launch_merge(x, size, perm, dst_out, weights)
+    return launch_merge(x, size, perm, dst_out, weights, residual)
 
 
 @merge_wavg_op.register_fake
 def _merge_wavg_shapes(
-    x: torch.Tensor, size: torch.Tensor | None, perm: torch.Tensor, dst_out: torch.Tensor, *pyra: object
+    x: torch.Tensor,
+    size: torch.Tensor | None,
+    perm: torch.Tensor,
+    dst_out: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    weight_r: torch.Tensor | None,
+    weight_d: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shapes only: the four PYRA tensors and epsilon (``pyra``) do not change them."""
+    """The shapes and dtype only: the PYRA tensors and epsilon do not change them."""
     batch, num_tokens, channels = x.shape
     kept = num_tokens - dst_out.shape[1]
-    return x.new_empty(batch, kept, channels), x.new_empty(batch, kept, 1)
+    dtype = x.dtype if residual is None else sum_dtype(x.dtype, residual.dtype)
+    return x.new_empty(batch, kept, channels, dtype=dtype), x.new_empty(batch, kept, 1, dtype=dtype)
