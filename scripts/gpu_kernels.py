@@ -338,7 +338,19 @@ def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
                 result["max_abs_diff"] = max(diffs)
                 fns["triton_ms"] = lambda: triton_merge_wavg(merge, x, size, mod)
                 if x.is_cuda:  # do_bench needs a GPU driver, which the interpreter has not
-                    result["device_ms"] = device_ms({"torch": fns["torch_ms"], "triton": fns["triton_ms"]})
+                    # as a merging block calls it: the residual stream and a bf16 attention
+                    # branch apart (the kernels add them), against torch's add and then the kernels
+                    branch = torch.randn(b, n, c, device=device, dtype=torch.bfloat16)
+                    result["device_ms"] = device_ms(
+                        {
+                            "torch": fns["torch_ms"],
+                            "triton": fns["triton_ms"],
+                            "triton, residual read by the kernels": lambda: triton_merge_wavg(
+                                merge, branch, size, mod, residual=x
+                            ),
+                            "torch add, then triton": lambda: triton_merge_wavg(merge, x + branch, size, mod),
+                        }
+                    )
             else:
                 result["triton"] = "not run: the kernels do not apply to these tensors"
         else:
