@@ -35,7 +35,10 @@ later call never overwrites a result the caller holds).
 
 The model. A model with LoRA is deep-copied and the copy folded (``fold_lora``), so the caller's
 model keeps its LoRA and stays trainable; a model without LoRA is used as is (no copy) and put
-in eval mode. The graph engines read the parameters' memory at replay, so compile a finished
+in eval mode. A model that matches with the Triton matcher also gets the merge metric folded into
+its ``qkv`` projections (``patch_vit.fold_metric``; on a copy, never the caller's model): one
+kernel fewer per merging layer, equal to the keys' mean up to rounding, as that matcher's
+scores are. The graph engines read the parameters' memory at replay, so compile a finished
 model: replacing parameters afterwards is not seen by a captured graph.
 """
 
@@ -115,6 +118,23 @@ def prepare_model(model: nn.Module) -> nn.Module:
     if any(isinstance(m, peft_layers()) for m in model.modules()):
         model = fold_lora(copy.deepcopy(model))
     return model.eval()
+
+
+def fold_for_triton(model: nn.Module, original: nn.Module) -> nn.Module:
+    """``model`` (``prepare_model``'s) with the merge metric folded into each merging block's
+    projection (the family's ``fold_metric``) where its blocks match with the Triton matcher,
+    whose scores already equal torch's only up to rounding; a copy if ``model`` is the caller's
+    ``original``, which is never changed. Other models come back as they are."""
+    from pyra_lightning.families import find_family
+
+    matchers = {block.matcher.name for block in getattr(model, "blocks", ()) if hasattr(block, "matcher")}
+    family = find_family(model)
+    if matchers != {"triton"} or family is None:
+        return model
+    if model is original:
+        model = copy.deepcopy(model)
+    family.fold_metric(model)
+    return model
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True) -> Any:
@@ -279,7 +299,7 @@ def compile_for_inference(
         raise ValueError(
             f"engine {engine!r} captures a CUDA graph and needs a CUDA input; example_input is on {device}"
         )
-    model = prepare_model(model)
+    model = fold_for_triton(prepare_model(model), model)
     eager = _forward(model, device, autocast_dtype)
     timings: dict[str, float] = {}
     if engine == "auto" and device.type == "cuda" and _attention(model) == "flex":

@@ -57,6 +57,9 @@ class Family:
         peft_targets: The attention's projection names that get a PEFT layer.
         traces_source: Whether the patched model needs ``TokenState.source`` in every block
             (per-layer rotary embeddings are rebuilt from it).
+        fold_metric: For deployment, makes each merging block's projection compute the merge
+            metric too (``patch_vit.fold_metric``) and returns how many it changed; a no-op
+            (0) where a family has none.
     """
 
     name: str
@@ -66,6 +69,7 @@ class Family:
     peft_targets: Callable[[nn.Module], tuple[str, ...]]
     prepare_peft: Callable[[nn.Module], None] = lambda model: None
     traces_source: Callable[[nn.Module], bool] = lambda model: False
+    fold_metric: Callable[[nn.Module], int] = lambda model: 0
 
 
 def fused_or_separate_qkv(attn: nn.Module) -> tuple[str, ...]:
@@ -88,8 +92,9 @@ def linear(layer: nn.Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torc
 
 def merge_metric(keys: torch.Tensor) -> torch.Tensor:
     """The similarity metric of eq. 3 from the attention's keys (B, H, N, hd): their mean over
-    heads, (B, N, hd), as ToMe and PYRA's code take it."""
-    return keys.mean(dim=1)
+    heads, (B, N, hd), as ToMe and PYRA's code take it. A (B, N, hd) tensor is that metric
+    already (a projection computed it: ``patch_vit.fold_metric``)."""
+    return keys if keys.dim() == 3 else keys.mean(dim=1)
 
 
 def size_bias(size: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -48,19 +48,25 @@ class PyraAttention(Attention):
      - returns ``(out, k)``: the keys (B, H, N, head_dim) after LoRA and k-norm, whose mean over
        heads is the similarity metric of eq. 3. The block takes that mean only where it merges
        (``patch_common.merge_metric``): a layer with ``merge_r`` 0 launches no kernel for a metric
-       it drops.
+       it drops. After ``fold_metric`` it returns the (B, N, head_dim) metric that ``qkv``
+       computed instead.
     """
 
     attention: str = "sdpa"  # set by apply_merging
+    metric_channels: int = 0  # > 0: qkv also computes the merge metric (``fold_metric``)
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, size: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         B, N, _ = x.shape
-        attn_dim = self.qkv.out_features // 3
+        attn_dim = qkv_width(self)
         head_dim = attn_dim // self.num_heads
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        projected = self.qkv(x)  # (B, N, 3 attn_dim [+ metric_channels])
+        metric = None
+        if self.metric_channels:  # the folded metric's columns follow q, k and v (one split: views)
+            projected, metric = projected.split([3 * attn_dim, self.metric_channels], dim=-1)
+        qkv = projected.reshape(B, N, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, N, head_dim) each
         q, k = self.q_norm(q), self.k_norm(k)
         if self.fused_attn or self.attention != "sdpa":  # log(size) over keys, on the chosen kernel
@@ -76,7 +82,7 @@ class PyraAttention(Attention):
         out = self.norm(out) if hasattr(self, "norm") else out
         if gate is not None:
             out = out * gate
-        return dropout(self.proj_drop, self.proj(out)), k
+        return dropout(self.proj_drop, self.proj(out)), k if metric is None else metric
 
 
 class PyraBlock(Block):
@@ -200,7 +206,55 @@ def patch_vit(model: VisionTransformer) -> None:
 
 def vit_shape(model: VisionTransformer) -> ViTShape:
     """``model_shape`` of a timm ViT."""
-    return shape_from_modules(model, attn_dim=model.blocks[0].attn.qkv.out_features // 3)
+    return shape_from_modules(model, attn_dim=qkv_width(model.blocks[0].attn))
+
+
+def qkv_width(attn: nn.Module) -> int:
+    """Channels of each of q, k and v: a third of ``qkv``'s outputs, past a folded metric's."""
+    return (attn.qkv.out_features - getattr(attn, "metric_channels", 0)) // 3
+
+
+def fold_metric(model: VisionTransformer) -> int:
+    """For deployment: each merging block's ``qkv`` projection also computes the merge metric.
+
+    The metric of eq. 3 is the keys' mean over heads. Without a k-norm the keys are linear in the
+    block's input (``x W_h^T + b_h`` for head h), so their mean is one more linear map, with the
+    heads' mean weight and bias. Appended to ``qkv`` as ``head_dim`` more outputs, it comes out
+    of the qkv matrix product, where it cost a separate pass over the (B, H, N, head_dim) keys
+    (a kernel per layer, and at batch 256 an 80 MB read). Equal to the keys' mean up to rounding
+    (the mean weight is taken in fp64), so a near-tie between two scores may match otherwise, as
+    with the Triton matcher. Changes, in place, the blocks that merge, whose ``qkv`` is a plain
+    ``nn.Linear`` (PEFT layers folded: ``fold_lora``) and whose ``k_norm`` is the identity; the
+    others keep taking the mean. The model's state dict changes shape: fold a copy to deploy.
+
+    Returns:
+        How many blocks were folded.
+    """
+    folded = 0
+    for block in model.blocks:
+        attn = block.attn
+        if (
+            getattr(block, "merge_r", 0) <= 0
+            or type(attn.qkv) is not nn.Linear
+            or not isinstance(attn.k_norm, nn.Identity)
+            or attn.metric_channels
+        ):
+            continue
+        qkv, attn_dim = attn.qkv, qkv_width(attn)
+        head_dim = attn_dim // attn.num_heads
+        weight = qkv.weight.detach()
+        mean_weight = weight[attn_dim : 2 * attn_dim].double().view(attn.num_heads, head_dim, -1).mean(0)
+        wide = nn.Linear(qkv.in_features, qkv.out_features + head_dim, qkv.bias is not None)
+        wide = wide.to(device=weight.device, dtype=weight.dtype).requires_grad_(False)
+        with torch.no_grad():
+            wide.weight.copy_(torch.cat([weight, mean_weight.to(weight.dtype)]))  # (3A + hd, C)
+            if qkv.bias is not None:
+                bias = qkv.bias.detach()
+                mean_bias = bias[attn_dim : 2 * attn_dim].double().view(attn.num_heads, head_dim).mean(0)
+                wide.bias.copy_(torch.cat([bias, mean_bias.to(bias.dtype)]))
+        attn.qkv, attn.metric_channels = wide, head_dim
+        folded += 1
+    return folded
 
 
 FAMILY = Family(
@@ -209,4 +263,5 @@ FAMILY = Family(
     shape=vit_shape,
     patch=patch_vit,
     peft_targets=lambda attn: ("qkv",),
+    fold_metric=fold_metric,
 )

@@ -100,6 +100,8 @@ def models() -> dict[str, torch.nn.Module]:
             model = timm.create_model("vit_base_patch16_224", pretrained=False)
         if spec is not None:
             pyra_lightning.apply_merging(model, spec, pyra=pyra, **rule)
+        if rule:  # as compile_for_inference deploys a Triton-rule model: the metric from qkv
+            pyra_lightning.patch_vit.fold_metric(model)
         out[name] = model
     return out
 
