@@ -18,7 +18,10 @@ A rule that runs its own kernels names the registered torch rule it computes as 
 
 A merger whose ``fuses_residual`` is True is also called with ``residual=``: the tokens are then
 ``residual + x`` (the block's residual stream plus its attention branch), which it may add inside
-its own kernels; the block adds them itself for every other merger.
+its own kernels; the block adds them itself for every other merger. One whose ``fuses_norm`` is
+True also has ``merge_and_norm(merge, x, size, modulate, residual, norm, norm_dtype)``, which
+returns the block's next LayerNorm of the merged tokens as a third tensor (``norm2(x)``, which
+it may compute in the same kernel); the block calls that one where it would call both.
 
 A matcher returns ``merge``/``unmerge`` closures with the contract of ``merge.MergeFn``: modes
 ``"sum"``, ``"mean"`` and ``"amax"``, an optional PYRA ``modulate`` of the sources, and the
@@ -150,9 +153,10 @@ class TritonWeightedAverage(WeightedAverage):
     name = "triton"
     counted_as = "wavg"
     fuses_residual = True  # the block hands it the residual stream and the attention branch apart
+    fuses_norm = True  # and its norm2: the merge kernel writes the merged tokens' LayerNorm too
 
     def __init__(self) -> None:
-        import pyra_lightning.kernels.merging  # noqa: F401  (registers its operator before any compile)
+        import pyra_lightning.kernels.merge_norm  # noqa: F401  (registers its operators before any compile)
 
     def __call__(
         self,
@@ -165,6 +169,23 @@ class TritonWeightedAverage(WeightedAverage):
         from pyra_lightning.kernels.merging import triton_merge_wavg
 
         return triton_merge_wavg(merge, x, size, modulate=modulate, residual=residual)
+
+    def merge_and_norm(
+        self,
+        merge: MergeFn,
+        x: torch.Tensor,
+        size: torch.Tensor | None,
+        modulate: Modulate | None,
+        residual: torch.Tensor | None,
+        norm: torch.nn.Module,
+        norm_dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``self(merge, x, size, modulate, residual)`` and ``norm`` of the merged tokens, the norm
+        written by the merge kernel where ``kernels.merge_norm`` can (else ``norm`` runs); with
+        ``norm_dtype`` (the dtype the norm's consumer casts it to) it may be written in that."""
+        from pyra_lightning.kernels.merge_norm import triton_merge_wavg_norm
+
+        return triton_merge_wavg_norm(merge, x, size, modulate, residual, norm, norm_dtype)
 
 
 MATCHERS: dict[str, Callable[[], Matcher]] = {

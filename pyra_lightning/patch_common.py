@@ -129,6 +129,20 @@ def mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return dropout(mlp.drop2, mlp.fc2(mlp.norm(x)))
 
 
+def mlp_input_dtype(mlp: nn.Module, x: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``mlp_forward`` casts its input to before anything else reads it, where that is
+    known: under autocast, timm's ``Mlp`` with a plain ``nn.Linear`` fc1 (LoRA folded) reads it
+    in the autocast dtype. ``None`` elsewhere. A norm before it may write that dtype directly."""
+    if type(mlp) is not Mlp or type(mlp.fc1) is not nn.Linear or not autocasting(x.device):
+        return None
+    return torch.get_autocast_dtype(x.device.type)
+
+
+def autocasting(device: torch.device) -> bool:
+    """Whether autocast is on for ``device``'s type (never for a type autocast lacks, as meta)."""
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
 def mask_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype attention logits have: the autocast dtype inside autocast, else ``x``'s."""
     if torch.is_autocast_enabled(x.device.type):

@@ -266,6 +266,11 @@ with torch.no_grad():
             pyra.norm.weight, pyra.norm.bias, pyra.weight_r, pyra.weight_d, pyra.norm.eps)
     torch.library.opcheck(torch.ops.pyra_lightning.merge_wavg, args)
     torch.library.opcheck(torch.ops.pyra_lightning.merge_wavg, (*args[:4], None, None, None, None, 0.0))
+    ln = torch.nn.LayerNorm(24)
+    for dtype in (torch.float32, torch.bfloat16):  # the norm in the tokens' dtype, or the MLP's
+        ln_args = (None, ln.weight, ln.bias, ln.eps, dtype)
+        torch.library.opcheck(torch.ops.pyra_lightning.merge_wavg_norm, (*args, *ln_args))
+        torch.library.opcheck(torch.ops.pyra_lightning.merge_wavg_norm, (*args[:4], None, None, None, None, 0.0, *ln_args))
 
 # compiled: one node per operator and layer in the graph torch.compile hands its backend
 nodes = []
@@ -275,7 +280,8 @@ def record(gm, inputs):
 with torch.no_grad():
     want = model(x)
     got = torch.compile(model, backend=record, fullgraph=True)(x)
-assert nodes.count("pyra_lightning.match_plan") == 3 and nodes.count("pyra_lightning.merge_wavg") == 3, nodes
+assert nodes.count("pyra_lightning.match_plan") == 3 and nodes.count("pyra_lightning.merge_wavg_norm") == 3, nodes
+assert sum("layer_norm" in n for n in nodes) == 3 + 1, nodes  # norm1s and the final norm: norm2 is the merge kernel's
 assert nodes.count("pyra_lightning.proportional_attention") == 2, nodes  # the blocks with sizes
 torch.testing.assert_close(got, want, rtol=0, atol=0)
 
@@ -310,7 +316,7 @@ print("compiled with the kernels")
 @pytest.mark.slow
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 def test_compiled_models_keep_the_triton_kernels_and_exports_do_not() -> None:
-    """The kernels are custom operators (``pyra_lightning::match_plan``, ``::merge_wavg`` and
+    """The kernels are custom operators (``pyra_lightning::match_plan``, ``::merge_wavg``, ``::merge_wavg_norm`` and
     ``::proportional_attention``): ``torch.library.opcheck`` passes for the first two (the third's
     is in test_proportional_kernel), a compiled ``"triton"`` model holds one node of each per
     merging layer (attention: per block with sizes) and launches them under the inductor engine
@@ -444,7 +450,8 @@ def test_the_triton_rules_dispatch_fewer_operators_per_forward(
     ToMe / 345 PYRA operators including the kernel launches, from 476 / 596 with the torch rules;
     the plan kernel leaves no sort, gather or cat of indices to torch, the attention kernel
     takes ``log(size)`` itself, so SDPA runs only in the first block (no sizes yet), and the
-    merge kernels add the residual, so only the MLP's residual adds remain (and the class token's)."""
+    merge kernels add the residual, so only the MLP's residual adds remain (and the class token's),
+    and write norm2 of what they merged (an ``empty`` for its output in place of a ``layer_norm``)."""
     monkeypatch.syspath_prepend(str(REPO / "tools"))
     from count_ops import count
 
@@ -460,6 +467,7 @@ def test_the_triton_rules_dispatch_fewer_operators_per_forward(
     assert "sort" not in ops and "gather" not in ops and ops["cat"] == 1  # only the class token's cat
     assert "log" not in ops and ops["scaled_dot_product_attention"] == 1
     assert ops["add"] == 13  # 12 MLP residuals and the position embedding: no attention residual
+    assert ops["layer_norm"] == 13  # 12 norm1 and the final norm: each norm2 is its merge kernel's
 
 
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
@@ -479,7 +487,8 @@ def test_the_kernels_compile_for_hopper_without_spilling(monkeypatch: pytest.Mon
         "modulate_kernel",
         "plan_kernel",
     ]
-    # 1 matcher, 2 plans (prefix or not), 1 attention, 4 modulations (sizes, residual or not), 8 merges
-    assert len(rows) == 16
+    # 1 matcher, 2 plans (prefix or not), 1 attention, 4 modulations (sizes, residual or not),
+    # 16 merges (those 4 x modulated or not x with norm2 or not)
+    assert len(rows) == 24
     assert all(0 < row.registers <= 255 for row in rows), rows
     assert [row for row in rows if row.stack_bytes] == [], "a kernel spills registers at ViT-B/16's width"

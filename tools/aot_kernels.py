@@ -132,14 +132,20 @@ def build(
             compiled = _compile(merging.modulate_kernel, pointers, constexprs, gpu)
             config = {"dtype": dtype, "C": width, "HAS_SIZE": has_size, "HAS_RESIDUAL": residual, **blocks}
             rows.append(_record("modulate_kernel", config, compiled))
-            for modulated in (True, False):
-                blocks = merging.merge_blocks(width)
+            # with the block's norm2 (whole rows per program) the norm's weights are in the
+            # stream's dtype and its output in the model's (what the MLP's fc1 reads)
+            for modulated, norm in itertools.product((True, False), (False, True)):
+                blocks = merging.merge_blocks(width, norm=norm)
                 pointers = {"x": f"*{dtype}", "perm": "*i64", "dst_out": "*i64", "sources": "*fp32"}
-                pointers |= {n: f"*{stream}" for n in ("residual", "size", "out", "out_size")}
-                constexprs = {"HAS_SIZE": has_size, "MODULATED": modulated, **tokens, **blocks}
+                pointers |= {
+                    n: f"*{stream}" for n in ("residual", "size", "out", "out_size", "norm_w", "norm_b")
+                }
+                pointers |= {"normed": f"*{dtype}"}
+                constexprs = {"HAS_SIZE": has_size, "MODULATED": modulated, "NORM": norm, **tokens, **blocks}
                 compiled = _compile(merging.merge_kernel, pointers, constexprs, gpu)
                 config = {"dtype": dtype, "C": width, "HAS_SIZE": has_size, "HAS_RESIDUAL": residual}
-                rows.append(_record("merge_kernel", {**config, "MODULATED": modulated, **blocks}, compiled))
+                config |= {"MODULATED": modulated, "NORM": norm, **blocks}
+                rows.append(_record("merge_kernel", config, compiled))
     return rows
 
 

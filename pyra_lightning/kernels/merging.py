@@ -14,6 +14,11 @@ reading and writing whole (B, N, C) tensors. Here one layer's merge is two launc
   each product is a source times 0 or 1), adds the sources' sizes alike, divides, and writes
   the merged tokens and their sizes.
 
+With ``NORM`` (``kernels.merge_norm``) ``merge_kernel`` also writes the block's next LayerNorm
+(``norm2``) of the tokens it merged: a program then walks all channels of its tokens, storing the
+merged tiles and combining each tile's mean and squared deviations (Chan et al.'s pairwise
+update), and a second sweep reads its stored tiles back and normalises them.
+
 The block's residual add before the merge can be read by the kernels too (``residual``): they
 load the residual stream and the attention branch and add them (rounded to their promoted dtype,
 as torch rounds ``residual + x``), so the (B, N, C) sum is never written and read back.
@@ -139,20 +144,15 @@ if triton is not None:  # module level, so the jitted functions find each other 
             tl.store(out + offsets, modulated, mask=rmask[:, None] & cmask[None, :])
 
     @triton.jit
-    def merge_kernel(
-        x, residual, size, perm, dst_out, sources, out, out_size,
-        num_kept, merge_r, channels,
-        stride_xb, stride_xn, stride_xc, stride_rb, stride_rn, stride_rc,
-        stride_sb, stride_sn, stride_pb, stride_db,
+    def merged_tile(
+        xb, rb, sb, pb, db, sources, batch, toks, tmask, chans, cmask, num_kept, merge_r, channels,
+        stride_xn, stride_xc, stride_rn, stride_rc, stride_sn,
         HAS_SIZE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SUM_DTYPE: tl.constexpr,
-        MODULATED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        MODULATED: tl.constexpr, BLOCK_R: tl.constexpr,
     ):  # fmt: skip
-        batch = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements at large batches
-        toks = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # output positions
-        chans = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        tmask, cmask = toks < num_kept, chans < channels
-        xb, sb, pb = x + batch * stride_xb, size + batch * stride_sb, perm + batch * stride_pb
-        rb = residual + batch * stride_rb
+        """Merged tokens ``toks`` x channels ``chans`` (T, C) in fp32 and their sizes (T,): the kept
+        tokens weighted by size, plus every source whose destination is among them, over the sum
+        of the sizes (1 on rows past the last token, which are never stored)."""
         pos = tl.load(pb + toks, mask=tmask, other=0)
         total, count = weighted_rows(
             xb, rb, sb, pos, tmask, chans, cmask, stride_xn, stride_xc, stride_rn, stride_rc,
@@ -174,20 +174,84 @@ if triton is not None:  # module level, so the jitted functions find each other 
                     xb, rb, sb, src_pos, rmask, chans, cmask, stride_xn, stride_xc, stride_rn,
                     stride_rc, stride_sn, HAS_SIZE, HAS_RESIDUAL, SUM_DTYPE,
                 )  # fmt: skip
-            dst = tl.load(dst_out + batch * stride_db + rows, mask=rmask, other=-1)
+            dst = tl.load(db + rows, mask=rmask, other=-1)  # each source's output position
             onehot = tl.where(toks[:, None] == dst[None, :], 1.0, 0.0)  # (T, R): source j -> token i
             total = tl.dot(onehot, src, total, input_precision="ieee")
             count += tl.sum(onehot * src_size[None, :], axis=1)
-        count = tl.where(tmask, count, 1.0)  # rows past the last token are never stored
-        merged = total / count[:, None]
-        rows_out = batch * num_kept + toks
-        tl.store(
-            out + rows_out[:, None] * channels + chans[None, :],
-            merged.to(out.dtype.element_ty),
-            mask=tmask[:, None] & cmask[None, :],
-        )
-        if tl.program_id(2) == 0:
-            tl.store(out_size + rows_out, count.to(out_size.dtype.element_ty), mask=tmask)
+        count = tl.where(tmask, count, 1.0)
+        return total / count[:, None], count
+
+    @triton.jit
+    def merge_kernel(
+        x, residual, size, perm, dst_out, sources, out, out_size, norm_w, norm_b, normed,
+        num_kept, merge_r, channels, eps,
+        stride_xb, stride_xn, stride_xc, stride_rb, stride_rn, stride_rc,
+        stride_sb, stride_sn, stride_pb, stride_db,
+        HAS_SIZE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SUM_DTYPE: tl.constexpr,
+        MODULATED: tl.constexpr, NORM: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        batch = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements at large batches
+        toks = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # output positions
+        tmask = toks < num_kept
+        xb, sb, pb = x + batch * stride_xb, size + batch * stride_sb, perm + batch * stride_pb
+        rb, db = residual + batch * stride_rb, dst_out + batch * stride_db
+        if NORM:  # one program per block of tokens walks all channels, then normalises the rows
+            seen = 0.0
+            mean = tl.zeros((BLOCK_T,), tl.float32)
+            m2 = tl.zeros((BLOCK_T,), tl.float32)  # sum of squared deviations from the mean
+            for c_start in range(0, channels, BLOCK_C):
+                chans = c_start + tl.arange(0, BLOCK_C)
+                cmask = chans < channels
+                merged, count = merged_tile(
+                    xb, rb, sb, pb, db, sources, batch, toks, tmask, chans, cmask, num_kept, merge_r,
+                    channels, stride_xn, stride_xc, stride_rn, stride_rc, stride_sn,
+                    HAS_SIZE, HAS_RESIDUAL, SUM_DTYPE, MODULATED, BLOCK_R,
+                )  # fmt: skip
+                stored = merged.to(out.dtype.element_ty)
+                rows_out = batch * num_kept + toks
+                offsets = rows_out[:, None] * channels + chans[None, :]
+                tl.store(out + offsets, stored, mask=tmask[:, None] & cmask[None, :])
+                # the norm is of the tokens as stored; chunk statistics combined as Chan et al.
+                stored = stored.to(tl.float32)
+                n_chunk = tl.minimum(channels - c_start, BLOCK_C).to(tl.float32)
+                chunk_mean = tl.sum(tl.where(cmask[None, :], stored, 0.0), axis=1) / n_chunk
+                centred = tl.where(cmask[None, :], stored - chunk_mean[:, None], 0.0)
+                delta = chunk_mean - mean
+                mean += delta * (n_chunk / (seen + n_chunk))
+                m2 += tl.sum(centred * centred, axis=1) + delta * delta * (seen * n_chunk / (seen + n_chunk))
+                seen += n_chunk
+                if c_start == 0:
+                    tl.store(out_size + rows_out, count.to(out_size.dtype.element_ty), mask=tmask)
+            rstd = tl.rsqrt(m2 / channels + eps)  # the biased variance, as layer_norm's
+            rows_out = batch * num_kept + toks
+            tl.debug_barrier()  # the program's stores of `out` are visible to all its threads
+            for c_start in range(0, channels, BLOCK_C):
+                chans = c_start + tl.arange(0, BLOCK_C)
+                cmask = chans < channels
+                offsets = rows_out[:, None] * channels + chans[None, :]
+                stored = tl.load(out + offsets, mask=tmask[:, None] & cmask[None, :], other=0.0).to(
+                    tl.float32
+                )
+                ln_w = tl.load(norm_w + chans, mask=cmask, other=0.0).to(tl.float32)
+                ln_b = tl.load(norm_b + chans, mask=cmask, other=0.0).to(tl.float32)
+                result = (stored - mean[:, None]) * rstd[:, None] * ln_w[None, :] + ln_b[None, :]
+                tl.store(
+                    normed + offsets, result.to(normed.dtype.element_ty), mask=tmask[:, None] & cmask[None, :]
+                )
+        else:  # one program per block of tokens and block of channels
+            chans = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+            cmask = chans < channels
+            merged, count = merged_tile(
+                xb, rb, sb, pb, db, sources, batch, toks, tmask, chans, cmask, num_kept, merge_r,
+                channels, stride_xn, stride_xc, stride_rn, stride_rc, stride_sn,
+                HAS_SIZE, HAS_RESIDUAL, SUM_DTYPE, MODULATED, BLOCK_R,
+            )  # fmt: skip
+            rows_out = batch * num_kept + toks
+            offsets = rows_out[:, None] * channels + chans[None, :]
+            tl.store(out + offsets, merged.to(out.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
+            if tl.program_id(2) == 0:
+                tl.store(out_size + rows_out, count.to(out_size.dtype.element_ty), mask=tmask)
 
 
 # fp64 is left to torch: the kernels compute in fp32
@@ -270,7 +334,7 @@ def triton_merge_wavg(
     if compile_traced():
         pyra_args = weights if weights is not None else (None, None, None, None, 0.0)  # ToMe: none
         return merge_wavg_op(x, size, perm, dst_out, *pyra_args, residual)
-    return launch_merge(x, size, perm, dst_out, weights, residual)
+    return launch_merge(x, size, perm, dst_out, weights, residual)[:2]
 
 
 class ModulationWeights(NamedTuple):
@@ -297,10 +361,27 @@ def modulate_blocks(channels: int) -> dict[str, int]:
     }
 
 
-def merge_blocks(channels: int) -> dict[str, int]:
+def merge_blocks(channels: int, norm: bool = False) -> dict[str, int]:
     """``merge_kernel``'s block sizes: 32 kept tokens x 128 channels per program (fewer channels
-    where C is narrower, at least 16), 16 sources per one-hot ``tl.dot``."""
-    return {"BLOCK_T": 32, "BLOCK_R": 16, "BLOCK_C": min(128, max(16, triton.next_power_of_2(channels)))}
+    where C is narrower, at least 16), 16 sources per one-hot ``tl.dot``. With the block's
+    LayerNorm (``norm``) a program walks all the channels of its tokens in 128-wide tiles, so it
+    takes 16 (``tl.dot``'s least) to keep twice the programs. A whole-row tile (16 x 1024 at
+    ViT-B's width) needs 132 KB of shared memory for the ``tl.dot`` and spills without a
+    modulation (Triton 3.6, sm_90), so the rows are not held whole."""
+    block_c = min(128, max(16, triton.next_power_of_2(channels)))
+    if norm:
+        return {"BLOCK_T": 16, "BLOCK_R": 16, "BLOCK_C": block_c, "num_warps": 8}
+    return {"BLOCK_T": 32, "BLOCK_R": 16, "BLOCK_C": block_c}
+
+
+class NormWeights(NamedTuple):
+    """The LayerNorm after the merge (the block's ``norm2``) as ``merge_kernel`` applies it: affine
+    weight and bias (C,), epsilon, and the dtype of the normalised tokens it writes."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+    dtype: torch.dtype
 
 
 def sum_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
@@ -319,9 +400,11 @@ def launch_merge(
     dst_out: torch.Tensor,
     weights: ModulationWeights | None,
     residual: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    norm: NormWeights | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Run the kernels on ``x``'s GPU: ``modulate_kernel`` for PYRA (``weights`` given) into a
-    (B, merge_r, C) fp32 buffer, then ``merge_kernel``; the merged tokens and sizes.
+    (B, merge_r, C) fp32 buffer, then ``merge_kernel``; the merged tokens, their sizes, and with
+    ``norm`` the merged tokens' LayerNorm in ``norm.dtype`` (else ``None``).
 
     ``perm`` and ``dst_out`` are a ``BipartiteMerge``'s, each with unit stride along a row;
     ``merge_r`` is ``dst_out``'s width. With ``residual`` the tokens are ``residual + x``.
@@ -347,15 +430,21 @@ def launch_merge(
                 *x.stride(), *res_strides, *size_strides, perm.stride(0), weights.weight_r.stride(0),
                 HAS_SIZE=size is not None, **tokens, **modulate_blocks(channels),
             )  # fmt: skip
-        blocks = merge_blocks(channels)
-        grid = (batch, triton.cdiv(kept, blocks["BLOCK_T"]), triton.cdiv(channels, blocks["BLOCK_C"]))
+        normed = (
+            None if norm is None else torch.empty(batch, kept, channels, device=x.device, dtype=norm.dtype)
+        )
+        ln_args = (out, out, out, 0.0) if norm is None else (norm.weight, norm.bias, normed, norm.eps)
+        blocks = merge_blocks(channels, norm=norm is not None)
+        channel_blocks = 1 if norm is not None else triton.cdiv(channels, blocks["BLOCK_C"])
+        grid = (batch, triton.cdiv(kept, blocks["BLOCK_T"]), channel_blocks)
         merge_kernel[grid](
-            x, res_arg, size_arg, perm, dst_out, sources, out, out_size,
-            kept, merge_r, channels,
+            x, res_arg, size_arg, perm, dst_out, sources, out, out_size, *ln_args[:3],
+            kept, merge_r, channels, ln_args[3],
             *x.stride(), *res_strides, *size_strides, perm.stride(0), dst_out.stride(0),
-            HAS_SIZE=size is not None, MODULATED=weights is not None, **tokens, **blocks,
+            HAS_SIZE=size is not None, MODULATED=weights is not None, NORM=norm is not None,
+            **tokens, **blocks,
         )  # fmt: skip
-    return out, out_size
+    return out, out_size, normed
 
 
 @torch.library.custom_op("pyra_lightning::merge_wavg", mutates_args=())
@@ -376,7 +465,7 @@ def merge_wavg_op(
     ``merge_r`` is ``dst_out``'s width; the four PYRA tensors are all ``None`` for ToMe (no
     modulation) or all given (eqs. 4-7); with ``residual`` the tokens are ``residual + x``."""
     weights = None if weight_r is None else ModulationWeights(norm_weight, norm_bias, weight_r, weight_d, eps)
-    return launch_merge(x, size, perm, dst_out, weights, residual)
+    return launch_merge(x, size, perm, dst_out, weights, residual)[:2]
 
 
 @merge_wavg_op.register_fake

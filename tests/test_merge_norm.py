@@ -1,0 +1,202 @@
+"""The Triton merge kernel writes the block's norm2 of the tokens it merged (``kernels.merge_norm``),
+under Triton's CPU interpreter: the merged tokens and sizes bitwise those of the merge alone, the
+norm within rounding of ``norm2`` on them, in the dtype the MLP reads; torch's norm wherever the
+kernel's would not be the block's own."""
+
+from __future__ import annotations
+
+import pytest
+from test_kernels import run_interpreted
+
+from pyra_lightning.kernels import triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+
+_PREAMBLE = """
+import timm, torch
+from torch import nn
+import pyra_lightning.kernels.merging as merging
+from pyra_lightning.kernels.merge_norm import triton_merge_wavg_norm
+from pyra_lightning.kernels.merging import triton_merge_wavg
+from pyra_lightning.merge import bipartite_soft_matching, max_merge_r
+from pyra_lightning.modulation import PyraModulation
+torch.manual_seed(0)
+normed_launches = []  # per merge launch: whether it wrote a norm
+launch = merging.launch_merge
+def recorded(*args):
+    normed_launches.append(len(args) > 6 and args[6] is not None)
+    return launch(*args)
+merging.launch_merge = recorded
+
+def layer_norm(dim, dtype):
+    norm = nn.LayerNorm(dim, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    return norm
+
+def modulation(merge_r, dim, dtype):
+    mod = PyraModulation(merge_r, dim).to(dtype)
+    with torch.no_grad():  # W_D starts at 0 (the identity): give every weight a value
+        for param in mod.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+    return mod
+"""
+
+_KERNEL_CHECK = (
+    _PREAMBLE
+    + """
+cases = 0
+# (residual, branch) dtypes: fp32; autocast's fp32 stream + bf16 branch; a model held in fp16.
+# Widths of one channel tile (24, 40) and of several, the last one partial (300)
+for res_dtype, branch_dtype in ((torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                (torch.float16, torch.float16)):
+    dtype = torch.promote_types(res_dtype, branch_dtype)
+    for prefix, tokens, dim in ((0, 38, 40), (1, 197, 300), (4, 21, 24)):
+        merge_r = max_merge_r(tokens, prefix)
+        merge, _ = bipartite_soft_matching(torch.randn(2, tokens, 8), merge_r, prefix)
+        norm = layer_norm(dim, dtype)
+        for pyra in (False, True):
+            mod = modulation(merge_r, dim, dtype) if pyra else None
+            residual = torch.randn(2, tokens, dim).to(res_dtype) * 3 + 1  # a mean and spread to remove
+            branch = torch.randn(2, tokens, dim).to(branch_dtype)
+            size = torch.randint(1, 5, (2, tokens, 1)).to(res_dtype) if pyra else None
+            with torch.no_grad():
+                normed_launches.clear()
+                got = triton_merge_wavg_norm(merge, branch, size, mod, residual, norm)
+                assert normed_launches == [True], normed_launches
+                merged, merged_size = triton_merge_wavg(merge, branch, size, mod, residual=residual)
+                want = norm(merged)
+            assert torch.equal(got[0], merged) and torch.equal(got[1], merged_size), (dtype, prefix, pyra)
+            assert got[2].dtype == want.dtype == dtype, (got[2].dtype, want.dtype)
+            ulp = 1e-5 if dtype == torch.float32 else 2 ** -10  # fp16: one unit in the last place
+            torch.testing.assert_close(got[2], want, rtol=ulp, atol=ulp)
+            cases += 1
+
+# under autocast the norm is written in the dtype the MLP's fc1 reads, here bf16: its values are
+# autocast's cast of the fp32 norm (the interpreter truncates to bf16 where a GPU rounds: 2 ulp)
+merge, _ = bipartite_soft_matching(torch.randn(2, 197, 8), 64, 1)
+residual, branch = torch.randn(2, 197, 300), torch.randn(2, 197, 300).bfloat16()
+norm, mod = layer_norm(300, torch.float32), modulation(64, 300, torch.float32)
+with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+    normed_launches.clear()
+    merged, _, normed = triton_merge_wavg_norm(merge, branch, None, mod, residual, norm, torch.bfloat16)
+    assert normed_launches == [True] and normed.dtype == torch.bfloat16 and merged.dtype == torch.float32
+    torch.testing.assert_close(normed.float(), norm(merged).float(), rtol=2 ** -7, atol=2 ** -7)
+    cases += 1
+print("cases", cases)
+"""
+)
+
+
+def test_the_merge_kernel_writes_norm2_of_the_tokens_it_merged_under_the_interpreter() -> None:
+    """fp32, an fp32 stream with a bf16 branch, fp16; ToMe and PYRA; 0/1/4 prefix tokens at the
+    largest merge_r; one channel tile and several (C 300, the last partial): merged tokens and sizes
+    bitwise the merge's alone, the norm within rounding of ``LayerNorm`` on them in its dtype, and
+    under autocast in the dtype the MLP reads (bf16)."""
+    assert "cases 19" in run_interpreted(_KERNEL_CHECK)
+
+
+_FALLBACK_CHECK = (
+    _PREAMBLE
+    + """
+from timm.layers import LayerNorm, RmsNorm
+merge, _ = bipartite_soft_matching(torch.randn(2, 38, 8), 12, 1)
+residual, branch = torch.randn(2, 38, 40), torch.randn(2, 38, 40)
+fast = LayerNorm(40)
+fast._fast_norm = True  # timm's fast norm normalises in low precision: not the kernel's
+plain_timm, trained = LayerNorm(40), layer_norm(40, torch.float32).requires_grad_()
+cases = {
+    "timm fast norm": (fast, None, False),
+    "no affine": (nn.LayerNorm(40, elementwise_affine=False), None, False),
+    "another norm": (RmsNorm(40), None, False),
+    "another width": (nn.LayerNorm(20), None, False),
+    "autocast, the MLP's dtype unknown": (layer_norm(40, torch.float32), None, True),
+}
+for name, (norm, norm_dtype, autocast) in cases.items():
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        normed_launches.clear()
+        if name == "another width":  # torch's own error, as the block would raise it
+            try:
+                triton_merge_wavg_norm(merge, branch, None, None, residual, norm, norm_dtype)
+            except RuntimeError:
+                continue
+            raise AssertionError("a norm of another width ran")
+        got = triton_merge_wavg_norm(merge, branch, None, None, residual, norm, norm_dtype)
+        want = triton_merge_wavg(merge, branch, None, None, residual=residual)
+        assert normed_launches == [False, False], (name, normed_launches)  # the merge alone, twice
+        assert torch.equal(got[0], want[0]) and torch.equal(got[2], norm(want[0])), name
+# autograd records a norm whose weights train: torch's norm, with its graph
+normed_launches.clear()
+got = triton_merge_wavg_norm(merge, branch, None, None, residual, trained)
+assert normed_launches == [False] and got[2].requires_grad
+# timm's LayerNorm without fast norm is the plain one: fused
+with torch.no_grad():
+    got = triton_merge_wavg_norm(merge, branch, None, None, residual, plain_timm)
+assert normed_launches[-1] is True
+print("torch where the kernel is not the block's norm")
+"""
+)
+
+
+def test_norms_the_kernel_would_not_compute_alike_run_in_torch() -> None:
+    """timm's fast norm (low precision), a LayerNorm without affine weights, an RMSNorm, a norm
+    of another width (torch's error), autocast without the MLP's dtype, and weights that train
+    all get torch's norm after the merge alone; timm's plain ``LayerNorm`` is fused."""
+    assert "torch where the kernel is not the block's norm" in run_interpreted(_FALLBACK_CHECK)
+
+
+_BLOCK_CHECK = (
+    _PREAMBLE
+    + """
+from pyra_lightning import apply_merging
+kw = dict(pretrained=False, img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=5)
+model = timm.create_model("vit_tiny_patch16_224", **kw).eval()
+x = torch.randn(2, 3, 32, 32)
+apply_merging(model, [12, 0, 6, 4], pyra=True, matcher="triton", merger="wavg")
+with torch.no_grad():
+    for block in model.blocks:
+        if block.pyra is not None:
+            block.pyra.weight_d.add_(torch.randn_like(block.pyra.weight_d))
+    want = model(x)
+    with torch.autocast("cpu", torch.bfloat16):
+        want_bf16 = model(x)
+apply_merging(model, [12, 0, 6, 4], pyra=True, matcher="triton", merger="triton")
+with torch.no_grad():
+    normed_launches.clear()
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+    assert normed_launches == [True, True, True], normed_launches  # the three merging blocks
+    normed_launches.clear()
+    with torch.autocast("cpu", torch.bfloat16):  # fc1 is a plain Linear: the norm is written in bf16
+        got_bf16 = model(x)
+    assert normed_launches == [True, True, True], normed_launches
+    torch.testing.assert_close(got_bf16, want_bf16, rtol=0.05, atol=0.05)
+# LoRA not folded: fc1 is a LoRALinear, whose input dtype under autocast the block does not assume
+from pyra_lightning.lora import LoRALinear
+for block in model.blocks:
+    block.mlp.fc1 = LoRALinear.from_linear(block.mlp.fc1, lora_rank=2)
+with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+    normed_launches.clear()
+    model(x)
+assert normed_launches == [False, False, False], normed_launches
+# an Eva (pre-norm, rotary embeddings, SwiGLU): norm2 is the kernel's outside autocast
+torch.manual_seed(0)
+eva = timm.create_model("eva02_base_patch14_224", **kw).eval()
+outputs = {}
+for merger in ("wavg", "triton"):
+    apply_merging(eva, [12, 0, 6, 4], pyra=True, matcher="triton", merger=merger)
+    with torch.no_grad():
+        normed_launches.clear()
+        outputs[merger] = eva(x)
+assert normed_launches == [True, True, True], normed_launches
+torch.testing.assert_close(outputs["triton"], outputs["wavg"], rtol=1e-5, atol=1e-5)
+print("norm2 fused in the block")
+"""
+)
+
+
+def test_a_merging_block_takes_norm2_from_the_triton_merger() -> None:
+    """A ViT with the Triton merger: each merging block's norm2 is the merge kernel's, with the
+    ``"wavg"`` rule's logits in fp32 and under bf16 autocast (fc1 a plain ``Linear``); with an
+    unfolded LoRA fc1 under autocast the block runs norm2 itself. An Eva's merging blocks too."""
+    assert "norm2 fused in the block" in run_interpreted(_BLOCK_CHECK)
