@@ -51,6 +51,7 @@ from pyra_lightning.patch_common import (
     linear,
     merge_metric,
     mlp_forward,
+    mlp_input_dtype,
     pool_tokens,
     shape_from_modules,
     size_bias,
@@ -205,11 +206,14 @@ class _MergingBlock:
         keys: torch.Tensor,
         state: TokenState,
         rope: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, TokenState]:
+        norm: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, TokenState, torch.Tensor | None]:
         """``x + branch`` (the residual stream and the attention branch, (B, N, C) each), merged
-        by ``merge_r``; a merger that ``fuses_residual`` gets them apart and adds them itself."""
+        by ``merge_r``; a merger that ``fuses_residual`` gets them apart and adds them itself.
+        The third result is ``norm`` of the merged tokens where a merger that ``fuses_norm``
+        wrote it (``norm`` given: the pre-norm block's norm2), else ``None``."""
         if self.merge_r == 0:
-            return x + branch, state
+            return x + branch, state, None
         npt = self.num_prefix_tokens
         merge, _ = self.matcher(merge_metric(keys), self.merge_r, npt)
         fused = getattr(self.merger, "fuses_residual", False) and not self.trace_source
@@ -221,12 +225,17 @@ class _MergingBlock:
             rows = state.rope if state.rope is not None else _rope_rows(rope, x.shape[0], npt)
             weight = state.size if state.size is not None else torch.ones_like(rows[..., :1])
             rope_sum = merge((rows * weight).to(rows.dtype), mode="sum")  # (B, N - merge_r, R)
-        if fused:  # x + branch is never written whole
+        normed = None
+        if fused and norm is not None and getattr(self.merger, "fuses_norm", False):
+            x, size, normed = self.merger.merge_and_norm(  # type: ignore[attr-defined]
+                merge, branch, state.size, self.pyra, x, norm, mlp_input_dtype(self.mlp, x)
+            )
+        elif fused:  # x + branch is never written whole
             x, size = self.merger(merge, branch, state.size, modulate=self.pyra, residual=x)
         else:
             x, size = self.merger(merge, x, state.size, modulate=self.pyra)  # (B, N - merge_r, C)
         merged_rope = None if rope_sum is None else rope_sum / size.to(rope_sum.dtype)
-        return x, TokenState(size=size, source=source, rope=merged_rope)
+        return x, TokenState(size=size, source=source, rope=merged_rope), normed
 
 
 class PyraEvaBlock(_MergingBlock, EvaBlock):  # type: ignore[misc]
@@ -247,8 +256,8 @@ class PyraEvaBlock(_MergingBlock, EvaBlock):  # type: ignore[misc]
         x_attn, keys = self.attn.forward_metric(self.norm1(x), rope, state.size if self.prop_attn else None)
         if self.gamma_1 is not None:
             x_attn = self.gamma_1 * x_attn
-        x, state = self._merge(x, self.drop_path1(x_attn), keys, state, rope)  # x + branch, merged
-        x_mlp = mlp_forward(self.mlp, self.norm2(x))
+        x, state, normed = self._merge(x, self.drop_path1(x_attn), keys, state, rope, self.norm2)
+        x_mlp = mlp_forward(self.mlp, self.norm2(x) if normed is None else normed)
         if self.gamma_2 is not None:
             x_mlp = self.gamma_2 * x_mlp
         return x + self.drop_path2(x_mlp), state
@@ -262,7 +271,7 @@ class PyraEvaBlockPostNorm(_MergingBlock, EvaBlockPostNorm):  # type: ignore[mis
     ) -> tuple[torch.Tensor, TokenState]:
         state = TokenState() if state is None else state
         x_attn, keys = self.attn.forward_metric(x, rope, state.size if self.prop_attn else None)
-        x, state = self._merge(x, self.drop_path1(self.norm1(x_attn)), keys, state, rope)
+        x, state, _ = self._merge(x, self.drop_path1(self.norm1(x_attn)), keys, state, rope)
         return x + self.drop_path2(self.norm2(self.mlp(x))), state
 
 

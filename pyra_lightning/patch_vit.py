@@ -31,6 +31,7 @@ from pyra_lightning.patch_common import (
     dropout,
     merge_metric,
     mlp_forward,
+    mlp_input_dtype,
     pool_tokens,
     shape_from_modules,
     size_bias,
@@ -115,11 +116,18 @@ class PyraBlock(Block):
         state = TokenState() if state is None else state
         x_attn, keys = self.attn(self.norm1(x), size=state.size if self.prop_attn else None)
         branch = self.drop_path1(self.ls1(x_attn))  # (B, N, C)
+        normed = None  # norm2(x), where the merger writes it
         if self.merge_r == 0:
             x = x + branch
         else:
             merge, _ = self.matcher(merge_metric(keys), self.merge_r, self.num_prefix_tokens)
-            if getattr(self.merger, "fuses_residual", False) and not self.trace_source:
+            if getattr(self.merger, "fuses_norm", False) and not self.trace_source:
+                # the merge kernel adds the residual as it reads and writes norm2 of what it merged
+                x, size, normed = self.merger.merge_and_norm(  # type: ignore[attr-defined]
+                    merge, branch, state.size, self.pyra, x, self.norm2, mlp_input_dtype(self.mlp, x)
+                )
+                source = None
+            elif getattr(self.merger, "fuses_residual", False) and not self.trace_source:
                 # the merger adds the residual as it reads: x + branch is never written whole
                 x, size = self.merger(merge, branch, state.size, modulate=self.pyra, residual=x)
                 source = None
@@ -128,7 +136,8 @@ class PyraBlock(Block):
                 source = merge_source(merge, x, state.source) if self.trace_source else None
                 x, size = self.merger(merge, x, state.size, modulate=self.pyra)  # (B, N - merge_r, C)
             state = TokenState(size=size, source=source)
-        x = x + self.drop_path2(self.ls2(mlp_forward(self.mlp, self.norm2(x))))
+        normed = self.norm2(x) if normed is None else normed
+        x = x + self.drop_path2(self.ls2(mlp_forward(self.mlp, normed)))
         return x, state
 
 
