@@ -10,7 +10,8 @@ only this part. In order, each result saved as it finishes:
    (``set_merge_rule``, proportional attention on the Triton kernel too), fp32 and bf16 autocast;
 2. one layer's matching, one layer's merge and one layer's proportional attention alone, Triton
    against torch (attention: against SDPA with and without the mask, and the kernel at the
-   other tiles of ``ATTENTION_TILES``), on the host clock and on the GPU's (``device_ms``);
+   other tiles of ``ATTENTION_TILES``; merge: with ``norm2`` fused, at batch 256 and 1), on the
+   host clock and on the GPU's (``device_ms``);
 3. eager and ``cudagraph`` groups of the uncompressed model, ToMe high, PYRA high and PYRA at
    high's FLOPs with ``align=8`` on torch and on the kernels (``+kernels``), each group (one
    engine, one batch) timed side by side (``gpu_speed._build_and_time_group``); batch 256, then
@@ -310,22 +311,60 @@ def device_ms(fns: dict[str, Callable[[], Any]]) -> dict[str, Any]:
     return out
 
 
+def _merge_inputs(device: Any, batch: int, num_tokens: int, channels: int, merge_r: int) -> dict[str, Any]:
+    """One ViT-B-like PYRA merge's inputs at ``batch``: tokens, sizes, a plan, a modulation with
+    random ``W_D`` (zeros would hide it), a bf16 attention branch and a LayerNorm for ``norm2``."""
+    import torch
+
+    from pyra_lightning.merge import bipartite_soft_matching
+    from pyra_lightning.modulation import PyraModulation
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, num_tokens, channels, device=device)
+    size = torch.randint(1, 4, (batch, num_tokens, 1), device=device).float()
+    merge, _ = bipartite_soft_matching(torch.randn(batch, num_tokens, 64, device=device), merge_r, 1)
+    mod = PyraModulation(merge_r, channels).to(device)
+    norm = torch.nn.LayerNorm(channels).to(device)
+    with torch.no_grad():
+        mod.weight_d.normal_(std=0.1)
+        norm.weight.normal_(1.0, 0.1), norm.bias.normal_(std=0.1)
+    branch = torch.randn(batch, num_tokens, channels, device=device, dtype=torch.bfloat16)
+    return {"merge": merge, "x": x, "size": size, "mod": mod, "norm": norm, "branch": branch}
+
+
+def _norm_fns(t: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+    """A merging block's merge and ``norm2`` as the fused kernel writes them (bf16, as autocast's
+    ``fc1`` reads them), against the merge kernel and then torch's LayerNorm and bf16 cast."""
+    import torch
+
+    from pyra_lightning.kernels.merge_norm import triton_merge_wavg_norm
+    from pyra_lightning.kernels.merging import triton_merge_wavg
+
+    merge, x, size, mod, norm, branch = (t[k] for k in ("merge", "x", "size", "mod", "norm", "branch"))
+
+    def apart() -> Any:
+        merged, merged_size = triton_merge_wavg(merge, branch, size, mod, residual=x)
+        return merged, merged_size, norm(merged).to(torch.bfloat16)
+
+    return {
+        "triton, residual read, then layer_norm and cast": apart,
+        "triton with norm2 fused": lambda: triton_merge_wavg_norm(
+            merge, branch, size, mod, x, norm, norm_dtype=torch.bfloat16
+        ),
+    }
+
+
 def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
-    """ms of one ViT-B PYRA merge (197 tokens, merge_r 16, sizes given): Triton kernels vs torch."""
+    """ms of one ViT-B PYRA merge (197 tokens, merge_r 16, sizes given): Triton kernels vs torch,
+    the residual read by the kernels, and ``norm2`` fused into the merge (batch 256 and 1)."""
     import torch
 
     from pyra_lightning.kernels import use_triton
-    from pyra_lightning.merge import bipartite_soft_matching, merge_wavg
-    from pyra_lightning.modulation import PyraModulation
+    from pyra_lightning.merge import merge_wavg
 
     b, n, c, merge_r = (2, 37, 24, 8) if dry_run else (256, 197, 768, 16)
-    torch.manual_seed(0)
-    x = torch.randn(b, n, c, device=device)
-    size = torch.randint(1, 4, (b, n, 1), device=device).float()
-    merge, _ = bipartite_soft_matching(torch.randn(b, n, 64, device=device), merge_r, 1)
-    mod = PyraModulation(merge_r, c).to(device)
-    with torch.no_grad():
-        mod.weight_d.normal_(std=0.1)
+    t = _merge_inputs(device, b, n, c, merge_r)
+    merge, x, size, mod, branch = (t[k] for k in ("merge", "x", "size", "mod", "branch"))
     result: dict[str, Any] = {"shape": [b, n, c], "merge_r": merge_r}
     fns = {"torch_ms": lambda: merge_wavg(merge, x, size, mod)}
     with torch.inference_mode():
@@ -336,11 +375,18 @@ def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
                 got, want = triton_merge_wavg(merge, x, size, mod), merge_wavg(merge, x, size, mod)
                 diffs = ((g - w).abs().max().item() for g, w in zip(got, want, strict=True))
                 result["max_abs_diff"] = max(diffs)
+                norm_fns = _norm_fns(t)
+                apart, fused = (fn() for fn in norm_fns.values())  # in _norm_fns's order
+                # the fused kernel against the kernel and torch's norm: the same merged tokens and
+                # sizes bitwise, norms within bf16 rounding
+                result["norm2_merged_equal"] = all(
+                    torch.equal(f, a) for f, a in zip(fused[:2], apart[:2], strict=True)
+                )
+                result["norm2_max_abs_diff"] = (fused[2].float() - apart[2].float()).abs().max().item()
                 fns["triton_ms"] = lambda: triton_merge_wavg(merge, x, size, mod)
                 if x.is_cuda:  # do_bench needs a GPU driver, which the interpreter has not
                     # as a merging block calls it: the residual stream and a bf16 attention
                     # branch apart (the kernels add them), against torch's add and then the kernels
-                    branch = torch.randn(b, n, c, device=device, dtype=torch.bfloat16)
                     result["device_ms"] = device_ms(
                         {
                             "torch": fns["torch_ms"],
@@ -349,8 +395,11 @@ def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
                                 merge, branch, size, mod, residual=x
                             ),
                             "torch add, then triton": lambda: triton_merge_wavg(merge, x + branch, size, mod),
+                            **norm_fns,
                         }
                     )
+                    # batch 1, where the fused kernel runs a third of the programs
+                    result["device_ms_batch1"] = device_ms(_norm_fns(_merge_inputs(device, 1, n, c, merge_r)))
             else:
                 result["triton"] = "not run: the kernels do not apply to these tensors"
         else:

@@ -5,12 +5,15 @@ kernel's would not be the block's own."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from test_kernels import run_interpreted
 
 from pyra_lightning.kernels import triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+REPO = Path(__file__).resolve().parents[1]
 
 _PREAMBLE = """
 import timm, torch
@@ -200,3 +203,21 @@ def test_a_merging_block_takes_norm2_from_the_triton_merger() -> None:
     ``"wavg"`` rule's logits in fp32 and under bf16 autocast (fc1 a plain ``Linear``); with an
     unfolded LoRA fc1 under autocast the block runs norm2 itself. An Eva's merging blocks too."""
     assert "norm2 fused in the block" in run_interpreted(_BLOCK_CHECK)
+
+
+_MICRO_CHECK = f"""
+import sys, torch
+sys.path.insert(0, {str(REPO / "scripts")!r})
+from gpu_kernels import _merger
+result = _merger(torch.device("cpu"), dry_run=True)
+assert result["max_abs_diff"] < 1e-5, result
+assert result["norm2_merged_equal"] is True, result
+assert 0 < result["norm2_max_abs_diff"] <= 2 ** -5, result  # bf16 rounding of values below 4
+print("timed", sorted(result))
+"""
+
+
+def test_the_gpu_checks_merge_benchmark_runs_the_fused_norm_under_the_interpreter() -> None:
+    """The kernels part's merge micro-benchmark (``scripts/gpu_kernels.py``) on its dry-run shape:
+    the fused ``norm2`` it times on a GPU writes the merge kernel's tokens and torch's norm."""
+    assert "timed" in run_interpreted(_MICRO_CHECK)
