@@ -135,7 +135,21 @@ def mlp_input_dtype(mlp: nn.Module, x: torch.Tensor) -> torch.dtype | None:
     in the autocast dtype. ``None`` elsewhere. A norm before it may write that dtype directly."""
     if type(mlp) is not Mlp or type(mlp.fc1) is not nn.Linear or not autocasting(x.device):
         return None
+    if has_hooks(mlp.fc1):  # a hook would see (or could recast) the input in another dtype
+        return None
     return torch.get_autocast_dtype(x.device.type)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs any forward (pre-)hook, its own or a global one: a fused
+    kernel that stands in for the call must then let the module run instead."""
+    glob = nn.modules.module
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or glob._global_forward_hooks
+        or glob._global_forward_pre_hooks
+    )
 
 
 def autocasting(device: torch.device) -> bool:

@@ -121,13 +121,14 @@ class PyraBlock(Block):
             x = x + branch
         else:
             merge, _ = self.matcher(merge_metric(keys), self.merge_r, self.num_prefix_tokens)
-            if getattr(self.merger, "fuses_norm", False) and not self.trace_source:
+            fuses = getattr(self.merger, "fuses_residual", False) and not self.trace_source
+            if fuses and getattr(self.merger, "fuses_norm", False):
                 # the merge kernel adds the residual as it reads and writes norm2 of what it merged
                 x, size, normed = self.merger.merge_and_norm(  # type: ignore[attr-defined]
                     merge, branch, state.size, self.pyra, x, self.norm2, mlp_input_dtype(self.mlp, x)
                 )
                 source = None
-            elif getattr(self.merger, "fuses_residual", False) and not self.trace_source:
+            elif fuses:
                 # the merger adds the residual as it reads: x + branch is never written whole
                 x, size = self.merger(merge, branch, state.size, modulate=self.pyra, residual=x)
                 source = None

@@ -18,6 +18,8 @@ fused only where its result is known to be what the block would compute:
   (``norm_dtype``: a ``timm`` ``Mlp`` whose ``fc1`` is an ``nn.Linear`` casts them to the
   autocast dtype, ``patch_common.mlp_input_dtype``), since ``layer_norm``'s own output dtype
   under autocast differs between devices;
+- it has no forward hooks (they would not run) and its weight and bias are what ``layer_norm``
+  accepts for these tokens: the tokens' dtype outside autocast, and contiguous;
 - and wherever ``merging.kernel_applies`` (inference, CUDA or the interpreter, no export trace).
 
 Elsewhere it is ``triton_merge_wavg`` and then ``norm`` itself, so the result never depends on
@@ -43,7 +45,7 @@ from pyra_lightning.kernels.merging import (
     triton_merge_wavg,
 )
 from pyra_lightning.merge import Modulate
-from pyra_lightning.patch_common import autocasting
+from pyra_lightning.patch_common import autocasting, has_hooks
 
 
 def fusable_norm(norm: nn.Module, channels: int) -> bool:
@@ -54,7 +56,22 @@ def fusable_norm(norm: nn.Module, channels: int) -> bool:
         return False
     if getattr(norm, "_fast_norm", False) or norm.weight is None or norm.bias is None:
         return False
-    return tuple(norm.normalized_shape) == (channels,)
+    return tuple(norm.normalized_shape) == (channels,) and not has_hooks(norm)
+
+
+def norm_weights_fit(norm: nn.Module, x: torch.Tensor, merged_dtype: torch.dtype) -> bool:
+    """Whether ``norm``'s weight and bias are what ``layer_norm`` takes with the merged tokens, so
+    the kernel never returns a result where torch would refuse: on ``x``'s device, unit stride,
+    and outside autocast in the merged tokens' dtype, or fp32 for 16-bit tokens (the one mixed
+    pair torch accepts); under autocast ``layer_norm`` runs in fp32, so any 16- or 32-bit float."""
+    half = {torch.bfloat16, torch.float16}
+    if autocasting(x.device):
+        allowed = {torch.float32, *half}
+    else:
+        allowed = {merged_dtype, torch.float32} if merged_dtype in half else {merged_dtype}
+    return all(
+        t.device == x.device and t.dtype in allowed and t.stride() == (1,) for t in (norm.weight, norm.bias)
+    )
 
 
 def norm_output_dtype(
@@ -88,12 +105,13 @@ def triton_merge_wavg_norm(
         Merged tokens (B, N - merge_r, C), their sizes (B, N - merge_r, 1), and ``norm`` of the
         merged tokens (B, N - merge_r, C), in ``norm_dtype`` where the kernel wrote it.
     """
+    merged_dtype = x.dtype if residual is None else sum_dtype(x.dtype, residual.dtype)
     fused = (
         fusable_norm(norm, x.shape[-1])
         and kernel_applies(merge, x, size, modulate, residual)
         and not _needs_autograd((norm.weight, norm.bias), None)
+        and norm_weights_fit(norm, x, merged_dtype)
     )
-    merged_dtype = x.dtype if residual is None else sum_dtype(x.dtype, residual.dtype)
     out_dtype = norm_output_dtype(x.device, merged_dtype, norm_dtype) if fused else None
     if out_dtype is None:
         merged, merged_size = triton_merge_wavg(merge, x, size, modulate, residual=residual)
