@@ -50,15 +50,16 @@ _KERNEL_CHECK = (
     _PREAMBLE
     + """
 cases = 0
-# (residual, branch) dtypes: fp32; autocast's fp32 stream + bf16 branch; a model held in fp16.
+# (residual, branch) dtypes: fp32; autocast's fp32 stream + bf16 branch; a model held in fp16;
+# one held in bf16 with its norm weights in fp32 (the mixed pair layer_norm accepts).
 # Widths of one channel tile (24, 40) and of several, the last one partial (300)
 for res_dtype, branch_dtype in ((torch.float32, torch.float32), (torch.float32, torch.bfloat16),
-                                (torch.float16, torch.float16)):
+                                (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)):
     dtype = torch.promote_types(res_dtype, branch_dtype)
     for prefix, tokens, dim in ((0, 38, 40), (1, 197, 300), (4, 21, 24)):
         merge_r = max_merge_r(tokens, prefix)
         merge, _ = bipartite_soft_matching(torch.randn(2, tokens, 8), merge_r, prefix)
-        norm = layer_norm(dim, dtype)
+        norm = layer_norm(dim, torch.float32 if dtype == torch.bfloat16 else dtype)
         for pyra in (False, True):
             mod = modulation(merge_r, dim, dtype) if pyra else None
             residual = torch.randn(2, tokens, dim).to(res_dtype) * 3 + 1  # a mean and spread to remove
@@ -72,32 +73,34 @@ for res_dtype, branch_dtype in ((torch.float32, torch.float32), (torch.float32, 
                 want = norm(merged)
             assert torch.equal(got[0], merged) and torch.equal(got[1], merged_size), (dtype, prefix, pyra)
             assert got[2].dtype == want.dtype == dtype, (got[2].dtype, want.dtype)
-            ulp = 1e-5 if dtype == torch.float32 else 2 ** -10  # fp16: one unit in the last place
+            # fp16: one unit in the last place; bf16: two (the interpreter truncates where a GPU rounds)
+            ulp = {torch.float32: 1e-5, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -6}[dtype]
             torch.testing.assert_close(got[2], want, rtol=ulp, atol=ulp)
             cases += 1
 
-# under autocast the norm is written in the dtype the MLP's fc1 reads, here bf16: its values are
-# autocast's cast of the fp32 norm (the interpreter truncates to bf16 where a GPU rounds: 2 ulp)
+# under autocast the norm is written in the dtype the MLP's fc1 reads, bf16 or fp16: its values
+# are autocast's cast of the fp32 norm (the interpreter truncates where a GPU rounds: 2 ulp)
 merge, _ = bipartite_soft_matching(torch.randn(2, 197, 8), 64, 1)
-residual, branch = torch.randn(2, 197, 300), torch.randn(2, 197, 300).bfloat16()
 norm, mod = layer_norm(300, torch.float32), modulation(64, 300, torch.float32)
-with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-    normed_launches.clear()
-    merged, _, normed = triton_merge_wavg_norm(merge, branch, None, mod, residual, norm, torch.bfloat16)
-    assert normed_launches == [True] and normed.dtype == torch.bfloat16 and merged.dtype == torch.float32
-    torch.testing.assert_close(normed.float(), norm(merged).float(), rtol=2 ** -7, atol=2 ** -7)
-    cases += 1
+for low, ulp in ((torch.bfloat16, 2 ** -7), (torch.float16, 2 ** -10)):
+    residual, branch = torch.randn(2, 197, 300), torch.randn(2, 197, 300).to(low)
+    with torch.no_grad(), torch.autocast("cpu", low):
+        normed_launches.clear()
+        merged, _, normed = triton_merge_wavg_norm(merge, branch, None, mod, residual, norm, low)
+        assert normed_launches == [True] and normed.dtype == low and merged.dtype == torch.float32
+        torch.testing.assert_close(normed.float(), norm(merged).to(low).float(), rtol=ulp, atol=ulp)
+        cases += 1
 print("cases", cases)
 """
 )
 
 
 def test_the_merge_kernel_writes_norm2_of_the_tokens_it_merged_under_the_interpreter() -> None:
-    """fp32, an fp32 stream with a bf16 branch, fp16; ToMe and PYRA; 0/1/4 prefix tokens at the
+    """fp32, an fp32 stream with a bf16 branch, fp16, bf16 with fp32 norm weights; ToMe and PYRA; 0/1/4 prefix tokens at the
     largest merge_r; one channel tile and several (C 300, the last partial): merged tokens and sizes
     bitwise the merge's alone, the norm within rounding of ``LayerNorm`` on them in its dtype, and
-    under autocast in the dtype the MLP reads (bf16)."""
-    assert "cases 19" in run_interpreted(_KERNEL_CHECK)
+    under autocast in the dtype the MLP reads (bf16 or fp16)."""
+    assert "cases 26" in run_interpreted(_KERNEL_CHECK)
 
 
 _FALLBACK_CHECK = (
@@ -181,7 +184,16 @@ with torch.no_grad():
     with torch.autocast("cpu", torch.bfloat16):  # fc1 is a plain Linear: the norm is written in bf16
         got_bf16 = model(x)
     assert normed_launches == [True, True, True], normed_launches
-    torch.testing.assert_close(got_bf16, want_bf16, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(got_bf16, want_bf16, rtol=0.05, atol=0.05)  # the torch rule's bf16 matmuls
+    rule = type(model.blocks[0].merger)  # the same kernels with torch's norm2 after them
+    rule.fuses_norm = False
+    normed_launches.clear()
+    with torch.autocast("cpu", torch.bfloat16):
+        unfused_bf16 = model(x)
+    assert normed_launches == [False, False, False], normed_launches
+    # fc1's bf16 input rounded once either way (the interpreter truncates): 2 ** -9 measured
+    torch.testing.assert_close(got_bf16, unfused_bf16, rtol=2 ** -6, atol=2 ** -6)
+    rule.fuses_norm = True
 # LoRA not folded: fc1 is a LoRALinear, whose input dtype under autocast the block does not assume
 from pyra_lightning.lora import LoRALinear
 for block in model.blocks:
@@ -208,7 +220,8 @@ print("norm2 fused in the block")
 
 def test_a_merging_block_takes_norm2_from_the_triton_merger() -> None:
     """A ViT with the Triton merger: each merging block's norm2 is the merge kernel's, with the
-    ``"wavg"`` rule's logits in fp32 and under bf16 autocast (fc1 a plain ``Linear``); with an
+    ``"wavg"`` rule's logits in fp32 and under bf16 autocast (fc1 a plain ``Linear``), and under
+    autocast within bf16 rounding of the same kernels followed by torch's norm2; with an
     unfolded LoRA fc1 under autocast the block runs norm2 itself. An Eva's merging blocks too."""
     assert "norm2 fused in the block" in run_interpreted(_BLOCK_CHECK)
 
