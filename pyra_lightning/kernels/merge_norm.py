@@ -62,13 +62,17 @@ def fusable_norm(norm: nn.Module, channels: int) -> bool:
 def norm_weights_fit(norm: nn.Module, x: torch.Tensor, merged_dtype: torch.dtype) -> bool:
     """Whether ``norm``'s weight and bias are what ``layer_norm`` takes with the merged tokens, so
     the kernel never returns a result where torch would refuse: on ``x``'s device, unit stride,
-    and outside autocast in the merged tokens' dtype, or fp32 for 16-bit tokens (the one mixed
-    pair torch accepts); under autocast ``layer_norm`` runs in fp32, so any 16- or 32-bit float."""
+    and of a dtype torch accepts there. CUDA autocast runs ``layer_norm`` in fp32 (any 16- or
+    32-bit float weight); otherwise the weights must have the tokens' dtype, except that torch's
+    CPU kernel (with or without autocast, which leaves it alone) also takes fp32 weights for
+    16-bit tokens, while its CUDA kernel reads them in the tokens' dtype and refuses."""
     half = {torch.bfloat16, torch.float16}
-    if autocasting(x.device):
+    if x.device.type == "cuda" and autocasting(x.device):
         allowed = {torch.float32, *half}
+    elif x.device.type == "cpu" and merged_dtype in half:
+        allowed = {merged_dtype, torch.float32}
     else:
-        allowed = {merged_dtype, torch.float32} if merged_dtype in half else {merged_dtype}
+        allowed = {merged_dtype}
     return all(
         t.device == x.device and t.dtype in allowed and t.stride() == (1,) for t in (norm.weight, norm.bias)
     )
