@@ -135,6 +135,18 @@ def test_a_config_typo_is_one_line_naming_the_file_and_the_key_it_meant(
     assert len(err.strip().splitlines()) == 1 and "did you mean trainer.max_epochs?" in err, err
 
 
+def test_a_value_refused_while_the_model_is_built_prints_one_line_and_no_seed(tmp_path: Path) -> None:
+    # The issue: Lightning's "Seed set to 0" (logged as the CLI seeds, before it builds the model)
+    # came before every refusal the model or data raise, so a refusal was two lines.
+    args = quickstart_args(tmp_path / "run", tmp_path / "data", "--model.merging.merge_r=[99, 12]")
+    done = subprocess.run(
+        [sys.executable, "-m", "pyra_lightning", "fit", *args], capture_output=True, text=True, timeout=300
+    )
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, lines
+    assert "merge_r: schedule has 2 entries but the model has 6 blocks" in lines[0]
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -13,11 +13,15 @@ prints the Trainer's group first. So ``--help`` took seconds and opened on ``--t
 - ``--help_all`` is ``--help`` with every argument, the Trainer's group moved to the end.
 
 Help aside, a command changes only in how a refused key or value is printed. The hooks used are public:
-``add_core_arguments_to_parser``, ``subcommands`` and ``parser_class``.
+``add_core_arguments_to_parser``, ``subcommands`` and ``parser_class``; and, so that a config
+refused while the model or data are built prints its one line alone, Lightning's "Seed set to N"
+line (logged as ``LightningCLI`` seeds, before it builds anything) is held back until the classes
+are built (``_set_seed``, ``instantiate_classes``), through a ``logging.Filter``.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from collections.abc import Sequence
@@ -28,6 +32,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 from pyra_lightning.training.cli_errors import refusal
 
 HELP_ALL = "--help_all"
+SEED_LOGGER = "lightning.fabric.utilities.seed"  # where ``seed_everything`` logs "Seed set to N"
 HELP_FLAGS = ("-h", "--help")
 TRAINER_KEY = "trainer"
 HelpMode = Literal["brief", "all"] | None
@@ -106,6 +111,25 @@ class BriefHelp:
             parser.argv = self.argv
         return parser
 
+    def _set_seed(self) -> None:
+        """LightningCLI's seeding, its log line held back (see the module)."""
+        held = _HeldRecords()
+        seed_log = logging.getLogger(SEED_LOGGER)
+        seed_log.addFilter(held)
+        try:
+            super()._set_seed()  # type: ignore[misc]
+        finally:
+            seed_log.removeFilter(held)
+        self._held_seed_records = held.records
+
+    def instantiate_classes(self) -> None:
+        """LightningCLI's; then the seed's log line, now that nothing was refused."""
+        super().instantiate_classes()  # type: ignore[misc]
+        seed_log = logging.getLogger(SEED_LOGGER)
+        for record in getattr(self, "_held_seed_records", ()):
+            seed_log.handle(record)
+        self._held_seed_records = []
+
     def _brief(self) -> bool:
         return self.help_mode == "brief" and self.help_subcommand is not None
 
@@ -134,6 +158,18 @@ class BriefHelp:
                 "Lightning's Trainer flags (--trainer.max_epochs, --trainer.precision, --trainer.devices,\n"
                 f"--trainer.default_root_dir, ... about 60) are listed by `{prog} {HELP_ALL}`."
             )
+
+
+class _HeldRecords(logging.Filter):
+    """Keeps the records it is shown instead of letting them through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
 
 
 def _all_subcommands() -> dict[str, set[str]]:
