@@ -18,8 +18,8 @@ fused only where its result is known to be what the block would compute:
   (``norm_dtype``: a ``timm`` ``Mlp`` whose ``fc1`` is an ``nn.Linear`` casts them to the
   autocast dtype, ``patch_common.mlp_input_dtype``), since ``layer_norm``'s own output dtype
   under autocast differs between devices;
-- it has no forward hooks (they would not run) and its weight and bias are what ``layer_norm``
-  accepts for these tokens: the tokens' dtype outside autocast, and contiguous;
+- it has no forward hooks (they would not run) and its weight and bias are contiguous and of a
+  dtype ``layer_norm`` accepts with these tokens on this device (``norm_weights_fit``);
 - and wherever ``merging.kernel_applies`` (inference, CUDA or the interpreter, no export trace).
 
 Elsewhere it is ``triton_merge_wavg`` and then ``norm`` itself, so the result never depends on
