@@ -19,9 +19,10 @@ A rule that runs its own kernels names the registered torch rule it computes as 
 A merger whose ``fuses_residual`` is True is also called with ``residual=``: the tokens are then
 ``residual + x`` (the block's residual stream plus its attention branch), which it may add inside
 its own kernels; the block adds them itself for every other merger. One whose ``fuses_norm`` is
-True as well (``fuses_residual`` too) also has ``merge_and_norm(merge, x, size, modulate, residual, norm, norm_dtype)``, which
-returns the block's next LayerNorm of the merged tokens as a third tensor (``norm2(x)``, which
-it may compute in the same kernel); the block calls that one where it would call both.
+True (the blocks ask it only of one that ``fuses_residual`` too) also has
+``merge_and_norm(merge, x, size, modulate, residual, norm, norm_dtype)``, which returns the
+block's next LayerNorm of the merged tokens as a third tensor (``norm2(x)``, which it may
+compute in the same kernel); the block calls that one where it would call both.
 
 A matcher returns ``merge``/``unmerge`` closures with the contract of ``merge.MergeFn``: modes
 ``"sum"``, ``"mean"`` and ``"amax"``, an optional PYRA ``modulate`` of the sources, and the

@@ -13,10 +13,11 @@ prints the Trainer's group first. So ``--help`` took seconds and opened on ``--t
 - ``--help_all`` is ``--help`` with every argument, the Trainer's group moved to the end.
 
 Help aside, a command changes only in how a refused key or value is printed. The hooks used are public:
-``add_core_arguments_to_parser``, ``subcommands`` and ``parser_class``; and, so that a config
-refused while the model or data are built prints its one line alone, Lightning's "Seed set to N"
-line (logged as ``LightningCLI`` seeds, before it builds anything) is held back until the classes
-are built (``_set_seed``, ``instantiate_classes``), through a ``logging.Filter``.
+``add_core_arguments_to_parser``, ``subcommands`` and ``parser_class``. One more is not: so that
+a config refused while the model or data are built prints its one line alone, Lightning's
+"Seed set to N" line (logged as ``LightningCLI`` seeds, before it builds anything) is held back
+by a ``logging.Filter`` around LightningCLI's private ``_set_seed`` and logged after
+``instantiate_classes``. Should ``_set_seed`` go, only that ordering is lost.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from lightning.pytorch.cli import LightningArgumentParser
 from pyra_lightning.training.cli_errors import refusal
 
 HELP_ALL = "--help_all"
-SEED_LOGGER = "lightning.fabric.utilities.seed"  # where ``seed_everything`` logs "Seed set to N"
 HELP_FLAGS = ("-h", "--help")
 TRAINER_KEY = "trainer"
+SEED_LOGGER = "lightning.fabric.utilities.seed"  # where ``seed_everything`` logs "Seed set to N"
 HelpMode = Literal["brief", "all"] | None
 
 
