@@ -142,9 +142,10 @@ class TritonWeightedAverage(WeightedAverage):
 
     ``kernels.merging.triton_merge_wavg``: in inference on CUDA tensors (eager or under CUDA-graph
     capture) one layer's merge is two launches instead of about 30 operators, and compiled it is
-    one ``pyra_lightning::merge_wavg`` node of the graph (``kernels.merging``); where autograd must
-    record it (training), while an export traces the model, on CPU, for fp64 and for the
-    ablation modulations it is ``merge_wavg`` itself. It takes the block's residual add too
+    one ``pyra_lightning::merge_wavg`` node of the graph (``kernels.merging``). Where autograd
+    records it (training) the kernels still run, through that operator and its backward written
+    in torch (``kernels.merge_backward``); while an export traces the model, on CPU, for fp64 and
+    for the ablation modulations it is ``merge_wavg`` itself. It takes the block's residual add too
     (``fuses_residual``): the kernels read the residual stream and the attention branch and add
     them as they load, so the (B, N, C) sum before the merge is never written.
     The kernels compute in fp32: equal to ``"wavg"`` up to the order of sums for fp32 tokens, and

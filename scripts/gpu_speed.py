@@ -411,7 +411,8 @@ def _attention(device: Any, dry_run: bool) -> dict[str, Any]:
 
 def part_train_step(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Training steps (forward, loss, backward; LoRA, PYRA and head trainable) of ViT-B/16
-    uncompressed / ToMe high / PYRA high at batch 64 and 128, bf16 autocast, eager, timed
+    uncompressed / ToMe high / PYRA high / PYRA high on the Triton matcher and merger (with the
+    merge's backward) at batch 64 and 128, bf16 autocast, eager, timed
     interleaved per batch size (``time_training_steps``, what ``benchmark --train`` runs): issue
     17's training target. Then, on CUDA and if two compiles should fit the part's limit,
     uncompressed and PYRA high at 128 with the steps compiled (forward and backward) and replayed
@@ -426,6 +427,10 @@ def part_train_step(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[s
     limit = args.part_limit_s or 200
     spec = 8 if args.dry_run else "high"
     variants = {"uncompressed": (None, False), f"tome/{spec}": (spec, False), f"pyra/{spec}": (spec, True)}
+    # the Triton matcher and merger (the merge's backward is kernels.merge_backward); the attention
+    # stays SDPA, since the Triton proportional attention has no backward
+    variants[f"pyra/{spec}+merge-kernels"] = (spec, True)
+    train_rule = {"matcher": "triton", "merger": "triton"}
     out: dict[str, Any] = {"precision": "bf16" if cuda else "32", "rows": [], "skipped": []}
     out["versions"] = _versions(torch.device(args.device))
     started = time.perf_counter()
@@ -435,6 +440,7 @@ def part_train_step(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[s
             name: build_model(
                 s["model_name"], variants[name][0], variants[name][1], img_size=s["img_size"],
                 fold=False, device=args.device, model_kwargs=s["kwargs"] or None,
+                rule=train_rule if name.endswith("+merge-kernels") else None,
             )
             for name in names
         }  # fmt: skip

@@ -150,7 +150,7 @@ def test_speed_and_ddp_parts_dry_run(tmp_path: Path) -> None:
     assert ddp["throughput"] > 0 and 0.0 <= ddp["test_acc"] <= 1.0
     train = parts["train_step"]["result"]["rows"]
     assert {(r["model"], r["batch_size"]) for r in train} == {
-        (m, b) for m in ("uncompressed", "tome/8", "pyra/8") for b in (1, 2)
+        (m, b) for m in ("uncompressed", "tome/8", "pyra/8", "pyra/8+merge-kernels") for b in (1, 2)
     }
     assert all(r["images_per_s"] > 0 for r in train)
     markdown = (tmp_path / "gpu_check.md").read_text()

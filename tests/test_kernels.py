@@ -161,11 +161,15 @@ for dtype in (torch.bfloat16, torch.float16):
     cases += 1
 # fp64 is left to torch (the kernels would compute it in fp32)
 assert not kernel_applies(merge, torch.randn(2, 197, 40, dtype=torch.float64), None, None)
-# where autograd records the merge, the torch path runs (the kernels have no backward)
+# where autograd records the merge, only callers with the operator's backward launch the kernels
 mod = modulation(20, 40)
 assert not kernel_applies(merge, x.float(), None, mod)
+assert kernel_applies(merge, x.float(), None, mod, differentiable=True)
 with torch.no_grad():
     assert kernel_applies(merge, x.float(), None, mod)
+# ... and never for sizes that require a gradient (the backward gives sizes none)
+trained_size = torch.ones(2, 197, 1, requires_grad=True)
+assert not kernel_applies(merge, x.float(), trained_size, mod, differentiable=True)
 mod.variant = "w_r"  # an ablation: not eqs. 4-7, so not the kernel's
 with torch.no_grad():
     assert not kernel_applies(merge, x.float(), None, mod)
@@ -177,8 +181,8 @@ print("cases", cases + 6)
 def test_triton_merge_kernels_equal_the_torch_merge_under_the_interpreter() -> None:
     """ToMe and PYRA (eqs. 4-7), with and without sizes, odd token and channel counts, 0-4 prefix
     tokens, merge_r 1 and at its maximum, an elastic layer, strided sizes and tokens, two channel
-    blocks, bf16 and fp16, against ``merge_wavg``; and the torch path wherever autograd records
-    the merge, and for fp64."""
+    blocks, bf16 and fp16, against ``merge_wavg``; the kernels where autograd records the merge
+    only for a caller with the backward, never for sizes that require a gradient, and not for fp64."""
     assert "cases 68" in run_interpreted(_MERGE_CHECK)
 
 

@@ -29,12 +29,13 @@ input dtype; products run in IEEE fp32 (no TF32). Results equal the torch path's
 (sums are taken in another order; under bf16 autocast the torch path's modulation matmuls run
 in bf16, the kernel's in fp32).
 
-There is no backward: where autograd must record the merge (a training step) the torch path
-runs, and so it does while an export traces the model (``torch.export``, ONNX, ``torch.jit``:
-their graphs must run without Triton), for CPU tensors without the interpreter, for fp64 (the
-kernels compute in fp32), for modulations other than ``"pyra"`` (the ablations), and for a
-matcher's merge that is not a ``BipartiteMerge``. Under ``torch.compile`` the kernels run as
-the ``pyra_lightning::merge_wavg`` custom operator (``merge_wavg_op``). Launches go to the GPU
+Where autograd records the merge (a training step) the kernels run as the custom operator
+``pyra_lightning::merge_wavg`` (``merge_wavg_op``), whose backward is written in torch
+(``kernels.merge_backward``); so they do under ``torch.compile``. The torch path runs while an
+export traces the model (``torch.export``, ONNX, ``torch.jit``: their graphs must run without
+Triton), for CPU tensors without the interpreter, for fp64 (the kernels compute in fp32), for
+modulations other than ``"pyra"`` (the ablations), for sizes that require a gradient, and for
+a matcher's merge that is not a ``BipartiteMerge``. Launches go to the GPU
 that holds ``x``.
 """
 
@@ -271,10 +272,13 @@ def kernel_applies(
     size: torch.Tensor | None,
     modulate: Modulate | None,
     residual: torch.Tensor | None = None,
+    differentiable: bool = False,
 ) -> bool:
     """Whether ``triton_merge_wavg`` runs its kernels for these arguments (else the torch path):
     eager on real tensors where Triton launches, or while ``torch.compile`` traces for the
-    devices the kernels launch on (then through the ``pyra_lightning::merge_wavg`` operator)."""
+    devices the kernels launch on (then through the ``pyra_lightning::merge_wavg`` operator).
+    Where autograd would record the call, only if ``differentiable`` (the operator's backward,
+    ``merge_backward``) and the sizes need no gradient."""
     tokens = (x,) if residual is None else (x, residual)
     if not isinstance(merge, BipartiteMerge) or any(t.dtype not in KERNEL_DTYPES for t in tokens):
         return False
@@ -289,7 +293,9 @@ def kernel_applies(
     ):
         return False  # an export (its graph must run without Triton) or a tensor subclass
     tensors = tokens if size is None else (*tokens, size)
-    return use_triton(*tensors) and not _needs_autograd(tensors, modulate)
+    if size is not None and _needs_autograd((size,), None):
+        return False  # sizes are never trainable; the backward gives them none
+    return use_triton(*tensors) and (differentiable or not _needs_autograd(tensors, modulate))
 
 
 def _unit_stride(index: torch.Tensor) -> torch.Tensor:
@@ -320,7 +326,7 @@ def triton_merge_wavg(
         Merged tokens (B, N - merge_r, C) and their sizes (B, N - merge_r, 1), both in the tokens'
         dtype (``x``'s, or its promotion with ``residual``'s).
     """
-    if not kernel_applies(merge, x, size, modulate, residual):
+    if not kernel_applies(merge, x, size, modulate, residual, differentiable=True):
         tokens = x if residual is None else residual + x
         return merge_wavg(merge, tokens, size, modulate=modulate)
     if x.shape[1] != merge.num_tokens:
@@ -331,9 +337,9 @@ def triton_merge_wavg(
     if modulate is not None:
         norm = modulate.norm
         weights = ModulationWeights(norm.weight, norm.bias, modulate.weight_r, modulate.weight_d, norm.eps)
-    if compile_traced():
+    if compile_traced() or _needs_autograd((x,) if residual is None else (x, residual), modulate):
         pyra_args = weights if weights is not None else (None, None, None, None, 0.0)  # ToMe: none
-        return merge_wavg_op(x, size, perm, dst_out, *pyra_args, residual)
+        return merge_wavg_op(x, size, perm, dst_out, *pyra_args, residual)  # with its backward
     return launch_merge(x, size, perm, dst_out, weights, residual)[:2]
 
 
@@ -486,3 +492,6 @@ def _merge_wavg_shapes(
     kept = num_tokens - dst_out.shape[1]
     dtype = x.dtype if residual is None else sum_dtype(x.dtype, residual.dtype)
     return x.new_empty(batch, kept, channels, dtype=dtype), x.new_empty(batch, kept, 1, dtype=dtype)
+
+
+from pyra_lightning.kernels import merge_backward  # noqa: E402, F401  (the operator's backward)

@@ -1,0 +1,175 @@
+"""The backward of the Triton merge (``kernels.merge_backward``) under Triton's CPU interpreter:
+its gradients are autograd's through the torch rule, so a training step can keep the kernels."""
+
+from __future__ import annotations
+
+import pytest
+from test_kernels import run_interpreted
+
+from pyra_lightning.kernels import triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+
+_PRELUDE = """
+import torch
+import pyra_lightning.kernels.merging as merging
+from pyra_lightning.kernels.merging import kernel_applies, triton_merge_wavg
+from pyra_lightning.merge import bipartite_soft_matching, max_merge_r, merge_wavg
+from pyra_lightning.modulation import PyraModulation
+torch.manual_seed(0)
+launches = []
+launch_merge = merging.launch_merge
+merging.launch_merge = lambda *args: launches.append(1) or launch_merge(*args)  # proves the kernels ran
+
+def modulation(merge_r, dim, elastic=False):
+    mod = PyraModulation(merge_r, dim, elastic=elastic)
+    with torch.no_grad():  # W_D starts at 0 (the identity): give every weight a value
+        for param in mod.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+    return mod
+
+def grads(fn, x, residual, mod):
+    \"\"\"The output and the gradients of x, the residual and the modulation's parameters for one
+    seeded upstream gradient (the same in both runs).\"\"\"
+    x = x.detach().clone().requires_grad_()
+    residual = None if residual is None else residual.detach().clone().requires_grad_()
+    params = [] if mod is None else list(mod.parameters())
+    for param in params:
+        param.grad = None
+    out, out_size = fn(x, residual)
+    assert not out_size.requires_grad, "the sizes must not carry a gradient"
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    (out * upstream).float().sum().backward()
+    found = [out.detach(), x.grad] + ([] if residual is None else [residual.grad])
+    return found + [param.grad.clone() for param in params]
+
+def compare(merge, x, size, mod, residual, tol, reference_dtype=None):
+    \"\"\"The kernels' gradients against autograd through ``merge_wavg`` (on ``reference_dtype``
+    copies of the same values where given: the kernels compute in fp32).\"\"\"
+    assert kernel_applies(merge, x, size, mod, residual, differentiable=True)
+    before = len(launches)
+    got = grads(lambda a, r: triton_merge_wavg(merge, a, size, mod, residual=r), x, residual, mod)
+    assert len(launches) == before + 1, "the kernels did not run"
+    ref_mod, cast = mod, (lambda t: t)
+    if reference_dtype is not None:
+        cast = lambda t: None if t is None else t.to(reference_dtype)
+        ref_mod = None if mod is None else modulation(mod.weight_r.shape[0], x.shape[-1], mod.elastic)
+        if mod is not None:
+            ref_mod.load_state_dict({k: cast(v) for k, v in mod.state_dict().items()})
+    ref_size = cast(size)
+    want = grads(
+        lambda a, r: merge_wavg(merge, a if r is None else r + a, ref_size, modulate=ref_mod),
+        cast(x), cast(residual), ref_mod,
+    )
+    assert len(got) == len(want)
+    assert got[1].dtype == x.dtype  # each gradient in its input's dtype
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol, msg=lambda m: f"tensor {i}: {m}")
+"""
+
+_PARITY_CHECK = (
+    _PRELUDE
+    + """
+cases = 0
+for prefix in (0, 1, 4):
+    for tokens in (17, 197):  # odd; ViT-B/16's count
+        for merge_r in sorted({1, max_merge_r(tokens, prefix)}):
+            for pyra in (False, True):
+                for with_residual in (False, True):
+                    x = torch.randn(3, tokens, 40)  # 40 channels: not a power of 2
+                    residual = torch.randn(3, tokens, 40) if with_residual else None
+                    size = torch.randint(1, 5, (3, tokens, 1)).float() if (tokens + prefix) % 2 else None
+                    merge, _ = bipartite_soft_matching(torch.randn(3, tokens, 8), merge_r, prefix)
+                    compare(merge, x, size, modulation(merge_r, 40) if pyra else None, residual, 1e-4)
+                    cases += 1
+# an elastic layer built for 32 pairs that merges 20: W_r's unused rows get a zero gradient
+merge, _ = bipartite_soft_matching(torch.randn(2, 197, 8), 20, 1)
+elastic = modulation(32, 40, elastic=True)
+compare(merge, torch.randn(2, 197, 40), torch.rand(2, 197, 1) + 1, elastic, torch.randn(2, 197, 40), 1e-4)
+assert elastic.weight_r.grad[20:].abs().sum() == 0 and elastic.weight_r.grad[:20].abs().sum() > 0
+cases += 1
+# bf16 tokens and weights (what bf16-true training feeds it), against torch in fp32 on their values
+bf16 = modulation(20, 40).bfloat16()
+x, residual = torch.randn(2, 197, 40).bfloat16(), torch.randn(2, 197, 40).bfloat16()
+compare(merge, x, torch.rand(2, 197, 1).add(1).bfloat16(), bf16, residual, 5e-2, torch.float32)
+cases += 1
+# sizes that require a gradient: refused, so the torch rule records them
+trained = torch.ones(2, 197, 1, requires_grad=True)
+assert not kernel_applies(merge, torch.randn(2, 197, 40), trained, None, differentiable=True)
+print("cases", cases)
+"""
+)
+
+
+def test_the_kernels_gradients_are_autograds_through_the_torch_rule() -> None:
+    """ToMe and PYRA (eqs. 4-7), with and without sizes and the fused residual, 0, 1 and 4 prefix
+    tokens, merge_r 1 and at its maximum; an elastic layer; bf16: the gradients of the tokens, the
+    residual and every PYRA parameter equal autograd's through ``merge_wavg``, the merged sizes
+    carry none, and each call launched the kernels."""
+    assert "cases 50" in run_interpreted(_PARITY_CHECK)
+
+
+_OPCHECK = (
+    _PRELUDE
+    + """
+merge, _ = bipartite_soft_matching(torch.randn(2, 17, 8), 4, 1)
+pyra = modulation(4, 24)
+perm, dst_out = merge.perm(True).contiguous(), merge.dst_out.contiguous()
+weights = (pyra.norm.weight, pyra.norm.bias, pyra.weight_r, pyra.weight_d, pyra.norm.eps)
+x, size = torch.randn(2, 17, 24, requires_grad=True), torch.rand(2, 17, 1) + 1
+residual = torch.randn(2, 17, 24, requires_grad=True)
+# with inputs that require a gradient opcheck also checks the autograd registration and the
+# backward traced by AOTAutograd
+for args in ((x, size, perm, dst_out, *weights), (x, size, perm, dst_out, *weights, residual),
+             (x, None, merge.perm(False).contiguous(), dst_out, None, None, None, None, 0.0, residual)):
+    torch.library.opcheck(torch.ops.pyra_lightning.merge_wavg, args)
+print("opcheck passed")
+"""
+)
+
+
+def test_the_merge_operator_passes_opcheck_with_inputs_that_require_a_gradient() -> None:
+    assert "opcheck passed" in run_interpreted(_OPCHECK)
+
+
+_TRAIN_CHECK = (
+    _PRELUDE
+    + """
+import timm
+from pyra_lightning import apply_merging
+from pyra_lightning.peft import apply_lora
+kw = dict(pretrained=False, img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=5)
+model = apply_lora(timm.create_model("vit_tiny_patch16_224", **kw), 4)
+x, target = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+found = {}
+for matcher, merger in (("bipartite", "wavg"), ("triton", "triton")):
+    apply_merging(model, [12, 8, 6, 4], pyra=True, matcher=matcher, merger=merger)
+    model.train()
+    if merger == "wavg":  # LoRA's B and PYRA's W_D start at 0: give every trained weight a value
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(torch.randn_like(param) * 0.2)
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    before = len(launches)
+    loss = torch.nn.functional.cross_entropy(model(x), target)
+    loss.backward()
+    found[merger] = (loss.detach(), {name: p.grad.clone() for name, p in trained.items()}, len(launches) - before)
+(loss, want, none), (got_loss, got, launched) = found["wavg"], found["triton"]
+assert none == 0 and launched == 4, (none, launched)  # one merge per block, all in the kernels
+assert any(".pyra." in name for name in got) and any("lora" in name for name in got), sorted(got)
+torch.testing.assert_close(got_loss, loss, rtol=1e-5, atol=1e-5)
+for name in want:
+    torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+print("same gradients", len(want))
+"""
+)
+
+
+def test_a_training_step_with_the_triton_merger_has_the_torch_rules_gradients() -> None:
+    """A tiny LoRA ViT with PYRA layers in training mode: with ``matcher="triton",
+    merger="triton"`` every block's merge runs in the kernels and the loss and the gradient of
+    every LoRA and PYRA weight equal those of the torch rule (``bipartite`` + ``wavg``)."""
+    out = run_interpreted(_TRAIN_CHECK)
+    assert "same gradients" in out, out
