@@ -412,11 +412,11 @@ def _attention(device: Any, dry_run: bool) -> dict[str, Any]:
 def part_train_step(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Training steps (forward, loss, backward; LoRA, PYRA and head trainable) of ViT-B/16
     uncompressed / ToMe high / PYRA high / PYRA high on the Triton matcher and merger (with the
-    merge's backward) at batch 64 and 128, bf16 autocast, eager, timed
-    interleaved per batch size (``time_training_steps``, what ``benchmark --train`` runs): issue
-    17's training target. Then, on CUDA and if two compiles should fit the part's limit,
-    uncompressed and PYRA high at 128 with the steps compiled (forward and backward) and replayed
-    as CUDA graphs (``mode="reduce-overhead"``), what a compiled, graphed training loop would get."""
+    merge's backward) at batch 64 and 128, bf16 autocast, eager, timed interleaved per batch size
+    (``time_training_steps``, what ``benchmark --train`` runs): issue 17's training target. Then,
+    on CUDA and if two compiles should fit the part's limit, uncompressed and PYRA high on the
+    merge kernels at 128 with the steps compiled (forward and backward) and replayed as CUDA graphs
+    (``mode="reduce-overhead"``), what a compiled, graphed training loop would get."""
     import torch
 
     from pyra_lightning.commands.benchmark import build_model
@@ -479,6 +479,7 @@ def part_train_step(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[s
         out["skipped"].append(f"compiled training steps: {left:.0f} s left, two compiles take ~120 s")
     else:
         # CUDA graphs of the compiled forward and backward: the default mode ran on 2026-12-04
-        # (0.98x at 128), which leaves the host launching every kernel of the merged step
-        measure(["uncompressed", f"pyra/{spec}"], 128, compiled=True, mode="reduce-overhead")
+        # (0.98x at 128, the torch rule), which leaves the host launching every kernel of the
+        # merged step; PYRA on the merge kernels, whose backward the compile traces since 2026-12-07
+        measure(["uncompressed", f"pyra/{spec}+merge-kernels"], 128, compiled=True, mode="reduce-overhead")
     return out

@@ -173,3 +173,60 @@ def test_a_training_step_with_the_triton_merger_has_the_torch_rules_gradients() 
     every LoRA and PYRA weight equal those of the torch rule (``bipartite`` + ``wavg``)."""
     out = run_interpreted(_TRAIN_CHECK)
     assert "same gradients" in out, out
+
+
+_COMPILED_TRAIN_CHECK = (
+    _PRELUDE
+    + """
+import timm
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
+from pyra_lightning import apply_merging
+from pyra_lightning.peft import apply_lora
+kw = dict(pretrained=False, img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=5)
+model = apply_lora(timm.create_model("vit_tiny_patch16_224", **kw), 4)
+apply_merging(model, [12, 8, 6, 4], pyra=True, matcher="triton", merger="triton")
+model.train()
+with torch.no_grad():  # LoRA's B and PYRA's W_D start at 0: give every trained weight a value
+    for param in model.parameters():
+        if param.requires_grad:
+            param.add_(torch.randn_like(param) * 0.2)
+x, target = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+
+def step(forward):
+    model.zero_grad()
+    loss = torch.nn.functional.cross_entropy(forward(x), target)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+graphs = {"forward": [], "backward": []}
+def recorder(kind):
+    def compiler(gm, inputs):
+        graphs[kind].extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm.forward)
+    return compiler
+
+loss, want = step(model)
+compiled = torch.compile(
+    model, fullgraph=True, backend=aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward"))
+)
+before = len(launches)
+got_loss, got = step(compiled)
+assert len(launches) - before == 4, "the compiled step did not launch the kernels"
+assert sum("merge_wavg" in n for n in graphs["forward"]) == 4, graphs["forward"]
+backward = graphs["backward"]
+assert not any("merge_wavg" in n for n in backward) and any("scatter" in n for n in backward), backward
+torch.testing.assert_close(got_loss, loss, rtol=1e-5, atol=1e-5)
+for name in want:
+    torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+print("compiled, same gradients", len(want))
+"""
+)
+
+
+def test_a_compiled_training_step_traces_the_merges_backward_into_its_graph() -> None:
+    """``torch.compile`` of the same training step (AOTAutograd, graphs recorded): each block's
+    merge is one ``merge_wavg`` node of the forward graph, its backward is the torch formula
+    traced into the backward graph, and the gradients equal the eager step's."""
+    out = run_interpreted(_COMPILED_TRAIN_CHECK)
+    assert "compiled, same gradients" in out, out
