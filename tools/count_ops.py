@@ -1,6 +1,6 @@
 """Count eager ATen operators per ViT-B/16 forward (random weights, CPU, batch 1), by operator.
 
-    PYTHONPATH=$PWD python tools/count_ops.py [--json out.json]
+    PYTHONPATH=$PWD python tools/count_ops.py [--json out.json] [--train]
 
 Counted the way issue 17 counts them: a ``TorchDispatchMode`` under ``torch.inference_mode``
 (which sees composite operators such as ``linear`` once), after one warm-up forward that fills
@@ -9,6 +9,12 @@ Counted the way issue 17 counts them: a ``TorchDispatchMode`` under ``torch.infe
 The ``+kernels`` rows (the ``triton`` matcher, merger and attention) count what a CUDA forward dispatches:
 on the meta device, with the Triton kernels' launches recorded instead of run (``launches``),
 each launch counted as one operator under the name ``triton_launch``.
+
+``--train`` counts one training step instead (LoRA rank 8, PYRA and the head trainable; forward,
+cross-entropy and backward, with grad mode on, so composite operators such as ``linear`` are seen
+as what they decompose into): the operators an eager training loop's host issues per step. Its
+``+merge-kernels`` row is PYRA on the ``triton`` matcher and merger with SDPA attention (the
+Triton attention has no backward), its merge's backward being ``kernels.merge_backward``.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import argparse
 import collections
 import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -26,6 +32,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyra_lightning
+from pyra_lightning.peft import apply_lora, mark_trainable
 
 
 class OperatorCounter(TorchDispatchMode):
@@ -83,6 +90,76 @@ def count(model: torch.nn.Module, batch: int = 1) -> collections.Counter[str]:
     return counter.ops
 
 
+# operators that launch no kernel: views, metadata and allocations
+NO_KERNEL = frozenset(
+    [
+        "view",
+        "t",
+        "transpose",
+        "_unsafe_view",
+        "expand",
+        "permute",
+        "unsqueeze",
+        "squeeze",
+        "select",
+        "slice",
+        "detach",
+        "alias",
+        "as_strided",
+        "split_with_sizes",
+        "unbind",
+        "empty",
+        "new_empty",
+    ]
+)
+
+
+def launching(ops: collections.Counter[str]) -> int:
+    """How many of ``ops`` launch a kernel. ``merge_wavg`` counts as the two it launches on CUDA:
+    a training step calls the merge through its custom operator, which on the meta device runs
+    the operator's shape function, not the (recorded) launches."""
+    return sum(n for op, n in ops.items() if op not in NO_KERNEL) + ops["merge_wavg"]
+
+
+def count_training_step(model: torch.nn.Module, batch: int = 1) -> collections.Counter[str]:
+    """Operators of one training step (forward, loss, backward) after one warm-up step."""
+    kernels = any(getattr(b, "merger", None) is not None and b.merger.name == "triton" for b in model.blocks)
+    device = next(model.parameters()).device
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
+    target = torch.zeros(batch, dtype=torch.long, device=device)
+    model.train()
+    counter = OperatorCounter()
+    with launches(counter.ops) if kernels else contextlib.nullcontext():
+        for _ in range(2):  # the first fills the cached constants
+            counter.ops.clear()
+            with counter:
+                torch.nn.functional.cross_entropy(model(x), target).backward()
+    return counter.ops
+
+
+def training_models(names: Iterable[str] | None = None) -> dict[str, torch.nn.Module]:
+    """ViT-B/16 with LoRA as ``pyra-lightning fit`` trains it, per variant (``--train``), on the
+    meta device; ``names`` picks some."""
+    out = {}
+    for name, spec, pyra, rule in [
+        ("uncompressed", None, False, {}),
+        ("tome/high", "high", False, {}),
+        ("pyra/high", "high", True, {}),
+        ("pyra/high+merge-kernels", "high", True, {"matcher": "triton", "merger": "triton"}),
+    ]:
+        if names is not None and name not in names:
+            continue
+        torch.manual_seed(0)
+        with torch.device("meta"):  # every row: the operators SDPA's backward dispatch to are the device's
+            model = timm.create_model("vit_base_patch16_224", pretrained=False)
+        apply_lora(model, 8)
+        if spec is not None:
+            pyra_lightning.apply_merging(model, spec, pyra=pyra, **rule)
+        mark_trainable(model)
+        out[name] = model
+    return out
+
+
 def models() -> dict[str, torch.nn.Module]:
     out = {}
     for name, spec, pyra in [
@@ -109,11 +186,13 @@ def models() -> dict[str, torch.nn.Module]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
+    parser.add_argument("--train", action="store_true", help="count a training step, not a forward")
     args = parser.parse_args()
     result = {}
-    for name, model in models().items():
-        ops = count(model)
+    for name, model in (training_models() if args.train else models()).items():
+        ops = count_training_step(model) if args.train else count(model)
         result[name] = dict(ops.most_common())
-        print(f"{name}: {sum(ops.values())} ops  " + ", ".join(f"{k} {v}" for k, v in ops.most_common()))
+        total = f"{sum(ops.values())} ops, {launching(ops)} launching a kernel"
+        print(f"{name}: {total}  " + ", ".join(f"{k} {v}" for k, v in ops.most_common()))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

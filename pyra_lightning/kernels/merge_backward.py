@@ -25,9 +25,11 @@ sends a gradient back to it). Everything is computed in fp32 and returned in the
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from pyra_lightning.kernels import merging
 from pyra_lightning.kernels.merging import sum_dtype
@@ -58,6 +60,10 @@ def modulation_backward(
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of PYRA's modulated sources ``M'_s`` (eqs. 4-7) from ``grad`` = dL/dM'_s.
 
+    Written for few operators (an eager step's host issues each one): the LayerNorm and its
+    backward are one aten call each, the sums over pairs or channels are batched matmuls, and the
+    gates' derivatives are aten's ``sigmoid_backward``/``tanh_backward``.
+
     Args:
         grad, m_s, m_t: (B, r, C) fp32: the gradient, the size-weighted sources and destinations.
         norm_weight, norm_bias: eq. 4's LayerNorm affine (C,), fp32; ``eps`` its epsilon.
@@ -67,29 +73,28 @@ def modulation_backward(
         dL/dM_s and dL/dM_t (B, r, C), and dL/d of the LayerNorm's weight and bias, ``W_r``'s
         rows (r,) and ``W_D`` (C,), all fp32.
     """
+    channels = m_s.shape[-1]
     both = m_s + m_t  # (B, r, C)
-    mean = both.mean(-1, keepdim=True)
-    centred = both - mean
-    rstd = torch.rsqrt(centred.square().mean(-1, keepdim=True) + eps)  # (B, r, 1), biased as layer_norm
-    normed = centred * rstd
-    info = normed * norm_weight + norm_bias  # M_info (eq. 4)
-    gate_d = 2 * torch.sigmoid(torch.einsum("brc,r->bc", info, weight_r))[:, None]  # 2σ(δ_D): (B, 1, C)
-    gate_r = torch.tanh((info @ weight_d)[..., None] / 2)  # 2σ(δ_r) - 1: (B, r, 1)
-    grad_m_s = grad * (1 + gate_d * gate_r)  # the direct path of M'_s = M_s (1 + gate_d gate_r)
+    info, mean, rstd = torch.native_layer_norm(
+        both, [channels], norm_weight, norm_bias, eps
+    )  # M_info (eq. 4)
+    sig_d = torch.sigmoid(torch.matmul(weight_r, info))  # σ(δ_D), δ_D = Σ_pairs W_r M_info: (B, C)
+    gate_r = torch.tanh(torch.matmul(info, weight_d / 2))  # 2σ(δ_r) - 1 = tanh(δ_r / 2): (B, r)
+    gate = (2 * sig_d)[:, None] * gate_r[..., None]  # 2σ(δ_D)(2σ(δ_r) - 1): (B, r, C)
+    grad_m_s = torch.addcmul(grad, grad, gate)  # the direct path of M'_s = M_s (1 + gate)
     grad_ms = grad * m_s
-    # through the gates: d(2σ(δ))/dδ = 2σ(1 - σ), i.e. gate_d (1 - gate_d / 2) and (1 - gate_r²) / 2
-    grad_delta_d = (grad_ms * gate_r).sum(1, keepdim=True) * gate_d * (1 - gate_d / 2)  # (B, 1, C)
-    grad_delta_r = (grad_ms * gate_d).sum(-1, keepdim=True) * (1 - gate_r.square()) / 2  # (B, r, 1)
-    grad_info = weight_r[:, None] * grad_delta_d + grad_delta_r * weight_d  # (B, r, C)
-    grad_weight_r = (info * grad_delta_d).sum((0, 2))  # (r,)
-    grad_weight_d = (grad_delta_r * info).sum((0, 1))  # (C,)
-    grad_norm_weight = (grad_info * normed).sum((0, 1))
-    grad_norm_bias = grad_info.sum((0, 1))
-    grad_normed = grad_info * norm_weight  # LayerNorm's backward over the channels
-    grad_both = rstd * (
-        grad_normed
-        - grad_normed.mean(-1, keepdim=True)
-        - normed * (grad_normed * normed).mean(-1, keepdim=True)
+    # d(2σ(δ))/dδ = 2σ(1 - σ) (sigmoid_backward of 2 x the gradient); d tanh(δ/2)/dδ = (1 - tanh²)/2
+    grad_delta_d = torch.ops.aten.sigmoid_backward(
+        2 * torch.matmul(gate_r[:, None], grad_ms)[:, 0], sig_d
+    )  # (B, C)
+    grad_delta_r = torch.ops.aten.tanh_backward(
+        torch.matmul(grad_ms, sig_d[..., None])[..., 0], gate_r
+    )  # (B, r)
+    grad_info = torch.addcmul(grad_delta_r[..., None] * weight_d, weight_r[:, None], grad_delta_d[:, None])
+    grad_weight_r = (info * grad_delta_d[:, None]).sum((0, 2))  # (r,)
+    grad_weight_d = torch.matmul(grad_delta_r.reshape(1, -1), info.reshape(-1, channels))[0]  # (C,)
+    grad_both, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
+        grad_info, both, [channels], mean, rstd, norm_weight, norm_bias, [True, True, True]
     )
     return grad_m_s + grad_both, grad_both, grad_norm_weight, grad_norm_bias, grad_weight_r, grad_weight_d
 
@@ -111,47 +116,51 @@ def _backward(ctx: Any, grad_out: torch.Tensor, _grad_size: torch.Tensor | None)
     x, size, perm, dst_out, norm_weight, norm_bias, weight_r, weight_d, residual, merged_size = (
         ctx.saved_tensors
     )
-    batch, num_tokens, channels = x.shape
+    channels = x.shape[-1]
     merge_r = dst_out.shape[1]
-    kept = num_tokens - merge_r
-    with torch.autocast(x.device.type, enabled=False):
+    kept = x.shape[1] - merge_r
+    pyra = weight_r is not None
+    # perm: the kept tokens, the sources, then (PYRA) each source's destination (B, kept + r [+ r])
+    # fp32 whatever autocast is on where backward() is called (meta, for counting, has no autocast)
+    exact = (
+        torch.autocast(x.device.type, enabled=False) if x.device.type != "meta" else contextlib.nullcontext()
+    )
+    with exact:
+        sizes = None if size is None else _rows(size, perm).float()  # (B, kept + r [+ r], 1)
         grad_total = grad_out.float() / merged_size.float()  # dL/d(the size-weighted sums): (B, kept, C)
-        grad_kept = grad_total if size is None else grad_total * _rows(size, perm[:, :kept]).float()
         grad_sources = _rows(grad_total, dst_out)  # dL/dM'_s: each source's destination row (B, r, C)
-        size_s = 1.0 if size is None else _rows(size, perm[:, kept : kept + merge_r]).float()
-        weight_grads: tuple[torch.Tensor | None, ...] = (None,) * 4
-        grad_dst = None
-        if weight_r is not None:  # PYRA: back through the modulation (eqs. 4-7)
-            dst_pos = perm[:, kept + merge_r :]  # (B, r): each source's destination in the tokens
-            size_d = 1.0 if size is None else _rows(size, dst_pos).float()
-            m_s = _tokens(x, residual, perm[:, kept : kept + merge_r]) * size_s
-            m_t = _tokens(x, residual, dst_pos) * size_d
+        pieces = [grad_total, grad_sources]  # the gradient at perm's positions, before the sizes
+        weight_grads: tuple[torch.Tensor, ...] = ()
+        if pyra:  # back through the modulation (eqs. 4-7)
+            pairs = _tokens(x, residual, perm[:, kept:])  # the sources, then their destinations (B, 2r, C)
+            if sizes is not None:
+                pairs = pairs * sizes[:, kept:]
             grad_m_s, grad_m_t, *weight_grads = modulation_backward(
-                grad_sources, m_s, m_t, norm_weight.float(), norm_bias.float(),
-                weight_r[:merge_r, 0].float(), weight_d[0].float(), ctx.eps,
+                grad_sources, pairs[:, :merge_r], pairs[:, merge_r:], norm_weight.float(),
+                norm_bias.float(), weight_r[:merge_r, 0].float(), weight_d[0].float(), ctx.eps,
             )  # fmt: skip
-            grad_sources, grad_dst = grad_m_s, grad_m_t * size_d
-        grad_sources = grad_sources * size_s  # M_s = S s_S (ToMe sums M_s itself)
-        # the kept tokens and the sources are every token once: one scatter places them all
-        grad_tokens = x.new_zeros(batch, num_tokens, channels, dtype=torch.float32)
-        placed = perm[:, : kept + merge_r, None].expand(-1, -1, channels)
-        grad_tokens.scatter_(1, placed, torch.cat([grad_kept, grad_sources], 1))
-        if grad_dst is not None:  # destinations also feed M_info, several sources per destination
-            grad_tokens.scatter_add_(1, dst_pos[..., None].expand(-1, -1, channels), grad_dst)
+            pieces = [grad_total, grad_m_s, grad_m_t]
+        # every token is kept or a source once; a destination also feeds M_info, once per source
+        grad_placed = torch.cat(pieces, 1)  # (B, kept + r [+ r], C)
+        if sizes is not None:
+            grad_placed = grad_placed * sizes  # the sums take s x (K, S, D)
+        grad_tokens = grad_placed.new_zeros(x.shape)
+        grad_tokens.scatter_add_(1, perm[..., None].expand(-1, -1, channels), grad_placed)
     grad_x = grad_tokens.to(x.dtype) if ctx.needs_input_grad[0] else None
     grad_residual = None
     if residual is not None and ctx.needs_input_grad[9]:
         grad_residual = grad_tokens.to(residual.dtype)
-    if weight_r is not None:
-        full_r = weight_r.new_zeros(weight_r.shape, dtype=torch.float32)  # an elastic layer's unused rows: 0
-        full_r[:merge_r, 0] = weight_grads[2]
-        weight_grads = (
-            weight_grads[0].to(norm_weight.dtype),
-            weight_grads[1].to(norm_bias.dtype),
-            full_r.to(weight_r.dtype),
-            weight_grads[3].to(weight_d.dtype)[None],
-        )
-    return (grad_x, None, None, None, *weight_grads, None, grad_residual)
+    if not pyra:
+        return (grad_x, None, None, None, None, None, None, None, None, grad_residual)
+    grad_norm_weight, grad_norm_bias, grad_weight_r, grad_weight_d = weight_grads
+    # an elastic layer's unused rows of W_r (built for more pairs than merged here) get 0
+    if weight_r.shape[0] != merge_r:
+        grad_weight_r = F.pad(grad_weight_r, (0, weight_r.shape[0] - merge_r))
+    grad_weight_r = grad_weight_r[:, None]  # (built r, 1)
+    return (
+        grad_x, None, None, None, grad_norm_weight.to(norm_weight.dtype), grad_norm_bias.to(norm_bias.dtype),
+        grad_weight_r.to(weight_r.dtype), grad_weight_d.to(weight_d.dtype)[None], None, grad_residual,
+    )  # fmt: skip
 
 
 torch.library.register_autograd(merging.merge_wavg_op, _backward, setup_context=_setup_context)
