@@ -234,15 +234,17 @@ def test_a_compiled_training_step_traces_the_merges_backward_into_its_graph() ->
 
 def test_a_training_step_on_the_merge_kernels_issues_fewer_operators(monkeypatch: pytest.MonkeyPatch) -> None:
     """One eager ViT-B/16 PYRA-high training step (LoRA rank 8; forward, loss, backward) on the
-    meta device, launches recorded (``tools/count_ops.py --train``): on the Triton matcher and
-    merger it launches 1,087 kernels, against 1,316 on the torch rule (uncompressed: 552)."""
+    meta device, launches recorded (``tools/count_ops.py --train``): with the Triton matcher, the
+    merge kernels and their backward launch 1,087 kernels against 1,220 for the torch merge
+    (``wavg``) on the same matcher, so the saving is the merge's, not the matcher's."""
     monkeypatch.syspath_prepend(str(REPO / "tools"))
     from count_ops import count_training_step, launching, training_models
 
     counts = {name: count_training_step(model) for name, model in training_models(PYRA_ROWS).items()}
-    torch_rule, kernels = (launching(counts[name]) for name in PYRA_ROWS)
+    torch_merge, kernels = (launching(counts[name]) for name in PYRA_ROWS)
     assert counts[PYRA_ROWS[1]]["merge_wavg"] == 12 and counts[PYRA_ROWS[1]]["triton_launch"] == 24
-    assert kernels <= 1087 < torch_rule, (kernels, torch_rule)
+    assert counts[PYRA_ROWS[0]]["triton_launch"] == 24  # the matcher's two kernels per layer in both
+    assert kernels <= 1087 and torch_merge - kernels >= 12 * 10, (kernels, torch_merge)
 
 
-PYRA_ROWS = ("pyra/high", "pyra/high+merge-kernels")
+PYRA_ROWS = ("pyra/high+match-kernels", "pyra/high+merge-kernels")

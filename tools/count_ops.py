@@ -123,7 +123,11 @@ def launching(ops: collections.Counter[str]) -> int:
 
 def count_training_step(model: torch.nn.Module, batch: int = 1) -> collections.Counter[str]:
     """Operators of one training step (forward, loss, backward) after one warm-up step."""
-    kernels = any(getattr(b, "merger", None) is not None and b.merger.name == "triton" for b in model.blocks)
+    kernels = any(
+        rule is not None and rule.name == "triton"
+        for b in model.blocks
+        for rule in (getattr(b, "matcher", None), getattr(b, "merger", None))
+    )
     device = next(model.parameters()).device
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
     target = torch.zeros(batch, dtype=torch.long, device=device)
@@ -145,6 +149,7 @@ def training_models(names: Iterable[str] | None = None) -> dict[str, torch.nn.Mo
         ("uncompressed", None, False, {}),
         ("tome/high", "high", False, {}),
         ("pyra/high", "high", True, {}),
+        ("pyra/high+match-kernels", "high", True, {"matcher": "triton"}),  # the torch merge ("wavg")
         ("pyra/high+merge-kernels", "high", True, {"matcher": "triton", "merger": "triton"}),
     ]:
         if names is not None and name not in names:

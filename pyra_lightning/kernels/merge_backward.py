@@ -3,8 +3,8 @@
 Autograd cannot see inside a Triton launch, so until this existed every step that recorded the
 merge (training) ran the torch rule: about 30 operators per merging layer forward and as many
 nodes backward. Here the forward stays the two kernels of ``kernels.merging`` and the backward is
-written out by hand in torch, on (B, merge_r, C) pairs plus two gathers and two scatters of the
-whole (B, N, C) gradient. It is registered on the custom operator (``torch.library``), so the
+written out by hand in torch: gathers of (B, r, C) and (B, 2r, C) rows, the modulation's backward
+on the (B, r, C) pairs, and one ``scatter_add_`` of the whole (B, N, C) gradient. It is registered on the custom operator (``torch.library``), so the
 same formula runs eager and is traced into a compiled training step's backward graph.
 
 With ``t = residual + x`` the layer's tokens (rounded as torch rounds the sum: the rounding's
@@ -17,10 +17,11 @@ the forward is (eqs. 4-7 and the size-weighted average of §3.1)::
     M'_s = M_s + M_s ⊙ 2σ(δ_D) ⊙ (2σ(δ_r) - 1)                              (eqs. 6-7)
     out = (K s_K + Σ_{sources of a token} M'_s) / Ŝ
 
-and ToMe's is the same with ``M'_s = M_s``. The sizes get no gradient: they count patches, are
-never trainable, and the torch rule does not differentiate them either (``Ŝ`` is marked
-non-differentiable, so nothing downstream, such as proportional attention's ``log(size)``,
-sends a gradient back to it). Everything is computed in fp32 and returned in the inputs' dtypes.
+and ToMe's is the same with ``M'_s = M_s``. The sizes get no gradient: they count patches and are
+never trainable. The torch rule detaches the merged sizes too (here ``Ŝ`` is marked
+non-differentiable, so nothing downstream, such as proportional attention's ``log(size)``, sends
+a gradient back to it); input sizes that require a gradient, which the torch rule would
+differentiate through ``x * size``, are refused by ``kernel_applies`` and run the torch rule. Everything is computed in fp32 and returned in the inputs' dtypes.
 """
 
 from __future__ import annotations
@@ -100,31 +101,33 @@ def modulation_backward(
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """Keep what the backward recomputes from: the inputs (not the (B, r, C) intermediates, which
-    cost less to recompute than to hold) and the merged sizes that divide the gradient."""
+    """Keep what the backward recomputes from: the plans, the sizes, the merged sizes that divide
+    the gradient and, for PYRA only, the tokens (its backward re-reads the 2r pairs' rows; ToMe's
+    needs only their shape and dtypes, so it keeps no (B, N, C) tensor alive)."""
     x, size, perm, dst_out, norm_weight, norm_bias, weight_r, weight_d, eps, residual = inputs
     ctx.mark_non_differentiable(output[1])  # sizes count patches: no gradient (see the module)
-    ctx.save_for_backward(
-        x, size, perm, dst_out, norm_weight, norm_bias, weight_r, weight_d, residual, output[1]
-    )
+    tokens = (x, residual) if weight_r is not None else (None, None)
+    ctx.save_for_backward(*tokens, size, perm, dst_out, norm_weight, norm_bias, weight_r, weight_d, output[1])
     ctx.eps = eps
+    ctx.token_shape, ctx.device_type = x.shape, x.device.type
+    ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
 
 
 def _backward(ctx: Any, grad_out: torch.Tensor, _grad_size: torch.Tensor | None) -> tuple[Any, ...]:
     """dL/d of ``merge_wavg_op``'s inputs from dL/d(merged tokens) (B, kept, C), in the order of its
     schema; ``None`` for the integer plans, ``eps`` and the sizes (see the module docstring)."""
-    x, size, perm, dst_out, norm_weight, norm_bias, weight_r, weight_d, residual, merged_size = (
+    x, residual, size, perm, dst_out, norm_weight, norm_bias, weight_r, weight_d, merged_size = (
         ctx.saved_tensors
-    )
-    channels = x.shape[-1]
+    )  # x and residual: None for ToMe
+    x_dtype, residual_dtype = ctx.dtypes
+    channels = ctx.token_shape[-1]
     merge_r = dst_out.shape[1]
-    kept = x.shape[1] - merge_r
+    kept = ctx.token_shape[1] - merge_r
     pyra = weight_r is not None
     # perm: the kept tokens, the sources, then (PYRA) each source's destination (B, kept + r [+ r])
     # fp32 whatever autocast is on where backward() is called (meta, for counting, has no autocast)
-    exact = (
-        torch.autocast(x.device.type, enabled=False) if x.device.type != "meta" else contextlib.nullcontext()
-    )
+    device_type = ctx.device_type
+    exact = torch.autocast(device_type, enabled=False) if device_type != "meta" else contextlib.nullcontext()
     with exact:
         sizes = None if size is None else _rows(size, perm).float()  # (B, kept + r [+ r], 1)
         grad_total = grad_out.float() / merged_size.float()  # dL/d(the size-weighted sums): (B, kept, C)
@@ -144,12 +147,12 @@ def _backward(ctx: Any, grad_out: torch.Tensor, _grad_size: torch.Tensor | None)
         grad_placed = torch.cat(pieces, 1)  # (B, kept + r [+ r], C)
         if sizes is not None:
             grad_placed = grad_placed * sizes  # the sums take s x (K, S, D)
-        grad_tokens = grad_placed.new_zeros(x.shape)
+        grad_tokens = grad_placed.new_zeros(ctx.token_shape)
         grad_tokens.scatter_add_(1, perm[..., None].expand(-1, -1, channels), grad_placed)
-    grad_x = grad_tokens.to(x.dtype) if ctx.needs_input_grad[0] else None
+    grad_x = grad_tokens.to(x_dtype) if ctx.needs_input_grad[0] else None
     grad_residual = None
-    if residual is not None and ctx.needs_input_grad[9]:
-        grad_residual = grad_tokens.to(residual.dtype)
+    if residual_dtype is not None and ctx.needs_input_grad[9]:
+        grad_residual = grad_tokens.to(residual_dtype)
     if not pyra:
         return (grad_x, None, None, None, None, None, None, None, None, grad_residual)
     grad_norm_weight, grad_norm_bias, grad_weight_r, grad_weight_d = weight_grads
