@@ -97,20 +97,29 @@ def test_the_triton_matcher_is_a_registered_merge_rule_with_the_same_model_outpu
     assert "same output" in run_interpreted(_MODEL_CHECK)
 
 
-_MERGE_CHECK = """
-import torch
-from pyra_lightning.kernels.merging import kernel_applies, triton_merge_wavg
-from pyra_lightning.merge import bipartite_soft_matching, max_merge_r, merge_wavg
-from pyra_lightning.modulation import PyraModulation
-torch.manual_seed(0)
-
+# a PYRA modulation with every weight drawn: the interpreter scripts' (``from pyra_lightning.modulation
+# import PyraModulation`` and ``torch`` imported before it)
+MODULATION_HELPER = """
 def modulation(merge_r, dim, elastic=False):
     mod = PyraModulation(merge_r, dim, elastic=elastic)
     with torch.no_grad():  # W_D starts at 0 (the identity): give every weight a value
         for param in mod.parameters():
             param.add_(torch.randn_like(param) * 0.5)
     return mod
+"""
 
+
+_MERGE_CHECK = (
+    """
+import torch
+from pyra_lightning.kernels.merging import kernel_applies, triton_merge_wavg
+from pyra_lightning.merge import bipartite_soft_matching, max_merge_r, merge_wavg
+from pyra_lightning.modulation import PyraModulation
+torch.manual_seed(0)
+
+"""
+    + MODULATION_HELPER
+    + """
 def check(x, size, merge, mod, tol):
     with torch.no_grad():
         assert kernel_applies(merge, x, size, mod)
@@ -175,6 +184,7 @@ with torch.no_grad():
     assert not kernel_applies(merge, x.float(), None, mod)
 print("cases", cases + 6)
 """
+)
 
 
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")

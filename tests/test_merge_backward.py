@@ -4,13 +4,14 @@ its gradients are autograd's through the torch rule, so a training step can keep
 from __future__ import annotations
 
 import pytest
-from test_kernels import REPO, run_interpreted
+from test_kernels import MODULATION_HELPER, REPO, run_interpreted
 
 from pyra_lightning.kernels import triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 
-_PRELUDE = """
+_PRELUDE = (
+    """
 import torch
 import pyra_lightning.kernels.merging as merging
 from pyra_lightning.kernels.merging import kernel_applies, triton_merge_wavg
@@ -21,13 +22,9 @@ launches = []
 launch_merge = merging.launch_merge
 merging.launch_merge = lambda *args: launches.append(1) or launch_merge(*args)  # proves the kernels ran
 
-def modulation(merge_r, dim, elastic=False):
-    mod = PyraModulation(merge_r, dim, elastic=elastic)
-    with torch.no_grad():  # W_D starts at 0 (the identity): give every weight a value
-        for param in mod.parameters():
-            param.add_(torch.randn_like(param) * 0.5)
-    return mod
-
+"""
+    + MODULATION_HELPER
+    + """
 def grads(fn, x, residual, mod):
     \"\"\"The output and the gradients of x, the residual and the modulation's parameters for one
     seeded upstream gradient (the same in both runs).\"\"\"
@@ -66,6 +63,7 @@ def compare(merge, x, size, mod, residual, tol, reference_dtype=None):
     for i, (g, w) in enumerate(zip(got, want)):
         torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol, msg=lambda m: f"tensor {i}: {m}")
 """
+)
 
 _PARITY_CHECK = (
     _PRELUDE

@@ -75,14 +75,24 @@ def launches(ops: collections.Counter[str]) -> Iterator[None]:
         yield
 
 
+def _uses_kernels(model: torch.nn.Module) -> bool:
+    """Whether a block matches or merges with the ``triton`` rules (then its launches are recorded)."""
+    rules = (getattr(b, attr, None) for b in model.blocks for attr in ("matcher", "merger"))
+    return any(rule is not None and rule.name == "triton" for rule in rules)
+
+
+def _images(model: torch.nn.Module, batch: int) -> torch.Tensor:
+    """The same seeded (B, 3, 224, 224) images for every model, on the model's device."""
+    device = next(model.parameters()).device
+    return torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
+
+
 def count(model: torch.nn.Module, batch: int = 1) -> collections.Counter[str]:
     """Operators of one forward; a model with the ``triton`` rules is counted on the meta device."""
-    kernels = any(getattr(b, "merger", None) is not None and b.merger.name == "triton" for b in model.blocks)
-    device = next(model.parameters()).device
-    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
+    x = _images(model, batch)
     model.eval()
     counter = OperatorCounter()
-    with torch.inference_mode(), launches(counter.ops) if kernels else contextlib.nullcontext():
+    with torch.inference_mode(), launches(counter.ops) if _uses_kernels(model) else contextlib.nullcontext():
         model(x)  # warm-up: builds the cached constants once
         counter.ops.clear()
         with counter:
@@ -90,9 +100,13 @@ def count(model: torch.nn.Module, batch: int = 1) -> collections.Counter[str]:
     return counter.ops
 
 
-# operators that launch no kernel: views, metadata and allocations
+# operators that launch no kernel: views, metadata and allocations; and, as the forward counts see
+# them under inference_mode, reshape and flatten of contiguous tokens and eval-mode dropout
 NO_KERNEL = frozenset(
     [
+        "reshape",
+        "flatten",
+        "dropout",
         "view",
         "t",
         "transpose",
@@ -123,17 +137,11 @@ def launching(ops: collections.Counter[str]) -> int:
 
 def count_training_step(model: torch.nn.Module, batch: int = 1) -> collections.Counter[str]:
     """Operators of one training step (forward, loss, backward) after one warm-up step."""
-    kernels = any(
-        rule is not None and rule.name == "triton"
-        for b in model.blocks
-        for rule in (getattr(b, "matcher", None), getattr(b, "merger", None))
-    )
-    device = next(model.parameters()).device
-    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
-    target = torch.zeros(batch, dtype=torch.long, device=device)
+    x = _images(model, batch)
+    target = torch.zeros(batch, dtype=torch.long, device=x.device)
     model.train()
     counter = OperatorCounter()
-    with launches(counter.ops) if kernels else contextlib.nullcontext():
+    with launches(counter.ops) if _uses_kernels(model) else contextlib.nullcontext():
         for _ in range(2):  # the first fills the cached constants
             counter.ops.clear()
             with counter:
