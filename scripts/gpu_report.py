@@ -134,7 +134,8 @@ def _speed_lines(entry: dict[str, Any], title: str) -> list[str]:
     if result.get("kernels"):
         lines += ["", "Kernels per forward (torch.profiler; CPU: ATen operators): "]
         lines.append(", ".join(f"{k} {v}" for k, v in result["kernels"].items()))
-    for key in ("versions", "peak_memory_mib", "parity", "attention", "matcher", "merger", "kernel_time"):
+    micros = ("attention", "matcher", "merger", "modulation_backward")
+    for key in ("versions", "peak_memory_mib", "parity", *micros, "kernel_time"):
         if result.get(key):
             lines += ["", f"{key}: {json.dumps(result[key], default=str)}"]
     if result.get("skipped"):

@@ -21,6 +21,10 @@ torch.manual_seed(0)
 launches = []
 launch_merge = merging.launch_merge
 merging.launch_merge = lambda *args: launches.append(1) or launch_merge(*args)  # proves the kernels ran
+import pyra_lightning.kernels.modulation_grad as modulation_grad
+backward_launches = []  # PYRA's modulation backward kernel, counted the same way
+kernel_backward = modulation_grad.triton_modulation_backward
+modulation_grad.triton_modulation_backward = lambda *args: backward_launches.append(1) or kernel_backward(*args)
 
 """
     + MODULATION_HELPER
@@ -44,9 +48,10 @@ def compare(merge, x, size, mod, residual, tol, reference_dtype=None):
     \"\"\"The kernels' gradients against autograd through ``merge_wavg`` (on ``reference_dtype``
     copies of the same values where given: the kernels compute in fp32).\"\"\"
     assert kernel_applies(merge, x, size, mod, residual, differentiable=True)
-    before = len(launches)
+    before, before_backward = len(launches), len(backward_launches)
     got = grads(lambda a, r: triton_merge_wavg(merge, a, size, mod, residual=r), x, residual, mod)
     assert len(launches) == before + 1, "the kernels did not run"
+    assert len(backward_launches) == before_backward + (mod is not None), "the modulation backward kernel"
     ref_mod, cast = mod, (lambda t: t)
     if reference_dtype is not None:
         cast = lambda t: None if t is None else t.to(reference_dtype)
@@ -107,6 +112,50 @@ def test_the_kernels_gradients_are_autograds_through_the_torch_rule() -> None:
     assert "cases 50" in run_interpreted(_PARITY_CHECK)
 
 
+_MODULATION_KERNEL_CHECK = """
+import torch
+from pyra_lightning.kernels import modulation_grad
+from pyra_lightning.kernels.merge_backward import modulation_backward
+torch.manual_seed(0)
+cases = 0
+# 1 pair; a few; two channel blocks; ViT-B/16's most pairs (98, 768 channels: channel blocks of
+# 16); 17 channels (under one block); 250 pairs (256 lanes, the narrowest channel block, 8)
+for batch, merge_r, channels in ((3, 1, 40), (2, 7, 40), (2, 20, 200), (1, 98, 768), (2, 33, 17), (2, 250, 24)):
+    grad = torch.randn(batch, merge_r, channels)
+    pairs = torch.randn(batch, 2 * merge_r, channels) * 3 + 0.5  # M_s then M_t, off-centre
+    weights = (torch.randn(channels), torch.randn(channels), torch.randn(merge_r), torch.randn(channels) * 0.1)
+    assert modulation_grad.applies(grad, merge_r)
+    got = modulation_grad.triton_modulation_backward(grad, pairs, *weights, 1e-6)
+    want = modulation_backward(grad, pairs[:, :merge_r], pairs[:, merge_r:], *weights, 1e-6)
+    assert len(got) == len(want) == 6
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape and g.dtype == torch.float32, (i, g.shape, w.shape)
+        # relative to the largest entry: the weights' gradients sum B x r x C terms in another order
+        error = ((g - w).abs().max() / w.abs().max()).item()
+        assert error < 2e-5, (batch, merge_r, channels, i, error)
+    cases += 1
+grad = torch.randn(1, modulation_grad.MAX_PAIRS + 1, 8)
+assert not modulation_grad.applies(grad, grad.shape[1]) and not modulation_grad.applies(grad[:, :0], 0)
+# traced (make_fx in real mode; fake tensors, as AOTAutograd's): the torch formula, so the graph records it
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+seen = []
+make_fx(lambda g: seen.append(modulation_grad.applies(g, 4)) or g * 1)(torch.randn(1, 4, 8))
+with FakeTensorMode():
+    seen.append(modulation_grad.applies(torch.randn(1, 4, 8), 4))
+assert seen == [False, False] and modulation_grad.applies(torch.randn(1, 4, 8), 4), seen
+print("cases", cases)
+"""
+
+
+def test_the_modulation_backward_kernel_equals_the_torch_formula() -> None:
+    """PYRA's modulation backward as one Triton kernel (``kernels.modulation_grad``) gives
+    ``modulation_backward``'s six gradients (eqs. 4-7) within fp32 summation order, for 1 to 250
+    pairs and 17 to 768 channels (none a multiple of its blocks but 768), and leaves layers of
+    more than ``MAX_PAIRS`` pairs to the torch formula."""
+    assert "cases 6" in run_interpreted(_MODULATION_KERNEL_CHECK)
+
+
 _OPCHECK = (
     _PRELUDE
     + """
@@ -150,12 +199,13 @@ for matcher, merger in (("bipartite", "wavg"), ("triton", "triton")):
                     param.add_(torch.randn_like(param) * 0.2)
     trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    before = len(launches)
+    before = len(launches) + len(backward_launches)
     loss = torch.nn.functional.cross_entropy(model(x), target)
     loss.backward()
-    found[merger] = (loss.detach(), {name: p.grad.clone() for name, p in trained.items()}, len(launches) - before)
+    launched = len(launches) + len(backward_launches) - before
+    found[merger] = (loss.detach(), {name: p.grad.clone() for name, p in trained.items()}, launched)
 (loss, want, none), (got_loss, got, launched) = found["wavg"], found["triton"]
-assert none == 0 and launched == 4, (none, launched)  # one merge per block, all in the kernels
+assert none == 0 and launched == 8, (none, launched)  # per block one merge and one backward, in the kernels
 assert any(".pyra." in name for name in got) and any("lora" in name for name in got), sorted(got)
 torch.testing.assert_close(got_loss, loss, rtol=1e-5, atol=1e-5)
 for name in want:
@@ -208,9 +258,10 @@ loss, want = step(model)
 compiled = torch.compile(
     model, fullgraph=True, backend=aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward"))
 )
-before = len(launches)
+before, before_backward = len(launches), len(backward_launches)
 got_loss, got = step(compiled)
 assert len(launches) - before == 4, "the compiled step did not launch the kernels"
+assert len(backward_launches) == before_backward, "a traced backward keeps the torch formula for inductor"
 assert sum("merge_wavg" in n for n in graphs["forward"]) == 4, graphs["forward"]
 backward = graphs["backward"]
 assert not any("merge_wavg" in n for n in backward) and any("scatter" in n for n in backward), backward
@@ -233,16 +284,18 @@ def test_a_compiled_training_step_traces_the_merges_backward_into_its_graph() ->
 def test_a_training_step_on_the_merge_kernels_issues_fewer_operators(monkeypatch: pytest.MonkeyPatch) -> None:
     """One eager ViT-B/16 PYRA-high training step (LoRA rank 8; forward, loss, backward) on the
     meta device, launches recorded (``tools/count_ops.py --train``): with the Triton matcher, the
-    merge kernels and their backward launch 1,087 kernels against 1,220 for the torch merge
-    (``wavg``) on the same matcher, so the saving is the merge's, not the matcher's."""
+    merge kernels and their backward (PYRA's modulation backward one Triton kernel) launch 835
+    kernels against 1,220 for the torch merge (``wavg``) on the same matcher, so the saving is the
+    merge's, not the matcher's."""
     monkeypatch.syspath_prepend(str(REPO / "tools"))
     from count_ops import count_training_step, launching, training_models
 
     counts = {name: count_training_step(model) for name, model in training_models(PYRA_ROWS).items()}
     torch_merge, kernels = (launching(counts[name]) for name in PYRA_ROWS)
-    assert counts[PYRA_ROWS[1]]["merge_wavg"] == 12 and counts[PYRA_ROWS[1]]["triton_launch"] == 24
-    assert counts[PYRA_ROWS[0]]["triton_launch"] == 24  # the matcher's two kernels per layer in both
-    assert kernels <= 1087 and torch_merge - kernels >= 12 * 10, (kernels, torch_merge)
+    # the matcher's two kernels per layer in both rows, and PYRA's modulation backward kernel
+    assert counts[PYRA_ROWS[1]]["merge_wavg"] == 12 and counts[PYRA_ROWS[1]]["triton_launch"] == 24 + 12
+    assert counts[PYRA_ROWS[0]]["triton_launch"] == 24
+    assert kernels <= 835 and torch_merge - kernels >= 12 * 30, (kernels, torch_merge)
 
 
 PYRA_ROWS = ("pyra/high+match-kernels", "pyra/high+merge-kernels")

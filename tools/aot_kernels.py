@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pyra_lightning.kernels import matching, merging, proportional
+from pyra_lightning.kernels import matching, merging, modulation_grad, proportional
 
 _INT = "i32"
 _FLOATS = ("eps", "scale_log2")  # the float scalar arguments
@@ -103,6 +103,13 @@ def build(
         pointers = {"metric": f"*{dtype}", "node_max": "*fp32", "node_idx": "*i64"}
         compiled = _compile(matching.match_kernel(), pointers, dict(blocks), gpu)
         rows.append(_record("match_kernel", config, compiled))
+        if dtype == dtypes_first:  # PYRA's modulation backward is fp32 whatever the model's dtype
+            names = ("pairs", "grad", "norm_w", "norm_b", "weight_r", "weight_d", "grad_m_s", "grad_both")
+            pointers = {n: "*fp32" for n in (*names, "partial", "scratch")}
+            for width, merge_r in itertools.product(channels, (1, 16, 98, modulation_grad.MAX_PAIRS)):
+                blocks = modulation_grad.backward_blocks(merge_r, width)
+                compiled = _compile(modulation_grad.modulation_backward_kernel, pointers, blocks, gpu)
+                rows.append(_record("modulation_grad", {"C": width, "merge_r": merge_r, **blocks}, compiled))
         if dtype == dtypes_first:  # the plan reads fp32 maxima whatever the model's dtype
             na = (num_tokens + 1) // 2
             for sort_unmerged in (True, False):

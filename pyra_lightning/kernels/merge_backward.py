@@ -4,7 +4,9 @@ Autograd cannot see inside a Triton launch, so until this existed every step tha
 merge (training) ran the torch rule: about 30 operators per merging layer forward and as many
 nodes backward. Here the forward stays the two kernels of ``kernels.merging`` and the backward is
 written out by hand in torch: gathers of (B, r, C) and (B, 2r, C) rows, the modulation's backward
-on the (B, r, C) pairs, and one ``scatter_add_`` of the whole (B, N, C) gradient. It is registered on the custom operator (``torch.library``), so the
+on the (B, r, C) pairs (one Triton kernel in eager steps, ``kernels.modulation_grad``; the
+torch formula ``modulation_backward`` where ``torch.compile`` traces it), and one ``scatter_add_``
+of the whole (B, N, C) gradient. It is registered on the custom operator (``torch.library``), so the
 same formula runs eager and is traced into a compiled training step's backward graph.
 
 With ``t = residual + x`` the layer's tokens (rounded as torch rounds the sum: the rounding's
@@ -32,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pyra_lightning.kernels import merging
+from pyra_lightning.kernels import merging, modulation_grad
 from pyra_lightning.kernels.merging import sum_dtype
 
 
@@ -138,10 +140,20 @@ def _backward(ctx: Any, grad_out: torch.Tensor, _grad_size: torch.Tensor | None)
             pairs = _tokens(x, residual, perm[:, kept:])  # the sources, then their destinations (B, 2r, C)
             if sizes is not None:
                 pairs = pairs * sizes[:, kept:]
-            grad_m_s, grad_m_t, *weight_grads = modulation_backward(
-                grad_sources, pairs[:, :merge_r], pairs[:, merge_r:], norm_weight.float(),
-                norm_bias.float(), weight_r[:merge_r, 0].float(), weight_d[0].float(), ctx.eps,
-            )  # fmt: skip
+            weights = (
+                norm_weight.float(),
+                norm_bias.float(),
+                weight_r[:merge_r, 0].float(),
+                weight_d[0].float(),
+            )
+            if modulation_grad.applies(grad_sources, merge_r):  # eager: one launch for ~20 operators
+                grad_m_s, grad_m_t, *weight_grads = modulation_grad.triton_modulation_backward(
+                    grad_sources, pairs, *weights, ctx.eps
+                )
+            else:  # traced by torch.compile (inductor fuses it), or too many pairs for the kernel
+                grad_m_s, grad_m_t, *weight_grads = modulation_backward(
+                    grad_sources, pairs[:, :merge_r], pairs[:, merge_r:], *weights, ctx.eps
+                )
             pieces = [grad_total, grad_m_s, grad_m_t]
         # every token is kept or a source once; a destination also feeds M_info, once per source
         grad_placed = torch.cat(pieces, 1)  # (B, kept + r [+ r], C)
