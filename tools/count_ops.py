@@ -138,13 +138,18 @@ def launching(ops: collections.Counter[str]) -> int:
 
 
 def count_training_step(model: torch.nn.Module, batch: int = 1) -> collections.Counter[str]:
-    """Operators of one training step (forward, loss, backward) after one warm-up step."""
+    """Operators of one training step (forward, loss, backward) after one warm-up step.
+
+    The gradients are set to ``None`` before each step, as a training loop's
+    ``optimizer.zero_grad()`` leaves them (Lightning's default), so the backward assigns each
+    parameter's gradient instead of adding it to the last step's (one ``add_`` per parameter)."""
     x = _images(model, batch)
     target = torch.zeros(batch, dtype=torch.long, device=x.device)
     model.train()
     counter = OperatorCounter()
     with launches(counter.ops) if _uses_kernels(model) else contextlib.nullcontext():
         for _ in range(2):  # the first fills the cached constants
+            model.zero_grad(set_to_none=True)
             counter.ops.clear()
             with counter:
                 torch.nn.functional.cross_entropy(model(x), target).backward()
