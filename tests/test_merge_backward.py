@@ -96,6 +96,24 @@ bf16 = modulation(20, 40).bfloat16()
 x, residual = torch.randn(2, 197, 40).bfloat16(), torch.randn(2, 197, 40).bfloat16()
 compare(merge, x, torch.rand(2, 197, 1).add(1).bfloat16(), bf16, residual, 5e-2, torch.float32)
 cases += 1
+# bf16-mixed, as a block calls it under autocast: a bf16 attention branch, the fp32 residual
+# stream and fp32 weights, backward() inside autocast; against torch in fp32 on the same values
+# (the kernels add the two streams in fp32, as torch's promotion does), within bf16's rounding of
+# the branch's gradient and fp32's of the rest
+mixed = modulation(20, 40)
+branch, stream = torch.randn(2, 197, 40).bfloat16(), torch.randn(2, 197, 40)
+mixed_size = torch.rand(2, 197, 1) + 1
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    assert kernel_applies(merge, branch, mixed_size, mixed, stream, differentiable=True)
+    before = len(backward_launches)
+    got = grads(lambda a, r: triton_merge_wavg(merge, a, mixed_size, mixed, residual=r), branch, stream, mixed)
+    assert len(backward_launches) == before + 1, "the modulation backward kernel"
+want = grads(lambda a, r: merge_wavg(merge, r + a, mixed_size, modulate=mixed), branch.float(), stream, mixed)
+assert got[0].dtype == got[2].dtype == torch.float32 and got[1].dtype == torch.bfloat16
+for i, (g, w) in enumerate(zip(got, want)):
+    tol = 1e-2 if i == 1 else 1e-4
+    torch.testing.assert_close(g.float(), w, rtol=tol, atol=tol, msg=lambda m: f"bf16-mixed tensor {i}: {m}")
+cases += 1
 # sizes that require a gradient: refused, so the torch rule records them
 trained = torch.ones(2, 197, 1, requires_grad=True)
 assert not kernel_applies(merge, torch.randn(2, 197, 40), trained, None, differentiable=True)
@@ -106,10 +124,11 @@ print("cases", cases)
 
 def test_the_kernels_gradients_are_autograds_through_the_torch_rule() -> None:
     """ToMe and PYRA (eqs. 4-7), with and without sizes and the fused residual, 0, 1 and 4 prefix
-    tokens, merge_r 1 and at its maximum; an elastic layer; bf16: the gradients of the tokens, the
+    tokens, merge_r 1 and at its maximum; an elastic layer; bf16; bf16-mixed (a bf16 branch and
+    the fp32 residual stream under autocast, backward inside it): the gradients of the tokens, the
     residual and every PYRA parameter equal autograd's through ``merge_wavg``, the merged sizes
     carry none, and each call launched the kernels."""
-    assert "cases 50" in run_interpreted(_PARITY_CHECK)
+    assert "cases 51" in run_interpreted(_PARITY_CHECK)
 
 
 _MODULATION_KERNEL_CHECK = """
