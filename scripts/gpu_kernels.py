@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from gpu_backward import merge_backward_micro
 from gpu_speed import (
     HELD,
     KERNELS,
@@ -71,7 +72,7 @@ def part_kernels(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str,
     out["parity"] = _guarded(lambda dev, dry: _parity(s, pyra, dev), device, args.dry_run)
     keep()
     micros = (("matcher", _matcher), ("merger", _merger), ("attention", _attention))
-    for key, micro in (*micros, ("modulation_backward", _modulation_backward)):
+    for key, micro in (*micros, ("merge_backward", merge_backward_micro)):
         out[key] = _guarded(micro, device, args.dry_run)
         keep()
     models = {name: _build(s, name, device) for name in names}  # ViT-B/16: ~0.35 GB each
@@ -409,35 +410,6 @@ def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
         else:
             result["triton"] = "not run: needs CUDA tensors and Triton"
         result.update(_interleaved_ms(fns, device, 20))
-    return result
-
-
-def _modulation_backward(device: Any, dry_run: bool) -> dict[str, Any]:
-    """ms of PYRA's modulation backward in one layer of a training step (batch 128, the 40 pairs of
-    high's first layer, C 768) on the GPU's clock: the torch formula (about 20 kernels) against the
-    Triton kernel (``kernels.modulation_grad``: one kernel and a ``sum``), with their difference."""
-    import torch
-
-    from pyra_lightning.kernels import modulation_grad
-    from pyra_lightning.kernels.merge_backward import modulation_backward
-
-    b, merge_r, c = (2, 8, 24) if dry_run else (128, 40, 768)
-    torch.manual_seed(0)
-    grad, pairs = torch.randn(b, merge_r, c, device=device), torch.randn(b, 2 * merge_r, c, device=device)
-    weights = [torch.randn(n, device=device) for n in (c, c, merge_r, c)]
-    result: dict[str, Any] = {"shape": [b, merge_r, c]}
-    if not modulation_grad.applies(grad, merge_r):
-        return {**result, "triton": "not run: needs CUDA tensors and Triton"}
-    fns = {
-        "torch": lambda: modulation_backward(grad, pairs[:, :merge_r], pairs[:, merge_r:], *weights, 1e-6),
-        "triton": lambda: modulation_grad.triton_modulation_backward(grad, pairs, *weights, 1e-6),
-    }
-    got, want = fns["triton"](), fns["torch"]()
-    result["max_rel_diff"] = max(
-        ((g - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want, strict=True)
-    )
-    if grad.is_cuda:  # do_bench needs a GPU driver, which the interpreter has not
-        result["device_ms"] = device_ms(fns)
     return result
 
 

@@ -142,7 +142,7 @@ def test_speed_and_ddp_parts_dry_run(tmp_path: Path) -> None:
     assert all(r["speedup"] > 0 for r in kernels["rows"]) and "needs CUDA" in kernels["parity"]["triton"]
     assert kernels["merger"]["torch_ms"] > 0 and "needs CUDA" in kernels["merger"]["triton"]
     assert kernels["matcher"]["torch_ms"] > 0
-    assert "needs CUDA" in kernels["modulation_backward"]["triton"]
+    assert "needs CUDA" in kernels["merge_backward"]["triton"]
     assert kernels["attention"]["sdpa_masked_ms"] > 0 and "needs CUDA" in kernels["attention"]["triton"]
     ddp = parts["ddp_fit"]["result"]
     # pyra-lightning fit in two processes started as a cluster starts them; one results.json

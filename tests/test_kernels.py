@@ -499,11 +499,13 @@ def test_the_kernels_compile_for_hopper_without_spilling(monkeypatch: pytest.Mon
         "match_kernel",
         "merge_kernel",
         "modulate_kernel",
-        "modulation_grad",
+        "pair_grad_kernel",
+        "place_kernel",
         "plan_kernel",
     ]
     # 1 matcher, 2 plans (prefix or not), 1 attention, 4 modulations (sizes, residual or not),
-    # 16 merges (those 4 x modulated or not x with norm2 or not), 4 modulation backwards (1 to 256 pairs)
-    assert len(rows) == 28
+    # 16 merges (those 4 x modulated or not x with norm2 or not); backward: 8 pair kernels
+    # (residual or not x 1 to 256 pairs), 4 place kernels (residual or not x PYRA or ToMe)
+    assert len(rows) == 36
     assert all(0 < row.registers <= 255 for row in rows), rows
     assert [row for row in rows if row.stack_bytes] == [], "a kernel spills registers at ViT-B/16's width"

@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pyra_lightning.kernels import matching, merging, modulation_grad, proportional
+from pyra_lightning.kernels import matching, merge_grad, merging, proportional
 
 _INT = "i32"
 _FLOATS = ("eps", "scale_log2")  # the float scalar arguments
@@ -103,13 +103,30 @@ def build(
         pointers = {"metric": f"*{dtype}", "node_max": "*fp32", "node_idx": "*i64"}
         compiled = _compile(matching.match_kernel(), pointers, dict(blocks), gpu)
         rows.append(_record("match_kernel", config, compiled))
-        if dtype == dtypes_first:  # PYRA's modulation backward is fp32 whatever the model's dtype
-            names = ("pairs", "grad", "norm_w", "norm_b", "weight_r", "weight_d", "grad_m_s", "grad_both")
-            pointers = {n: "*fp32" for n in (*names, "partial", "scratch")}
-            for width, merge_r in itertools.product(channels, (1, 16, 98, modulation_grad.MAX_PAIRS)):
-                blocks = modulation_grad.backward_blocks(merge_r, width)
-                compiled = _compile(modulation_grad.modulation_backward_kernel, pointers, blocks, gpu)
-                rows.append(_record("modulation_grad", {"C": width, "merge_r": merge_r, **blocks}, compiled))
+        # the merge's backward: gradients in fp32; tokens in the model's dtype, with the fp32
+        # residual stream (autocast) or without one
+        grads = {n: "*fp32" for n in ("norm_w", "norm_b", "weight_r", "weight_d", "grad_tokens", "grad_m_t")}
+        grads |= {n: "*fp32" for n in ("pairs", "grad", "partial", "scratch", "merged_size")}
+        grads |= {"perm": "*i64", "dst_out": "*i64"}
+        for width, residual in itertools.product(channels, (True, False)):
+            stream = "fp32" if residual else dtype
+            pointers = grads | {"x": f"*{dtype}", "residual": f"*{stream}", "size": f"*{stream}"}
+            pointers |= {"grad_out": f"*{stream}", "merged_size": f"*{stream}"}
+            tokens = {
+                "HAS_RESIDUAL": residual,
+                "SUM_DTYPE": tl.float32 if residual else getattr(tl, _TL[dtype]),
+            }
+            for merge_r in (1, 16, 98, merge_grad.MAX_PAIRS):
+                blocks = merge_grad.pair_blocks(merge_r, width)
+                constexprs = {"HAS_SIZE": True, **tokens, **blocks}
+                compiled = _compile(merge_grad.pair_grad_kernel, pointers, constexprs, gpu)
+                config = {"dtype": dtype, "C": width, "HAS_RESIDUAL": residual, "merge_r": merge_r, **blocks}
+                rows.append(_record("pair_grad_kernel", config, compiled))
+            for modulated in (True, False):
+                constexprs = {"HAS_SIZE": True, "MODULATED": modulated, **merge_grad.PLACE_BLOCKS}
+                compiled = _compile(merge_grad.place_kernel, pointers, constexprs, gpu)
+                config = {"dtype": stream, "C": width, "MODULATED": modulated, **merge_grad.PLACE_BLOCKS}
+                rows.append(_record("place_kernel", config, compiled))
         if dtype == dtypes_first:  # the plan reads fp32 maxima whatever the model's dtype
             na = (num_tokens + 1) // 2
             for sort_unmerged in (True, False):

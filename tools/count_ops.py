@@ -15,7 +15,7 @@ cross-entropy and backward, with grad mode on, so composite operators such as ``
 as what they decompose into): the operators an eager training loop's host issues per step. Its
 ``+merge-kernels`` row is PYRA on the ``triton`` matcher and merger with SDPA attention (the
 Triton attention has no backward), its merge's backward being ``kernels.merge_backward`` with
-PYRA's modulation backward as one recorded launch (``kernels.modulation_grad``).
+its kernels' launches recorded (``kernels.merge_grad``).
 """
 
 from __future__ import annotations
@@ -62,18 +62,19 @@ class _Launch:
 @contextlib.contextmanager
 def launches(ops: collections.Counter[str]) -> Iterator[None]:
     """The Triton rules take their kernel path on any tensor, and every launch is counted in ``ops``."""
-    from pyra_lightning.kernels import matching, merging, modulation_grad, proportional
+    from pyra_lightning.kernels import matching, merge_grad, merging, proportional
 
     launch = _Launch(ops)
     with contextlib.ExitStack() as stack:
-        for module in (matching, merging, modulation_grad, proportional):
+        for module in (matching, merging, merge_grad, proportional):
             stack.enter_context(mock.patch.object(module, "use_triton", lambda *tensors: True))
         stack.enter_context(mock.patch.object(proportional, "attention_kernel", lambda: launch))
         stack.enter_context(mock.patch.object(matching, "match_kernel", lambda: launch))
         stack.enter_context(mock.patch.object(matching, "plan_kernel", lambda: launch))
         stack.enter_context(mock.patch.object(merging, "modulate_kernel", launch))
         stack.enter_context(mock.patch.object(merging, "merge_kernel", launch))
-        stack.enter_context(mock.patch.object(modulation_grad, "modulation_backward_kernel", launch))
+        stack.enter_context(mock.patch.object(merge_grad, "pair_grad_kernel", launch))
+        stack.enter_context(mock.patch.object(merge_grad, "place_kernel", launch))
         yield
 
 

@@ -5,9 +5,9 @@
   and the whole merge plan (``perm``, ``dst_out``) in one launch (``triton_match``);
 - ``merging``: the size-weighted merge with PYRA's modulation (eqs. 4-7) and the size update
   in two Triton kernels (``triton_merge_wavg``; the ``"triton"`` merger);
-- ``merge_backward``: the analytic backward of ``pyra_lightning::merge_wavg`` (torch), so a
-  training step keeps the merge kernels; ``modulation_grad``: its PYRA part (eqs. 4-7) as one
-  Triton kernel in eager steps;
+- ``merge_backward``: the analytic backward of ``pyra_lightning::merge_wavg``, so a training
+  step keeps the merge kernels; ``merge_grad``: that backward as two Triton kernels in eager
+  steps (the torch formula where a graph is traced);
 - ``attention``: the table of kernels proportional attention runs on (``ATTENTIONS``: SDPA with
   a ``log(size)`` mask, FlexAttention with a ``score_mod``, and ``proportional``'s kernel);
 - ``proportional``: proportional attention as one Triton flash-attention kernel that reads the

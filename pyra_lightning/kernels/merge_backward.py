@@ -3,10 +3,11 @@
 Autograd cannot see inside a Triton launch, so until this existed every step that recorded the
 merge (training) ran the torch rule: about 30 operators per merging layer forward and as many
 nodes backward. Here the forward stays the two kernels of ``kernels.merging`` and the backward is
-written out by hand in torch: gathers of (B, r, C) and (B, 2r, C) rows, the modulation's backward
-on the (B, r, C) pairs (one Triton kernel in eager steps, ``kernels.modulation_grad``; the
-torch formula ``modulation_backward`` where ``torch.compile`` traces it), and one ``scatter_add_``
-of the whole (B, N, C) gradient. It is registered on the custom operator (``torch.library``), so the
+written out by hand: in eager steps as Triton kernels (``kernels.merge_grad``: 3 launches a
+PYRA layer, 1 for ToMe), and where anything traces it (``torch.compile``, whose inductor fuses it)
+in torch (``_torch_backward``): gathers of (B, r, C) and (B, 2r, C) rows, the modulation's
+backward on the (B, r, C) pairs (``modulation_backward``), and one ``scatter_add_`` of the whole
+(B, N, C) gradient. It is registered on the custom operator (``torch.library``), so the
 same formula runs eager and is traced into a compiled training step's backward graph.
 
 With ``t = residual + x`` the layer's tokens (rounded as torch rounds the sum: the rounding's
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pyra_lightning.kernels import merging, modulation_grad
+from pyra_lightning.kernels import merge_grad, merging
 from pyra_lightning.kernels.merging import sum_dtype
 
 
@@ -115,6 +116,43 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
     ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
 
 
+def _pair_weights(ctx: Any, merge_r: int) -> merge_grad.PairWeights:
+    """PYRA's saved parameters in fp32, ``W_r`` cut to this layer's pairs."""
+    norm_weight, norm_bias, weight_r, weight_d = ctx.saved_tensors[5:9]
+    return merge_grad.PairWeights(
+        norm_weight.float(), norm_bias.float(), weight_r[:merge_r, 0].float(), weight_d[0].float(), ctx.eps
+    )
+
+
+def _torch_backward(
+    ctx: Any, grad_out: torch.Tensor, merge_r: int, kept: int
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The tokens' gradient (B, N, C) fp32 and PYRA's weights' (``merge_grad``'s results) in torch."""
+    x, residual, size, perm, dst_out, _, _, weight_r, _, merged_size = ctx.saved_tensors
+    channels = ctx.token_shape[-1]
+    sizes = None if size is None else _rows(size, perm).float()  # (B, kept + r [+ r], 1)
+    grad_total = grad_out.float() / merged_size.float()  # dL/d(the size-weighted sums): (B, kept, C)
+    grad_sources = _rows(grad_total, dst_out)  # dL/dM'_s: each source's destination row (B, r, C)
+    pieces = [grad_total, grad_sources]  # the gradient at perm's positions, before the sizes
+    weight_grads: tuple[torch.Tensor, ...] = ()
+    if weight_r is not None:  # back through the modulation (eqs. 4-7)
+        pairs = _tokens(x, residual, perm[:, kept:])  # the sources, then their destinations (B, 2r, C)
+        if sizes is not None:
+            pairs = pairs * sizes[:, kept:]
+        *weights, eps = _pair_weights(ctx, merge_r)
+        grad_m_s, grad_m_t, *weight_grads = modulation_backward(
+            grad_sources, pairs[:, :merge_r], pairs[:, merge_r:], *weights, eps
+        )
+        pieces = [grad_total, grad_m_s, grad_m_t]
+    # every token is kept or a source once; a destination also feeds M_info, once per source
+    grad_placed = torch.cat(pieces, 1)  # (B, kept + r [+ r], C)
+    if sizes is not None:
+        grad_placed = grad_placed * sizes  # the sums take s x (K, S, D)
+    grad_tokens = grad_placed.new_zeros(ctx.token_shape)
+    grad_tokens.scatter_add_(1, perm[..., None].expand(-1, -1, channels), grad_placed)
+    return grad_tokens, tuple(weight_grads)
+
+
 def _backward(ctx: Any, grad_out: torch.Tensor, _grad_size: torch.Tensor | None) -> tuple[Any, ...]:
     """dL/d of ``merge_wavg_op``'s inputs from dL/d(merged tokens) (B, kept, C), in the order of its
     schema; ``None`` for the integer plans, ``eps`` and the sizes (see the module docstring)."""
@@ -122,7 +160,6 @@ def _backward(ctx: Any, grad_out: torch.Tensor, _grad_size: torch.Tensor | None)
         ctx.saved_tensors
     )  # x and residual: None for ToMe
     x_dtype, residual_dtype = ctx.dtypes
-    channels = ctx.token_shape[-1]
     merge_r = dst_out.shape[1]
     kept = ctx.token_shape[1] - merge_r
     pyra = weight_r is not None
@@ -131,36 +168,13 @@ def _backward(ctx: Any, grad_out: torch.Tensor, _grad_size: torch.Tensor | None)
     device_type = ctx.device_type
     exact = torch.autocast(device_type, enabled=False) if device_type != "meta" else contextlib.nullcontext()
     with exact:
-        sizes = None if size is None else _rows(size, perm).float()  # (B, kept + r [+ r], 1)
-        grad_total = grad_out.float() / merged_size.float()  # dL/d(the size-weighted sums): (B, kept, C)
-        grad_sources = _rows(grad_total, dst_out)  # dL/dM'_s: each source's destination row (B, r, C)
-        pieces = [grad_total, grad_sources]  # the gradient at perm's positions, before the sizes
-        weight_grads: tuple[torch.Tensor, ...] = ()
-        if pyra:  # back through the modulation (eqs. 4-7)
-            pairs = _tokens(x, residual, perm[:, kept:])  # the sources, then their destinations (B, 2r, C)
-            if sizes is not None:
-                pairs = pairs * sizes[:, kept:]
-            weights = (
-                norm_weight.float(),
-                norm_bias.float(),
-                weight_r[:merge_r, 0].float(),
-                weight_d[0].float(),
-            )
-            if modulation_grad.applies(grad_sources, merge_r):  # eager: one launch for ~20 operators
-                grad_m_s, grad_m_t, *weight_grads = modulation_grad.triton_modulation_backward(
-                    grad_sources, pairs, *weights, ctx.eps
-                )
-            else:  # traced by torch.compile (inductor fuses it), or too many pairs for the kernel
-                grad_m_s, grad_m_t, *weight_grads = modulation_backward(
-                    grad_sources, pairs[:, :merge_r], pairs[:, merge_r:], *weights, ctx.eps
-                )
-            pieces = [grad_total, grad_m_s, grad_m_t]
-        # every token is kept or a source once; a destination also feeds M_info, once per source
-        grad_placed = torch.cat(pieces, 1)  # (B, kept + r [+ r], C)
-        if sizes is not None:
-            grad_placed = grad_placed * sizes  # the sums take s x (K, S, D)
-        grad_tokens = grad_placed.new_zeros(ctx.token_shape)
-        grad_tokens.scatter_add_(1, perm[..., None].expand(-1, -1, channels), grad_placed)
+        if merge_grad.applies(grad_out, merge_r, pyra):  # eager: 3 launches for PYRA, 1 for ToMe
+            grad_tokens, weight_grads = merge_grad.triton_merge_backward(
+                grad_out, merged_size, ctx.token_shape[1], size, perm, dst_out,
+                (x, residual) if pyra else None, _pair_weights(ctx, merge_r) if pyra else None,
+            )  # fmt: skip
+        else:  # traced (torch.compile, AOTAutograd: inductor fuses it), or too many pairs
+            grad_tokens, weight_grads = _torch_backward(ctx, grad_out, merge_r, kept)
     grad_x = grad_tokens.to(x_dtype) if ctx.needs_input_grad[0] else None
     grad_residual = None
     if residual_dtype is not None and ctx.needs_input_grad[9]:
