@@ -29,7 +29,9 @@ def merge_backward_micro(device: Any, dry_run: bool) -> dict[str, Any]:
     result: dict[str, Any] = {"shape": [b, n, c], "merge_r": merge_r}
     out, _ = triton_merge_wavg(merge, branch, size, mod, residual=stream)
     upstream = torch.randn_like(out)
-    if not merge_grad.applies(upstream, merge_r, True) or out.grad_fn is None:
+    with torch.no_grad():  # as backward() runs it
+        runs = merge_grad.applies(upstream, merge_r, True)
+    if not runs or out.grad_fn is None:
         return {**result, "triton": "not run: needs CUDA tensors and Triton"}
     inputs = [branch, stream, *mod.parameters()]
 

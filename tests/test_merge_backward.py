@@ -151,16 +151,48 @@ for tokens, merge_r, channels in ((197, 98, 768), (512, 250, 24)):
         compare(merge, x, size, mod, residual, 2e-5, relative=True)  # measured: at most 5e-6
         cases += 1
 grad = torch.randn(1, 4, 8)
-assert merge_grad.applies(grad, 4, True) and merge_grad.applies(grad, 1000, False)
-assert not merge_grad.applies(grad, merge_grad.MAX_PAIRS + 1, True) and not merge_grad.applies(grad, 0, False)
-# traced (make_fx in real mode; fake tensors, as AOTAutograd's): the torch formula, so the graph records it
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.proxy_tensor import make_fx
-seen = []
-make_fx(lambda g: seen.append(merge_grad.applies(g, 4, True)) or g * 1)(grad)
-with FakeTensorMode():
-    seen.append(merge_grad.applies(torch.randn(1, 4, 8), 4, True))
-assert seen == [False, False], seen
+with torch.no_grad():  # as backward() runs it
+    assert merge_grad.applies(grad, 4, True) and merge_grad.applies(grad, 1000, False)
+    assert not merge_grad.applies(grad, merge_grad.MAX_PAIRS + 1, True) and not merge_grad.applies(grad, 0, False)
+    # traced (make_fx in real mode; fake tensors, as AOTAutograd's): the torch formula, so the graph records it
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    seen = []
+    make_fx(lambda g: seen.append(merge_grad.applies(g, 4, True)) or g * 1)(grad)
+    with FakeTensorMode():
+        seen.append(merge_grad.applies(torch.randn(1, 4, 8), 4, True))
+    assert seen == [False, False], seen
+assert not merge_grad.applies(grad, 4, True)  # grad mode on: backward(create_graph=True)
+
+# a gradient penalty (backward with create_graph=True): the kernels' launch is not differentiable,
+# so that backward takes the torch formula and the penalty's gradient is autograd's
+merge, _ = bipartite_soft_matching(torch.randn(2, 37, 8), 12, 1)
+x0, res0, size = torch.randn(2, 37, 40), torch.randn(2, 37, 40), torch.rand(2, 37, 1) + 1
+mod = modulation(12, 40)
+upstream = torch.randn(2, 25, 40)
+
+def penalised(fn):
+    x, res = x0.clone().requires_grad_(), res0.clone().requires_grad_()
+    mod.zero_grad(set_to_none=True)
+    loss = (fn(x, res)[0] * upstream).sum()
+    (grad_x,) = torch.autograd.grad(loss, x, create_graph=True)
+    assert grad_x.requires_grad
+    (loss + grad_x.pow(2).sum()).backward()
+    return [x.grad, res.grad] + [p.grad.clone() for p in mod.parameters()]
+
+got = penalised(lambda a, r: triton_merge_wavg(merge, a, size, mod, residual=r))
+want = penalised(lambda a, r: merge_wavg(merge, r + a, size, modulate=mod))
+for i, (g, w) in enumerate(zip(got, want)):
+    torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=lambda m: f"penalty tensor {i}: {m}")
+cases += 1
+# torch.func.jvp: the kernels stand aside (they have no forward-mode rule), so the tangent is torch's
+with torch.no_grad():
+    tangent = torch.randn_like(x0)
+    _, got = torch.func.jvp(lambda a: triton_merge_wavg(merge, a, size, mod, residual=res0)[0], (x0,), (tangent,))
+    _, want = torch.func.jvp(lambda a: merge_wavg(merge, res0 + a, size, modulate=mod)[0], (x0,), (tangent,))
+assert want.abs().max() > 0
+torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+cases += 1
 print("cases", cases)
 """
 )
@@ -169,8 +201,10 @@ print("cases", cases)
 def test_the_backward_kernels_at_the_widest_layers_and_where_they_stand_aside() -> None:
     """The backward's kernels (``kernels.merge_grad``) at the most pairs a ViT-B/16 layer merges
     and at the kernel's limit of pairs: gradients equal autograd's through ``merge_wavg``; more
-    pairs, no merge, or a traced backward (``make_fx``, fake tensors) take the torch formula."""
-    assert "cases 4" in run_interpreted(_WIDE_CHECK)
+    pairs, no merge, a traced backward (``make_fx``, fake tensors) or one that must itself be
+    differentiable (a gradient penalty, ``create_graph=True``) take the torch formula, and
+    ``torch.func.jvp`` the torch merge, so both give autograd's results."""
+    assert "cases 6" in run_interpreted(_WIDE_CHECK)
 
 
 _OPCHECK = (

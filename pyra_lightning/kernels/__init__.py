@@ -45,8 +45,11 @@ def interpreting() -> bool:
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """Whether a Triton kernel runs for these tensors: CUDA tensors (or the interpreter) and Triton."""
-    if not triton_available():
+    """Whether a Triton kernel runs for these tensors: CUDA tensors (or the interpreter) and Triton,
+    outside ``torch.func`` transforms. Under ``jvp`` or ``vmap`` the tensors are functorch wrappers
+    (of Python type ``torch.Tensor``): a kernel would silently drop a tangent (the operators have
+    no forward-mode rule) or fail on the wrapper's storage, so there the torch code runs."""
+    if not triton_available() or torch._C._are_functorch_transforms_active():
         return False
     return interpreting() or all(t.is_cuda for t in tensors)
 

@@ -286,8 +286,10 @@ def _traced(grad: torch.Tensor) -> bool:
 
 def applies(grad_out: torch.Tensor, merge_r: int, pyra: bool) -> bool:
     """Whether the backward runs the kernels: Triton launches for ``grad_out`` (CUDA or the
-    interpreter), nothing traces it, and a layer that merges (for PYRA, at most ``MAX_PAIRS``)."""
-    if merge_r <= 0 or (pyra and merge_r > MAX_PAIRS):
+    interpreter), nothing traces it, a layer that merges (for PYRA, at most ``MAX_PAIRS``), and
+    grad mode is off, as ``backward()`` runs it. With ``create_graph=True`` it is on and the
+    gradient must itself be differentiable (a gradient penalty), which a Triton launch is not."""
+    if merge_r <= 0 or (pyra and merge_r > MAX_PAIRS) or torch.is_grad_enabled():
         return False
     return not _traced(grad_out) and use_triton(grad_out)
 
