@@ -24,7 +24,8 @@ and ToMe's is the same with ``M'_s = M_s``. The sizes get no gradient: they coun
 never trainable. The torch rule detaches the merged sizes too (here ``Ŝ`` is marked
 non-differentiable, so nothing downstream, such as proportional attention's ``log(size)``, sends
 a gradient back to it); input sizes that require a gradient, which the torch rule would
-differentiate through ``x * size``, are refused by ``kernel_applies`` and run the torch rule. Everything is computed in fp32 and returned in the inputs' dtypes.
+differentiate through ``x * size``, are refused by ``kernel_applies`` and run the torch rule.
+Everything is computed in fp32 and returned in the inputs' dtypes.
 """
 
 from __future__ import annotations
@@ -64,9 +65,11 @@ def modulation_backward(
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of PYRA's modulated sources ``M'_s`` (eqs. 4-7) from ``grad`` = dL/dM'_s.
 
-    Written for few operators (an eager step's host issues each one): the LayerNorm and its
-    backward are one aten call each, the sums over pairs or channels are batched matmuls, and the
-    gates' derivatives are aten's ``sigmoid_backward``/``tanh_backward``.
+    The torch formula: what a traced backward records (inductor fuses it), and what runs past
+    ``merge_grad.MAX_PAIRS`` pairs, on CPU without the interpreter, or under ``create_graph``.
+    Few operators all the same (it was once the eager path): the LayerNorm and its backward are
+    one aten call each, the sums over pairs or channels are batched matmuls, and the gates'
+    derivatives are aten's ``sigmoid_backward``/``tanh_backward``.
 
     Args:
         grad, m_s, m_t: (B, r, C) fp32: the gradient, the size-weighted sources and destinations.

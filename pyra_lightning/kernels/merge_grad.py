@@ -162,7 +162,8 @@ if triton is not None:
             grad_d = 2.0 * tl.sum(gate_r[:, None] * g_ms, axis=0) * sig * (1.0 - sig)
             tl.store(sig_at + channels + chans, grad_d, mask=cmask)
             through_r += tl.sum(g_ms * sig[None, :], axis=1)
-        grad_r = through_r * (1.0 - gate_r * gate_r)  # d(2σ(δ) - 1)/dδ = (1 - gate²) / 2, times 2σ(δ_D)'s 2
+        # d(2σ(δ) - 1)/dδ = (1 - gate²) / 2, times the 2 of 2σ(δ_D)
+        grad_r = through_r * (1.0 - gate_r * gate_r)
         tl.debug_barrier()
         # sweep 5: the weights' gradients, and the LayerNorm backward's two sums per pair
         grad_wr = tl.zeros((BLOCK_R,), tl.float32)
@@ -322,6 +323,11 @@ def triton_merge_backward(
     """
     batch, kept, channels = grad_out.shape
     merge_r = dst_out.shape[1]
+    plain = weights is None or all(t.dtype == torch.float32 and t.stride() == (1,) for t in weights[:4])
+    if perm.stride(-1) != 1 or dst_out.stride(-1) != 1 or not plain:  # what the kernels index by
+        raise ValueError(
+            "merge_grad: perm and dst_out need unit stride along a row, the weights fp32 and unit stride"
+        )
     grad_tokens = grad_out.new_empty(batch, num_tokens, channels, dtype=torch.float32)  # every row written
     size_arg = grad_tokens if size is None else size  # a placeholder pointer when there are no sizes
     size_strides = (0, 0) if size is None else (size.stride(0), size.stride(1))

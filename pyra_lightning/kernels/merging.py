@@ -30,8 +30,9 @@ input dtype; products run in IEEE fp32 (no TF32). Results equal the torch path's
 in bf16, the kernel's in fp32).
 
 Where autograd records the merge (a training step) the kernels run as the custom operator
-``pyra_lightning::merge_wavg`` (``merge_wavg_op``), whose backward is written in torch
-(``kernels.merge_backward``); so they do under ``torch.compile``. The torch path runs while an
+``pyra_lightning::merge_wavg`` (``merge_wavg_op``), whose backward (``kernels.merge_backward``)
+runs as Triton kernels in eager steps (``kernels.merge_grad``) and as torch where a graph is
+traced; so they do under ``torch.compile``. The torch path runs while an
 export traces the model (``torch.export``, ONNX, ``torch.jit``: their graphs must run without
 Triton), for CPU tensors without the interpreter, for fp64 (the kernels compute in fp32), for
 modulations other than ``"pyra"`` (the ablations), for sizes that require a gradient, and for
