@@ -335,7 +335,7 @@ def test_a_compiled_training_step_traces_the_merges_backward_into_its_graph() ->
 def test_a_training_step_on_the_merge_kernels_issues_fewer_operators(monkeypatch: pytest.MonkeyPatch) -> None:
     """One eager ViT-B/16 PYRA-high training step (LoRA rank 8; forward, loss, backward) on the
     meta device, launches recorded (``tools/count_ops.py --train``): with the Triton matcher, the
-    merge kernels and their backward (PYRA's modulation backward one Triton kernel) launch 761
+    merge kernels and their backward (``kernels.merge_grad``) launch 632
     kernels against 1,146 for the torch merge (``wavg``) on the same matcher, so the saving is the
     merge's, not the matcher's."""
     monkeypatch.syspath_prepend(str(REPO / "tools"))
@@ -346,7 +346,7 @@ def test_a_training_step_on_the_merge_kernels_issues_fewer_operators(monkeypatch
     # the matcher's two kernels per layer in both rows, and the backward's two
     assert counts[PYRA_ROWS[1]]["merge_wavg"] == 12 and counts[PYRA_ROWS[1]]["triton_launch"] == 24 + 24
     assert counts[PYRA_ROWS[0]]["triton_launch"] == 24
-    assert kernels <= 761 and torch_merge - kernels >= 12 * 30, (kernels, torch_merge)
+    assert kernels <= 632 and torch_merge - kernels >= 12 * 40, (kernels, torch_merge)
 
 
 PYRA_ROWS = ("pyra/high+match-kernels", "pyra/high+merge-kernels")

@@ -112,6 +112,8 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
     needs only their shape and dtypes, so it keeps no (B, N, C) tensor alive)."""
     x, size, perm, dst_out, norm_weight, norm_bias, weight_r, weight_d, eps, residual = inputs
     ctx.mark_non_differentiable(output[1])  # sizes count patches: no gradient (see the module)
+    # and no zeroed (B, kept, 1) gradient for them either: a kernel launch per layer for nothing
+    ctx.set_materialize_grads(False)
     tokens = (x, residual) if weight_r is not None else (None, None)
     ctx.save_for_backward(*tokens, size, perm, dst_out, norm_weight, norm_bias, weight_r, weight_d, output[1])
     ctx.eps = eps
@@ -162,6 +164,8 @@ def _backward(ctx: Any, grad_out: torch.Tensor, _grad_size: torch.Tensor | None)
     x, residual, size, perm, dst_out, norm_weight, norm_bias, weight_r, weight_d, merged_size = (
         ctx.saved_tensors
     )  # x and residual: None for ToMe
+    if grad_out is None:  # the merged tokens were not used (gradients are not materialised)
+        return (None,) * 10
     x_dtype, residual_dtype = ctx.dtypes
     merge_r = dst_out.shape[1]
     kept = ctx.token_shape[1] - merge_r
