@@ -18,7 +18,7 @@ host issues operators (BENCHMARKS.md, "GPU"), so the plan is built to need few o
 - ``merge_wavg`` moves the features and the token sizes in that one gather and one sum, the
   size riding along as an extra channel ``[x * size, size]`` that is split off at the end;
 - the constant index tensors (batch rows, the offsets of set B, the prefix mask) are built once
-  per shape and device and cached (``_constant``), except while a graph is being traced
+  per shape and device and cached (``constant``), except while a graph is being traced
   (``torch.compile``, ``torch.export``, ONNX export), where they are built inline and become
   constants of the graph; a CUDA graph capture reads the cached ones (its engine holds them)
   and builds only a missing one inline, uncached;
@@ -91,7 +91,7 @@ def cached_constants() -> list[torch.Tensor]:
     return list(_CACHE.values())
 
 
-def _constant(key: tuple[Any, ...], ref: torch.Tensor, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+def constant(key: tuple[Any, ...], ref: torch.Tensor, build: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``build()`` once per ``key`` and ``ref``'s device; never to be written in place."""
     if _tracing(ref):
         return build()
@@ -145,7 +145,7 @@ def _weight_view(
 
 
 def _batch_rows(n: int, ref: torch.Tensor) -> torch.Tensor:
-    return _constant(("rows", n), ref, lambda: torch.arange(n, device=ref.device)[:, None])  # (B, 1)
+    return constant(("rows", n), ref, lambda: torch.arange(n, device=ref.device)[:, None])  # (B, 1)
 
 
 def _prefix_mask(na: int, nb: int, prefix_a: int, prefix_b: int, ref: torch.Tensor) -> torch.Tensor:
@@ -156,11 +156,11 @@ def _prefix_mask(na: int, nb: int, prefix_a: int, prefix_b: int, ref: torch.Tens
         cols = torch.arange(nb, device=ref.device)[None, :] < prefix_b
         return torch.zeros(na, nb, device=ref.device, dtype=ref.dtype).masked_fill(rows | cols, -torch.inf)
 
-    return _constant(("mask", na, nb, prefix_a, prefix_b, ref.dtype), ref, build)
+    return constant(("mask", na, nb, prefix_a, prefix_b, ref.dtype), ref, build)
 
 
 def _zeros(n: int, width: int, ref: torch.Tensor) -> torch.Tensor:
-    return _constant(
+    return constant(
         ("zeros", n, width), ref, lambda: torch.zeros(n, width, dtype=torch.long, device=ref.device)
     )
 
@@ -220,7 +220,7 @@ class BipartiteMerge:
             return torch.cat([head, zeros, odd, *tail])[None]  # (1, N [+ r])
 
         key = ("perm", self.num_tokens, self.num_prefix_tokens, merge_r, with_dst)
-        return torch.add(_constant(key, self.unm, base), torch.cat(parts, dim=1), alpha=2)
+        return torch.add(constant(key, self.unm, base), torch.cat(parts, dim=1), alpha=2)
 
     def _gather(self, x: torch.Tensor, with_dst: bool) -> list[torch.Tensor]:
         n, t, _ = x.shape  # (B, N, C)
@@ -260,7 +260,7 @@ class BipartiteMerge:
         """``merge_wavg`` in one gather and one sum: size travels as channel C of ``[x * size, size]``."""
         n, t, c = x.shape
         if size is None:
-            ones = _constant(
+            ones = constant(
                 ("ones", n, t, x.dtype), x, lambda: torch.ones(n, t, 1, dtype=x.dtype, device=x.device)
             )
             weighted = torch.cat([x, ones], dim=-1)  # (B, N, C + 1)
@@ -354,9 +354,7 @@ def fused_pyra(modulate: Any, src: torch.Tensor, dst: torch.Tensor, c: int) -> t
     weight_d_t = _weight_view(modulate, f"W_D^T x{n}", modulate.weight_d, lambda w: w.mT.expand(n, -1, -1))
     info = F.layer_norm((src + dst)[..., :c], (c,), norm.weight, norm.bias, norm.eps)  # M_info, eq. 4
     delta_d = weight_r_t @ info  # δ_D = M_info W_r, eq. 5: (B, 1, C)
-    zero = _constant(
-        ("zero", info.dtype), info, lambda: torch.zeros((), dtype=info.dtype, device=info.device)
-    )
+    zero = constant(("zero", info.dtype), info, lambda: torch.zeros((), dtype=info.dtype, device=info.device))
     # δ_r / 2, δ_r = W_D M_info of eq. 5: (B, r, C) @ (B, C, 1), halved by the product's alpha
     half_delta_r = torch.baddbmm(zero, info, weight_d_t, beta=0, alpha=0.5)
     gate_d = F.pad(torch.sigmoid(delta_d), (0, 1))  # σ(δ_D), 0 on the size channel: (B, 1, C + 1)

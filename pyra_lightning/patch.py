@@ -85,7 +85,8 @@ def apply_merging(
         merger: How they combine: a name registered in ``merge_rules.MERGERS`` (``"wavg"``, the
             size-weighted average, by default).
         attention: The kernel that attends with proportional attention: a name registered in
-            ``kernels.attention.ATTENTIONS`` (``"sdpa"`` by default, ``"flex"``, ``"triton"``).
+            ``kernels.attention.ATTENTIONS`` (``"sdpa"`` by default, ``"flex"``, ``"triton"``,
+            ``"sdpa_channel"``).
     """
     family = family_of(model)
     variant = resolve_variant(pyra)

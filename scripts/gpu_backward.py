@@ -1,4 +1,5 @@
-"""The kernels part's micro-benchmark of the merge's backward (``scripts/gpu_kernels.py``).
+"""The kernels part's micro-benchmarks of a training step's pieces (``scripts/gpu_kernels.py``): the
+merge's backward, and proportional attention's forward and backward.
 
 Kept apart so the kernels part's module stays readable; run through ``scripts/gpu_check.sh``.
 """
@@ -49,4 +50,51 @@ def merge_backward_micro(device: Any, dry_run: bool) -> dict[str, Any]:
     )
     if upstream.is_cuda:  # do_bench needs a GPU driver, which the interpreter has not
         result["device_ms"] = device_ms({"torch": formula, "triton": kernels})
+    return result
+
+
+def attention_training_micro(device: Any, dry_run: bool) -> dict[str, Any]:
+    """ms of one proportional attention's forward and backward in a training step (batch 128, PYRA
+    high's second layer: 12 heads, 157 tokens, 64 channels, bf16, q/k/v strided as timm's qkv
+    leaves them) on the GPU's clock: SDPA with the ``log(size)`` mask (what training runs by
+    default), SDPA on the key channel (``attention="sdpa_channel"``), and SDPA with no bias at
+    all (the floor); the channel's gradient against the mask's, and whether flash attention takes
+    the channel's call (forced with ``sdpa_kernel``: an error says why not)."""
+    import torch
+    import torch.nn.functional as F
+    from gpu_kernels import device_ms
+
+    from pyra_lightning.kernels.attention import channel_proportional_attention, sdpa_proportional_attention
+
+    b, h, n, d = (2, 3, 37, 16) if dry_run else (128, 12, 157, 64)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    qkv = torch.randn(b, n, 3, h, d, device=device, dtype=dtype, requires_grad=True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d) each
+    size = torch.randint(1, 8, (b, n, 1), device=device).float()
+    upstream = torch.randn(b, h, n, d, device=device, dtype=dtype)
+    forwards = {
+        "sdpa masked": lambda: sdpa_proportional_attention(q, k, v, size),
+        "sdpa channel": lambda: channel_proportional_attention(q, k, v, size),
+        "sdpa unmasked": lambda: F.scaled_dot_product_attention(q, k, v),
+    }
+
+    def step(forward: Any) -> Any:
+        return lambda: torch.autograd.grad(forward(), qkv, upstream, retain_graph=False)[0]
+
+    result: dict[str, Any] = {"shape": [b, h, n, d], "dtype": str(dtype)}
+    want = step(forwards["sdpa masked"])().float()
+    got = step(forwards["sdpa channel"])().float()
+    result["grad_max_rel_diff"] = ((got - want).abs().max() / want.abs().max()).item()
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        try:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                step(forwards["sdpa channel"])()
+            result["channel_on_flash"] = True
+        except RuntimeError as error:  # recorded: the timings below still run on SDPA's own choice
+            result["channel_on_flash"] = f"{type(error).__name__}: {error}"[:200]
+        timed = {f"{name} fwd+bwd": step(forward) for name, forward in forwards.items()}
+        result["device_ms"] = device_ms(timed)
     return result

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gpu_backward import merge_backward_micro
+from gpu_backward import attention_training_micro, merge_backward_micro
 from gpu_speed import (
     HELD,
     KERNELS,
@@ -72,7 +72,8 @@ def part_kernels(args: Any, save: Callable[[dict[str, Any]], None]) -> dict[str,
     out["parity"] = _guarded(lambda dev, dry: _parity(s, pyra, dev), device, args.dry_run)
     keep()
     micros = (("matcher", _matcher), ("merger", _merger), ("attention", _attention))
-    for key, micro in (*micros, ("merge_backward", merge_backward_micro)):
+    trains = (("merge_backward", merge_backward_micro), ("attention_training", attention_training_micro))
+    for key, micro in (*micros, *trains):
         out[key] = _guarded(micro, device, args.dry_run)
         keep()
     models = {name: _build(s, name, device) for name in names}  # ViT-B/16: ~0.35 GB each

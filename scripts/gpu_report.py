@@ -134,7 +134,7 @@ def _speed_lines(entry: dict[str, Any], title: str) -> list[str]:
     if result.get("kernels"):
         lines += ["", "Kernels per forward (torch.profiler; CPU: ATen operators): "]
         lines.append(", ".join(f"{k} {v}" for k, v in result["kernels"].items()))
-    micros = ("attention", "matcher", "merger", "merge_backward")
+    micros = ("attention", "matcher", "merger", "merge_backward", "attention_training")
     for key in ("versions", "peak_memory_mib", "parity", *micros, "kernel_time"):
         if result.get(key):
             lines += ["", f"{key}: {json.dumps(result[key], default=str)}"]

@@ -144,6 +144,7 @@ def test_speed_and_ddp_parts_dry_run(tmp_path: Path) -> None:
     assert kernels["matcher"]["torch_ms"] > 0
     assert "needs CUDA" in kernels["merge_backward"]["triton"]
     assert kernels["attention"]["sdpa_masked_ms"] > 0 and "needs CUDA" in kernels["attention"]["triton"]
+    assert kernels["attention_training"]["grad_max_rel_diff"] < 1e-5  # the key channel's gradient
     ddp = parts["ddp_fit"]["result"]
     # pyra-lightning fit in two processes started as a cluster starts them; one results.json
     assert ddp["world_size"] == 2 and ddp["results_json"].endswith("results.json")
@@ -151,7 +152,9 @@ def test_speed_and_ddp_parts_dry_run(tmp_path: Path) -> None:
     assert ddp["throughput"] > 0 and 0.0 <= ddp["test_acc"] <= 1.0
     train = parts["train_step"]["result"]["rows"]
     assert {(r["model"], r["batch_size"]) for r in train} == {
-        (m, b) for m in ("uncompressed", "tome/8", "pyra/8", "pyra/8+merge-kernels") for b in (1, 2)
+        (m, b)
+        for m in ("uncompressed", "tome/8", "pyra/8", "pyra/8+merge-kernels", "pyra/8+merge-kernels+channel")
+        for b in (1, 2)
     }
     assert all(r["images_per_s"] > 0 for r in train)
     markdown = (tmp_path / "gpu_check.md").read_text()

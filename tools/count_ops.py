@@ -15,7 +15,8 @@ cross-entropy and backward, with grad mode on, so composite operators such as ``
 as what they decompose into): the operators an eager training loop's host issues per step. Its
 ``+merge-kernels`` row is PYRA on the ``triton`` matcher and merger with SDPA attention (the
 Triton attention has no backward), its merge's backward being ``kernels.merge_backward`` with
-its kernels' launches recorded (``kernels.merge_grad``).
+its kernels' launches recorded (``kernels.merge_grad``); ``+channel`` attends with
+``attention="sdpa_channel"`` instead (SDPA unmasked, ``log(size)`` in one more key channel).
 """
 
 from __future__ import annotations
@@ -167,6 +168,12 @@ def training_models(names: Iterable[str] | None = None) -> dict[str, torch.nn.Mo
         ("pyra/high", "high", True, {}),
         ("pyra/high+match-kernels", "high", True, {"matcher": "triton"}),  # the torch merge ("wavg")
         ("pyra/high+merge-kernels", "high", True, {"matcher": "triton", "merger": "triton"}),
+        (  # the same, attending unmasked with log(size) in a key channel
+            "pyra/high+merge-kernels+channel",
+            "high",
+            True,
+            {"matcher": "triton", "merger": "triton", "attention": "sdpa_channel"},
+        ),
     ]:
         if names is not None and name not in names:
             continue

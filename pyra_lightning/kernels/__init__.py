@@ -9,7 +9,8 @@
   step keeps the merge kernels; ``merge_grad``: that backward as two Triton kernels in eager
   steps (the torch formula where a graph is traced);
 - ``attention``: the table of kernels proportional attention runs on (``ATTENTIONS``: SDPA with
-  a ``log(size)`` mask, FlexAttention with a ``score_mod``, and ``proportional``'s kernel);
+  a ``log(size)`` mask, FlexAttention with a ``score_mod``, ``proportional``'s kernel, and SDPA
+  unmasked with ``log(size)`` in one more key channel);
 - ``proportional``: proportional attention as one Triton flash-attention kernel that reads the
   sizes per block of keys (``triton_proportional_attention``; the ``"triton"`` attention).
 

@@ -16,6 +16,10 @@ as much as the patches it stands for. The patched attentions (``patch_vit``, ``p
 - ``"triton"``: a flash-attention forward in Triton that reads ``size`` per block of keys
   (``kernels.proportional``); inference on CUDA only, SDPA with the mask everywhere else
   (training, exports, CPU), so it trains, exports and runs anywhere ``"sdpa"`` does.
+- ``"sdpa_channel"``: SDPA with no mask at all: ``log(size)`` rides in one more channel of the
+  keys, against a channel of ones in the queries (``channel_proportional_attention``). Without a
+  mask SDPA may pick flash attention, forward and backward, so this is the fast candidate for
+  training steps, where the Triton kernel (forward only) hands over to the masked SDPA.
 
 Which is faster on a given GPU is measured, not assumed (``scripts/gpu_check.sh``'s ``speed``
 part times both); both compute the same function. Another kernel is one function and one
@@ -30,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from pyra_lightning.kernels.proportional import triton_proportional_attention
+from pyra_lightning.merge import constant
 from pyra_lightning.patch_common import size_bias
 
 # (q, k, v) (B, H, N, d) each, size (B, N, 1) or None, dropout probability -> (B, H, N, d)
@@ -113,10 +118,67 @@ def sdpa_proportional_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=size_bias(size, q.dtype), dropout_p=dropout_p)
 
 
+# Channels the widened heads of ``channel_proportional_attention`` are rounded up to: flash
+# attention and the memory-efficient kernel take head widths that are multiples of 8.
+CHANNEL_ALIGN = 8
+
+
+def channel_proportional_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor | None, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """Proportional attention as SDPA with no mask: ``log(size)`` as one more channel of the keys.
+
+    With the scale ``s = d^-1/2`` the logit of query i and key j is ``s q_i·k_j + log(size_j)``.
+    Widening each head to ``q' = [q, 1]`` and ``k' = [k, log(size_j) / s]`` gives
+    ``s q'_i·k'_j`` = the same logit, so SDPA computes proportional attention unmasked, and
+    unmasked it may run flash attention, forward and backward; the masked call cannot
+    (``sdpa_proportional_attention``). The width is rounded up to ``CHANNEL_ALIGN``: the spare
+    channels hold ``[1, 0, ..., 0]`` in the queries and ``log(size_j) / s`` in every one of the
+    keys', so only the first adds anything (and adds it exactly). Flash attention wants one width
+    for q, k and v, so v gets the same spare channels; their outputs are sliced off and their
+    gradients are dropped. Everything is ``torch.cat``, whose backward is views, against the three
+    copies of q, k and v it costs forward, and the spare channels' arithmetic (72 instead of 64
+    for ViT-B/16's heads).
+
+    Rounding: ``log(size)`` is rounded to k's dtype as the mask is to q's; for a power-of-4 ``d``
+    (64: ``/ s`` is ``* 8``) the bias is exactly the mask's.
+
+    Args:
+        q: Queries, (B, H, N, d).
+        k: Keys, (B, H, N, d).
+        v: Values, (B, H, N, d).
+        size: Patches per token, (B, N, 1); ``None``: timm's own unmasked call.
+        dropout_p: Attention dropout (training; flash attention has it too).
+
+    Returns:
+        (B, H, N, d).
+    """
+    if size is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    batch, heads, num_tokens, head_dim = q.shape
+    scale = head_dim**-0.5
+    spare = CHANNEL_ALIGN - head_dim % CHANNEL_ALIGN  # 1..CHANNEL_ALIGN: at least the bias channel
+    wide = (batch, heads, num_tokens, spare)
+
+    def first_only() -> torch.Tensor:  # (spare,): [1, 0, ..., 0]
+        return F.pad(torch.ones(1, dtype=q.dtype, device=q.device), (0, spare - 1))
+
+    one = constant(("channel_attention", spare, q.dtype), q, first_only).expand(wide)
+    # log(size_j) / s in one operator, rounded once to k's dtype: (B, 1, N, 1)
+    bias = torch.special.xlogy(1.0 / scale, size.reshape(batch, 1, num_tokens, 1))
+    bias = bias if bias.dtype == k.dtype else bias.to(k.dtype)
+    wide_q = torch.cat([q, one], dim=-1)  # (B, H, N, d + spare)
+    wide_k = torch.cat([k, bias.expand(wide)], dim=-1)
+    wide_v = torch.cat([v, one], dim=-1)  # any values: their outputs are sliced off
+    out = F.scaled_dot_product_attention(wide_q, wide_k, wide_v, dropout_p=dropout_p, scale=scale)
+    return out[..., :head_dim]
+
+
 ATTENTIONS: dict[str, Attention] = {
     "sdpa": sdpa_proportional_attention,
     "flex": flex_proportional_attention,
     "triton": triton_proportional_attention,
+    "sdpa_channel": channel_proportional_attention,
 }
 
 

@@ -95,8 +95,9 @@ class MergingSettings:
             ``pyra_lightning.kernels.attention`` (``"sdpa"``: SDPA with a ``log(size)`` mask;
             ``"flex"``: FlexAttention with a ``score_mod``, fused under ``torch.compile``;
             ``"triton"``: a Triton flash-attention kernel that reads the sizes per key, for
-            inference on CUDA, SDPA elsewhere). The same function each way; which is faster is
-            measured per GPU.
+            inference on CUDA, SDPA elsewhere; ``"sdpa_channel"``: SDPA with no mask, ``log(size)``
+            in one more key channel, so flash attention may run forward and backward). The same
+            function each way; which is faster is measured per GPU.
         elastic: Train one model for a range of merge rates instead of the one ``merge_r``
             (``training.elastic``): ``{min_fraction: 0.289, max_fraction: 1.0, sandwich: true,
             include_full: false, curve: []}``, FLOPs fractions of the uncompressed model; every key
