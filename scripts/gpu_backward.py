@@ -59,7 +59,10 @@ def attention_training_micro(device: Any, dry_run: bool) -> dict[str, Any]:
     leaves them) on the GPU's clock: SDPA with the ``log(size)`` mask (what training runs by
     default), SDPA on the key channel (``attention="sdpa_channel"``), and SDPA with no bias at
     all (the floor); the channel's gradient against the mask's, and whether flash attention takes
-    the channel's call (forced with ``sdpa_kernel``: an error says why not)."""
+    the channel's call (forced with ``sdpa_kernel``: an error says why not). Then each of the two
+    on each SDPA backend forced in turn (flash, memory-efficient, cuDNN), forward alone (as
+    inference runs it) and forward and backward: which backend SDPA picks by itself is not
+    necessarily the fastest, and flash rounds a 72-channel head up to its 96-channel kernel."""
     import torch
     import torch.nn.functional as F
     from gpu_kernels import device_ms
@@ -97,4 +100,23 @@ def attention_training_micro(device: Any, dry_run: bool) -> dict[str, Any]:
             result["channel_on_flash"] = f"{type(error).__name__}: {error}"[:200]
         timed = {f"{name} fwd+bwd": step(forward) for name, forward in forwards.items()}
         result["device_ms"] = device_ms(timed)
+
+        def forced(fn: Any, backend: Any, grad: bool) -> Any:
+            def run() -> Any:
+                with sdpa_kernel([backend]), torch.set_grad_enabled(grad):
+                    return fn()
+
+            return run
+
+        backends = {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+        }
+        per_backend = {}
+        for label, backend in backends.items():
+            for name in ("sdpa masked", "sdpa channel"):
+                per_backend[f"{name} {label} fwd"] = forced(forwards[name], backend, grad=False)
+                per_backend[f"{name} {label} fwd+bwd"] = forced(step(forwards[name]), backend, grad=True)
+        result["device_ms_per_backend"] = device_ms(per_backend)  # a refusal is recorded as its error
     return result

@@ -422,12 +422,14 @@ ATTENTION_TILES = ((64, 32, 4), (64, 64, 8), (128, 64, 8), (128, 32, 8))
 def _attention(device: Any, dry_run: bool) -> dict[str, Any]:
     """ms of one proportional attention at PYRA high's second layer (B 256, 12 heads, 157 tokens,
     64 channels, bf16, q/k/v strided as timm's qkv leaves them): SDPA with the ``log(size)``
-    mask, SDPA without one (what the kernel would like to match), and the Triton kernel at its
-    default tiles and at ``ATTENTION_TILES``, on the GPU's clock; its difference from SDPA."""
+    mask, SDPA without one (what the kernel would like to match), SDPA on the key channel
+    (``attention="sdpa_channel"``, unmasked too), and the Triton kernel at its default tiles and
+    at ``ATTENTION_TILES``, on the GPU's clock; its difference from SDPA."""
     import torch
     import torch.nn.functional as F
 
     from pyra_lightning.kernels import use_triton
+    from pyra_lightning.kernels.attention import channel_proportional_attention
 
     b, h, n, d = (2, 3, 37, 16) if dry_run else (256, 12, 157, 64)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -439,6 +441,7 @@ def _attention(device: Any, dry_run: bool) -> dict[str, Any]:
     fns = {
         "sdpa_masked_ms": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
         "sdpa_unmasked_ms": lambda: F.scaled_dot_product_attention(q, k, v),
+        "sdpa_channel_ms": lambda: channel_proportional_attention(q, k, v, size),  # no mask either
     }
     with torch.inference_mode():
         if use_triton(q):
@@ -454,6 +457,7 @@ def _attention(device: Any, dry_run: bool) -> dict[str, Any]:
             fns["triton_ms"] = lambda: launch_attention(q, k, v, size)
             if q.is_cuda:  # do_bench needs a GPU driver, which the interpreter has not
                 timed = {"sdpa masked": fns["sdpa_masked_ms"], "sdpa unmasked": fns["sdpa_unmasked_ms"]}
+                timed["sdpa channel"] = fns["sdpa_channel_ms"]
                 timed["triton"] = fns["triton_ms"]
                 for block_m, block_n, warps in ATTENTION_TILES:
                     tiles = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps}
