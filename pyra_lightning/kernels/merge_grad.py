@@ -75,6 +75,20 @@ if triton is not None:
         return m_s, m_t, g, mask
 
     @triton.jit
+    def _normed_info(
+        pairs, grad, batch, rows, chans, rmask, cmask, merge_r, channels, mean, rstd, norm_w, norm_b
+    ):  # fmt: skip
+        """One channel tile of eq. 4's LayerNorm of ``M_s + M_t`` from the scratch: the normalised
+        tile and ``M_info`` (R, C), with dL/dM'_s, the norm's weight and the mask; 0 where
+        masked. Sweeps 3, 5 and 6 recompute it rather than keep (B, r, C) more scratch."""
+        m_s, m_t, g, mask = _scratch_rows(pairs, grad, batch, rows, chans, rmask, cmask, merge_r, channels)
+        ln_w = tl.load(norm_w + chans, mask=cmask, other=0.0)
+        ln_b = tl.load(norm_b + chans, mask=cmask, other=0.0)
+        normed = tl.where(mask, (m_s + m_t - mean[:, None]) * rstd[:, None], 0.0)
+        info = tl.where(mask, normed * ln_w[None, :] + ln_b[None, :], 0.0)
+        return g, normed, info, ln_w, mask
+
+    @triton.jit
     def pair_grad_kernel(
         x, residual, size, perm, dst_out, grad_out, merged_size,
         norm_w, norm_b, weight_r, weight_d,
@@ -140,13 +154,9 @@ if triton is not None:
         for start in range(0, channels, BLOCK_C):
             chans = start + tl.arange(0, BLOCK_C)
             cmask = chans < channels
-            m_s, m_t, _, mask = _scratch_rows(
-                pairs, grad, batch, rows, chans, rmask, cmask, merge_r, channels
-            )
-            ln_w = tl.load(norm_w + chans, mask=cmask, other=0.0)
-            ln_b = tl.load(norm_b + chans, mask=cmask, other=0.0)
-            normed = (m_s + m_t - mean[:, None]) * rstd[:, None]
-            info = tl.where(mask, normed * ln_w[None, :] + ln_b[None, :], 0.0)
+            _, _, info, _, _ = _normed_info(
+                pairs, grad, batch, rows, chans, rmask, cmask, merge_r, channels, mean, rstd, norm_w, norm_b
+            )  # fmt: skip
             delta_r += tl.sum(info * tl.load(weight_d + chans, mask=cmask, other=0.0)[None, :], axis=1)
             tl.store(sig_at + chans, tl.sigmoid(tl.sum(w_r[:, None] * info, axis=0)), mask=cmask)
         gate_r = 2.0 * tl.sigmoid(delta_r) - 1.0  # eq. 7's 2σ(δ_r) - 1
@@ -172,13 +182,9 @@ if triton is not None:
         for start in range(0, channels, BLOCK_C):
             chans = start + tl.arange(0, BLOCK_C)
             cmask = chans < channels
-            m_s, m_t, _, mask = _scratch_rows(
-                pairs, grad, batch, rows, chans, rmask, cmask, merge_r, channels
-            )
-            ln_w = tl.load(norm_w + chans, mask=cmask, other=0.0)
-            ln_b = tl.load(norm_b + chans, mask=cmask, other=0.0)
-            normed = tl.where(mask, (m_s + m_t - mean[:, None]) * rstd[:, None], 0.0)
-            info = tl.where(mask, normed * ln_w[None, :] + ln_b[None, :], 0.0)
+            _, normed, info, ln_w, _ = _normed_info(
+                pairs, grad, batch, rows, chans, rmask, cmask, merge_r, channels, mean, rstd, norm_w, norm_b
+            )  # fmt: skip
             grad_d = tl.load(sig_at + channels + chans, mask=cmask, other=0.0)
             w_d = tl.load(weight_d + chans, mask=cmask, other=0.0)
             grad_info = grad_r[:, None] * w_d[None, :] + w_r[:, None] * grad_d[None, :]  # 0 where masked
@@ -195,11 +201,9 @@ if triton is not None:
         for start in range(0, channels, BLOCK_C):
             chans = start + tl.arange(0, BLOCK_C)
             cmask = chans < channels
-            m_s, m_t, g, mask = _scratch_rows(
-                pairs, grad, batch, rows, chans, rmask, cmask, merge_r, channels
-            )
-            ln_w = tl.load(norm_w + chans, mask=cmask, other=0.0)
-            normed = tl.where(mask, (m_s + m_t - mean[:, None]) * rstd[:, None], 0.0)
+            g, normed, _, ln_w, mask = _normed_info(
+                pairs, grad, batch, rows, chans, rmask, cmask, merge_r, channels, mean, rstd, norm_w, norm_b
+            )  # fmt: skip
             grad_d = tl.load(sig_at + channels + chans, mask=cmask, other=0.0)
             w_d = tl.load(weight_d + chans, mask=cmask, other=0.0)
             grad_normed = (grad_r[:, None] * w_d[None, :] + w_r[:, None] * grad_d[None, :]) * ln_w[None, :]
