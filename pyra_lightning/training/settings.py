@@ -90,7 +90,8 @@ class MergingSettings:
             with its scores' row maxima in one Triton kernel on CUDA).
         merger: How matched tokens combine, a name registered there (``"wavg"``: the
             size-weighted average with PYRA's modulation; ``"triton"``: the same in two Triton
-            kernels for inference on CUDA, the torch path wherever autograd records it).
+            kernels on CUDA, training too, with a backward of its own: ``kernels.merge_grad``'s
+            kernels eager, the torch formula under ``torch.compile``).
         attention: The kernel proportional attention runs on, a name registered in
             ``pyra_lightning.kernels.attention`` (``"sdpa"``: SDPA with a ``log(size)`` mask;
             ``"flex"``: FlexAttention with a ``score_mod``, fused under ``torch.compile``;
