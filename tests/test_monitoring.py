@@ -331,3 +331,23 @@ def test_a_line_for_the_user_is_a_line_of_its_own_under_a_progress_bar(
     with caplog.at_level(logging.INFO):
         say(quiet, "predictions written to y.csv")
     assert "predictions written to y.csv" in caplog.text, "no bar: Lightning's log, as before"
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize(("attention", "warns"), [("flex", True), ("triton", False), ("sdpa_channel", False)])
+def test_only_flex_attention_gets_the_unfused_eager_warning(
+    attention: str, warns: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eager FlexAttention is its unfused reference, so an eager throughput of it is warned about;
+    the Triton kernel and the key-channel SDPA run fused eager and are not (the warning once named
+    every attention but SDPA's)."""
+    from helpers import tiny_module
+
+    from pyra_lightning.training import callbacks
+    from pyra_lightning.training.callbacks import InferenceThroughput
+
+    said: list[str] = []
+    monkeypatch.setattr(callbacks, "rank_zero_warn", lambda message, *args, **kwargs: said.append(message))
+    module = tiny_module(merging={"attention": attention}).eval()
+    InferenceThroughput(batch_size=2, warmup=0, runs=1).measure(module)
+    assert any("FlexAttention's unfused eager reference" in message for message in said) == warns

@@ -133,15 +133,16 @@ def channel_proportional_attention(
     ``s q'_i·k'_j`` = the same logit, so SDPA computes proportional attention unmasked, and
     unmasked it may run flash attention, forward and backward; the masked call cannot
     (``sdpa_proportional_attention``). The width is rounded up to ``CHANNEL_ALIGN``: the spare
-    channels hold ``[1, 0, ..., 0]`` in the queries and ``log(size_j) / s`` in every one of the
-    keys', so only the first adds anything (and adds it exactly). Flash attention wants one width
-    for q, k and v, so v gets the same spare channels; their outputs are sliced off and their
-    gradients are dropped. Everything is ``torch.cat``, whose backward is views, against the three
-    copies of q, k and v it costs forward, and the spare channels' arithmetic (72 instead of 64
-    for ViT-B/16's heads).
+    channels hold ``[1, 0, ..., 0]`` in the queries and ``[log(size_j) / s, 0, ..., 0]`` in the
+    keys, so they add the bias exactly (and a size of 0 masks its key, as the mask's ``-inf``
+    does). Flash attention wants one width for q, k and v, so v gets spare channels too; their
+    outputs are sliced off and their gradients dropped. The widening is ``torch.cat``, whose
+    backward is views; the cost is three copies of q, k and v forward, the output slice's
+    backward, and the spare channels' arithmetic (72 instead of 64 for ViT-B/16's heads).
 
-    Rounding: ``log(size)`` is rounded to k's dtype as the mask is to q's; for a power-of-4 ``d``
-    (64: ``/ s`` is ``* 8``) the bias is exactly the mask's.
+    Rounding: ``log(size) / s`` is computed in fp32 (fp64 for fp64 sizes) and rounded once to
+    k's dtype; the mask rounds ``log(size)`` to q's. For a power-of-4 ``d`` (64: ``/ s`` is
+    ``* 8``) the two biases are the same numbers.
 
     Args:
         q: Queries, (B, H, N, d).
@@ -160,16 +161,20 @@ def channel_proportional_attention(
     spare = CHANNEL_ALIGN - head_dim % CHANNEL_ALIGN  # 1..CHANNEL_ALIGN: at least the bias channel
     wide = (batch, heads, num_tokens, spare)
 
-    def first_only() -> torch.Tensor:  # (spare,): [1, 0, ..., 0]
-        return F.pad(torch.ones(1, dtype=q.dtype, device=q.device), (0, spare - 1))
+    def first(dtype: torch.dtype) -> torch.Tensor:  # (spare,): [1, 0, ..., 0]
+        key = ("channel_attention", spare, dtype)
+        return constant(key, q, lambda: F.pad(torch.ones(1, dtype=dtype, device=q.device), (0, spare - 1)))
 
-    one = constant(("channel_attention", spare, q.dtype), q, first_only).expand(wide)
-    # log(size_j) / s in one operator, rounded once to k's dtype: (B, 1, N, 1)
-    bias = torch.special.xlogy(1.0 / scale, size.reshape(batch, 1, num_tokens, 1))
-    bias = bias if bias.dtype == k.dtype else bias.to(k.dtype)
-    wide_q = torch.cat([q, one], dim=-1)  # (B, H, N, d + spare)
+    # log(size_j) / s in one fp32 (or fp64) operator, rounded once to k's dtype: (B, 1, N, 1), then
+    # [bias, 0, ..., 0] (B, 1, N, spare)
+    sizes = size.float() if size.dtype in (torch.float16, torch.bfloat16) else size  # a model held in bf16
+    bias = torch.special.xlogy(1.0 / scale, sizes.reshape(size.shape[0], 1, num_tokens, 1))
+    bias = F.pad(bias if bias.dtype == k.dtype else bias.to(k.dtype), (0, spare - 1))
+    wide_q = torch.cat([q, first(q.dtype).expand(wide)], dim=-1)  # (B, H, N, d + spare)
     wide_k = torch.cat([k, bias.expand(wide)], dim=-1)
-    wide_v = torch.cat([v, one], dim=-1)  # any values: their outputs are sliced off
+    # v's dtype of its own (under autocast a q/k norm leaves q and k fp32 and v bf16); any
+    # values do, as their outputs are sliced off
+    wide_v = torch.cat([v, first(v.dtype).expand(wide)], dim=-1)
     out = F.scaled_dot_product_attention(wide_q, wide_k, wide_v, dropout_p=dropout_p, scale=scale)
     return out[..., :head_dim]
 

@@ -138,7 +138,7 @@ class InferenceThroughput(pl.Callback):
         model = (
             pl_module.inference_model if pl_module.inference_model is not None else pl_module.folded_copy()
         )
-        if self.engine in ("eager", "cudagraph") and attention_kernel(model) != "sdpa":
+        if self.engine in ("eager", "cudagraph") and attention_kernel(model) == "flex":
             rank_zero_warn(
                 f"throughput.engine={self.engine} times FlexAttention's unfused eager reference "
                 f"(model.merging.attention: {attention_kernel(model)}); throughput.engine inductor-cudagraph "
