@@ -165,13 +165,16 @@ def channel_proportional_attention(
         key = ("channel_attention", spare, dtype)
         return constant(key, q, lambda: F.pad(torch.ones(1, dtype=dtype, device=q.device), (0, spare - 1)))
 
-    # log(size_j) / s in one fp32 (or fp64) operator, rounded once to k's dtype: (B, 1, N, 1), then
-    # [bias, 0, ..., 0] (B, 1, N, spare)
+    # log(size_j) / s in one fp32 (or fp64) operator, rounded once to k's dtype: (B, 1, N, 1)
     sizes = size.float() if size.dtype in (torch.float16, torch.bfloat16) else size  # a model held in bf16
     bias = torch.special.xlogy(1.0 / scale, sizes.reshape(size.shape[0], 1, num_tokens, 1))
-    bias = F.pad(bias if bias.dtype == k.dtype else bias.to(k.dtype), (0, spare - 1))
+    bias = bias if bias.dtype == k.dtype else bias.to(k.dtype)
     wide_q = torch.cat([q, first(q.dtype).expand(wide)], dim=-1)  # (B, H, N, d + spare)
-    wide_k = torch.cat([k, bias.expand(wide)], dim=-1)
+    # [k, bias, 0, ..., 0] in one cat, the zeros being the tail of [1, 0, ..., 0]
+    keys = [k, bias.expand(batch, heads, num_tokens, 1)]
+    if spare > 1:
+        keys.append(first(k.dtype)[1:].expand(batch, heads, num_tokens, spare - 1))
+    wide_k = torch.cat(keys, dim=-1)
     # v's dtype of its own (under autocast a q/k norm leaves q and k fp32 and v bf16); any
     # values do, as their outputs are sliced off
     wide_v = torch.cat([v, first(v.dtype).expand(wide)], dim=-1)
