@@ -83,7 +83,7 @@ def attention_training_micro(device: Any, dry_run: bool) -> dict[str, Any]:
     }
 
     def step(forward: Any) -> Any:
-        return lambda: torch.autograd.grad(forward(), qkv, upstream, retain_graph=False)[0]
+        return lambda: torch.autograd.grad(forward(), qkv, upstream)[0]
 
     result: dict[str, Any] = {"shape": [b, h, n, d], "dtype": str(dtype)}
     want = step(forwards["sdpa masked"])().float()

@@ -102,6 +102,23 @@ def tiny_module(**overrides: Any) -> Any:
     return PyraClassifier(**with_settings(kwargs, overrides))
 
 
+def exported_round_trip(out: Path, attention: str) -> tuple[Any, Any, torch.Tensor]:
+    """A ``tiny_module`` trained with ``model.merging.attention: attention``, exported to ``out`` and
+    reloaded: (module, served, x), after checking that the module's blocks, the export's recipe and
+    the reloaded model all name ``attention`` and that the reloaded model gives the module's logits."""
+    from pyra_lightning.commands.export import export_model, load_exported
+    from pyra_lightning.patch import attention_kernel
+
+    module = tiny_module(merging={"attention": attention}).eval()
+    assert attention_kernel(module.model) == attention
+    served = load_exported(export_model(module, out, mean=(0.5,) * 3, std=(0.5,) * 3))
+    assert served.config["attention"] == attention and attention_kernel(served.model) == attention
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(served.model(x), module.model(x))
+    return module, served, x
+
+
 def with_settings(defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """``PyraClassifier`` arguments: ``overrides`` replace ``defaults``, and a setting group's dict
     (``lora``, ``merging``, ``optim``, ``recipe``) updates the default group key by key, as a second

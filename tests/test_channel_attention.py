@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import randomize_, tiny_module
+from helpers import exported_round_trip, randomize_
 from test_kernels import ATTENTION_MODELS
 
 import pyra_lightning.kernels.attention as attention
@@ -209,19 +209,12 @@ def test_a_training_step_on_the_key_channel_equals_the_masked_one(family: str) -
 def test_the_setting_trains_exports_and_reloads(tmp_path: Path) -> None:
     """``model.merging.attention: sdpa_channel`` in a run's settings: the blocks attend with it, the
     export records it, the reloaded model gives the same logits, and ONNX takes it (its graph is
-    pad, concat and an unmasked attention)."""
-    from pyra_lightning.commands.export import export_model, load_exported
+    xlogy, concat and an unmasked attention)."""
     from pyra_lightning.deploy import to_onnx
 
-    module = tiny_module(merging={"attention": "sdpa_channel"}).eval()
-    assert attention_kernel(module.model) == "sdpa_channel"
-    out = export_model(module, tmp_path / "model", mean=(0.5,) * 3, std=(0.5,) * 3)
-    served = load_exported(out)
-    assert served.config["attention"] == "sdpa_channel" and attention_kernel(served.model) == "sdpa_channel"
-    x = torch.randn(2, 3, 32, 32)
+    module, served, x = exported_round_trip(tmp_path / "model", "sdpa_channel")
     with torch.no_grad():
         want = module.model(x)
-        torch.testing.assert_close(served.model(x), want)
     pytest.importorskip("onnxruntime", reason="the onnx extra (pip install '.[onnx]') is not installed")
     pytest.importorskip("onnxscript", reason="the onnx extra (pip install '.[onnx]') is not installed")
     import onnxruntime

@@ -437,20 +437,11 @@ def test_flex_attention_refuses_attention_dropout_in_training() -> None:
 def test_the_attention_setting_reaches_the_blocks_and_the_exported_recipe(tmp_path: Path) -> None:
     """``model.merging.attention: flex`` in a run's settings: the module's blocks attend with it, the
     export records it, ``load_exported`` rebuilds it, and ONNX refuses it in one line."""
-    from helpers import tiny_module
+    from helpers import exported_round_trip
 
-    from pyra_lightning.commands.export import export_model, load_exported
     from pyra_lightning.deploy import to_onnx
-    from pyra_lightning.patch import attention_kernel
 
-    module = tiny_module(merging={"attention": "flex"}).eval()
-    assert attention_kernel(module.model) == "flex"
-    out = export_model(module, tmp_path / "model", mean=(0.5,) * 3, std=(0.5,) * 3)
-    served = load_exported(out)
-    assert served.config["attention"] == "flex" and attention_kernel(served.model) == "flex"
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(served.model(x), module.model(x))
+    _, served, x = exported_round_trip(tmp_path / "model", "flex")
     pytest.importorskip("onnxscript", reason="the onnx extra (pip install '.[onnx]') is not installed")
     with pytest.raises(ValueError, match="ONNX has no operator for FlexAttention"):
         to_onnx(served.model, tmp_path / "m.onnx", x)
