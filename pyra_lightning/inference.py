@@ -36,10 +36,11 @@ later call never overwrites a result the caller holds).
 The model. A model with LoRA is deep-copied and the copy folded (``fold_lora``), so the caller's
 model keeps its LoRA and stays trainable; a model without LoRA is used as is (no copy) and put
 in eval mode. A model that matches with the Triton matcher also gets the merge metric folded into
-its ``qkv`` projections (``patch_vit.fold_metric``; on a copy, never the caller's model): one
-kernel fewer per merging layer, equal to the keys' mean up to rounding, as that matcher's
-scores are. The graph engines read the parameters' memory at replay, so compile a finished
-model: replacing parameters afterwards is not seen by a captured graph.
+its key projections (the family's ``fold_metric``: ViT's and Eva's ``qkv``, Eva's ``k_proj``; on
+a copy, never the caller's model): one kernel fewer per merging layer, equal to the keys' mean
+up to rounding, as that matcher's scores are. The graph engines read the parameters' memory at
+replay, so compile a finished model: replacing parameters afterwards is not seen by a captured
+graph.
 """
 
 from __future__ import annotations

@@ -58,8 +58,8 @@ class Family:
         traces_source: Whether the patched model needs ``TokenState.source`` in every block
             (per-layer rotary embeddings are rebuilt from it).
         fold_metric: For deployment, makes each merging block's projection compute the merge
-            metric too (``patch_vit.fold_metric``) and returns how many it changed; a no-op
-            (0) where a family has none.
+            metric too (``patch_vit.fold_metric``, ``patch_eva.fold_metric``) and returns how
+            many it changed; a no-op (0) where a family has none.
     """
 
     name: str
@@ -95,6 +95,32 @@ def merge_metric(keys: torch.Tensor) -> torch.Tensor:
     heads, (B, N, hd), as ToMe and PYRA's code take it. A (B, N, hd) tensor is that metric
     already (a projection computed it: ``patch_vit.fold_metric``)."""
     return keys if keys.dim() == 3 else keys.mean(dim=1)
+
+
+def with_metric_rows(
+    layer: nn.Linear, start: int, heads: int, head_dim: int, bias: torch.Tensor | None = None
+) -> nn.Linear:
+    """A copy of ``layer`` with ``head_dim`` more outputs: the mean over ``heads`` of the key rows
+    that start at output ``start``, for a family's ``fold_metric``.
+
+    Without a k-norm the keys are linear in the block's input (``x W_h^T + b_h`` for head h), so
+    their mean over heads, the metric of eq. 3, is one more linear map with the heads' mean weight
+    and bias, taken in fp64 and rounded once. ``bias`` replaces ``layer.bias`` where the attention
+    keeps its bias apart (EVA's ``q_bias``/``k_bias``/``v_bias``); the copy holds it.
+    """
+    weight = layer.weight.detach()  # (out, C)
+    bias = layer.bias if bias is None else bias
+    rows = slice(start, start + heads * head_dim)
+    mean_weight = weight[rows].double().view(heads, head_dim, -1).mean(0)  # (hd, C)
+    wide = nn.Linear(layer.in_features, layer.out_features + head_dim, bias is not None)
+    wide = wide.to(device=weight.device, dtype=weight.dtype).requires_grad_(False)
+    with torch.no_grad():
+        wide.weight.copy_(torch.cat([weight, mean_weight.to(weight.dtype)]))  # (out + hd, C)
+        if bias is not None:
+            bias = bias.detach()
+            mean_bias = bias[rows].double().view(heads, head_dim).mean(0)  # (hd,)
+            wide.bias.copy_(torch.cat([bias, mean_bias.to(bias.dtype)]))
+    return wide
 
 
 def size_bias(size: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -159,7 +185,7 @@ def autocasting(device: torch.device) -> bool:
 
 def mask_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype attention logits have: the autocast dtype inside autocast, else ``x``'s."""
-    if torch.is_autocast_enabled(x.device.type):
+    if autocasting(x.device):  # a device type autocast lacks (meta) has no autocast dtype
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 

@@ -55,6 +55,7 @@ from pyra_lightning.patch_common import (
     pool_tokens,
     shape_from_modules,
     size_bias,
+    with_metric_rows,
 )
 from pyra_lightning.schedules import ViTShape
 
@@ -72,13 +73,15 @@ class _MetricAttention:
        returns ``(out, k)``, the keys (B, H_kv, N, hd) after LoRA and k-norm and before
        rotation, whose mean over (key/value) heads is the similarity metric of eq. 3, taken by
        the block only where it merges (``patch_common.merge_metric``). The keys are taken before
-       rotation so that similarity measures content, not position;
+       rotation so that similarity measures content, not position. After ``fold_metric`` it
+       returns the (B, N, hd) metric that the key projection computed instead;
      - the attention itself runs on the kernel named by ``attention``
        (``kernels.attention.ATTENTIONS``), except under a caller's own mask or ``is_causal``,
        which take timm's own path (SDPA, or its explicit softmax when ``fused_attn`` is off).
     """
 
     attention: str = "sdpa"  # set by apply_merging
+    metric_channels: int = 0  # > 0: the key projection also computes the merge metric (``fold_metric``)
 
     def _attend(
         self,
@@ -92,6 +95,7 @@ class _MetricAttention:
         heads = self.num_heads
         kv_heads = getattr(self, "num_kv_heads", heads)
         gate = self.gate(x).sigmoid() if self.gate is not None else None
+        metric, widths = None, [kv_heads * self.head_dim, self.metric_channels]  # k's and the metric's
         if self.qkv is not None:
             q_bias = getattr(self, "q_bias", None)
             if q_bias is None:
@@ -101,13 +105,18 @@ class _MetricAttention:
                 # timm's own arithmetic either way (plus a PEFT layer's update, if any)
                 separate = self.qkv_bias_separate
                 qkv = self.qkv(x) + qkv_bias if separate else linear(self.qkv, x, qkv_bias)
+            if self.metric_channels:  # the folded metric's columns follow q, k and v (views)
+                qkv, metric = qkv.split([3 * widths[0], widths[1]], dim=-1)
             q, k, v = qkv.reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
         else:
             q = self.q_proj(x).reshape(B, N, heads, -1).transpose(1, 2)  # (B, H, N, hd)
-            k = self.k_proj(x).reshape(B, N, kv_heads, -1).transpose(1, 2)  # (B, H_kv, N, hd)
+            k = self.k_proj(x)  # (B, N, H_kv hd [+ metric_channels])
+            if self.metric_channels:
+                k, metric = k.split(widths, dim=-1)
+            k = k.reshape(B, N, kv_heads, -1).transpose(1, 2)  # (B, H_kv, N, hd)
             v = self.v_proj(x).reshape(B, N, kv_heads, -1).transpose(1, 2)
         q, k = self.q_norm(q), self.k_norm(k)
-        keys = k  # (B, H_kv, N, hd), before rotation: the merge metric's source
+        keys = k if metric is None else metric  # (B, H_kv, N, hd) before rotation, or (B, N, hd)
         if rope is not None:
             npt, half = self.num_prefix_tokens, self.rotate_half
             q = torch.cat(
@@ -400,6 +409,52 @@ def eva_shape(model: Eva) -> ViTShape:
     return dataclasses.replace(shape, rope_token_flops=2 * shape.num_patches * rope_width)
 
 
+def fold_metric(model: Eva) -> int:
+    """For deployment: each merging block's key projection also computes the merge metric.
+
+    As ``patch_vit.fold_metric`` does for ViTs: the metric of eq. 3, the mean over key/value heads
+    of the keys before rotation, is one more linear map of the block's input where there is no
+    k-norm (``patch_common.with_metric_rows``), appended as ``head_dim`` more outputs of the fused
+    ``qkv`` or of ``k_proj`` (grouped-query attention: the mean over the ``num_kv_heads``). It
+    replaces a kernel per merging layer, a pass over the keys. A fused ``qkv`` whose bias timm
+    keeps apart (EVA-02's ``q_bias``/``k_bias``/``v_bias``) gets that bias in the copy, which also
+    spares the bias ``cat`` of every forward; with ``qkv_bias_separate`` the sum is then taken
+    inside the product rather than after it. Equal to the keys' mean and to timm's projection up
+    to rounding. Changes, in place, the merging blocks whose projection is a plain ``nn.Linear``
+    (PEFT layers folded) and whose ``k_norm`` is the identity; the model's state dict changes
+    shape, so fold a copy.
+
+    Returns:
+        How many blocks were folded.
+    """
+    folded = 0
+    for block in model.blocks:
+        attn = block.attn
+        fused = attn.qkv is not None
+        layer = attn.qkv if fused else attn.k_proj
+        if (
+            getattr(block, "merge_r", 0) <= 0
+            or type(layer) is not nn.Linear
+            or not isinstance(attn.k_norm, nn.Identity)
+            or attn.metric_channels
+        ):
+            continue
+        heads, head_dim = getattr(attn, "num_kv_heads", attn.num_heads), attn.head_dim
+        bias = None
+        if fused and getattr(attn, "q_bias", None) is not None:  # timm's bias, kept apart
+            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)).detach()
+            attn.q_bias = attn.k_bias = attn.v_bias = None
+        start = heads * head_dim if fused else 0  # fused: k's rows follow q's
+        wide = with_metric_rows(layer, start, heads, head_dim, bias)
+        if fused:
+            attn.qkv = wide
+        else:
+            attn.k_proj = wide
+        attn.metric_channels = head_dim
+        folded += 1
+    return folded
+
+
 FAMILY = Family(
     name="eva",
     check=check_eva,
@@ -408,4 +463,5 @@ FAMILY = Family(
     peft_targets=fused_or_separate_qkv,
     prepare_peft=patch_attention,
     traces_source=lambda model: model.rope is not None and model.rope_mixed,
+    fold_metric=fold_metric,
 )

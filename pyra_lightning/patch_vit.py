@@ -35,6 +35,7 @@ from pyra_lightning.patch_common import (
     pool_tokens,
     shape_from_modules,
     size_bias,
+    with_metric_rows,
 )
 from pyra_lightning.schedules import ViTShape
 
@@ -227,10 +228,10 @@ def qkv_width(attn: nn.Module) -> int:
 def fold_metric(model: VisionTransformer) -> int:
     """For deployment: each merging block's ``qkv`` projection also computes the merge metric.
 
-    The metric of eq. 3 is the keys' mean over heads. Without a k-norm the keys are linear in the
-    block's input (``x W_h^T + b_h`` for head h), so their mean is one more linear map, with the
-    heads' mean weight and bias. Appended to ``qkv`` as ``head_dim`` more outputs, it comes out
-    of the qkv matrix product, where it cost a separate pass over the (B, H, N, head_dim) keys
+    The metric of eq. 3 is the keys' mean over heads, a linear map of the block's input where
+    there is no k-norm (``patch_common.with_metric_rows``). Appended to ``qkv`` as ``head_dim``
+    more outputs, it comes out of the qkv matrix product, where it cost a separate pass over the
+    (B, H, N, head_dim) keys
     (a kernel per layer, and at batch 256 an 80 MB read). Equal to the keys' mean up to rounding
     (the mean weight is taken in fp64), so a near-tie between two scores may match otherwise, as
     with the Triton matcher. Changes, in place, the blocks that merge, whose ``qkv`` is a plain
@@ -250,18 +251,9 @@ def fold_metric(model: VisionTransformer) -> int:
             or attn.metric_channels
         ):
             continue
-        qkv, attn_dim = attn.qkv, qkv_width(attn)
+        attn_dim = qkv_width(attn)
         head_dim = attn_dim // attn.num_heads
-        weight = qkv.weight.detach()
-        mean_weight = weight[attn_dim : 2 * attn_dim].double().view(attn.num_heads, head_dim, -1).mean(0)
-        wide = nn.Linear(qkv.in_features, qkv.out_features + head_dim, qkv.bias is not None)
-        wide = wide.to(device=weight.device, dtype=weight.dtype).requires_grad_(False)
-        with torch.no_grad():
-            wide.weight.copy_(torch.cat([weight, mean_weight.to(weight.dtype)]))  # (3A + hd, C)
-            if qkv.bias is not None:
-                bias = qkv.bias.detach()
-                mean_bias = bias[attn_dim : 2 * attn_dim].double().view(attn.num_heads, head_dim).mean(0)
-                wide.bias.copy_(torch.cat([bias, mean_bias.to(bias.dtype)]))
+        wide = with_metric_rows(attn.qkv, attn_dim, attn.num_heads, head_dim)  # k's rows follow q's
         attn.qkv, attn.metric_channels = wide, head_dim
         folded += 1
     return folded
