@@ -189,6 +189,19 @@ class TritonWeightedAverage(WeightedAverage):
 
         return triton_merge_wavg_norm(merge, x, size, modulate, residual, norm, norm_dtype)
 
+    def weighted_mean(
+        self, merge: MergeFn, rows: torch.Tensor, size: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Rows that ride along with the tokens (Eva's shared rotary embeddings, ``patch_eva``),
+        (B, N, R), merged into their size-weighted mean by one launch of the merge kernel, where
+        torch takes a product, a gather, a sum and a division; ``None`` where the kernel does not
+        apply (``kernel_applies``), and the caller takes torch's path as it always did."""
+        from pyra_lightning.kernels.merging import kernel_applies, triton_merge_wavg
+
+        if not kernel_applies(merge, rows, size, None, differentiable=True):
+            return None
+        return triton_merge_wavg(merge, rows, size)[0]
+
 
 MATCHERS: dict[str, Callable[[], Matcher]] = {
     "bipartite": BipartiteMatcher,

@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pyra_lightning.kernels.attention import ATTENTIONS
-from pyra_lightning.merge import merge_source
+from pyra_lightning.merge import MergeFn, merge_source
 from pyra_lightning.merge_rules import Matcher, Merger
 from pyra_lightning.modulation import PyraModulation
 from pyra_lightning.patch_common import (
@@ -229,11 +229,6 @@ class _MergingBlock:
         if not fused:
             x = x + branch
         source = merge_source(merge, x, state.source) if self.trace_source else None
-        rope_sum = None
-        if self.rope_mode == "shared" and rope is not None:
-            rows = state.rope if state.rope is not None else _rope_rows(rope, x.shape[0], npt)
-            weight = state.size if state.size is not None else torch.ones_like(rows[..., :1])
-            rope_sum = merge((rows * weight).to(rows.dtype), mode="sum")  # (B, N - merge_r, R)
         normed = None
         if fused and norm is not None and getattr(self.merger, "fuses_norm", False):
             x, size, normed = self.merger.merge_and_norm(  # type: ignore[attr-defined]
@@ -243,8 +238,25 @@ class _MergingBlock:
             x, size = self.merger(merge, branch, state.size, modulate=self.pyra, residual=x)
         else:
             x, size = self.merger(merge, x, state.size, modulate=self.pyra)  # (B, N - merge_r, C)
-        merged_rope = None if rope_sum is None else rope_sum / size.to(rope_sum.dtype)
+        merged_rope = None
+        if self.rope_mode == "shared" and rope is not None:
+            rows = state.rope if state.rope is not None else _rope_rows(rope, x.shape[0], npt)
+            merged_rope = self._merged_rope(merge, rows, state.size, size)  # (B, N - merge_r, R)
         return x, TokenState(size=size, source=source, rope=merged_rope), normed
+
+    def _merged_rope(
+        self, merge: MergeFn, rows: torch.Tensor, size: torch.Tensor | None, merged_size: torch.Tensor
+    ) -> torch.Tensor:
+        """Shared rotary embeddings (B, N, R) merged as the tokens are: the size-weighted mean of
+        each merged token's members (see the module). A merger with a ``weighted_mean`` of its own
+        (the Triton merger: one launch) takes it where it can."""
+        mean = getattr(self.merger, "weighted_mean", None)
+        merged = None if mean is None else mean(merge, rows, size)
+        if merged is not None:
+            return merged
+        weight = size if size is not None else torch.ones_like(rows[..., :1])
+        rope_sum = merge((rows * weight).to(rows.dtype), mode="sum")  # (B, N - merge_r, R)
+        return rope_sum / merged_size.to(rope_sum.dtype)
 
 
 class PyraEvaBlock(_MergingBlock, EvaBlock):  # type: ignore[misc]

@@ -1,6 +1,8 @@
 """Count eager ATen operators per ViT-B/16 forward (random weights, CPU, batch 1), by operator.
 
     PYTHONPATH=$PWD python tools/count_ops.py [--json out.json] [--train]
+    PYTHONPATH=$PWD python tools/count_ops.py --backbone eva02_base_patch14_224 \
+        [--timm_kwargs '{"qkv_fused": true}'] [--no_fold]     # forward rows of another backbone
 
 Counted the way issue 17 counts them: a ``TorchDispatchMode`` under ``torch.inference_mode``
 (which sees composite operators such as ``linear`` once), after one warm-up forward that fills
@@ -86,9 +88,12 @@ def _uses_kernels(model: torch.nn.Module) -> bool:
 
 
 def _images(model: torch.nn.Module, batch: int) -> torch.Tensor:
-    """The same seeded (B, 3, 224, 224) images for every model, on the model's device."""
+    """The same seeded (B, 3, H, W) images for every model, at the size its patch embedding (and so
+    its merge schedule) was built for (224 for ViT-B/16, 256 for DINOv3), on the model's device."""
     device = next(model.parameters()).device
-    return torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
+    height, width = getattr(model.patch_embed, "img_size", None) or (224, 224)
+    images = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(0))
+    return images.to(device)
 
 
 def count(model: torch.nn.Module, batch: int = 1) -> collections.Counter[str]:
@@ -188,7 +193,13 @@ def training_models(names: Iterable[str] | None = None) -> dict[str, torch.nn.Mo
     return out
 
 
-def models() -> dict[str, torch.nn.Module]:
+def models(
+    backbone: str = "vit_base_patch16_224", timm_kwargs: dict | None = None, fold: bool = True
+) -> dict[str, torch.nn.Module]:
+    """The forward rows; ``fold`` folds the ``+kernels`` rows' metric as ``compile_for_inference``
+    deploys them (the family's ``fold_metric``)."""
+    from pyra_lightning.families import find_family
+
     out = {}
     for name, spec, pyra in [
         ("uncompressed", None, False),
@@ -202,11 +213,11 @@ def models() -> dict[str, torch.nn.Module]:
         kernels = {"matcher": "triton", "merger": "triton", "attention": "triton"}
         rule = kernels if name.endswith("+kernels") else {}
         with torch.device("meta" if rule else "cpu"):
-            model = timm.create_model("vit_base_patch16_224", pretrained=False)
+            model = timm.create_model(backbone, pretrained=False, **(timm_kwargs or {}))
         if spec is not None:
             pyra_lightning.apply_merging(model, spec, pyra=pyra, **rule)
-        if rule:  # as compile_for_inference deploys a Triton-rule model: the metric from qkv
-            pyra_lightning.patch_vit.fold_metric(model)
+        if rule and fold:  # as compile_for_inference deploys a Triton-rule model
+            find_family(model).fold_metric(model)
         out[name] = model
     return out
 
@@ -215,9 +226,17 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
     parser.add_argument("--train", action="store_true", help="count a training step, not a forward")
+    parser.add_argument("--backbone", default="vit_base_patch16_224", help="forward rows: a timm name")
+    parser.add_argument("--timm_kwargs", type=json.loads, default={}, help="JSON, to timm.create_model")
+    parser.add_argument("--no_fold", action="store_true", help="+kernels rows keep the keys' mean")
     args = parser.parse_args()
+    if args.train and (args.backbone != "vit_base_patch16_224" or args.timm_kwargs or args.no_fold):
+        parser.error(
+            "--train counts ViT-B/16 only; --backbone, --timm_kwargs and --no_fold are forward options"
+        )
     result = {}
-    for name, model in (training_models() if args.train else models()).items():
+    rows = training_models() if args.train else models(args.backbone, args.timm_kwargs, not args.no_fold)
+    for name, model in rows.items():
         ops = count_training_step(model) if args.train else count(model)
         result[name] = dict(ops.most_common())
         total = f"{sum(ops.values())} ops, {launching(ops)} launching a kernel"
