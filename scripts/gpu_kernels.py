@@ -294,6 +294,14 @@ def _matcher(device: Any, dry_run: bool) -> dict[str, Any]:
                         "torch sort it replaces": lambda: torch.sort(node_max, dim=-1, descending=True),
                     }
                 )
+                one = metric[:1].contiguous()  # batch 1: one program plans, a few match
+                node_max1, node_idx1 = triton_node_max(one, 1)
+                result["device_ms_batch1"] = device_ms(
+                    {
+                        "triton kernel alone": lambda: triton_node_max(one, 1),
+                        "plan kernel alone": lambda: triton_plan(node_max1, node_idx1, n, merge_r, 1),
+                    }
+                )
         else:
             result["triton"] = "not run: needs CUDA tensors and Triton"
         result.update(_interleaved_ms(fns, device, 20))
@@ -360,6 +368,25 @@ def _norm_fns(t: dict[str, Any]) -> dict[str, Callable[[], Any]]:
     }
 
 
+def _batch1_fns(t: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+    """``_norm_fns`` and the pieces that separate, at batch 1, the modulation kernel's time (one
+    program walking the pairs twice) from the merge kernel's and from what the fusion replaces."""
+    import torch
+
+    from pyra_lightning.kernels.merge_norm import triton_merge_wavg_norm
+
+    merge, x, size, mod, norm, branch = (t[k] for k in ("merge", "x", "size", "mod", "norm", "branch"))
+    return {
+        **_norm_fns(t),
+        "ToMe: norm2 fused, no modulation kernel": lambda: triton_merge_wavg_norm(
+            merge, branch, size, None, x, norm, norm_dtype=torch.bfloat16
+        ),
+        "torch add, layer_norm and cast (what the fusion replaces)": lambda: norm(x + branch).to(
+            torch.bfloat16
+        ),
+    }
+
+
 def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
     """ms of one ViT-B PYRA merge (197 tokens, merge_r 16, sizes given): Triton kernels vs torch,
     the residual read by the kernels, and ``norm2`` fused into the merge (batch 256 and 1)."""
@@ -404,8 +431,10 @@ def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
                             **norm_fns,
                         }
                     )
-                    # batch 1, where the fused kernel runs a third of the programs
-                    result["device_ms_batch1"] = device_ms(_norm_fns(_merge_inputs(device, 1, n, c, merge_r)))
+                    # batch 1, where the fused kernel runs a third of the programs; high's first
+                    # merge_r too, since one program per image walks the pairs in sequence there
+                    for key, pairs in (("device_ms_batch1", merge_r), ("device_ms_batch1_r40", 40)):
+                        result[key] = device_ms(_batch1_fns(_merge_inputs(device, 1, n, c, pairs)))
             else:
                 result["triton"] = "not run: the kernels do not apply to these tensors"
         else:
