@@ -22,7 +22,10 @@ its own kernels; the block adds them itself for every other merger. One whose ``
 True (the blocks ask it only of one that ``fuses_residual`` too) also has
 ``merge_and_norm(merge, x, size, modulate, residual, norm, norm_dtype)``, which returns the
 block's next LayerNorm of the merged tokens as a third tensor (``norm2(x)``, which it may
-compute in the same kernel); the block calls that one where it would call both.
+compute in the same kernel); the block calls that one where it would call both. A merger may
+also have ``weighted_mean(merge, rows, size)``: rows that ride along with the tokens (Eva's shared
+rotary embeddings) as their size-weighted mean, or ``None`` where it cannot, and the block takes
+torch's sum and division. It must weight by the same sizes the merger sums for the tokens.
 
 A matcher returns ``merge``/``unmerge`` closures with the contract of ``merge.MergeFn``: modes
 ``"sum"``, ``"mean"`` and ``"amax"``, an optional PYRA ``modulate`` of the sources, and the
@@ -192,10 +195,20 @@ class TritonWeightedAverage(WeightedAverage):
     def weighted_mean(
         self, merge: MergeFn, rows: torch.Tensor, size: torch.Tensor | None
     ) -> torch.Tensor | None:
-        """Rows that ride along with the tokens (Eva's shared rotary embeddings, ``patch_eva``),
-        (B, N, R), merged into their size-weighted mean by one launch of the merge kernel, where
-        torch takes a product, a gather, a sum and a division; ``None`` where the kernel does not
-        apply (``kernel_applies``), and the caller takes torch's path as it always did."""
+        """Rows that ride along with the tokens (Eva's shared rotary embeddings, ``patch_eva``)
+        merged into their size-weighted mean by one launch of the merge kernel, where torch takes
+        a product, a gather, a sum and a division.
+
+        Args:
+            merge: The block's ``merge`` (a ``BipartiteMerge`` for the kernel to apply).
+            rows: (B, N, R) rows; any strides (an embedding expanded over the batch is read once).
+            size: (B, N, 1) sizes, the ones the tokens are weighted by; ``None``: all ones.
+
+        Returns:
+            (B, N - merge_r, R) in ``rows``' dtype, or ``None`` where the kernel does not apply
+            (``kernel_applies``: exports, CPU without the interpreter, ...), and the caller takes
+            torch's path as it always did.
+        """
         from pyra_lightning.kernels.merging import kernel_applies, triton_merge_wavg
 
         if not kernel_applies(merge, rows, size, None, differentiable=True):

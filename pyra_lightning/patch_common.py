@@ -100,20 +100,34 @@ def merge_metric(keys: torch.Tensor) -> torch.Tensor:
 def with_metric_rows(
     layer: nn.Linear, start: int, heads: int, head_dim: int, bias: torch.Tensor | None = None
 ) -> nn.Linear:
-    """A copy of ``layer`` with ``head_dim`` more outputs: the mean over ``heads`` of the key rows
-    that start at output ``start``, for a family's ``fold_metric``.
+    """A copy of ``layer`` with ``head_dim`` more outputs: the merge metric, for ``fold_metric``.
 
     Without a k-norm the keys are linear in the block's input (``x W_h^T + b_h`` for head h), so
     their mean over heads, the metric of eq. 3, is one more linear map with the heads' mean weight
-    and bias, taken in fp64 and rounded once. ``bias`` replaces ``layer.bias`` where the attention
-    keeps its bias apart (EVA's ``q_bias``/``k_bias``/``v_bias``); the copy holds it.
+    and bias, taken in fp64 and rounded once. The copy is allocated uninitialised (on the meta
+    device, then moved), so folding neither draws from the caller's random generator nor
+    initialises a matrix only to overwrite it.
+
+    Args:
+        layer: The projection whose outputs ``start ..< start + heads * head_dim`` are the keys.
+        start: The first key output (after q's in a fused ``qkv``; 0 for ``k_proj``).
+        heads: The key heads averaged (``num_kv_heads`` under grouped-query attention).
+        head_dim: Channels per head, and the metric's width.
+        bias: The projection's bias where the attention keeps it apart (EVA's ``q_bias``,
+            ``k_bias``, ``v_bias``); ``None`` takes ``layer.bias``. The copy holds it.
+
+    Returns:
+        A frozen ``nn.Linear`` with ``layer.out_features + head_dim`` outputs, on ``layer``'s
+        device and in its dtype.
     """
     weight = layer.weight.detach()  # (out, C)
     bias = layer.bias if bias is None else bias
     rows = slice(start, start + heads * head_dim)
     mean_weight = weight[rows].double().view(heads, head_dim, -1).mean(0)  # (hd, C)
-    wide = nn.Linear(layer.in_features, layer.out_features + head_dim, bias is not None)
-    wide = wide.to(device=weight.device, dtype=weight.dtype).requires_grad_(False)
+    wide = nn.Linear(
+        layer.in_features, layer.out_features + head_dim, bias is not None, device="meta", dtype=weight.dtype
+    )
+    wide = wide.to_empty(device=weight.device).requires_grad_(False)
     with torch.no_grad():
         wide.weight.copy_(torch.cat([weight, mean_weight.to(weight.dtype)]))  # (out + hd, C)
         if bias is not None:

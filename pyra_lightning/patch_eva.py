@@ -247,9 +247,19 @@ class _MergingBlock:
     def _merged_rope(
         self, merge: MergeFn, rows: torch.Tensor, size: torch.Tensor | None, merged_size: torch.Tensor
     ) -> torch.Tensor:
-        """Shared rotary embeddings (B, N, R) merged as the tokens are: the size-weighted mean of
-        each merged token's members (see the module). A merger with a ``weighted_mean`` of its own
-        (the Triton merger: one launch) takes it where it can."""
+        """Shared rotary embeddings merged as the tokens are: the size-weighted mean of each merged
+        token's members (see the module). A merger with a ``weighted_mean`` of its own (the Triton
+        merger: one launch; ``merge_rules``) takes it where it can.
+
+        Args:
+            merge: The block's ``merge`` (its matcher's).
+            rows: Per-token embeddings (B, N, R), before the merge.
+            size: The tokens' sizes (B, N, 1) before the merge; ``None``: all ones.
+            merged_size: The merged tokens' sizes (B, N - merge_r, 1), the merger's.
+
+        Returns:
+            (B, N - merge_r, R) embeddings, in ``rows``' dtype.
+        """
         mean = getattr(self.merger, "weighted_mean", None)
         merged = None if mean is None else mean(merge, rows, size)
         if merged is not None:
@@ -452,12 +462,12 @@ def fold_metric(model: Eva) -> int:
         ):
             continue
         heads, head_dim = getattr(attn, "num_kv_heads", attn.num_heads), attn.head_dim
-        bias = None
-        if fused and getattr(attn, "q_bias", None) is not None:  # timm's bias, kept apart
-            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)).detach()
-            attn.q_bias = attn.k_bias = attn.v_bias = None
+        apart = fused and getattr(attn, "q_bias", None) is not None  # timm's bias, kept apart
+        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)).detach() if apart else None
         start = heads * head_dim if fused else 0  # fused: k's rows follow q's
         wide = with_metric_rows(layer, start, heads, head_dim, bias)
+        if apart:  # only once the copy holds it
+            attn.q_bias = attn.k_bias = attn.v_bias = None
         if fused:
             attn.qkv = wide
         else:

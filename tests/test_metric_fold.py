@@ -122,11 +122,21 @@ def test_a_deployed_triton_model_launches_no_mean_over_the_keys(monkeypatch: pyt
 
 
 def _family_model(backbone: str, **extra: object) -> torch.nn.Module:
+    """A tiny ``backbone`` with LoRA folded and every projection bias drawn at random: timm starts
+    them at 0 (EVA's ``k_bias`` is a zero buffer), which would hide a fold that drops one."""
     from test_families import tiny
 
     model = apply_merging(apply_lora(tiny(backbone, **extra), 4), [6, 0, 4, 3], pyra=True)
     randomize_(model)
-    return fold_lora(model).eval()
+    model = fold_lora(model).eval()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in model.modules():
+            biases = [getattr(module, name, None) for name in ("q_bias", "k_bias", "v_bias")]
+            biases += [module.bias] if isinstance(module, torch.nn.Linear) else []
+            for bias in filter(lambda b: b is not None, biases):
+                bias.copy_(torch.randn(bias.shape, generator=generator) * 0.5)
+    return model
 
 
 def _block_metric(attn: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -147,7 +157,9 @@ def test_every_family_folds_the_metric_into_its_key_projection(backbone: str) ->
     model = _family_model(backbone)
     folded = copy.deepcopy(model)
     fold = find_family(folded).fold_metric
+    rng = torch.get_rng_state()
     assert fold(folded) == 3
+    assert torch.equal(torch.get_rng_state(), rng), "folding draws nothing from the caller's generator"
     width = model.blocks[0].attn.head_dim
     assert [block.attn.metric_channels for block in folded.blocks] == [width, 0, width, width]
     tokens = torch.randn(2, 65, model.embed_dim)
@@ -199,7 +211,7 @@ def test_eva_blocks_with_a_k_norm_or_an_unfolded_peft_layer_keep_the_mean() -> N
     ],
 )
 def test_a_deployed_eva_model_launches_no_mean_over_its_keys(
-    name: str, kwargs: dict, bias_cat: bool, monkeypatch: pytest.MonkeyPatch
+    name: str, kwargs: dict[str, bool], bias_cat: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """EVA-02 B/14 and PE-Core B/16 at 'high' with the Triton rule, counted on the meta device as a
     forward dispatches them (``tools/count_ops.py``): folding removes one ``mean`` per merging
@@ -248,3 +260,33 @@ def test_compile_for_inference_folds_eva_models_for_the_triton_matcher_under_the
     assert "eva kernels read the folded metric" in run_interpreted(
         f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r})\n" + _INTERPRETED_EVA
     )
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+@pytest.mark.parametrize(("pyra", "most", "launches"), [(False, 333, 47), (True, 345, 59)])
+def test_the_triton_rules_dispatch_fewer_operators_per_forward(
+    pyra: bool, most: int, launches: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ViT-B/16 at 'high' with the ``triton`` matcher, merger and attention, counted as a CUDA
+    forward would dispatch (meta device, launches recorded, not run: ``tools/count_ops.py``): 333
+    ToMe / 345 PYRA operators including the kernel launches, from 476 / 596 with the torch rules;
+    the plan kernel leaves no sort, gather or cat of indices to torch, the attention kernel
+    takes ``log(size)`` itself, so SDPA runs only in the first block (no sizes yet), and the
+    merge kernels add the residual, so only the MLP's residual adds remain (and the class token's),
+    and write norm2 of what they merged (an ``empty`` for its output in place of a ``layer_norm``)."""
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
+    from count_ops import count
+
+    with torch.device("meta"):
+        model = timm.create_model("vit_base_patch16_224", pretrained=False)
+    apply_merging(model, "high", pyra=pyra, matcher="triton", merger="triton", attention="triton")
+    ops = count(model)
+    assert (
+        ops["triton_launch"] == launches
+    )  # per merging layer: scores, plan, [PYRA's,] the merge; 11 attentions
+    assert sum(ops.values()) <= most
+    assert "index_put_" not in ops and "baddbmm" not in ops  # the torch merge and matcher did not run
+    assert "sort" not in ops and "gather" not in ops and ops["cat"] == 1  # only the class token's cat
+    assert "log" not in ops and ops["scaled_dot_product_attention"] == 1
+    assert ops["add"] == 13  # 12 MLP residuals and the position embedding: no attention residual
+    assert ops["layer_norm"] == 13  # 12 norm1 and the final norm: each norm2 is its merge kernel's

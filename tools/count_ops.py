@@ -29,6 +29,7 @@ import contextlib
 import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import timm
@@ -194,7 +195,7 @@ def training_models(names: Iterable[str] | None = None) -> dict[str, torch.nn.Mo
 
 
 def models(
-    backbone: str = "vit_base_patch16_224", timm_kwargs: dict | None = None, fold: bool = True
+    backbone: str = "vit_base_patch16_224", timm_kwargs: dict[str, Any] | None = None, fold: bool = True
 ) -> dict[str, torch.nn.Module]:
     """The forward rows; ``fold`` folds the ``+kernels`` rows' metric as ``compile_for_inference``
     deploys them (the family's ``fold_metric``)."""
