@@ -18,13 +18,13 @@ def merge_backward_micro(device: Any, dry_run: bool) -> dict[str, Any]:
     from unittest import mock
 
     import torch
-    from gpu_kernels import _merge_inputs, device_ms  # at call time: gpu_kernels imports this module
+    from gpu_micro import device_ms, merge_inputs
 
     from pyra_lightning.kernels import merge_grad
     from pyra_lightning.kernels.merging import triton_merge_wavg
 
     b, n, c, merge_r = (2, 37, 24, 8) if dry_run else (128, 197, 768, 40)
-    t = _merge_inputs(device, b, n, c, merge_r)
+    t = merge_inputs(device, b, n, c, merge_r)
     merge, size, mod = t["merge"], t["size"], t["mod"]
     stream, branch = t["x"].requires_grad_(), t["branch"].requires_grad_()
     result: dict[str, Any] = {"shape": [b, n, c], "merge_r": merge_r}
@@ -65,7 +65,7 @@ def attention_training_micro(device: Any, dry_run: bool) -> dict[str, Any]:
     necessarily the fastest, and flash rounds a 72-channel head up to its 96-channel kernel."""
     import torch
     import torch.nn.functional as F
-    from gpu_kernels import device_ms
+    from gpu_micro import device_ms
 
     from pyra_lightning.kernels.attention import channel_proportional_attention, sdpa_proportional_attention
 

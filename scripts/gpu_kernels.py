@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gpu_backward import attention_training_micro, merge_backward_micro
+from gpu_micro import batch1_fns, device_ms, merge_inputs, norm_fns
 from gpu_speed import (
     HELD,
     KERNELS,
@@ -308,85 +309,6 @@ def _matcher(device: Any, dry_run: bool) -> dict[str, Any]:
     return result
 
 
-def device_ms(fns: dict[str, Callable[[], Any]]) -> dict[str, Any]:
-    """Median ms per call on the GPU's clock (``triton.testing.do_bench``: CUDA events, L2 flushed
-    between calls). The ``*_ms`` figures beside it are host-clock times with the GPU synchronised
-    around each call, so for one layer they include a launch and a synchronisation; these do not.
-    A failure is recorded in place of the figure, so it cannot cost the part its other rows. CUDA
-    tensors only: ``do_bench`` needs a GPU driver."""
-    from triton.testing import do_bench
-
-    out: dict[str, Any] = {}
-    for name, fn in fns.items():
-        try:
-            out[name] = do_bench(fn, return_mode="median")
-        except Exception as error:  # recorded, never fatal: the rows above are already measured
-            out[name] = f"{type(error).__name__}: {error}"[:200]
-    return out
-
-
-def _merge_inputs(device: Any, batch: int, num_tokens: int, channels: int, merge_r: int) -> dict[str, Any]:
-    """One ViT-B-like PYRA merge's inputs at ``batch``: tokens, sizes, a plan, a modulation with
-    random ``W_D`` (zeros would hide it), a bf16 attention branch and a LayerNorm for ``norm2``."""
-    import torch
-
-    from pyra_lightning.merge import bipartite_soft_matching
-    from pyra_lightning.modulation import PyraModulation
-
-    torch.manual_seed(0)
-    x = torch.randn(batch, num_tokens, channels, device=device)
-    size = torch.randint(1, 4, (batch, num_tokens, 1), device=device).float()
-    merge, _ = bipartite_soft_matching(torch.randn(batch, num_tokens, 64, device=device), merge_r, 1)
-    mod = PyraModulation(merge_r, channels).to(device)
-    norm = torch.nn.LayerNorm(channels).to(device)
-    with torch.no_grad():
-        mod.weight_d.normal_(std=0.1)
-        norm.weight.normal_(1.0, 0.1), norm.bias.normal_(std=0.1)
-    branch = torch.randn(batch, num_tokens, channels, device=device, dtype=torch.bfloat16)
-    return {"merge": merge, "x": x, "size": size, "mod": mod, "norm": norm, "branch": branch}
-
-
-def _norm_fns(t: dict[str, Any]) -> dict[str, Callable[[], Any]]:
-    """A merging block's merge and ``norm2`` as the fused kernel writes them (bf16, as autocast's
-    ``fc1`` reads them), against the merge kernel and then torch's LayerNorm and bf16 cast."""
-    import torch
-
-    from pyra_lightning.kernels.merge_norm import triton_merge_wavg_norm
-    from pyra_lightning.kernels.merging import triton_merge_wavg
-
-    merge, x, size, mod, norm, branch = (t[k] for k in ("merge", "x", "size", "mod", "norm", "branch"))
-
-    def apart() -> Any:
-        merged, merged_size = triton_merge_wavg(merge, branch, size, mod, residual=x)
-        return merged, merged_size, norm(merged).to(torch.bfloat16)
-
-    return {
-        "triton, residual read, then layer_norm and cast": apart,
-        "triton with norm2 fused": lambda: triton_merge_wavg_norm(
-            merge, branch, size, mod, x, norm, norm_dtype=torch.bfloat16
-        ),
-    }
-
-
-def _batch1_fns(t: dict[str, Any]) -> dict[str, Callable[[], Any]]:
-    """``_norm_fns`` and the pieces that separate, at batch 1, the modulation kernel's time (one
-    program walking the pairs twice) from the merge kernel's and from what the fusion replaces."""
-    import torch
-
-    from pyra_lightning.kernels.merge_norm import triton_merge_wavg_norm
-
-    merge, x, size, mod, norm, branch = (t[k] for k in ("merge", "x", "size", "mod", "norm", "branch"))
-    return {
-        **_norm_fns(t),
-        "ToMe: norm2 fused, no modulation kernel": lambda: triton_merge_wavg_norm(
-            merge, branch, size, None, x, norm, norm_dtype=torch.bfloat16
-        ),
-        "torch add, layer_norm and cast (what the fusion replaces)": lambda: norm(x + branch).to(
-            torch.bfloat16
-        ),
-    }
-
-
 def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
     """ms of one ViT-B PYRA merge (197 tokens, merge_r 16, sizes given): Triton kernels vs torch,
     the residual read by the kernels, and ``norm2`` fused into the merge (batch 256 and 1)."""
@@ -396,7 +318,7 @@ def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
     from pyra_lightning.merge import merge_wavg
 
     b, n, c, merge_r = (2, 37, 24, 8) if dry_run else (256, 197, 768, 16)
-    t = _merge_inputs(device, b, n, c, merge_r)
+    t = merge_inputs(device, b, n, c, merge_r)
     merge, x, size, mod, branch = (t[k] for k in ("merge", "x", "size", "mod", "branch"))
     result: dict[str, Any] = {"shape": [b, n, c], "merge_r": merge_r}
     fns = {"torch_ms": lambda: merge_wavg(merge, x, size, mod)}
@@ -408,8 +330,8 @@ def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
                 got, want = triton_merge_wavg(merge, x, size, mod), merge_wavg(merge, x, size, mod)
                 diffs = ((g - w).abs().max().item() for g, w in zip(got, want, strict=True))
                 result["max_abs_diff"] = max(diffs)
-                norm_fns = _norm_fns(t)
-                apart, fused = (fn() for fn in norm_fns.values())  # in _norm_fns's order
+                norm_calls = norm_fns(t)
+                apart, fused = (fn() for fn in norm_calls.values())  # in norm_fns's order
                 # the fused kernel against the kernel and torch's norm: the same merged tokens and
                 # sizes bitwise, norms within bf16 rounding
                 result["norm2_merged_equal"] = all(
@@ -428,13 +350,13 @@ def _merger(device: Any, dry_run: bool) -> dict[str, Any]:
                                 merge, branch, size, mod, residual=x
                             ),
                             "torch add, then triton": lambda: triton_merge_wavg(merge, x + branch, size, mod),
-                            **norm_fns,
+                            **norm_calls,
                         }
                     )
                     # batch 1, where the fused kernel runs a third of the programs; high's first
                     # merge_r too, since one program per image walks the pairs in sequence there
                     for key, pairs in (("device_ms_batch1", merge_r), ("device_ms_batch1_r40", 40)):
-                        result[key] = device_ms(_batch1_fns(_merge_inputs(device, 1, n, c, pairs)))
+                        result[key] = device_ms(batch1_fns(merge_inputs(device, 1, n, c, pairs)))
             else:
                 result["triton"] = "not run: the kernels do not apply to these tensors"
         else:

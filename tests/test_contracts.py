@@ -102,3 +102,15 @@ def test_every_peft_method_starts_as_the_linear_and_folds_into_a_plain_linear(na
         folded = layer.to_linear()
         assert type(folded) is nn.Linear
         torch.testing.assert_close(folded(x), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_report_measure_choices_are_timings_own() -> None:
+    """report spells out timing's Literals (so it starts without torch); they must stay equal."""
+    import typing
+
+    from pyra_lightning.commands.report import report
+    from pyra_lightning.timing import ClockName, Precision
+
+    hints = typing.get_type_hints(report)
+    assert typing.get_args(hints["measure_clock"]) == typing.get_args(ClockName)
+    assert typing.get_args(hints["measure_precision"]) == typing.get_args(Precision)

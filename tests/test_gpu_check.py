@@ -271,7 +271,7 @@ def test_device_timing_asks_triton_for_the_median_and_records_a_failure_in_place
     )
 
     sys.path.insert(0, str(REPO / "scripts"))
-    from gpu_kernels import device_ms
+    from gpu_micro import device_ms
 
     calls: list[str] = []
 

@@ -491,15 +491,3 @@ def test_fgvc_tasks_get_their_own_five_task_average() -> None:
     assert partial[0].fgvc is None and "n/a (4/5)" in to_markdown(partial)
     columns, data = table_records(rows)
     assert data[0][columns.index("fgvc_average")] == pytest.approx(rows[0].fgvc, abs=1e-3)
-
-
-def test_report_measure_choices_are_timings_own() -> None:
-    """report spells out timing's Literals (so it starts without torch); they must stay equal."""
-    import typing
-
-    from pyra_lightning.commands.report import report
-    from pyra_lightning.timing import ClockName, Precision
-
-    hints = typing.get_type_hints(report)
-    assert typing.get_args(hints["measure_clock"]) == typing.get_args(ClockName)
-    assert typing.get_args(hints["measure_precision"]) == typing.get_args(Precision)
