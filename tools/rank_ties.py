@@ -1,6 +1,10 @@
 """Why one image in a batch can change its PYRA logits by more than rounding: ties of rank.
 
     PYTHONPATH=$PWD python tools/rank_ties.py [--batch 64] [--model vit_tiny_patch16_224]
+    TRITON_INTERPRET=1 PYTHONPATH=$PWD python tools/rank_ties.py --triton   # kernels vs torch, batch
+
+``--triton`` first compares the batch's logits on the Triton matcher, merger and attention with
+the torch rule's (on CPU under the interpreter, minutes at batch 64).
 
 PYRA's ``W_r`` (eq. 5) weights the merged pairs by their rank in the descending order of the
 matching's maxima, so two A tokens whose maxima are within rounding of each other may swap ranks,
@@ -14,6 +18,7 @@ for the worst, the first layer whose plan differs and the A tokens that swapped,
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +26,7 @@ from typing import Any
 import timm
 import torch
 
-from pyra_lightning import apply_merging
+from pyra_lightning import apply_merging, set_merge_rule
 from pyra_lightning.merge import match
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -55,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_tiny_patch16_224")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--triton", action="store_true", help="also the Triton rule on the batch")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False, num_classes=100)
@@ -62,6 +68,16 @@ def main() -> None:
     randomize_(model, std=0.2).eval()  # W_r and W_D start at 0 (no modulation): draw them
     torch.nn.init.normal_(model.head.weight, std=0.2)
     x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    if args.triton:
+        kernels = set_merge_rule(copy.deepcopy(model), matcher="triton", merger="triton", attention="triton")
+        with torch.no_grad():
+            want, got = model(x), kernels(x)
+        gap = (got - want).abs().amax(dim=-1)
+        print(f"Triton rule vs torch rule on the batch: median {gap.median().item():.1e}, images > 1e-3:")
+        print(
+            f"  {(gap > 1e-3).nonzero().flatten().tolist()} (max {gap.max().item():.3f}), "
+            f"top-1 agreement {(got.argmax(-1) == want.argmax(-1)).float().mean().item():.3f}"
+        )
     seen = recorded_metrics(model)
     with torch.no_grad():
         together = model(x)
