@@ -231,12 +231,12 @@ def fold_metric(model: VisionTransformer) -> int:
     The metric of eq. 3 is the keys' mean over heads, a linear map of the block's input where
     there is no k-norm (``patch_common.with_metric_rows``). Appended to ``qkv`` as ``head_dim``
     more outputs, it comes out of the qkv matrix product, where it cost a separate pass over the
-    (B, H, N, head_dim) keys
-    (a kernel per layer, and at batch 256 an 80 MB read). Equal to the keys' mean up to rounding
-    (the mean weight is taken in fp64), so a near-tie between two scores may match otherwise, as
-    with the Triton matcher. Changes, in place, the blocks that merge, whose ``qkv`` is a plain
-    ``nn.Linear`` (PEFT layers folded: ``fold_lora``) and whose ``k_norm`` is the identity; the
-    others keep taking the mean. The model's state dict changes shape: fold a copy to deploy.
+    (B, H, N, head_dim) keys (a kernel per layer, and at batch 256 an 80 MB read). Equal to the
+    keys' mean up to rounding (the mean weight is taken in fp64), so a near-tie between two scores
+    may match otherwise, as with the Triton matcher. Changes, in place, the blocks that merge,
+    whose ``qkv`` is a plain ``nn.Linear`` (PEFT layers folded: ``fold_lora``) and whose
+    ``k_norm`` is the identity; the others keep taking the mean. The model's state dict changes
+    shape: fold a copy to deploy.
 
     Returns:
         How many blocks were folded.
