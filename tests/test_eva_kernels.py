@@ -24,7 +24,7 @@ def counted(self, merge, rows, size):
     calls.append(merged is not None)
     return merged
 TritonWeightedAverage.weighted_mean = counted
-for backbone in ("eva02", "dinov3"):  # rope "cat", (N, R); rope "dinov3", (1, H, N, R)
+for backbone in ("eva02", "dinov3", "pe_core"):  # rope "cat" (N, R); "dinov3" (1, H, N, R); PE: GQA
     torch.manual_seed(0)
     model = randomize_(apply_merging(tiny(backbone), [6, 0, 4, 3], pyra=True)).eval()
     kernels = set_merge_rule(copy.deepcopy(model), merger="triton")  # the same (torch) matcher
@@ -49,7 +49,7 @@ print("rope merged by the kernel")
 
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 def test_the_triton_merger_merges_shared_rotary_embeddings_under_the_interpreter() -> None:
-    """EVA-02 (one embedding for every head) and DINOv3 (per head): with the Triton merger, every
+    """EVA-02 (one embedding for every head), DINOv3 (per head) and PE: with the Triton merger, every
     merging block's rotary embeddings are merged by the kernel, and the logits are those of the
     torch merger (same matcher, so the same plan) within fp32 rounding."""
     assert "rope merged by the kernel" in run_interpreted(
