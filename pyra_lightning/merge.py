@@ -407,12 +407,9 @@ def bipartite_soft_matching(
     return plan, plan.unmerge
 
 
-def match(metric: torch.Tensor, merge_r: int, num_prefix_tokens: int) -> tuple[torch.Tensor, ...]:
-    """The torch matcher: ``(src, dst, unm)`` indices, (B, r) into A, (B, r) into B, (B, Na - r) into A.
-
-    ``unm`` is sorted by index when prefix tokens exist (they must stay in front), else in
-    descending score order, as in the reference.
-    """
+def node_maxima(metric: torch.Tensor, num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 3's best B partner of every A token: (B, Na) cosine maxima and their B indices, prefix
+    rows and columns at -inf (the numbers ``match`` ranks)."""
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[:, ::2], metric[:, 1::2]  # (B, Na, C'), (B, Nb, C')
     prefix_a, prefix_b = (num_prefix_tokens + 1) // 2, num_prefix_tokens // 2
@@ -421,7 +418,16 @@ def match(metric: torch.Tensor, merge_r: int, num_prefix_tokens: int) -> tuple[t
         scores = torch.baddbmm(mask, a, b.mT)  # (B, Na, Nb), prefix rows/columns -inf
     else:
         scores = a @ b.mT
-    node_max, node_idx = scores.max(dim=-1)  # best B partner of every A token
+    return scores.max(dim=-1)  # best B partner of every A token
+
+
+def match(metric: torch.Tensor, merge_r: int, num_prefix_tokens: int) -> tuple[torch.Tensor, ...]:
+    """The torch matcher: ``(src, dst, unm)`` indices, (B, r) into A, (B, r) into B, (B, Na - r) into A.
+
+    ``unm`` is sorted by index when prefix tokens exist (they must stay in front), else in
+    descending score order, as in the reference.
+    """
+    node_max, node_idx = node_maxima(metric, num_prefix_tokens)  # (B, Na) each
     edge_idx = torch.sort(node_max, dim=-1, descending=True).indices  # (B, Na)
     src, unm = edge_idx.split([merge_r, edge_idx.shape[1] - merge_r], dim=1)
     dst = node_idx.gather(1, src)  # (B, r)

@@ -27,7 +27,7 @@ import timm
 import torch
 
 from pyra_lightning import apply_merging, set_merge_rule
-from pyra_lightning.merge import match
+from pyra_lightning.merge import match, node_maxima
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import randomize_  # noqa: E402  (the tests' weight drawing, so the figures match theirs)
@@ -45,15 +45,6 @@ def recorded_metrics(model: torch.nn.Module) -> list[tuple[torch.Tensor, int, in
 
         block.matcher = record
     return seen
-
-
-def maxima(metric: torch.Tensor, prefix: int) -> torch.Tensor:
-    """(B, Na) best cosine score of every A token, prefix rows and columns excluded (eq. 3)."""
-    a, b = metric[..., ::2, :], metric[..., 1::2, :]
-    scores = (a / a.norm(dim=-1, keepdim=True)) @ (b / b.norm(dim=-1, keepdim=True)).transpose(-1, -2)
-    scores[..., :, : prefix // 2] = float("-inf")
-    scores[..., : (prefix + 1) // 2, :] = float("-inf")
-    return scores.max(dim=-1).values
 
 
 def main() -> None:
@@ -108,7 +99,8 @@ def main() -> None:
         print(
             f"    sources at ranks {ranks}: {src_batch[ranks].tolist()} in the batch, {src_alone[ranks].tolist()} alone"
         )
-        best_batch, best_alone = maxima(metric[image : image + 1], prefix)[0], maxima(metric_alone, prefix)[0]
+        best_batch = node_maxima(metric[image : image + 1], prefix).values[0]  # what match ranks
+        best_alone = node_maxima(metric_alone, prefix).values[0]
         for token in sorted(set(src_batch[ranks].tolist())):
             print(
                 f"    A token {token}: maximum {best_batch[token]:.9f} in the batch, {best_alone[token]:.9f} alone"
