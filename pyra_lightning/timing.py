@@ -23,6 +23,7 @@ This module imports neither Lightning nor timm.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import platform
 import statistics
@@ -33,7 +34,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-Precision = Literal["32", "bf16", "16"]
+# "32": fp32; "bf16"/"16": autocast over fp32 weights (Lightning's "-mixed"); "bf16-true"/"16-true":
+# the model held in that dtype and fed images in it, no autocast (Lightning's "-true")
+Precision = Literal["32", "bf16", "16", "bf16-true", "16-true"]
 Clock = Callable[[], float]
 ClockName = Literal["wall", "cpu", "auto"]
 # "cpu": process CPU time; with one thread on a shared CPU it is the work done, not the waiting.
@@ -42,6 +45,8 @@ AUTO_CLOCK = "auto"  # resolved per device by ``resolve_clock``
 ENGINE = "eager"  # what the throughput callback times: the PyTorch model as it is (issue 17 adds more)
 
 AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "16": torch.float16}
+HELD_DTYPES: dict[str, torch.dtype] = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
+PRECISIONS: tuple[str, ...] = ("32", *AUTOCAST_DTYPES, *HELD_DTYPES)
 IN_CHANS = 3  # RGB, as every timm ViT the patch supports
 
 
@@ -129,14 +134,42 @@ def conditions(
 
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: Precision) -> Iterator[None]:
-    """Mixed precision as Lightning's ``precision="bf16-mixed"``/``"16-mixed"`` would run it."""
-    if precision == "32":
+    """Mixed precision as Lightning's ``precision="bf16-mixed"``/``"16-mixed"`` would run it;
+    nothing for ``"32"`` and the true precisions (their model is held in the dtype, ``held``)."""
+    check_precision(precision)
+    if precision not in AUTOCAST_DTYPES:
         yield
         return
-    if precision not in AUTOCAST_DTYPES:
-        raise ValueError(f"precision={precision!r}: expected '32', 'bf16' or '16'")
     with torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision]):
         yield
+
+
+def check_precision(precision: str) -> None:
+    """Refuse a precision that is not one of ``PRECISIONS``, in one line naming them."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {', '.join(map(repr, PRECISIONS))}")
+
+
+def input_dtype(precision: Precision) -> torch.dtype:
+    """The dtype of the images a model timed at ``precision`` is fed: its held dtype, else fp32."""
+    check_precision(precision)
+    return HELD_DTYPES.get(precision, torch.float32)
+
+
+def held(model: nn.Module, precision: Precision) -> nn.Module:
+    """``model`` with its floating-point weights in the dtype ``precision`` runs them in.
+
+    That dtype is bf16/fp16 for ``"bf16-true"``/``"16-true"`` and fp32 otherwise (autocast casts
+    fp32 weights as it goes). So a model trained under ``trainer.precision: bf16-true`` (held in
+    bf16) can be timed in fp32, and an fp32 one in bf16, each as that deployment would run it. A
+    model already in that dtype is returned as is; otherwise a converted deep copy, never the
+    caller's model.
+    """
+    dtype = input_dtype(precision)
+    floating = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if all(t.dtype == dtype for t in floating):
+        return model
+    return copy.deepcopy(model).to(dtype)
 
 
 @contextlib.contextmanager
@@ -157,11 +190,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def random_images(batch_size: int, img_size: int, device: str | torch.device = "cpu") -> torch.Tensor:
-    """The benchmark's input: one seeded batch of (B, 3, H, W) normal noise (speed ignores content)."""
+def random_images(
+    batch_size: int, img_size: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The benchmark's input: one seeded batch of (B, 3, H, W) normal noise (speed ignores content),
+    drawn in fp32 and then cast, so every dtype times the same images."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, IN_CHANS, img_size, img_size, generator=generator)  # (B, 3, H, W)
-    return x.to(device)
+    return x.to(device=device, dtype=dtype)
 
 
 def timed(fn: Callable[[], object], device: torch.device, clock: Clock = time.perf_counter) -> float:
@@ -237,14 +273,17 @@ def time_forwards(
         batch_size: Images per forward.
         img_size: Square input resolution in pixels.
         device: Where the input is created; the models must already be there.
-        precision: ``"32"`` for fp32, ``"bf16"``/``"16"`` for autocast to bfloat16/float16.
+        precision: ``"32"`` for fp32, ``"bf16"``/``"16"`` for autocast to bfloat16/float16,
+            ``"bf16-true"``/``"16-true"`` for the models held in that dtype (``held``: a module
+            in another dtype is timed as a converted copy) and bf16/fp16 images.
         warmup, runs, clock: As in ``time_interleaved``.
 
     Returns:
         The ``runs`` timings of every model, in seconds, in the order they were taken.
     """
     device = torch.device(device)
-    x = random_images(batch_size, img_size, device)
+    x = random_images(batch_size, img_size, device, input_dtype(precision))
+    models = {name: held(m, precision) if isinstance(m, nn.Module) else m for name, m in models.items()}
     was_training = {name: model.training for name, model in models.items() if isinstance(model, nn.Module)}
     try:
         for model in models.values():

@@ -247,7 +247,9 @@ def test_the_cpu_clock_is_refused_on_cuda_before_training_and_before_timing() ->
     from pyra_lightning.timing import time_interleaved
     from pyra_lightning.training.callbacks import InferenceThroughput
 
-    on_cuda = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    on_cuda = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), precision="32-true"
+    )
     with pytest.raises(
         ValueError, match=r"clock 'cpu' \(process CPU time\) on cuda:0 .*--throughput.clock wall"
     ):
@@ -286,7 +288,9 @@ def test_the_quickstart_throughput_section_runs_on_a_gpu_and_records_the_clock_i
 
     section = yaml.safe_load((CONFIGS / "quickstart.yaml").read_text())["throughput"]
     assert section["clock"] == "auto" and section["threads"] == 1
-    on_cuda = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    on_cuda = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), precision="32-true"
+    )
     InferenceThroughput(**section).setup(on_cuda, None, "fit")  # type: ignore[arg-type]
     throughput = InferenceThroughput(**{**section, "batch_size": 2, "warmup": 0, "runs": 1})
     results = ResultsJSON()

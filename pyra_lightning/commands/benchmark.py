@@ -55,6 +55,7 @@ from pyra_lightning.timing import (
     clock_function,
     cpu_model,
     device_name,
+    held,
     load_average,
     num_threads,
     resolve_clock,
@@ -180,7 +181,9 @@ def run_benchmark(
         batch_sizes: Several batch sizes, e.g. ``1,8,32``; each is a separate interleaved run.
         img_size: Input resolution; the paper's named schedules exist for 224 only.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
-        precision: ``"32"``, or ``"bf16"``/``"16"`` for autocast (eager and compile only).
+        precision: ``"32"``, ``"bf16"``/``"16"`` for autocast, or ``"bf16-true"``/``"16-true"``
+            for the models held in bf16/fp16 (Lightning's true precisions; no autocast). The
+            exported engines (``onnxruntime``, ``aoti``) run ``"32"`` only.
         engine: One or more of ``eager``, ``compile`` (``torch.compile(dynamic=False)``: a static
             graph per batch size, graph breaks allowed), ``inductor``, ``cudagraph``,
             ``inductor-cudagraph`` (``compile_for_inference``), ``onnxruntime``
@@ -301,7 +304,8 @@ def _run(args: dict[str, Any], schedules: list[ScheduleSpec]) -> dict[str, Any]:
 
     env_before = environment(dev)
     progress(f"building {args['model_name']}: {', '.join(variants)}")
-    models = {name: build(spec, pyra) for name, (spec, pyra) in variants.items()}
+    # held once in the timed dtype (``bf16-true``: a bf16 copy), not again per engine and batch size
+    models = {name: held(build(spec, pyra), args["precision"]) for name, (spec, pyra) in variants.items()}
     rows: dict[str, dict[str, Any]] = {}
     for name, model in models.items():
         spec, pyra = variants[name]

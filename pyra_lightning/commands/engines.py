@@ -31,7 +31,16 @@ import pyra_lightning.formats as formats
 from pyra_lightning.deploy import EngineUnavailable
 from pyra_lightning.inference import GRAPH_ENGINES
 from pyra_lightning.schedules import ViTShape, flops_fraction, proportional_schedule
-from pyra_lightning.timing import AUTOCAST_DTYPES, Clock, Precision, autocast, random_images, time_interleaved
+from pyra_lightning.timing import (
+    AUTOCAST_DTYPES,
+    Clock,
+    Precision,
+    autocast,
+    held,
+    input_dtype,
+    random_images,
+    time_interleaved,
+)
 
 Runner = Callable[[], object]
 # GRAPH_ENGINES, those of ``pyra_lightning.compile_for_inference``: the whole forward as one
@@ -67,8 +76,9 @@ def build_runner(
         model: The folded model; ``compile`` and exports work on it without changing it.
         batch_size, img_size: The fixed input (``timing.random_images``).
         device: ``cpu`` or a CUDA device; ONNX Runtime uses its CUDA provider on CUDA.
-        precision: ``"32"``, or ``"bf16"``/``"16"`` autocast for ``eager``/``compile``. The
-            exported engines run fp32 only (an exported graph has no autocast).
+        precision: ``"32"``, ``"bf16"``/``"16"`` autocast, or ``"bf16-true"``/``"16-true"``
+            (a copy of the model held in that dtype, ``timing.held``), for every engine of
+            ``torch``'s own. The exported engines run fp32 only (an exported graph has no autocast).
         workdir: Where exported files go (a temporary folder if None).
         threads: ONNX Runtime intra-op threads (None: torch's).
         compile_mode: ``torch.compile`` mode, e.g. ``"reduce-overhead"`` (CUDA graphs).
@@ -77,7 +87,9 @@ def build_runner(
         EngineUnavailable: with the reason, when the engine cannot run here.
     """
     device = torch.device(device)
-    x = random_images(batch_size, img_size, device)
+    x = random_images(batch_size, img_size, device, input_dtype(precision))
+    key = id(model)  # the caller's model, which outlives this call (a held copy may not)
+    model = held(model, precision)
     model.eval()
     start = time.perf_counter()
     if engine in ("eager", "compile"):
@@ -111,7 +123,7 @@ def build_runner(
     if missing is not None:
         raise EngineUnavailable(f"{engine} needs {missing}")
     folder = Path(workdir or tempfile.mkdtemp(prefix="pyra-engines-"))
-    path = folder / f"{id(model):x}_{fmt.file}"
+    path = folder / f"{key:x}_{fmt.file}"
     if not path.exists():  # exported once per model, whatever the batch size (dynamic axis)
         fmt.write(model, path, random_images(2, img_size, device))
     loaded = fmt.load(path, device, threads)

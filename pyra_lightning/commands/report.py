@@ -58,7 +58,7 @@ def report(
     measure_device: str = "cpu",
     # timing.Precision and timing.ClockName spelled out: importing timing would load torch, which
     # a report that only reads tables never needs. Keep the two in step.
-    measure_precision: Literal["32", "bf16", "16"] = "32",
+    measure_precision: Literal["32", "bf16", "16", "bf16-true", "16-true"] = "32",
     measure_threads: int | None = None,
     measure_clock: Literal["wall", "cpu", "auto"] = "wall",
     measure_warmup: int = 3,

@@ -17,7 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pyra_lightning.timing import Precision, autocast, random_images, round_robin, synchronize, timed
+from pyra_lightning.timing import (
+    Precision,
+    autocast,
+    held,
+    input_dtype,
+    random_images,
+    round_robin,
+    synchronize,
+    timed,
+)
 
 
 class _WeightCasts(TorchDispatchMode):
@@ -134,7 +143,8 @@ def time_training_steps(
     from pyra_lightning.patch import mark_trainable  # timm: imported when a benchmark runs
 
     device = torch.device(device)
-    x = random_images(batch_size, img_size, device)
+    x = random_images(batch_size, img_size, device, input_dtype(precision))
+    models = {name: held(model, precision) for name, model in models.items()}  # bf16-true: bf16 weights
     steps, losses = {}, {}
     for name, model in models.items():
         mark_trainable(model)

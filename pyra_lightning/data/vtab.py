@@ -451,8 +451,15 @@ class VTABDataModule(pl.LightningDataModule):
         return self._loader("test")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Normalize ``uint8`` images on the device; labels and already-float images pass through."""
+        """Normalize ``uint8`` images on the device; labels and already-float images pass through.
+
+        Lightning casts a batch to a true-precision trainer's dtype (``bf16-true``, ``16-true``,
+        ``64-true``) before the transfer, where these images are still ``uint8`` and pass
+        unchanged; so the normalized images are cast here, by the same plugin, in the model's dtype.
+        """
         images, labels = batch
         if images.dtype == torch.uint8:
             images = normalize_uint8(images, self.mean, self.std)  # (B, 3, H, W) float32
+            if self.trainer is not None:
+                images = self.trainer.precision_plugin.convert_input(images)
         return images, labels

@@ -20,17 +20,26 @@ from pyra_lightning.accounting import count_flops
 from pyra_lightning.patch import apply_merging, attention_kernel, merge_schedule
 from pyra_lightning.results import RESULTS_FILENAME, RunResult
 from pyra_lightning.timing import (
+    AUTOCAST_DTYPES,
+    HELD_DTYPES,
     ClockName,
+    Precision,
     check_clock,
+    check_precision,
     clock_function,
     conditions,
+    held,
     images_per_second,
+    input_dtype,
     load_average,
     num_threads,
+    random_images,
     resolve_clock,
     time_forwards,
 )
 from pyra_lightning.training.runs import fingerprint, run_settings
+
+AUTO_PRECISION = "auto"  # ``InferenceThroughput(precision=...)``: follow the trainer's true precision
 
 TEST_SUBDIR = "test"  # a `test` of a trained run writes <run>/test/results.json, beside its logs
 
@@ -90,7 +99,11 @@ class InferenceThroughput(pl.Callback):
 
     Args:
         batch_size: Images per timed forward.
-        precision: ``"32"``, ``"bf16"`` or ``"16"`` (autocast) for the timing.
+        precision: How the timed models run: ``"32"``, ``"bf16"``/``"16"`` (autocast over fp32
+            weights), or ``"bf16-true"``/``"16-true"`` (weights and images in that dtype; a model
+            in another dtype is timed as a converted copy, ``timing.held``). ``"auto"``: the
+            trainer's true precision after a ``bf16-true``/``16-true`` fit (the dtype its model is
+            held in), else ``"32"``. ``results.json`` records the one used.
         warmup: Untimed forwards first.
         runs: Timed forwards; the median is reported.
         threads: ``torch.set_num_threads`` during the timing (as ``benchmark --threads``); ``None``
@@ -111,7 +124,7 @@ class InferenceThroughput(pl.Callback):
     def __init__(
         self,
         batch_size: int = 64,
-        precision: Literal["32", "bf16", "16"] = "32",
+        precision: Literal["auto", "32", "bf16", "16", "bf16-true", "16-true"] = "auto",
         warmup: int = 3,
         runs: int = 10,
         threads: int | None = None,
@@ -123,8 +136,11 @@ class InferenceThroughput(pl.Callback):
         resolve_clock(clock, "cpu", threads)
         if threads is not None and threads < 1:
             raise ValueError(f"throughput.threads must be a positive integer or null, got {threads}")
+        if precision != AUTO_PRECISION:
+            check_precision(precision)
         self.batch_size = batch_size
-        self.precision = precision
+        self.precision = precision  # as configured; ``auto`` is resolved by ``setup``
+        self.timing_precision: Precision = "32" if precision == AUTO_PRECISION else precision
         self.warmup = warmup
         self.runs = runs
         self.threads = threads
@@ -173,7 +189,7 @@ class InferenceThroughput(pl.Callback):
         clock = resolve_clock(self.clock, device, self.threads)
         with num_threads(self.threads):
             measured = conditions(
-                device, clock, self.precision, self.batch_size, self.warmup, self.runs, engine
+                device, clock, self.timing_precision, self.batch_size, self.warmup, self.runs, engine
             )
             # Round-robin timing: the speedup compares forwards taken side by side, not minutes apart.
             times = time_forwards(
@@ -181,7 +197,7 @@ class InferenceThroughput(pl.Callback):
                 batch_size=self.batch_size,
                 img_size=img_size,
                 device=device,
-                precision=self.precision,
+                precision=self.timing_precision,
                 warmup=self.warmup,
                 runs=self.runs,
                 clock=clock_function(clock),
@@ -196,18 +212,21 @@ class InferenceThroughput(pl.Callback):
         if self.engine == "eager":
             return models, "eager"
         from pyra_lightning.inference import compile_for_inference
-        from pyra_lightning.timing import AUTOCAST_DTYPES, random_images
 
-        dtype = AUTOCAST_DTYPES.get(self.precision)  # None: fp32
-        example = random_images(self.batch_size, img_size, device)
+        precision = self.timing_precision
+        dtype = AUTOCAST_DTYPES.get(precision)  # None: no autocast
+        example = random_images(self.batch_size, img_size, device, input_dtype(precision))
         bound: dict[str, Any] = {}
         engine = self.engine
         for name, model in models.items():
-            bound[name] = compile_for_inference(model, example, engine, dtype)
+            bound[name] = compile_for_inference(held(model, precision), example, engine, dtype)
             engine = bound[name].engine  # the first model resolves ``auto``
         return bound, engine
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.precision == AUTO_PRECISION:  # the dtype a true-precision fit holds its model in
+            trainer_precision = str(trainer.precision)
+            self.timing_precision = trainer_precision if trainer_precision in HELD_DTYPES else "32"
         if self.enabled:  # before training, not after it
             device = trainer.strategy.root_device
             check_clock(clock_function(resolve_clock(self.clock, device, self.threads)), device)
