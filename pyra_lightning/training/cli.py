@@ -47,6 +47,7 @@ from pyra_lightning.training.monitoring import (
     run_loggers,
 )
 from pyra_lightning.training.predict import PREDICTIONS_FILENAME, ImageFiles, PredictionsCSV, find_images
+from pyra_lightning.training.run_folder import debug_run_dir, holds_run
 from pyra_lightning.training.runs import (
     KERNEL_CHOICES,
     RUNS_ROOT,
@@ -87,6 +88,7 @@ class PyraCLI(BriefHelp, LightningCLI):
     - ``test``/``validate``/``predict`` use the run's ``last.ckpt`` without ``--ckpt_path`` and
       refuse to run without a checkpoint.
     - After ``fit`` the final-epoch model is tested (LoRA folded) and ``results.json`` written.
+    - ``--trainer.fast_dev_run`` writes to a scratch folder instead (``training.run_folder``).
     """
 
     run_dir: Path
@@ -218,9 +220,10 @@ class PyraCLI(BriefHelp, LightningCLI):
                 )
             rank_zero_info(f"{self.subcommand}: using {found}")
             config.ckpt_path = str(found)
+        self.run_dir = debug_run_dir(config, self.run_dir, launch_rank())  # fast_dev_run: a scratch folder
         if launch_rank() == 0:  # DDP's other ranks run inside this command
             hold(self.run_dir)
-        fresh = self.subcommand == "fit" and not self._holds_run(config.checkpoint.dirpath)
+        fresh = self.subcommand == "fit" and not holds_run(self.run_dir, config.checkpoint.dirpath)
         if fresh and launch_rank() == 0:
             # A new run is a new W&B run, and a start that failed before its first checkpoint left
             # nothing worth continuing: its metrics must not open the new run's metrics.csv.
@@ -228,20 +231,6 @@ class PyraCLI(BriefHelp, LightningCLI):
                 (self.run_dir / stale).unlink(missing_ok=True)
         config.trainer.logger = run_loggers(
             config.trainer.get("logger"), self.run_dir, self.subcommand or "fit"
-        )
-
-    def _holds_run(self, checkpoint_dir: str | Path) -> bool:
-        """Whether the run folder holds a run: a finished one, or one with a checkpoint to resume.
-
-        A start that failed or was killed before its first checkpoint holds nothing: the next
-        start takes the folder, whatever its settings.
-        """
-        record = read_run_record(self.run_dir)
-        if record is None:
-            return False
-        return (
-            record.get("status") == "finished"
-            or find_resume_checkpoint(checkpoint_dir, self.run_dir) is not None
         )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -301,7 +290,7 @@ class PyraCLI(BriefHelp, LightningCLI):
         settings = self._settings()
         fresh_fix = START_FRESH.format(run_dir=self.run_dir)
         record = read_run_record(self.run_dir)
-        if record is not None and not self._holds_run(config.checkpoint.dirpath):
+        if record is not None and not holds_run(self.run_dir, config.checkpoint.dirpath):
             rank_zero_info(
                 f"{self.run_dir}: the previous start ({record.get('status')}) left no checkpoint; "
                 "this run takes the folder"
