@@ -125,3 +125,20 @@ def test_vit_b16_checkpoint_is_at_most_5_mb() -> None:
     full = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     assert buffer.tell() <= 5 * 1024 * 1024, f"{buffer.tell() / 2**20:.2f} MiB"
     assert full > 300 * 2**20, "a full state dict would be ~350 MB"
+
+
+@pytest.mark.slow
+def test_a_max_steps_stop_inside_an_epoch_resumes_that_epoch_from_its_start(tmp_path: Path) -> None:
+    """Lightning runs the epoch-end hooks at a ``max_steps`` stop too: a checkpoint there recorded
+    epoch 1 as done after 2 of its 4 batches, and the rerun skipped the other 2."""
+    data = tmp_path / "data"
+    main(short_run(tmp_path / "straight", data))
+    main(short_run(tmp_path / "resumed", data, "--trainer.max_steps=6"))  # batch 2 of epoch 1's 4
+    stopped = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)
+    assert (stopped["epoch"], stopped["global_step"]) == (0, 4), "the last finished epoch's checkpoint"
+    main(short_run(tmp_path / "resumed", data))
+    a = torch.load(tmp_path / "straight/checkpoints/last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 12
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key

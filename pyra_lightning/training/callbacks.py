@@ -397,7 +397,7 @@ class ResultsJSON(pl.Callback):
             protocol=getattr(datamodule, "protocol", None),
             method=pl_module.method,
             test_acc=metrics["test/acc"],
-            test_acc_best=metrics.get("test/acc_best"),
+            test_acc_best=getattr(pl_module, "test_acc_best", None),
             throughput=metrics.get("test/throughput"),
             throughput_unmerged=metrics.get("test/throughput_unmerged"),
             speedup=metrics.get("test/speedup"),

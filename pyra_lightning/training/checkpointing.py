@@ -97,7 +97,17 @@ class RunCheckpoint(ModelCheckpoint):
     at the next epoch.
     """
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not stopped_inside_epoch(trainer):  # Lightning validates at a stop, then saves here
+            super().on_validation_end(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not stopped_inside_epoch(trainer):  # Lightning (2.6) saves ``last.ckpt`` here too
+            super().on_train_end(trainer, pl_module)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if stopped_inside_epoch(trainer):
+            return  # see ``stopped_inside_epoch``: the last checkpoint stays the last finished epoch's
         last = Path(self.dirpath or ".") / LAST
         before = _mtime(last)
         super().on_train_epoch_end(trainer, pl_module)
@@ -110,6 +120,21 @@ class RunCheckpoint(ModelCheckpoint):
         if _mtime(last) == before:
             trainer.save_checkpoint(last, weights_only=self.save_weights_only)
             self.last_model_path = str(last)
+
+
+def stopped_inside_epoch(trainer: pl.Trainer) -> bool:
+    """Whether training is ending before its epoch's last batch (``max_steps``, ``max_time``).
+
+    Lightning then still runs the epoch-end hooks, and a checkpoint saved there records the epoch
+    as finished: the rerun would skip the rest of it and still end "finished". So no checkpoint is
+    written then, and the rerun repeats the partial epoch from the last finished one, exactly as
+    after a kill in the middle of an epoch.
+    """
+    if trainer.sanity_checking:
+        return False
+    steps_done = 0 <= trainer.max_steps <= trainer.global_step
+    stopping = trainer.should_stop or steps_done
+    return stopping and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
 
 def _redone(checkpoint: Path, step: int) -> str:

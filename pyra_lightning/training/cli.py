@@ -47,7 +47,7 @@ from pyra_lightning.training.monitoring import (
     run_loggers,
 )
 from pyra_lightning.training.predict import PREDICTIONS_FILENAME, ImageFiles, PredictionsCSV, find_images
-from pyra_lightning.training.run_folder import debug_run_dir, holds_run
+from pyra_lightning.training.run_folder import debug_run_dir, fit_completed, holds_run
 from pyra_lightning.training.runs import (
     KERNEL_CHOICES,
     RUNS_ROOT,
@@ -360,12 +360,7 @@ class PyraCLI(BriefHelp, LightningCLI):
         if self.finished_results is not None or self.trainer.interrupted:
             return
         settings = self._settings()
-        # Finished: all epochs ran, or a callback stopped training (EarlyStopping, Timer). Stopping at
-        # max_steps is not: it is a stop criterion outside the run's settings, so a rerun continues.
-        trainer = self.trainer
-        epochs_done = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch
-        steps_done = trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step
-        completed = epochs_done or (trainer.should_stop and not steps_done)
+        completed = fit_completed(self.trainer)
         if self.config.get(self.subcommand, {}).get("test_after_fit", True):
             results = self._results_callback()
             if results is not None:

@@ -212,6 +212,13 @@ class PyraClassifier(pl.LightningModule):
         self.val_test_acc_best(self.val_test_acc.compute())
         self.log("test/acc_best", self.val_test_acc_best.compute(), sync_dist=False)
 
+    @property
+    def test_acc_best(self) -> float | None:
+        """The best test accuracy of the periodic evaluations (``data.track_test``), ``None`` without.
+
+        ``results.json`` reads it here: ``trainer.test`` clears the logged ``test/acc_best``."""
+        return float(self.val_test_acc_best.compute()) if self.val_test_acc_best.update_called else None
+
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
         logits = self(images)
@@ -304,6 +311,8 @@ class PyraClassifier(pl.LightningModule):
         saved = self._saved_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in saved}
         checkpoint["backbone_fingerprint"] = self.backbone_fingerprint
+        # torchmetrics keeps no state in state_dict: a resumed run's best must include the epochs before
+        checkpoint["test_acc_best"] = self.test_acc_best
         # Dropout and drop-path draw from these; restoring them makes a resumed run exact.
         checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -328,6 +337,9 @@ class PyraClassifier(pl.LightningModule):
                 "check model_name / pretrained_file"
             )
         self._resume_rng_state = checkpoint.get("rng_state")
+        if checkpoint.get("test_acc_best") is not None:
+            self.val_test_acc_best.reset()
+            self.val_test_acc_best.update(torch.tensor(float(checkpoint["test_acc_best"])))
         expected = self._saved_names()
         got = set(checkpoint.get("state_dict", {}))
         missing, unexpected = sorted(expected - got), sorted(got - expected)

@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 
 from jsonargparse import Namespace
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_info
 
 from pyra_lightning.training.checkpointing import find_resume_checkpoint
@@ -36,6 +38,22 @@ def holds_run(run_dir: Path, checkpoint_dir: str | Path) -> bool:
     if record is None:
         return False
     return record.get("status") == "finished" or find_resume_checkpoint(checkpoint_dir, run_dir) is not None
+
+
+def fit_completed(trainer: Trainer) -> bool:
+    """Whether a fit that ended without an interrupt finished its run (``run.json`` ``finished``).
+
+    Finished: all epochs ran, or a callback judged training done (``EarlyStopping``). A stop at
+    ``max_steps`` or ``max_time`` is not: both are limits of one job, outside the run's settings,
+    so the rerun continues the run (from its last finished epoch, ``stopped_inside_epoch``).
+    """
+    epochs_done = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch
+    steps_done = trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step
+    timed_out = any(
+        isinstance(callback, Timer) and (left := callback.time_remaining()) is not None and left <= 0
+        for callback in trainer.callbacks
+    )
+    return epochs_done or (trainer.should_stop and not steps_done and not timed_out)
 
 
 def scratch_run_dir(run_dir: Path) -> Path:

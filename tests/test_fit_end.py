@@ -1,0 +1,76 @@
+"""How a fit ends: what counts as finished (``run_folder.fit_completed``), and what ``results.json``
+keeps of the periodic test evaluations (``data.track_test``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import quickstart_args, tiny_module
+from lightning.pytorch.callbacks import EarlyStopping, Timer
+
+from pyra_lightning.training.cli import main
+from pyra_lightning.training.run_folder import fit_completed
+
+
+def trainer(
+    epoch: int, step: int, should_stop: bool, *callbacks: object, max_steps: int = -1
+) -> SimpleNamespace:
+    return SimpleNamespace(
+        max_epochs=3, current_epoch=epoch, max_steps=max_steps, global_step=step, should_stop=should_stop,
+        callbacks=list(callbacks),
+    )  # fmt: skip
+
+
+def test_a_max_time_or_max_steps_stop_is_not_a_finished_run_and_early_stopping_is() -> None:
+    """``max_time`` was counted as finished: the run was marked so, and a rerun with more time
+    said 'Nothing to do' after 3 of 50 epochs."""
+    timer = Timer(duration="00:00:00:01")
+    timer._start_time["train"], timer._end_time["train"] = 0.0, 5.0  # 5 s elapsed of 1
+    assert timer.time_remaining() is not None and timer.time_remaining() <= 0
+    assert not fit_completed(trainer(1, 6, True, timer))  # type: ignore[arg-type]
+    assert not fit_completed(trainer(1, 6, True, max_steps=6))  # type: ignore[arg-type]
+    assert fit_completed(trainer(1, 6, True, EarlyStopping(monitor="val/acc")))  # type: ignore[arg-type]
+    assert fit_completed(trainer(3, 12, False, Timer(duration="00:01:00:00")))  # type: ignore[arg-type]
+    assert fit_completed(trainer(3, 12, True, timer)), "all epochs ran before the time was up"  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_track_test_writes_the_best_periodic_test_accuracy_to_results(tmp_path: Path) -> None:
+    """``test_acc_best`` was always null: the fit's ``trainer.test`` clears the logged metric."""
+    run = tmp_path / "run"
+    limits = (
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=1",
+        "--trainer.limit_test_batches=2",
+    )
+    main(
+        [
+            "fit",
+            *quickstart_args(
+                run, tmp_path / "data", "--trainer.max_epochs=2", "--data.track_test=true", *limits
+            ),
+        ]
+    )
+    with (run / "metrics.csv").open(newline="") as handle:
+        logged = [float(r["test/acc_best"]) for r in csv.DictReader(handle) if r.get("test/acc_best")]
+    assert len(logged) == 2
+    assert json.loads((run / "results.json").read_text())["test_acc_best"] == pytest.approx(max(logged))
+
+
+def test_the_best_periodic_test_accuracy_survives_a_resume() -> None:
+    """torchmetrics keeps no state in ``state_dict``: the checkpoint carries the best so far."""
+    module = tiny_module()
+    module.val_test_acc_best.update(torch.tensor(0.5))
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["test_acc_best"] == 0.5
+    resumed = tiny_module()
+    assert resumed.test_acc_best is None
+    resumed.on_load_checkpoint(checkpoint)
+    resumed.val_test_acc_best.update(torch.tensor(0.25))  # a worse epoch after the resume
+    assert resumed.test_acc_best == 0.5
