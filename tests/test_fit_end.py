@@ -74,3 +74,19 @@ def test_the_best_periodic_test_accuracy_survives_a_resume() -> None:
     resumed.on_load_checkpoint(checkpoint)
     resumed.val_test_acc_best.update(torch.tensor(0.25))  # a worse epoch after the resume
     assert resumed.test_acc_best == 0.5
+
+
+def test_batch_limits_are_settings_when_set_and_a_full_run_keeps_its_identity() -> None:
+    """A fit on 3 batches was taken for the full run of the same flags ('Nothing to do'), and
+    ``report`` counted the two as one run tested twice."""
+    from pyra_lightning.training.runs import TRAINER_LIMITS, run_settings
+
+    module = tiny_module()
+    full = SimpleNamespace(precision="32-true", **dict.fromkeys(("max_epochs",), 3), **TRAINER_LIMITS)
+    short = SimpleNamespace(**{**vars(full), "limit_train_batches": 3, "limit_test_batches": 0.5})
+    settings_full = run_settings(full, module, None)  # type: ignore[arg-type]
+    settings_short = run_settings(short, module, None)  # type: ignore[arg-type]
+    assert not any(key.startswith("trainer.limit_") or "overfit" in key for key in settings_full)
+    assert settings_short["trainer.limit_train_batches"] == 3
+    assert settings_short["trainer.limit_test_batches"] == 0.5
+    assert "trainer.limit_val_batches" not in settings_short

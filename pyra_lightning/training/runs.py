@@ -77,6 +77,15 @@ TRAINER_KEYS: tuple[str, ...] = (
     "gradient_clip_val",
     "gradient_clip_algorithm",
 )
+# What shortens training, validation or the test that results.json reports, with Lightning's
+# defaults: recorded only when not the default, so a full run's identity is what it was before
+# these were recorded (a 3-batch fit was taken for the full run of the same flags otherwise).
+TRAINER_LIMITS: dict[str, float] = {
+    "limit_train_batches": 1.0,
+    "limit_val_batches": 1.0,
+    "limit_test_batches": 1.0,
+    "overfit_batches": 0.0,
+}
 # Settings that shape training but not the trained model's predictions: evaluating a checkpoint
 # (test/validate/predict) compares every setting except these and the trainer's and seeds.
 TRAINING_ONLY: frozenset[str] = frozenset(
@@ -132,6 +141,10 @@ def run_settings(trainer: pl.Trainer, module: pl.LightningModule, datamodule: An
         settings["data.task"] = task_name(str(settings["data.task"]))
     for key in TRAINER_KEYS:
         settings[f"trainer.{key}"] = getattr(trainer, key, None)
+    for key, default in TRAINER_LIMITS.items():
+        value = getattr(trainer, key, default)
+        if value is not None and value != default:
+            settings[f"trainer.{key}"] = value
     settings["trainer.precision"] = str(trainer.precision)
     settings["seed_everything"] = int(os.environ.get("PL_GLOBAL_SEED", "-1"))
     return {
