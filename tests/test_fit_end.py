@@ -90,3 +90,23 @@ def test_batch_limits_are_settings_when_set_and_a_full_run_keeps_its_identity() 
     assert settings_short["trainer.limit_train_batches"] == 3
     assert settings_short["trainer.limit_test_batches"] == 0.5
     assert "trainer.limit_val_batches" not in settings_short
+
+
+def test_only_a_job_limit_inside_an_epoch_holds_back_the_epoch_end_checkpoint() -> None:
+    from pyra_lightning.training.checkpointing import stopped_inside_epoch
+
+    def inside(last_batch: bool, *callbacks: object, max_steps: int = -1) -> bool:
+        fake = trainer(1, 6, True, *callbacks, max_steps=max_steps)
+        fake.sanity_checking = False
+        fake.fit_loop = SimpleNamespace(
+            epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(is_last_batch=last_batch))
+        )
+        return stopped_inside_epoch(fake)  # type: ignore[arg-type]
+
+    timer = Timer(duration="00:00:00:01")
+    timer._start_time["train"], timer._end_time["train"] = 0.0, 5.0
+    assert inside(False, max_steps=6) and inside(False, timer)
+    assert not inside(True, max_steps=6), "a stop on the epoch's last batch keeps its checkpoint"
+    assert not inside(False, EarlyStopping(monitor="val/acc")), (
+        "EarlyStopping inside an epoch is not a job limit"
+    )

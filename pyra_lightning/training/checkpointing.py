@@ -25,7 +25,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -132,9 +132,17 @@ def stopped_inside_epoch(trainer: pl.Trainer) -> bool:
     """
     if trainer.sanity_checking:
         return False
-    steps_done = 0 <= trainer.max_steps <= trainer.global_step
-    stopping = trainer.should_stop or steps_done
-    return stopping and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+    return job_limit_reached(trainer) and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+
+
+def job_limit_reached(trainer: pl.Trainer) -> bool:
+    """Whether ``max_steps`` or ``max_time`` (Lightning's ``Timer``) ends this fit: limits of one
+    job, outside the run's settings. A callback's own stop (``EarlyStopping``) is not one."""
+    steps_done = trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step
+    return steps_done or any(
+        isinstance(callback, Timer) and (left := callback.time_remaining()) is not None and left <= 0
+        for callback in trainer.callbacks
+    )
 
 
 def _redone(checkpoint: Path, step: int) -> str:

@@ -19,10 +19,9 @@ from pathlib import Path
 
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_info
 
-from pyra_lightning.training.checkpointing import find_resume_checkpoint
+from pyra_lightning.training.checkpointing import find_resume_checkpoint, job_limit_reached
 from pyra_lightning.training.runs import read_run_record
 
 SCRATCH_PREFIX = "pyra-lightning-fast_dev_run-"
@@ -48,12 +47,7 @@ def fit_completed(trainer: Trainer) -> bool:
     so the rerun continues the run (from its last finished epoch, ``stopped_inside_epoch``).
     """
     epochs_done = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch
-    steps_done = trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step
-    timed_out = any(
-        isinstance(callback, Timer) and (left := callback.time_remaining()) is not None and left <= 0
-        for callback in trainer.callbacks
-    )
-    return epochs_done or (trainer.should_stop and not steps_done and not timed_out)
+    return epochs_done or (trainer.should_stop and not job_limit_reached(trainer))
 
 
 def scratch_run_dir(run_dir: Path) -> Path:
