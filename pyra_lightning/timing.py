@@ -162,12 +162,12 @@ def held(model: nn.Module, precision: Precision) -> nn.Module:
     That dtype is bf16/fp16 for ``"bf16-true"``/``"16-true"`` and fp32 otherwise (autocast casts
     fp32 weights as it goes). So a model trained under ``trainer.precision: bf16-true`` (held in
     bf16) can be timed in fp32, and an fp32 one in bf16, each as that deployment would run it. A
-    model already in that dtype is returned as is; otherwise a converted deep copy, never the
-    caller's model.
+    model whose floating-point parameters have that dtype is returned as is (its buffers, which a
+    model may keep in another dtype on purpose, are not asked); otherwise a deep copy converted as
+    Lightning converts a true-precision model (``module.to(dtype)``), never the caller's model.
     """
     dtype = input_dtype(precision)
-    floating = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
-    if all(t.dtype == dtype for t in floating):
+    if all(p.dtype == dtype for p in model.parameters() if p.is_floating_point()):
         return model
     return copy.deepcopy(model).to(dtype)
 
