@@ -110,3 +110,30 @@ def test_only_a_job_limit_inside_an_epoch_holds_back_the_epoch_end_checkpoint() 
     assert not inside(False, EarlyStopping(monitor="val/acc")), (
         "EarlyStopping inside an epoch is not a job limit"
     )
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        ("--trainer.max_epochs=-1", "--trainer.max_steps=3"),
+        ("--trainer.max_epochs=null", "--trainer.max_time=00:00:01:00"),
+    ],
+)
+def test_a_fit_without_a_number_of_epochs_is_refused_before_it_trains(
+    tmp_path: Path, limits: tuple[str, str]
+) -> None:
+    """The cosine schedule fell back to 100 epochs whatever the run's length, and a step-bounded run
+    never counted as finished (``max_steps`` is a job limit), so every rerun trained again."""
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"trainer.max_epochs is (-1|None): .*--trainer.max_epochs N"):
+        main(["fit", *quickstart_args(run, tmp_path / "data", *limits)])
+    assert not (run / "checkpoints").exists() and not (run / "results.json").exists()
+
+
+def test_the_schedule_length_is_max_epochs() -> None:
+    from pyra_lightning.training.module import schedule_epochs
+
+    assert schedule_epochs(SimpleNamespace(max_epochs=7)) == 7  # type: ignore[arg-type]
+    assert schedule_epochs(None) == 100
+    with pytest.raises(ValueError, match="max_epochs is None"):
+        schedule_epochs(SimpleNamespace(max_epochs=None))  # type: ignore[arg-type]

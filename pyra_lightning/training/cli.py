@@ -37,7 +37,7 @@ from pyra_lightning.training.checkpointing import (
 from pyra_lightning.training.cli_help import BriefHelp
 from pyra_lightning.training.cli_notices import quiet_lightning_notices
 from pyra_lightning.training.lock import hold, launch_rank, release_all
-from pyra_lightning.training.module import PyraClassifier
+from pyra_lightning.training.module import PyraClassifier, schedule_epochs
 from pyra_lightning.training.monitoring import (
     WANDB_ID_FILE,
     LoggerSaveConfigCallback,
@@ -287,6 +287,7 @@ class PyraCLI(BriefHelp, LightningCLI):
 
     def before_fit(self) -> None:
         config = self.config_init[self.subcommand]
+        schedule_epochs(self.trainer)  # refuses a run without a number of epochs, before training
         settings = self._settings()
         fresh_fix = START_FRESH.format(run_dir=self.run_dir)
         record = read_run_record(self.run_dir)

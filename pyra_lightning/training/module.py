@@ -32,6 +32,28 @@ from pyra_lightning.training.settings import (
 )
 
 
+def schedule_epochs(trainer: pl.Trainer | None) -> int:
+    """The cosine schedule's length in epochs: ``trainer.max_epochs`` (the paper's 100 without one).
+
+    The recipe's schedule and warm-up count epochs, so a run needs a number of them. Lightning's
+    step-bounded or endless training (``max_epochs`` -1, as ``max_steps`` or ``max_time`` without
+    ``max_epochs`` gives) would have decayed over a length the run never had; it is refused. Here
+    ``max_steps`` and ``max_time`` are the limits of one job, and the rerun continues the run.
+
+    Raises:
+        ValueError: ``trainer.max_epochs`` is not a positive number of epochs.
+    """
+    if trainer is None:  # configured outside a Trainer (the export, the tests)
+        return 100
+    if trainer.max_epochs is None or trainer.max_epochs <= 0:
+        raise ValueError(
+            f"trainer.max_epochs is {trainer.max_epochs}: the recipe's cosine schedule and warm-up are "
+            "in epochs, so a run needs --trainer.max_epochs N (the paper: 100); --trainer.max_steps "
+            "and --trainer.max_time limit one job, and rerunning the command continues the run"
+        )
+    return int(trainer.max_epochs)
+
+
 class PyraClassifier(pl.LightningModule):
     """Adapt a frozen ViT to a task with LoRA and compress it with token merging + PYRA.
 
@@ -283,11 +305,9 @@ class PyraClassifier(pl.LightningModule):
             trainer: pl.Trainer | None = self.trainer
         except RuntimeError:  # configured outside a Trainer (the export, the tests)
             trainer = None
-        # max_epochs is -1 when a run is bounded by max_steps only; fall back to the paper's 100.
-        max_epochs = trainer.max_epochs if trainer is not None and (trainer.max_epochs or 0) > 0 else 100
         scheduler = CosineLRScheduler(
             optimizer,
-            t_initial=max_epochs,
+            t_initial=schedule_epochs(trainer),
             lr_min=hp.min_lr,
             warmup_t=hp.warmup_epochs,
             warmup_lr_init=hp.warmup_lr,
