@@ -137,3 +137,22 @@ def test_the_schedule_length_is_max_epochs() -> None:
     assert schedule_epochs(None) == 100
     with pytest.raises(ValueError, match="max_epochs is None"):
         schedule_epochs(SimpleNamespace(max_epochs=None))  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_a_job_limit_stop_is_not_tested_and_the_rerun_finishes_the_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fit stopped by ``max_steps`` tested its partial model and wrote ``results.json``, which
+    ``report`` then read as the run's result while ``run.json`` still said ``running``."""
+    run, data = tmp_path / "run", tmp_path / "data"
+    short = ("--trainer.max_epochs=2", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1")
+    short += ("--trainer.limit_test_batches=1", "--trainer.num_sanity_val_steps=0")
+    main(["fit", *quickstart_args(run, data, *short, "--trainer.max_steps=2")])  # after epoch 0 of 2
+    assert not (run / "results.json").exists()
+    assert json.loads((run / "run.json").read_text())["status"] == "running"
+    assert "--trainer.max_steps 2 stopped training at epoch 1, step 2" in caplog.text
+    assert "not tested, no results.json" in caplog.text
+    main(["fit", *quickstart_args(run, data, *short)])
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    assert json.loads((run / "results.json").read_text())["test_acc"] is not None

@@ -374,7 +374,8 @@ def _finish(run: TaskRun, returncode: int | None, duration: float) -> None:
     run.status, run.log_tail = "failed", log_tail(run.log)
     if returncode == 0:
         run.log_tail += (
-            f"\n(exit 0 but no valid {RESULTS_FILENAME} under {run.run_dir}: was test_after_fit off?)"
+            f"\n(exit 0 but no valid {RESULTS_FILENAME} under {run.run_dir}: was test_after_fit off, or did "
+            "--trainer.max_steps/max_time stop the fit before its last epoch?)"
         )
 
 

@@ -145,7 +145,7 @@ def job_limit_reached(trainer: pl.Trainer) -> bool:
     )
 
 
-def _redone(checkpoint: Path, step: int) -> str:
+def saved_at(checkpoint: Path, step: int) -> str:
     """`` (saved at epoch E, step S: the N steps after it run again)``, or ``""`` if unreadable."""
     try:
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)  # LoRA-sized
@@ -200,7 +200,7 @@ class RunStatus(pl.Callback):
                 where = f"in the test after training ({where})"
                 resume = f"rerun the same command to test again: it restores {last} and does not train"
             elif last is not None:
-                resume = f"rerun the same command to resume from {last}{_redone(last, trainer.global_step)}"
+                resume = f"rerun the same command to resume from {last}{saved_at(last, trainer.global_step)}"
             else:
                 resume = "no epoch finished, so nothing was saved; rerun the same command to start again"
             self.message = f"interrupted {where}; {resume}"

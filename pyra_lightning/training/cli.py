@@ -47,7 +47,7 @@ from pyra_lightning.training.monitoring import (
     run_loggers,
 )
 from pyra_lightning.training.predict import PREDICTIONS_FILENAME, ImageFiles, PredictionsCSV, find_images
-from pyra_lightning.training.run_folder import debug_run_dir, fit_completed, holds_run
+from pyra_lightning.training.run_folder import debug_run_dir, fit_completed, holds_run, job_limit_stop
 from pyra_lightning.training.runs import (
     KERNEL_CHOICES,
     RUNS_ROOT,
@@ -361,7 +361,10 @@ class PyraCLI(BriefHelp, LightningCLI):
         if self.finished_results is not None or self.trainer.interrupted:
             return
         settings = self._settings()
-        completed = fit_completed(self.trainer)
+        if not fit_completed(self.trainer):  # max_steps / max_time: a partial run is not a result
+            config = self.config_init[self.subcommand]
+            rank_zero_info(job_limit_stop(self.trainer, config.checkpoint.dirpath, self.run_dir))
+            return
         if self.config.get(self.subcommand, {}).get("test_after_fit", True):
             results = self._results_callback()
             if results is not None:
@@ -369,7 +372,7 @@ class PyraCLI(BriefHelp, LightningCLI):
                 results.identity = {"settings": settings, "fingerprint": fingerprint(settings)}
                 results.checkpoint = last or None
             self.trainer.test(self.model, datamodule=self.datamodule)
-        if completed and launch_rank() == 0:
+        if launch_rank() == 0:
             write_run_record(self.run_dir, settings, "finished")
 
     def _before_evaluation(self) -> None:

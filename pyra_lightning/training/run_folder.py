@@ -21,7 +21,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from pyra_lightning.training.checkpointing import find_resume_checkpoint, job_limit_reached
+from pyra_lightning.training.checkpointing import find_resume_checkpoint, job_limit_reached, saved_at
 from pyra_lightning.training.runs import read_run_record
 
 SCRATCH_PREFIX = "pyra-lightning-fast_dev_run-"
@@ -48,6 +48,32 @@ def fit_completed(trainer: Trainer) -> bool:
     """
     epochs_done = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch
     return epochs_done or (trainer.should_stop and not job_limit_reached(trainer))
+
+
+def job_limit_stop(trainer: Trainer, checkpoint_dir: str | Path, run_dir: Path) -> str:
+    """The line for a fit that ``max_steps`` or ``max_time`` stopped before its last epoch.
+
+    Such a fit is not tested and writes no ``results.json``: its accuracy is not the run's, and
+    ``report`` would have tabulated it. Lightning counts both limits over the whole run (the
+    ``Timer`` keeps its elapsed time in the checkpoint), so only a larger limit, or none, continues.
+    """
+    last = find_resume_checkpoint(checkpoint_dir, run_dir)
+    limit = (
+        "--trainer.max_time"
+        if trainer.max_steps < 0 or trainer.global_step < trainer.max_steps
+        else (f"--trainer.max_steps {trainer.max_steps}")
+    )
+    where = f"at epoch {trainer.current_epoch}, step {trainer.global_step}, before the run's {trainer.max_epochs} epochs"
+    start = (
+        f"from {last}{saved_at(last, trainer.global_step)}"
+        if last is not None
+        else "from the start (no epoch finished)"
+    )
+    return (
+        f"fit: {limit} stopped training {where}, so the run is not finished: not tested, no results.json. "
+        f"To continue {start}, rerun the same command with a larger {limit.split()[0]} or without it "
+        "(Lightning counts it over the whole run, resumes included)."
+    )
 
 
 def scratch_run_dir(run_dir: Path) -> Path:
