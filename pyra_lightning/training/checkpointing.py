@@ -138,11 +138,15 @@ def stopped_inside_epoch(trainer: pl.Trainer) -> bool:
 def job_limit_reached(trainer: pl.Trainer) -> bool:
     """Whether ``max_steps`` or ``max_time`` (Lightning's ``Timer``) ends this fit: limits of one
     job, outside the run's settings. A callback's own stop (``EarlyStopping``) is not one."""
-    steps_done = trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step
-    return steps_done or any(
+    return max_steps_reached(trainer) or any(
         isinstance(callback, Timer) and (left := callback.time_remaining()) is not None and left <= 0
         for callback in trainer.callbacks
     )
+
+
+def max_steps_reached(trainer: pl.Trainer) -> bool:
+    """Whether ``trainer.global_step`` has reached ``max_steps`` (-1: no limit)."""
+    return trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step
 
 
 def saved_at(checkpoint: Path, step: int) -> str:

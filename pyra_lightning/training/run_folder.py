@@ -21,7 +21,12 @@ from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from pyra_lightning.training.checkpointing import find_resume_checkpoint, job_limit_reached, saved_at
+from pyra_lightning.training.checkpointing import (
+    find_resume_checkpoint,
+    job_limit_reached,
+    max_steps_reached,
+    saved_at,
+)
 from pyra_lightning.training.runs import read_run_record
 
 SCRATCH_PREFIX = "pyra-lightning-fast_dev_run-"
@@ -58,11 +63,9 @@ def job_limit_stop(trainer: Trainer, checkpoint_dir: str | Path, run_dir: Path) 
     ``Timer`` keeps its elapsed time in the checkpoint), so only a larger limit, or none, continues.
     """
     last = find_resume_checkpoint(checkpoint_dir, run_dir)
-    limit = (
-        "--trainer.max_time"
-        if trainer.max_steps < 0 or trainer.global_step < trainer.max_steps
-        else (f"--trainer.max_steps {trainer.max_steps}")
-    )
+    steps = max_steps_reached(trainer)
+    flag = "--trainer.max_steps" if steps else "--trainer.max_time"
+    limit = f"{flag} {trainer.max_steps}" if steps else flag
     where = f"at epoch {trainer.current_epoch}, step {trainer.global_step}, before the run's {trainer.max_epochs} epochs"
     start = (
         f"from {last}{saved_at(last, trainer.global_step)}"
@@ -71,7 +74,7 @@ def job_limit_stop(trainer: Trainer, checkpoint_dir: str | Path, run_dir: Path) 
     )
     return (
         f"fit: {limit} stopped training {where}, so the run is not finished: not tested, no results.json. "
-        f"To continue {start}, rerun the same command with a larger {limit.split()[0]} or without it "
+        f"To continue {start}, rerun the same command with a larger {flag} or without it "
         "(Lightning counts it over the whole run, resumes included)."
     )
 
